@@ -1,0 +1,276 @@
+"""The ``compressor`` command line. Backends and frameworks are imported lazily."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from compressor import __version__
+from compressor.errors import EXIT_CODES, BudgetError, CompressionError, CompressorError
+from compressor.models import MeasureSettings
+
+EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(
+    f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items()
+)
+
+
+class CompressorGroup(click.Group):
+    """Maps :class:`CompressorError` to a one-line message and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CompressorError as error:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            ctx.exit(130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as error:  # noqa: BLE001 - a bug: one line unless --debug
+            if ctx.params.get("debug"):
+                raise
+            click.echo(
+                f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+                err=True,
+            )
+            ctx.exit(1)
+
+
+def _host() -> Any:
+    from compressor.plugins import get_host, print_warnings
+
+    host = get_host()
+    print_warnings(host)
+    host.warnings.clear()
+    return host
+
+
+def _progress(message: str, fraction: float | None) -> None:
+    if sys.stderr.isatty():
+        suffix = f" {fraction:.0%}" if fraction is not None else ""
+        click.echo(f"\r\033[K{message}{suffix}", err=True, nl=False)
+
+
+def _end_progress() -> None:
+    if sys.stderr.isatty():
+        click.echo("\r\033[K", err=True, nl=False)
+
+
+def _parse_settings(pairs: tuple[str, ...]) -> dict[str, str]:
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
+        settings[key.strip()] = value
+    return settings
+
+
+@click.group(cls=CompressorGroup, epilog=EXIT_CODE_HELP)
+@click.version_option(__version__, prog_name="compressor")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Compress a trained model several ways and measure what changed.
+
+    Start with `compressor demo`, then `compressor run MODEL --out DIR`.
+    """
+
+
+_path = click.Path(path_type=Path)
+
+
+def measure_options(function: Any) -> Any:
+    for option in reversed([
+        click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+                     help="Threads for every runtime while measuring."),
+        click.option("--repeats", type=click.IntRange(1), default=1, show_default=True,
+                     help="Measure every variant this many times, interleaved; medians are reported."),
+        click.option("--max-examples", type=click.IntRange(1), default=None,
+                     help="Evaluate on at most this many examples of --data."),
+        click.option("--min-seconds", type=click.FloatRange(0), default=0.5, show_default=True,
+                     help="Time each latency measurement for at least this long."),
+    ]):
+        function = option(function)
+    return function
+
+
+def _settings(threads: int, max_examples: int | None, min_seconds: float) -> MeasureSettings:
+    return MeasureSettings(threads=threads, max_examples=max_examples, min_seconds=min_seconds)
+
+
+@cli.command()
+@click.argument("model", type=_path)
+@click.option("--out", "-o", type=_path, required=True, help="Folder for artifacts and reports.")
+@click.option("--backend", "-b", help="Backend to use (default: recognised from the file).")
+@click.option("--quantize", "-q", "quantize", multiple=True, metavar="MODE",
+              help="fp16, dynamic, int8 or uint8; repeat for one variant per mode.")
+@click.option("--prune", type=click.FloatRange(0, 1, max_open=True), metavar="S",
+              help="Prune to sparsity S (0-1) before quantizing.")
+@click.option("--pq", is_flag=True, help="Product quantization (fastText).")
+@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
+              help="A technique parameter or backend option, e.g. --set epochs=2.")
+@click.option("--recipe", type=_path, help="A TOML recipe of named variants and sweeps.")
+@click.option("--data", type=_path, help="Labelled evaluation data (.npz, or fastText text).")
+@click.option("--train-data", type=_path, help="Training data for fine-tuning / retraining.")
+@click.option("--calibration-data", type=_path, help="Calibration data for int8/uint8.")
+@click.option("--force", is_flag=True, help="Overwrite files in an existing --out folder.")
+@click.option("--trust", is_flag=True,
+              help="Allow model formats that execute code when loaded (TorchScript, pickles, Keras Lambda).")
+@click.option("--max-accuracy-drop", type=click.FloatRange(0), metavar="PT",
+              help="Fail (exit 6) if a variant loses more than PT percentage points of accuracy.")
+@click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="FRACTION",
+              help="Fail (exit 6) if a variant agrees with the original on fewer inputs.")
+@measure_options
+def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], prune: float | None,
+        pq: bool, set_pairs: tuple[str, ...], recipe: Path | None, data: Path | None,
+        train_data: Path | None, calibration_data: Path | None, force: bool, trust: bool,
+        max_accuracy_drop: float | None, min_agreement: float | None, threads: int, repeats: int,
+        max_examples: int | None, min_seconds: float) -> None:
+    """Compress MODEL into variants, measure each against the original, report.
+
+    \b
+    Examples:
+      compressor run model.onnx -q dynamic -q int8 --calibration-data cal.npz --data test.npz -o out
+      compressor run model.keras --prune 0.8 -q int8 --train-data train.npz --calibration-data cal.npz -o out
+      compressor run model.bin --pq --set cutoff=100000 --set retrain=true --train-data train.txt -o out
+      compressor run model.keras --recipe study.toml --data test.npz -o out
+    """
+    from compressor.recipes import load_recipe, unique, variants_from_flags
+    from compressor.runner import RunRequest
+
+    variants = (load_recipe(recipe) if recipe else []) + variants_from_flags(quantize, prune, pq)
+    request = RunRequest(
+        model=model, out=out, backend=backend, variants=unique(variants),
+        settings=_parse_settings(set_pairs), data=data, train_data=train_data,
+        calibration_data=calibration_data, force=force, trust=trust,
+        measure=_settings(threads, max_examples, min_seconds), repeats=repeats,
+        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
+    )
+    _run_and_print(request, out)
+
+
+def _run_and_print(request: Any, out: Path | None) -> Any:
+    from compressor.report import render_table
+    from compressor.runner import run as run_request
+
+    host = _host()
+    try:
+        report = run_request(request, host, _progress)
+    finally:
+        _end_progress()
+    click.echo(render_table(report))
+    if out is not None:
+        click.echo(f"\nwrote {out / 'report.json'} and {out / 'report.md'}")
+    if report.failed_budget:
+        raise BudgetError("a variant is outside the budget (marked ! above)")
+    if report.failed_variants:
+        names = ", ".join(v.name for v in report.failed_variants)
+        raise CompressionError(f"variant(s) failed: {names}")
+    return report
+
+
+@cli.command()
+@click.argument("model", type=_path)
+@click.option("--backend", "-b", help="Backend to use (default: recognised from the file).")
+@click.option("--data", type=_path, help="Labelled evaluation data.")
+@click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE", help="A backend option.")
+@click.option("--trust", is_flag=True, help="Allow formats that execute code when loaded.")
+@click.option("--out", "-o", type=_path, help="Keep the converted model and reports here.")
+@click.option("--force", is_flag=True, help="Overwrite files in an existing --out folder.")
+@measure_options
+def measure(model: Path, backend: str | None, data: Path | None, set_pairs: tuple[str, ...],
+            trust: bool, out: Path | None, force: bool, threads: int, repeats: int,
+            max_examples: int | None, min_seconds: float) -> None:
+    """Measure MODEL as it is: size, load time, latency, peak RAM, accuracy."""
+    import tempfile
+
+    from compressor.runner import RunRequest
+
+    with tempfile.TemporaryDirectory(prefix="compressor-measure-") as scratch:
+        request = RunRequest(
+            model=model, out=out or Path(scratch) / "out", backend=backend, variants=(),
+            settings=_parse_settings(set_pairs), data=data, force=force, trust=trust,
+            measure=_settings(threads, max_examples, min_seconds), repeats=repeats,
+            original_only=True,
+        )
+        _run_and_print(request, out)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def backends(as_json: bool) -> None:
+    """List backends, their techniques and formats, and whether they are installed."""
+    host = _host()
+    rows = []
+    for backend in host.backends().values():
+        missing = backend.missing_modules()
+        rows.append({
+            "name": backend.name,
+            "description": backend.description,
+            "plugin": backend.plugin_name,
+            "installed": not missing,
+            "missing": missing,
+            "install": backend.install_hint(),
+            "formats": list(backend.formats),
+            "techniques": {
+                name: {"modes": list(t.modes), "params": sorted(t.params)}
+                for name, t in backend.techniques.items()
+            },
+            "options": sorted(backend.options),
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        state = "installed" if row["installed"] else (
+            f"not installed (missing {', '.join(row['missing'])}: {row['install']})"
+        )
+        click.echo(f"{row['name']}: {row['description']} [{state}]")
+        click.echo(f"  formats:    {', '.join(row['formats'])}")
+        techniques = [
+            f"{name} ({', '.join(t['modes'])})" if t["modes"] else name
+            for name, t in row["techniques"].items()
+        ]
+        click.echo(f"  techniques: {'; '.join(techniques)}")
+        if row["options"]:
+            click.echo(f"  options:    {', '.join(row['options'])}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins, their versions and the hooks they implement."""
+    from dataclasses import asdict
+
+    host = _host()
+    infos = [asdict(info) for info in host.plugins()]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    for info in infos:
+        version = f"{info['distribution']} {info['version']}" if info["distribution"] else "in-process"
+        click.echo(f"{info['name']} ({version}): {', '.join(info['hooks'])}")
+
+
+@cli.command()
+@click.option("--out", "-o", type=_path, help="Keep the sample models, artifacts and reports here.")
+@click.option("--backend", "-b", "only", multiple=True, help="Only these backends.")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
+def demo(out: Path | None, only: tuple[str, ...], threads: int) -> None:
+    """Compress a small sample model with every installed backend, side by side."""
+    from compressor.demo import run_demo
+
+    run_demo(_host(), out, only, MeasureSettings(threads=threads, min_seconds=0.2), _progress,
+             _end_progress, click.echo)
+
+
+def main() -> None:
+    cli(prog_name="compressor")

@@ -1,0 +1,84 @@
+"""``compressor demo``: every installed backend compresses its own small sample model."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from compressor.errors import CompressionError, CompressorError, UnsupportedError
+from compressor.models import MeasureSettings, ProgressCallback, SampleModel
+from compressor.plugins import PluginHost
+from compressor.recipes import variants_from_strings
+from compressor.report import render_table
+from compressor.runner import RunRequest, plugin_errors, run
+
+
+def sample_models(host: PluginHost, folder: Path, only: Sequence[str]) -> list[SampleModel]:
+    samples: list[SampleModel] = []
+    for backend in host.backends().values():
+        if only and backend.name not in only:
+            continue
+        if not backend.is_installed():
+            continue
+        target = folder / backend.name
+        target.mkdir(parents=True, exist_ok=True)
+        with plugin_errors(backend):
+            for produced in host.hook_for(backend.name, "compressor_sample_models")(directory=target):
+                samples.extend(s for s in produced or () if s.backend == backend.name)
+    return samples
+
+
+def run_demo(
+    host: PluginHost,
+    out: Path | None,
+    only: Sequence[str],
+    settings: MeasureSettings,
+    progress: ProgressCallback,
+    end_progress: Callable[[], None],
+    echo: Callable[[str], None],
+) -> None:
+    unknown = [name for name in only if name not in host.backends()]
+    if unknown:
+        host.backend(unknown[0])  # raises with the list of known backends
+    missing = [b for b in host.backends().values() if not b.is_installed() and (not only or b.name in only)]
+    with tempfile.TemporaryDirectory(prefix="compressor-demo-") as scratch:
+        root = out.absolute() if out else Path(scratch)
+        samples = sample_models(host, root / "samples", only)
+        if not samples:
+            raise UnsupportedError(
+                "no installed backend has a sample model; install one, e.g. "
+                "pip install 'compressor[onnx]'"
+            )
+        failures = []
+        for sample in samples:
+            echo(f"\n== {sample.backend}: {sample.description or sample.name}")
+            request = RunRequest(
+                model=sample.path,
+                out=root / "runs" / f"{sample.backend}-{sample.name}",
+                backend=sample.backend,
+                variants=variants_from_strings(sample.variants),
+                settings=dict(sample.options),
+                data=sample.eval_data,
+                train_data=sample.train_data,
+                calibration_data=sample.calibration_data,
+                force=True,
+                measure=settings,
+            )
+            try:
+                report = run(request, host, progress)
+            except CompressorError as error:
+                end_progress()
+                echo(f"error: {error}")
+                failures.append(f"{sample.backend}/{sample.name}")
+                continue
+            end_progress()
+            echo(render_table(report))
+        for backend in missing:
+            echo(f"\n({backend.name} skipped: {backend.install_hint()})")
+        if out:
+            echo(f"\nsamples, artifacts and reports are in {root}")
+        else:
+            echo("\n(pass --out DIR to keep the sample models, artifacts and reports)")
+    if failures:
+        raise CompressionError(f"demo failed for: {', '.join(failures)}")

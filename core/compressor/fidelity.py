@@ -1,0 +1,76 @@
+"""How faithful a variant is to the original: accuracy, agreement, what changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Confusion matrices are reported up to this many distinct predictions.
+MAX_CONFUSION_CLASSES = 50
+#: The first N inputs whose top prediction changed are listed in reports.
+MAX_CHANGED_EXAMPLES = 10
+
+
+def accuracy(predictions: Any, labels: Any) -> float | None:
+    import numpy as np
+
+    predicted, expected = np.asarray(predictions), np.asarray(labels)
+    if expected.ndim != 1 or predicted.shape != expected.shape:
+        return None
+    return float((predicted == expected).mean())
+
+
+def compare(
+    reference: Any, predictions: Any, labels: Any | None = None
+) -> dict[str, Any]:
+    """Agreement of ``predictions`` with the original's, the confusion matrix
+    original x compressed, and the first inputs whose prediction changed."""
+    import numpy as np
+
+    original, compressed = np.asarray(reference), np.asarray(predictions)
+    if original.shape != compressed.shape or original.ndim != 1 or original.size == 0:
+        return {}
+    same = original == compressed
+    changed = np.flatnonzero(~same)
+    result: dict[str, Any] = {
+        "agreement": float(same.mean()),
+        "changed_count": int(changed.size),
+        "changed_examples": [
+            {
+                "index": int(index),
+                "original": original[index].item(),
+                "compressed": compressed[index].item(),
+                **({"label": np.asarray(labels)[index].item()} if _flat(labels) else {}),
+            }
+            for index in changed[:MAX_CHANGED_EXAMPLES]
+        ],
+    }
+    classes = sorted(set(original.tolist()) | set(compressed.tolist()), key=str)
+    if len(classes) <= MAX_CONFUSION_CLASSES:
+        position = {value: i for i, value in enumerate(classes)}
+        matrix = [[0] * len(classes) for _ in classes]
+        for before, after in zip(original.tolist(), compressed.tolist()):
+            matrix[position[before]][position[after]] += 1
+        result["confusion"] = {"labels": classes, "matrix": matrix}
+    return result
+
+
+def _flat(labels: Any | None) -> bool:
+    if labels is None:
+        return False
+    import numpy as np
+
+    return np.asarray(labels).ndim == 1
+
+
+def cosine(reference: Any, outputs: Any) -> dict[str, float] | None:
+    """Row-wise cosine similarity between two output arrays (embeddings, regressions)."""
+    import numpy as np
+
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(outputs, dtype=np.float64)
+    if a.shape != b.shape or a.size == 0:
+        return None
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    similarity = (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+    return {"mean": float(similarity.mean()), "min": float(similarity.min())}

@@ -1,0 +1,201 @@
+"""The hooks a compressor plugin implements.
+
+A plugin is a module (or object) with functions decorated by
+``compressor.hookimpl`` and named like the specs below. It is found through the
+``compressor`` entry-point group::
+
+    [project.entry-points.compressor]
+    mybackend = "compressor_mybackend.plugin"
+
+Per-backend hooks (load, load_data, compress, save, measure) are called only on the
+plugin that registered the model's backend plus plugins that register no
+backend at all (generic measurers), so an implementation does not have to
+check backend names unless it registers several backends.
+
+Hooks may only gain arguments over time (pluggy passes just the ones an
+implementation names); none is removed without a deprecation period.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pluggy
+
+from compressor.models import (
+    Artifact,
+    Context,
+    Dataset,
+    MeasureSettings,
+    Measurement,
+    Model,
+    SampleModel,
+    Step,
+    TensorSpec,
+)
+from compressor.specs import Backend
+
+PROJECT_NAME = "compressor"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def compressor_backends() -> Iterable[Backend]:
+    """Declare the backends this plugin provides.
+
+    Called once at start-up. It must be cheap: do not import frameworks here.
+
+    Example::
+
+        @hookimpl
+        def compressor_backends():
+            yield Backend(
+                name="npz",
+                description="NumPy weight archives",
+                formats=(".npz",),
+                techniques={"quantize": Technique("quantize", modes=("fp16", "int8"))},
+                requires=("numpy",),
+            )
+    """
+
+
+@hookspec(firstresult=True)
+def compressor_identify(path: Path) -> str | None:
+    """Name the backend that reads ``path``, or None if it is not one of yours.
+
+    Asked of every plugin when the user gives no ``--backend``. Look at the
+    suffix or a few magic bytes only: no framework imports, no full parse.
+
+    Example::
+
+        @hookimpl
+        def compressor_identify(path):
+            return "npz" if path.suffix == ".npz" else None
+    """
+
+
+@hookspec(firstresult=True)
+def compressor_load(path: Path, backend: str, context: Context) -> Model | None:
+    """Load ``path`` as a model of ``backend`` (one of the names you registered).
+
+    Raise ``InvalidInputError`` for a corrupt or mismatched file and
+    ``UnsafeInputError`` for one that would execute code without
+    ``context.trust``; return None only if you cannot read this kind of file.
+    ``context.options`` holds the validated ``--set`` backend options.
+
+    Example::
+
+        @hookimpl
+        def compressor_load(path, backend, context):
+            try:
+                weights = dict(numpy.load(path, allow_pickle=False))
+            except (OSError, ValueError) as error:
+                raise InvalidInputError(f"not a weight archive ({error})", path)
+            return Model(backend="npz", source=path, format="npz", handle=weights)
+    """
+
+
+@hookspec(firstresult=True)
+def compressor_load_data(
+    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str
+) -> Dataset | None:
+    """Read a data file for a model of ``backend`` whose inputs are ``inputs``.
+
+    ``purpose`` is ``"eval"``, ``"train"`` or ``"calibration"``. Core reads
+    ``.npz`` files itself (one array per input, named like it or ``x``; labels
+    in ``y``); implement this for other formats, e.g. fastText's labelled text.
+    Raise ``InvalidInputError`` when the file does not fit the model.
+
+    Example::
+
+        @hookimpl
+        def compressor_load_data(path, purpose, inputs, backend):
+            if path.suffix != ".txt":
+                return None
+            lines = path.read_text().splitlines()
+            return Dataset(path=path, features=lines, labels=None, size=len(lines))
+    """
+
+
+@hookspec(firstresult=True)
+def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
+    """Apply one step (already validated against the backend's declaration).
+
+    Return a new :class:`Model`; the input model may be discarded afterwards.
+    Steps run in order, so ``prune 0.8`` then ``quantize int8`` sees the
+    pruned model.
+
+    Example::
+
+        @hookimpl
+        def compressor_compress(model, step, context):
+            if step.technique == "quantize" and step.mode == "fp16":
+                weights = {k: v.astype("float16") for k, v in model.handle.items()}
+                return Model(model.backend, model.source, "npz", weights)
+            return None
+    """
+
+
+@hookspec(firstresult=True)
+def compressor_save(model: Model, destination: Path, context: Context) -> Artifact | None:
+    """Write ``model`` in its deployable format.
+
+    ``destination`` is a path without a suffix inside a private staging folder;
+    add your suffix (``destination.with_suffix(".onnx")``) and any side files
+    next to it. Core moves the files into ``--out`` atomically afterwards.
+
+    Example::
+
+        @hookimpl
+        def compressor_save(model, destination, context):
+            path = destination.with_suffix(".npz")
+            numpy.savez(path, **model.handle)
+            return Artifact(backend="npz", path=path, format="npz")
+    """
+
+
+@hookspec
+def compressor_measure(
+    artifact: Artifact, data: Dataset | None, settings: MeasureSettings
+) -> Measurement | None:
+    """Measure a saved artifact; every plugin may contribute metrics.
+
+    Runs in a fresh subprocess per variant, so peak RSS is the OS's and load
+    time includes a cold import of nothing but what the runtime needs. Core
+    measures file and gzip size; a backend adds ``load_ms``, ``latency_ms``
+    (use ``compressor.measuring.time_calls``) and returns ``predictions`` on
+    ``data`` so core can compute accuracy and agreement.
+
+    Example::
+
+        @hookimpl
+        def compressor_measure(artifact, data, settings):
+            with Stopwatch() as load:
+                weights = dict(numpy.load(artifact.path))
+            def predict(x):
+                return (x @ weights["w"]).argmax(1)
+            return Measurement(
+                metrics={"load_ms": load.ms,
+                         "latency_ms": time_calls(lambda: predict(data.features[:1]), settings)},
+                predictions=predict(data.features).tolist() if data else None)
+    """
+
+
+@hookspec
+def compressor_sample_models(directory: Path) -> Iterable[SampleModel]:
+    """Write a small sample model (and its data) into ``directory`` for ``compressor demo``.
+
+    Only called for backends whose dependencies are installed. Keep it to a few
+    seconds.
+
+    Example::
+
+        @hookimpl
+        def compressor_sample_models(directory):
+            path = directory / "tiny.npz"
+            numpy.savez(path, w=numpy.random.rand(64, 10).astype("float32"))
+            yield SampleModel(backend="npz", name="tiny", path=path,
+                              variants=(("quantize fp16",), ("quantize int8",)))
+    """

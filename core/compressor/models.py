@@ -1,0 +1,204 @@
+"""The objects that travel through the hooks: models, data, steps, artifacts, measurements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compressor.specs import POSITIONAL_PARAM, QUANTIZE
+
+
+@dataclass(frozen=True)
+class Step:
+    """One compression step, e.g. ``Step("prune", {"sparsity": 0.8, "epochs": 2})``."""
+
+    technique: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def mode(self) -> str | None:
+        return self.params.get("mode")
+
+    def __str__(self) -> str:
+        positional = POSITIONAL_PARAM.get(self.technique)
+        words = [self.technique]
+        if positional and positional in self.params:
+            words.append(_format_value(self.params[positional]))
+        words += [
+            f"{key}={_format_value(value)}"
+            for key, value in self.params.items()
+            if key != positional
+        ]
+        return " ".join(words)
+
+    @property
+    def slug(self) -> str:
+        """A short file-name-safe label: ``int8``, ``prune0.8``, ``pq``."""
+        if self.technique == QUANTIZE and self.mode:
+            return str(self.mode)
+        positional = POSITIONAL_PARAM.get(self.technique)
+        if positional and positional in self.params:
+            return f"{self.technique}{_format_value(self.params[positional])}"
+        return self.technique
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input: ``TensorSpec("x", (None, 64), "float32")``; None is a dynamic axis."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+
+
+@dataclass
+class Model:
+    """A loaded model. ``handle`` is the backend's own object (a torch module, a
+    Keras model, a fastText model...); core never looks inside it."""
+
+    backend: str
+    source: Path
+    format: str
+    handle: Any
+    inputs: tuple[TensorSpec, ...] = ()
+    #: Things the report should say, e.g. "pruned one-shot: no training data".
+    notes: list[str] = field(default_factory=list)
+    #: Facts to report, e.g. {"float_nodes": [...], "opset": 17}.
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Dataset:
+    """A data file read for a model: features, and labels when the file has them."""
+
+    path: Path
+    features: Any
+    labels: Any | None
+    size: int
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A saved, deployable model file (plus any side files such as ONNX external data)."""
+
+    backend: str
+    path: Path
+    format: str
+    side_files: tuple[Path, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.path, *self.side_files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "path": str(self.path),
+            "format": self.format,
+            "side_files": [str(p) for p in self.side_files],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Artifact:
+        return cls(
+            data["backend"],
+            Path(data["path"]),
+            data["format"],
+            tuple(Path(p) for p in data.get("side_files", ())),
+        )
+
+
+ProgressCallback = Callable[[str, float | None], None]
+
+
+def _no_progress(message: str, fraction: float | None) -> None:
+    return None
+
+
+@dataclass
+class Context:
+    """Everything a load, compress or save call may need besides the model."""
+
+    #: Validated backend options from ``--set`` (load/measure options).
+    options: dict[str, Any] = field(default_factory=dict)
+    train_data: Dataset | None = None
+    calibration_data: Dataset | None = None
+    eval_data: Dataset | None = None
+    #: The user passed ``--trust``: formats that execute code may be loaded.
+    trust: bool = False
+    #: A scratch folder that core deletes afterwards.
+    workdir: Path | None = None
+    #: ``progress("calibrating", 0.4)``; silent unless output is a terminal.
+    progress: ProgressCallback = _no_progress
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How runtime measurements are taken; recorded in every report."""
+
+    threads: int = 1
+    warmup: int = 5
+    min_iterations: int = 30
+    min_seconds: float = 0.5
+    batch_size: int = 32
+    max_examples: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threads": self.threads,
+            "warmup": self.warmup,
+            "min_iterations": self.min_iterations,
+            "min_seconds": self.min_seconds,
+            "batch_size": self.batch_size,
+            "max_examples": self.max_examples,
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MeasureSettings:
+        return cls(**{**data, "options": dict(data.get("options", {}))})
+
+
+@dataclass
+class Measurement:
+    """What a measurer found. ``predictions`` are top-1 predictions, one per
+    evaluation example (ints or strings); ``outputs`` are raw float outputs,
+    one row per example, for cosine similarity when top-1 makes no sense."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    predictions: Sequence[Any] | None = None
+    outputs: Any | None = None
+
+
+@dataclass(frozen=True)
+class SampleModel:
+    """A small model a backend makes for ``compressor demo``."""
+
+    backend: str
+    name: str
+    path: Path
+    variants: tuple[tuple[str, ...], ...]
+    eval_data: Path | None = None
+    calibration_data: Path | None = None
+    train_data: Path | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+    description: str = ""

@@ -1,0 +1,185 @@
+"""Plugin discovery and the backend registry.
+
+Plugins come from the ``compressor`` entry-point group (built-in backends are
+registered that way too) plus core's own generic plugins. A plugin that fails
+to import becomes a one-line warning, never a crash.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from compressor import hookspecs
+from compressor.errors import CompressorError, UnsupportedError
+from compressor.specs import Backend
+
+ENTRY_POINT_GROUP = "compressor"
+#: ``COMPRESSOR_LOAD_PLUGINS=onnx,fasttext`` loads only those entry points; empty loads none.
+LOAD_PLUGINS_ENV = "COMPRESSOR_LOAD_PLUGINS"
+CORE_PLUGIN_MODULES = ("compressor.builtin",)
+
+
+class PluginConflictError(CompressorError):
+    """Two plugins claim the same backend name."""
+
+    exit_code = UnsupportedError.exit_code
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+    hooks: list[str] = field(default_factory=list)
+
+
+class PluginHost:
+    """A pluggy manager plus what compressor knows about each plugin."""
+
+    def __init__(self, load_entry_points: bool = True) -> None:
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.manager.add_hookspecs(hookspecs)
+        self.warnings: list[str] = []
+        self._distributions: dict[str, tuple[str, str]] = {}
+        self._extra_modules: list[str] = []
+        self._backends: dict[str, Backend] | None = None
+        for module_name in CORE_PLUGIN_MODULES:
+            self.manager.register(importlib.import_module(module_name), name=module_name)
+        if load_entry_points:
+            self._load_entry_points()
+
+    @property
+    def hook(self) -> Any:
+        return self.manager.hook
+
+    def _load_entry_points(self) -> None:
+        wanted_env = os.environ.get(LOAD_PLUGINS_ENV)
+        wanted = None if wanted_env is None else {n.strip() for n in wanted_env.split(",") if n.strip()}
+        for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if wanted is not None and entry_point.name not in wanted:
+                continue
+            if self.manager.get_plugin(entry_point.name) is not None:
+                continue
+            try:
+                plugin = entry_point.load()
+                self.manager.register(plugin, name=entry_point.name)
+            except Exception as error:  # noqa: BLE001 - any plugin bug must not kill the CLI
+                detail = str(error).splitlines()[0] if str(error) else ""
+                self.warnings.append(
+                    f"warning: plugin {entry_point.name!r} failed to load "
+                    f"({type(error).__name__}{': ' + detail if detail else ''}); skipped"
+                )
+                continue
+            if entry_point.dist is not None:
+                self._distributions[entry_point.name] = (
+                    entry_point.dist.name,
+                    entry_point.dist.version,
+                )
+
+    def register(self, plugin: ModuleType | object, name: str | None = None) -> None:
+        """Register a plugin in-process (tests, scripts). Module plugins also reach
+        the measurement subprocesses."""
+        self.manager.register(plugin, name=name)
+        if isinstance(plugin, ModuleType):
+            self._extra_modules.append(plugin.__name__)
+        self._backends = None
+
+    def unregister(self, name: str) -> None:
+        plugin = self.manager.unregister(name=name)
+        if isinstance(plugin, ModuleType) and plugin.__name__ in self._extra_modules:
+            self._extra_modules.remove(plugin.__name__)
+        self._backends = None
+
+    @property
+    def extra_modules(self) -> list[str]:
+        return list(self._extra_modules)
+
+    def plugins(self) -> list[PluginInfo]:
+        infos = []
+        for name, plugin in sorted(self.manager.list_name_plugin()):
+            distribution, version = self._distributions.get(name, (None, None))
+            module = getattr(plugin, "__name__", type(plugin).__name__)
+            if distribution is None and module.split(".")[0] == "compressor":
+                from compressor import __version__
+
+                distribution, version = "compressor", __version__
+            hooks = sorted(c.name for c in self.manager.get_hookcallers(plugin) or [])
+            infos.append(PluginInfo(name, module, distribution, version, hooks))
+        return infos
+
+    def backends(self) -> dict[str, Backend]:
+        """Every registered backend by name. Two plugins claiming one name is an error."""
+        if self._backends is not None:
+            return self._backends
+        backends: dict[str, Backend] = {}
+        for impl in self.manager.hook.compressor_backends.get_hookimpls():
+            try:
+                declared = list(impl.function() or ())
+            except Exception as error:  # noqa: BLE001
+                self.warnings.append(
+                    f"warning: plugin {impl.plugin_name!r} failed to declare its backends "
+                    f"({type(error).__name__}: {error}); skipped"
+                )
+                continue
+            for backend in declared:
+                if backend.name in backends:
+                    raise PluginConflictError(
+                        f"backend {backend.name!r} is registered by two plugins: "
+                        f"{backends[backend.name].plugin_name!r} and {impl.plugin_name!r}; "
+                        f"uninstall one or restrict with {LOAD_PLUGINS_ENV}"
+                    )
+                backends[backend.name] = replace(backend, plugin_name=impl.plugin_name)
+        self._backends = dict(sorted(backends.items()))
+        return self._backends
+
+    def backend(self, name: str) -> Backend:
+        backends = self.backends()
+        if name not in backends:
+            raise UnsupportedError(
+                f"unknown backend {name!r}; available: {', '.join(backends) or 'none'}"
+            )
+        return backends[name]
+
+    def hook_for(self, backend_name: str, hook_name: str) -> Any:
+        """A caller for ``hook_name`` limited to the backend's own plugin and
+        plugins that declare no backend (generic measurers, core)."""
+        owner = self.backend(backend_name).plugin_name
+        others = {b.plugin_name for b in self.backends().values()} - {owner}
+        remove = [self.manager.get_plugin(name) for name in others]
+        return self.manager.subset_hook_caller(hook_name, [p for p in remove if p is not None])
+
+    def loaders(self, backend_name: str | None) -> Any:
+        """The load hook: every plugin when ``backend_name`` is None, else just that backend's."""
+        if backend_name is None:
+            return self.manager.hook.compressor_load
+        return self.hook_for(backend_name, "compressor_load")
+
+
+_host: PluginHost | None = None
+
+
+def get_host() -> PluginHost:
+    """The process-wide plugin host, created on first use."""
+    global _host
+    if _host is None:
+        _host = PluginHost()
+    return _host
+
+
+def reset_host() -> None:
+    global _host
+    _host = None
+
+
+def print_warnings(host: PluginHost) -> None:
+    for warning in dict.fromkeys(host.warnings):
+        print(warning, file=sys.stderr)

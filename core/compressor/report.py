@@ -1,0 +1,209 @@
+"""The comparison report: data model, ``report.json``, ``report.md`` and the terminal table.
+
+``report.json`` is documented in ``docs/report-format.md``; its keys are stable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class VariantResult:
+    name: str
+    steps: list[str]
+    artifact: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    budget_failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    model: str
+    backend: str
+    created: str
+    variants: list[VariantResult]
+    settings: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    budgets: dict[str, Any] = field(default_factory=dict)
+    report_version: int = REPORT_VERSION
+
+    @property
+    def failed_budget(self) -> bool:
+        return any(v.budget_failures for v in self.variants)
+
+    @property
+    def failed_variants(self) -> list[VariantResult]:
+        return [v for v in self.variants if v.error]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=_jsonable) + "\n"
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Report:
+        fields = {k: v for k, v in data.items() if k != "variants"}
+        return cls(variants=[VariantResult(**v) for v in data["variants"]], **fields)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def human_bytes(count: float | None) -> str:
+    if count is None or (isinstance(count, float) and math.isnan(count)):
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(count) < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GB"
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _percent(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+COLUMNS = (
+    "variant", "steps", "size", "gzip", "smaller", "load ms", "p50 ms", "p99 ms",
+    "peak RAM", "accuracy", "agreement",
+)
+
+
+def rows(report: Report) -> list[list[str]]:
+    """One row of display strings per variant, in :data:`COLUMNS` order."""
+    baseline = report.variants[0].metrics.get("size_bytes") if report.variants else None
+    table = []
+    for variant in report.variants:
+        metrics = variant.metrics
+        latency = metrics.get("latency_ms") or {}
+        size = metrics.get("size_bytes")
+        ratio = f"{baseline / size:.1f}x" if baseline and size else "-"
+        agreement = metrics.get("agreement")
+        if agreement is None and metrics.get("cosine"):
+            agreement_text = f"cos {metrics['cosine']['mean']:.4f}"
+        else:
+            agreement_text = _percent(agreement)
+        name = variant.name + (" !" if variant.budget_failures else "")
+        if variant.error:
+            table.append([name, " > ".join(variant.steps), f"FAILED: {variant.error}"] + [""] * 8)
+            continue
+        table.append([
+            name,
+            " > ".join(variant.steps) or "-",
+            human_bytes(size),
+            human_bytes(metrics.get("size_gzip_bytes")),
+            ratio,
+            _number(metrics.get("load_ms"), 1),
+            _number(latency.get("p50"), 3),
+            _number(latency.get("p99"), 3),
+            human_bytes(metrics.get("peak_rss_bytes")),
+            _percent(metrics.get("accuracy")),
+            agreement_text,
+        ])
+    return table
+
+
+def render_table(report: Report) -> str:
+    """A plain-text table for the terminal."""
+    table = [list(COLUMNS), *rows(report)]
+    widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(COLUMNS))]
+    lines = []
+    for index, row in enumerate(table):
+        if len(row) > 3 and row[2].startswith("FAILED"):
+            lines.append("  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2]]))
+        else:
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    footer = _footer(report)
+    return "\n".join(lines + ([""] + footer if footer else []))
+
+
+def _footer(report: Report) -> list[str]:
+    lines = []
+    for variant in report.variants:
+        for failure in variant.budget_failures:
+            lines.append(f"! {variant.name}: {failure}")
+        for note in variant.notes:
+            lines.append(f"note: {variant.name}: {note}")
+    return lines
+
+
+def render_markdown(report: Report) -> str:
+    environment = report.environment
+    cpu = environment.get("cpu", {})
+    lines = [
+        f"# compressor report: {report.model}",
+        "",
+        f"Backend `{report.backend}`, created {report.created}. "
+        f"CPU: {cpu.get('model', '?')} ({', '.join(cpu.get('flags', [])) or 'no notable flags'}), "
+        f"threads {report.settings.get('threads', '?')}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in rows(report):
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    footer = _footer(report)
+    if footer:
+        lines += ["", *[f"- {line}" for line in footer]]
+    for variant in report.variants[1:]:
+        changed = variant.metrics.get("changed_examples")
+        if changed:
+            lines += [
+                "",
+                f"## {variant.name}: first inputs whose prediction changed "
+                f"({variant.metrics.get('changed_count', len(changed))} in all)",
+                "",
+                "| input | original | compressed | label |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c['index']} | {c['original']} | {c['compressed']} | {c.get('label', '')} |"
+                for c in changed
+            ]
+    versions = environment.get("versions", {})
+    if versions:
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def summarize_repeats(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Median of every numeric leaf across repeated measurements; other values from the first."""
+    if len(runs) == 1:
+        return dict(runs[0])
+    merged: dict[str, Any] = {}
+    for key, first in runs[0].items():
+        values = [run.get(key) for run in runs]
+        if isinstance(first, Mapping):
+            merged[key] = summarize_repeats([v for v in values if isinstance(v, Mapping)])
+        elif isinstance(first, (int, float)) and not isinstance(first, bool):
+            numbers = sorted(v for v in values if isinstance(v, (int, float)))
+            middle = len(numbers) // 2
+            median = numbers[middle] if len(numbers) % 2 else (numbers[middle - 1] + numbers[middle]) / 2
+            merged[key] = type(first)(median) if isinstance(first, int) else median
+        else:
+            merged[key] = first
+    return merged

@@ -1,0 +1,153 @@
+"""What a backend declares about itself: its techniques, their parameters, its options.
+
+A plugin returns :class:`Backend` objects from ``compressor_backends``; core uses
+them to validate every request *before* any work starts, to coerce ``--set``
+strings, and to list what is supported when a request is not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from compressor.errors import UsageError
+
+#: The shared technique vocabulary. Backends may add others, but these three
+#: mean the same thing everywhere, so a recipe moves between backends unchanged.
+QUANTIZE, PRUNE, PQ = "quantize", "prune", "pq"
+QUANTIZE_MODES = ("fp16", "dynamic", "int8", "uint8")
+
+#: The parameter a bare value in a step fills: ``quantize int8`` -> mode=int8.
+POSITIONAL_PARAM = {QUANTIZE: "mode", PRUNE: "sparsity"}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One settable parameter of a technique or backend option.
+
+    >>> Param(float, 0.5, "target sparsity", minimum=0, maximum=1).coerce("sparsity", "0.8")
+    0.8
+    """
+
+    type: type
+    default: Any = None
+    help: str = ""
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    required: bool = False
+
+    def coerce(self, key: str, value: Any) -> Any:
+        """Convert ``value`` (often a string from the CLI or TOML) and range-check it."""
+        try:
+            converted = self._convert(value)
+        except (TypeError, ValueError):
+            raise UsageError(
+                f"{key}={value!r} is not a valid {self.type.__name__}"
+            ) from None
+        if self.choices is not None and converted not in self.choices:
+            raise UsageError(f"{key}={value!r} is not one of: {', '.join(self.choices)}")
+        if self.minimum is not None and converted < self.minimum:
+            raise UsageError(f"{key}={value!r} is below the minimum {self.minimum}")
+        if self.maximum is not None and converted > self.maximum:
+            raise UsageError(f"{key}={value!r} is above the maximum {self.maximum}")
+        return converted
+
+    def _convert(self, value: Any) -> Any:
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError(value)
+        if self.type is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if self.type in (int, float) and isinstance(value, bool):
+            raise ValueError(value)
+        return self.type(value)
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A technique a backend supports, e.g. ``quantize`` with its modes.
+
+    ``requires_data`` names the data a step needs, keyed by a mode or by a
+    boolean parameter: ``{"int8": "calibration", "retrain": "train"}``. Core
+    refuses a step whose data is missing before any work starts.
+    """
+
+    name: str
+    help: str = ""
+    modes: tuple[str, ...] = ()
+    params: Mapping[str, Param] = field(default_factory=dict)
+    requires_data: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend: the formats it reads and the techniques it applies.
+
+    Example, as a plugin would declare it::
+
+        Backend(
+            name="npz",
+            description="NumPy weight archives",
+            formats=(".npz",),
+            extra="",
+            requires=("numpy",),
+            techniques={"quantize": Technique("quantize", modes=("fp16", "int8"))},
+        )
+    """
+
+    name: str
+    description: str
+    formats: tuple[str, ...]
+    techniques: Mapping[str, Technique]
+    #: Options for loading and measuring (``--set model_factory=...``).
+    options: Mapping[str, Param] = field(default_factory=dict)
+    #: The ``pip install compressor[EXTRA]`` that brings the dependencies.
+    extra: str = ""
+    #: Importable modules that must be present; checked without importing them.
+    requires: tuple[str, ...] = ()
+    #: Distributions whose versions go into reports.
+    distributions: tuple[str, ...] = ()
+    #: Variants ``compressor run`` makes when no technique is asked for.
+    default_variants: tuple[tuple[str, ...], ...] = ()
+    #: Filled in by core: the plugin that registered this backend.
+    plugin_name: str = ""
+
+    def technique(self, name: str) -> Technique:
+        try:
+            return self.techniques[name]
+        except KeyError:
+            from compressor.errors import UnsupportedError
+
+            raise UnsupportedError(
+                f"backend {self.name!r} does not support technique {name!r}; "
+                f"it supports: {', '.join(self.techniques) or 'none'}"
+            ) from None
+
+    def is_installed(self) -> bool:
+        return not self.missing_modules()
+
+    def missing_modules(self) -> list[str]:
+        from importlib.util import find_spec
+
+        missing = []
+        for module in self.requires:
+            try:
+                if find_spec(module) is None:
+                    missing.append(module)
+            except (ImportError, ValueError):
+                missing.append(module)
+        return missing
+
+    def install_hint(self) -> str:
+        return f"pip install 'compressor[{self.extra}]'" if self.extra else "see the plugin's docs"

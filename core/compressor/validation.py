@@ -1,0 +1,112 @@
+"""Check a request against a backend's declaration before any work starts."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from compressor.errors import UnsupportedError, UsageError
+from compressor.models import Context, Step
+from compressor.recipes import Variant
+from compressor.specs import Backend
+
+_DATA_FLAGS = {"calibration": "--calibration-data", "train": "--train-data", "eval": "--data"}
+
+
+def validate_step(backend: Backend, step: Step) -> Step:
+    """Coerce a step's parameters; unknown techniques, modes and keys list the valid ones."""
+    technique = backend.technique(step.technique)
+    params: dict[str, Any] = {}
+    for key, value in step.params.items():
+        if key == "mode" and technique.modes:
+            mode = str(value).lower()
+            if mode not in technique.modes:
+                raise UnsupportedError(
+                    f"backend {backend.name!r} does not support {step.technique} mode {mode!r}; "
+                    f"it supports: {', '.join(technique.modes)}"
+                )
+            params[key] = mode
+        elif key in technique.params:
+            params[key] = technique.params[key].coerce(key, value)
+        else:
+            valid = (["mode"] if technique.modes else []) + list(technique.params)
+            raise UsageError(
+                f"unknown parameter {key!r} for {step.technique} on backend {backend.name!r}; "
+                f"valid: {', '.join(valid) or 'none'}"
+            )
+    if technique.modes and "mode" not in params:
+        raise UsageError(f"{step.technique} needs a mode: one of {', '.join(technique.modes)}")
+    for key, param in technique.params.items():
+        if param.required and key not in params:
+            raise UsageError(f"{step.technique} needs {key} ({param.help or param.type.__name__})")
+    return Step(step.technique, params)
+
+
+def apply_settings(
+    backend: Backend, variants: Sequence[Variant], settings: Mapping[str, str]
+) -> tuple[list[Variant], dict[str, Any]]:
+    """Split ``--set KEY=VALUE`` pairs into backend options and step parameters,
+    then validate every step. Returns the validated variants and the options."""
+    options = {key: param.default for key, param in backend.options.items()}
+    step_settings: dict[str, str] = {}
+    used_techniques = {step.technique for variant in variants for step in variant.steps}
+    for key, value in settings.items():
+        if key in backend.options:
+            options[key] = backend.options[key].coerce(key, value)
+            continue
+        if not any(
+            key in backend.techniques[name].params
+            for name in used_techniques
+            if name in backend.techniques
+        ):
+            valid = sorted(
+                set(backend.options)
+                | {
+                    key
+                    for name in used_techniques
+                    if name in backend.techniques
+                    for key in backend.techniques[name].params
+                }
+            )
+            raise UsageError(
+                f"unknown --set key {key!r} for backend {backend.name!r}; valid: "
+                f"{', '.join(valid) or 'none'}"
+            )
+        step_settings[key] = value
+    for key, param in backend.options.items():
+        if param.required and options.get(key) is None:
+            raise UsageError(f"backend {backend.name!r} needs --set {key}=... ({param.help})")
+    validated = []
+    for variant in variants:
+        steps = []
+        for step in variant.steps:
+            extra = {
+                key: value
+                for key, value in step_settings.items()
+                if step.technique in backend.techniques
+                and key in backend.techniques[step.technique].params
+                and key not in step.params
+            }
+            steps.append(validate_step(backend, replace(step, params={**step.params, **extra})))
+        validated.append(Variant(variant.name, tuple(steps)))
+    return validated, options
+
+
+def check_data(backend: Backend, variants: Sequence[Variant], context: Context) -> None:
+    """Refuse steps whose data (calibration, training) was not given."""
+    available = {
+        "calibration": context.calibration_data,
+        "train": context.train_data,
+        "eval": context.eval_data,
+    }
+    for variant in variants:
+        for step in variant.steps:
+            technique = backend.techniques[step.technique]
+            for trigger, purpose in technique.requires_data.items():
+                wanted = step.mode == trigger or step.params.get(trigger) is True
+                if wanted and available.get(purpose) is None:
+                    raise UsageError(
+                        f"variant {variant.name!r}: '{step}' needs "
+                        f"{_DATA_FLAGS.get(purpose, purpose)} on backend {backend.name!r}"
+                    )

@@ -1,0 +1,165 @@
+"""Measure one artifact in a fresh subprocess.
+
+The parent (:func:`measure_isolated`) writes a request into a temporary folder
+and runs ``python -m compressor.worker FOLDER``. The child loads the plugins,
+reads the evaluation data, calls every ``compressor_measure`` implementation
+and writes back metrics, predictions and outputs. The parent takes the child's
+peak RSS from the operating system (``wait4``), so native allocations of ONNX
+Runtime or TensorFlow count, and a runtime that aborts becomes a clean error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compressor import errors
+from compressor.models import Artifact, MeasureSettings, Measurement, TensorSpec
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@dataclass
+class IsolatedResult:
+    metrics: dict[str, Any]
+    predictions: Any | None
+    outputs: Any | None
+
+
+def measure_isolated(
+    artifact: Artifact,
+    data_path: Path | None,
+    inputs: Sequence[TensorSpec],
+    settings: MeasureSettings,
+    plugin_modules: Sequence[str] = (),
+) -> IsolatedResult:
+    """Measure ``artifact`` in a child process and return what it found."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="compressor-measure-") as folder:
+        exchange = Path(folder)
+        request = {
+            "artifact": artifact.to_json(),
+            "data": str(data_path) if data_path else None,
+            "inputs": [spec.to_json() for spec in inputs],
+            "settings": settings.to_json(),
+            "plugin_modules": list(plugin_modules),
+        }
+        (exchange / "request.json").write_text(json.dumps(request))
+        environment = dict(os.environ)
+        environment.update({name: str(settings.threads) for name in _THREAD_VARIABLES})
+        environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        environment["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        started = time.perf_counter()
+        with open(exchange / "stderr.txt", "wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "compressor.worker", str(exchange)],
+                stdin=subprocess.DEVNULL,
+                stdout=stderr,
+                stderr=stderr,
+                env=environment,
+            )
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+        wall_seconds = time.perf_counter() - started
+        result_file = exchange / "result.json"
+        if not result_file.exists():
+            tail = (exchange / "stderr.txt").read_text(errors="replace").strip().splitlines()[-3:]
+            raise errors.InvalidInputError(
+                f"the runtime crashed while measuring (exit {process.returncode})"
+                + (f": {' | '.join(tail)}" if tail else ""),
+                artifact.path,
+            )
+        result = json.loads(result_file.read_text())
+        if "error" in result:
+            failure = result["error"]
+            error_class = getattr(errors, failure["type"], errors.CompressorError)
+            raise error_class(failure["message"], failure.get("path"))
+        metrics = result["metrics"]
+        metrics["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+        metrics["measure_seconds"] = round(wall_seconds, 3)
+        predictions = outputs = None
+        if (exchange / "predictions.npy").exists():
+            predictions = np.load(exchange / "predictions.npy", allow_pickle=False)
+        if (exchange / "outputs.npy").exists():
+            outputs = np.load(exchange / "outputs.npy", allow_pickle=False)
+        return IsolatedResult(metrics, predictions, outputs)
+
+
+def _merge(measurements: list[Measurement | None]) -> Measurement:
+    merged = Measurement()
+    for measurement in measurements:
+        if measurement is None:
+            continue
+        merged.metrics.update(measurement.metrics)
+        if measurement.predictions is not None:
+            merged.predictions = measurement.predictions
+        if measurement.outputs is not None:
+            merged.outputs = measurement.outputs
+    return merged
+
+
+def _run(exchange: Path) -> None:
+    import importlib
+
+    import numpy as np
+
+    from compressor.plugins import PluginHost
+
+    request = json.loads((exchange / "request.json").read_text())
+    host = PluginHost()
+    for module_name in request["plugin_modules"]:
+        if host.manager.get_plugin(module_name) is None:
+            host.register(importlib.import_module(module_name), name=module_name)
+    artifact = Artifact.from_json(request["artifact"])
+    settings = MeasureSettings.from_json(request["settings"])
+    inputs = tuple(TensorSpec.from_json(spec) for spec in request["inputs"])
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    data = None
+    if request["data"]:
+        data = host.hook_for(artifact.backend, "compressor_load_data")(
+            path=Path(request["data"]), purpose="eval", inputs=inputs, backend=artifact.backend
+        )
+    measured = _merge(host.hook_for(artifact.backend, "compressor_measure")(
+        artifact=artifact, data=data, settings=settings
+    ))
+    measured.metrics["baseline_rss_bytes"] = baseline_rss
+    if measured.predictions is not None:
+        np.save(exchange / "predictions.npy", np.asarray(measured.predictions), allow_pickle=False)
+    if measured.outputs is not None:
+        np.save(exchange / "outputs.npy", np.asarray(measured.outputs), allow_pickle=False)
+    (exchange / "result.json").write_text(json.dumps({"metrics": measured.metrics}, default=float))
+
+
+def main(argv: Sequence[str]) -> int:
+    exchange = Path(argv[0])
+    try:
+        _run(exchange)
+    except errors.CompressorError as error:
+        failure = {"type": type(error).__name__, "message": error.message,
+                   "path": str(error.path) if error.path else None}
+        (exchange / "result.json").write_text(json.dumps({"error": failure}))
+    except ModuleNotFoundError as error:
+        failure = {"type": "UnsupportedError", "message": f"missing module {error.name!r}", "path": None}
+        (exchange / "result.json").write_text(json.dumps({"error": failure}))
+    except Exception as error:  # noqa: BLE001 - reported to the parent, traceback on stderr
+        import traceback
+
+        traceback.print_exc()
+        failure = {"type": "CompressorError", "path": None,
+                   "message": f"measuring failed: {type(error).__name__}: {error}"}
+        (exchange / "result.json").write_text(json.dumps({"error": failure}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
