@@ -8,7 +8,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,7 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
     elif not wanted:
         raise UsageError("nothing to do: ask for --quantize, --prune, --pq or a --recipe")
     variants, options = apply_settings(backend, wanted, request.settings)
+    request = replace(request, measure=replace(request.measure, options=options))
     data_paths = [p for p in (request.data, request.train_data, request.calibration_data) if p]
     output = OutputFolder(request.out, [request.model, *data_paths], request.force)
     output.check()

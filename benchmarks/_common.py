@@ -1,0 +1,68 @@
+"""Shared helpers for benchmark scripts: machine description and docs/benchmarks.md sections.
+
+Each benchmark prints its table and replaces its own section of
+``docs/benchmarks.md`` (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+SHARED = ROOT.parent / "shared"
+HEADER = "# Benchmarks\n\nEvery number here was measured by the script named in its section.\n"
+
+
+def machine(distributions: Iterable[str] = ()) -> str:
+    """One line: CPU model, flags, cores, Python and library versions."""
+    from compressor.environment import describe
+
+    env = describe(distributions)
+    cpu = env["cpu"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    return (
+        f"Machine: {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags'])}), "
+        f"Python {env['python']}. Versions: {versions}. "
+        f"Measured {_dt.date.today().isoformat()}."
+    )
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or append) the section ``name`` of docs/benchmarks.md."""
+    DOC.parent.mkdir(exist_ok=True)
+    text = DOC.read_text() if DOC.exists() else HEADER
+    block = f"<!-- {name}:start -->\n{markdown.strip()}\n<!-- {name}:end -->"
+    pattern = re.compile(rf"<!-- {re.escape(name)}:start -->.*?<!-- {re.escape(name)}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    handle, temporary = tempfile.mkstemp(dir=DOC.parent)
+    with os.fdopen(handle, "w") as stream:
+        stream.write(text)
+    os.chmod(temporary, 0o644)
+    os.replace(temporary, DOC)
+
+
+def compressor_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``compressor`` CLI (``python -m compressor``) and fail loudly."""
+    result = subprocess.run(
+        [sys.executable, "-m", "compressor", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"compressor {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
