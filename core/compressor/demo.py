@@ -81,4 +81,5 @@ def run_demo(
         else:
             echo("\n(pass --out DIR to keep the sample models, artifacts and reports)")
     if failures:
+        end_progress()
         raise CompressionError(f"demo failed for: {', '.join(failures)}")

@@ -143,11 +143,22 @@ def load_recipe(path: Path) -> list[Variant]:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise UsageError(f"invalid TOML: {error}", path) from None
+        raise UsageError(f"invalid TOML: {_with_position(str(error), text)}", path) from None
     try:
         return parse_recipe(document)
     except UsageError as error:
         raise UsageError(error.message, path) from None
+
+
+def _with_position(message: str, text: str) -> str:
+    """tomllib says "at end of document" for unclosed things: give the line and column."""
+    if "(at end of document)" not in message:
+        return message
+    lines = text.splitlines() or [""]
+    return message.replace(
+        "(at end of document)",
+        f"(at end of document: line {len(lines)}, column {len(lines[-1]) + 1})",
+    )
 
 
 def parse_recipe(document: Mapping[str, Any]) -> list[Variant]:

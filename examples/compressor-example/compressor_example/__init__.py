@@ -1,0 +1,1 @@
+"""Example compressor backend: NumPy MLP weight archives."""
