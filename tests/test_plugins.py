@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from compressor.plugins import PluginConflictError, PluginHost
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,10 +147,10 @@ def test_the_example_plugin_is_listed_through_its_entry_point(example_site: Path
 
 def test_the_example_plugin_compresses_and_measures(example_site: Path, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
-    weights = {"W0": rng.normal(size=(20, 256)).astype(np.float32), "b0": np.zeros(256, np.float32),
+    weights = {"W0": rng.normal(size=(64, 256)).astype(np.float32), "b0": np.zeros(256, np.float32),
                "W1": rng.normal(size=(256, 5)).astype(np.float32), "b1": np.zeros(5, np.float32)}
     np.savez(tmp_path / "mlp.npz", **weights)
-    x = rng.normal(size=(300, 20)).astype(np.float32)
+    x = rng.normal(size=(300, 64)).astype(np.float32)
     y = (np.maximum(x @ weights["W0"], 0) @ weights["W1"]).argmax(1)
     np.savez(tmp_path / "test.npz", x=x, y=y)
     out = tmp_path / "out"

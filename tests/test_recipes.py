@@ -1,14 +1,14 @@
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-
 from compressor.errors import UsageError
 from compressor.models import Step
 from compressor.recipes import load_recipe, parse_recipe, parse_step, variants_from_flags
+from hypothesis import given
+from hypothesis import strategies as st
 
 
 def test_step_strings_fill_the_positional_parameter() -> None:
@@ -116,7 +116,5 @@ def test_the_recipe_parser_never_crashes_on_arbitrary_text(text: str) -> None:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError:
         return
-    try:
+    with contextlib.suppress(UsageError):
         parse_recipe(document)
-    except UsageError:
-        pass

@@ -11,7 +11,7 @@ from typing import Any
 
 from compressor.errors import InvalidInputError
 from compressor.hookspecs import hookimpl
-from compressor.models import Artifact, Dataset, MeasureSettings, Measurement, TensorSpec
+from compressor.models import Artifact, Dataset, Measurement, MeasureSettings, TensorSpec
 
 _CHUNK = 1 << 20
 

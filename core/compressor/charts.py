@@ -135,11 +135,11 @@ def front_names(report: Report, x: Measure = SIZE) -> list[str]:
 # ------------------------------------------------------------------ axes
 
 
-def _tick_unit(measure: Measure, high: float) -> float:
-    """Ticks of byte measures fall on round KB / MB / GB values."""
-    if not measure.bytes or high < 1024:
+def _tick_unit(byte_units: bool, span: float) -> float:
+    """Linear ticks of byte measures fall on round KB / MB / GB values."""
+    if not byte_units or span < 1024:
         return 1.0
-    return 1024.0 ** min(3, int(math.log(high, 1024)))
+    return 1024.0 ** min(3, int(math.log(span, 1024)))
 
 
 def _linear_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -150,16 +150,16 @@ def _linear_ticks(low: float, high: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
-def _log_ticks(low: float, high: float) -> list[float]:
-    ticks = [
-        mantissa * 10.0**exponent
-        for exponent in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
-        for mantissa in (1, 2, 5)
-        if low <= mantissa * 10.0**exponent <= high
-    ]
+def _log_ticks(low: float, high: float, byte_units: bool) -> list[float]:
+    if byte_units:
+        candidates = [(m, m * 1024.0**k) for k in range(5) for m in (1, 2, 5, 10, 20, 50, 100, 200, 500)]
+    else:
+        exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        candidates = [(m, m * 10.0**e) for e in exponents for m in (1, 2, 5)]
+    ticks = [(m, value) for m, value in candidates if low <= value <= high]
     if len(ticks) > 7:
-        ticks = [t for t in ticks if f"{t:e}".startswith("1")]
-    return ticks if len(ticks) >= 2 else _linear_ticks(low, high)
+        ticks = [(m, value) for m, value in ticks if m in (1, 10, 100)]
+    return [value for _, value in ticks] if len(ticks) >= 2 else _linear_ticks(low, high)
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class Axis:
     start: float
     end: float
     log: bool
-    unit: float
+    byte_units: bool
     upper: float | None = None
 
     @classmethod
@@ -183,10 +183,8 @@ class Axis:
             low, high = low / 1.25, high * 1.25
         else:
             pad = (high - low) * 0.08 or abs(high) * 0.05 or 1.0
-            low, high = low - pad, high + pad
-            if measure.bytes or measure is LATENCY:
-                low = max(low, 0.0)
-        return cls(low, high, start, end, log, _tick_unit(measure, high), measure.upper)
+            low, high = (max(low - pad, 0.0) if low >= 0 else low - pad), high + pad
+        return cls(low, high, start, end, log, measure.bytes, measure.upper)
 
     def __call__(self, value: float) -> float:
         if self.log:
@@ -196,9 +194,11 @@ class Axis:
         return self.start + share * (self.end - self.start)
 
     def ticks(self) -> list[float]:
-        low, high = self.low / self.unit, self.high / self.unit
-        found = _log_ticks(low, high) if self.log else _linear_ticks(low, high)
-        ticks = [tick * self.unit for tick in found]
+        if self.log:
+            ticks = _log_ticks(self.low, self.high, self.byte_units)
+        else:
+            unit = _tick_unit(self.byte_units, self.high - self.low)
+            ticks = [t * unit for t in _linear_ticks(self.low / unit, self.high / unit)]
         return [t for t in ticks if self.upper is None or t <= self.upper + 1e-12]
 
 
@@ -350,8 +350,13 @@ def write_png(report: Report, path: Path) -> bool:
     for point in plotted:
         axes.annotate(point.name, (point.x, point.y), textcoords="offset points", xytext=(6, 6),
                       fontsize=8, fontweight="bold" if point.name in on_front else "normal")
-    if Axis.fit([p.x for p in plotted], 0, 1, SIZE).log:
+    x_axis = Axis.fit([p.x for p in plotted], 0, 1, SIZE)
+    if x_axis.log:
         axes.set_xscale("log")
+        axes.minorticks_off()
+    axes.set_xticks(x_axis.ticks())
+    axes.set_xlim(x_axis.low, x_axis.high)
+    axes.margins(y=0.12)
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: human_bytes(value)))
     axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: y.format(value)))
     axes.set_xlabel("size")

@@ -2,7 +2,10 @@
 
 Nothing is written until :meth:`OutputFolder.prepare` is called, which core
 does only after the model and data have been read and the request validated.
-A failed run removes what it wrote (the whole folder if it created it).
+Artifacts stay in a private staging folder (where they are measured) until
+:meth:`OutputFolder.publish` renames them into place at the end of a
+successful run, so an interrupted or failed run leaves earlier outputs as they
+were and no partial file under a final name.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ class OutputFolder:
         self.inputs = [p.expanduser().absolute() for p in inputs]
         self.force = force
         self.created = False
-        self.written: list[Path] = []
         self._staging: Path | None = None
 
     def check(self) -> None:
@@ -84,21 +86,18 @@ class OutputFolder:
         folder = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=self._staging))
         return folder / stem
 
-    def commit(self, artifact: Artifact) -> Artifact:
-        """Move a staged artifact's files into the output folder (rename is atomic)."""
-        moved = []
-        for staged in artifact.files:
-            final = self.path / staged.name
-            os.replace(staged, final)
-            self.written.append(final)
-            moved.append(final)
-        return Artifact(artifact.backend, moved[0], artifact.format, tuple(moved[1:]))
+    def publish(self, artifacts: Sequence[Artifact], texts: dict[str, str]) -> None:
+        """Rename staged artifacts into the output folder and write the reports.
 
-    def write_text(self, name: str, text: str) -> Path:
-        target = self.path / name
-        atomic_write_text(target, text)
-        self.written.append(target)
-        return target
+        Each rename is atomic; names are checked for clashes first."""
+        names = [path.name for artifact in artifacts for path in artifact.files] + list(texts)
+        if len(set(names)) != len(names):
+            raise UsageError(f"two outputs would share a file name: {sorted(names)}", self.path)
+        for artifact in artifacts:
+            for staged in artifact.files:
+                os.replace(staged, self.path / staged.name)
+        for name, text in texts.items():
+            atomic_write_text(self.path / name, text)
 
     def close(self) -> None:
         if self._staging is not None:
@@ -106,10 +105,7 @@ class OutputFolder:
             self._staging = None
 
     def abort(self) -> None:
-        """Undo this run's writes: the whole folder if this run created it."""
+        """Undo this run: the staging folder, and the output folder if this run created it."""
         self.close()
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
-        else:
-            for path in self.written:
-                path.unlink(missing_ok=True)

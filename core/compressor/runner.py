@@ -28,6 +28,7 @@ from compressor.specs import Backend
 from compressor.validation import apply_settings, check_data
 from compressor.worker import measure_isolated
 
+
 @dataclass
 class RunRequest:
     model: Path
@@ -138,11 +139,10 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
         check_data(backend, variants, context)
         output.prepare()
         try:
-            report = _run_variants(host, backend, request, original, variants, context, output, progress)
-            output.write_text("report.json", report.to_json())
-            from compressor.report import render_markdown
-
-            output.write_text("report.md", render_markdown(report))
+            report, artifacts = _run_variants(
+                host, backend, request, original, variants, context, output, progress
+            )
+            output.publish(artifacts, render_reports(report))
         except BaseException:
             output.abort()
             raise
@@ -160,7 +160,8 @@ def _run_variants(
     context: Context,
     output: OutputFolder,
     progress: ProgressCallback,
-) -> Report:
+) -> tuple[Report, list[Artifact]]:
+    """Compress, save (into staging) and measure every variant."""
     results: list[VariantResult] = []
     artifacts: list[Artifact | None] = []
     for index, variant in enumerate([Variant(ORIGINAL, ()), *variants]):
@@ -188,14 +189,13 @@ def _run_variants(
             result.error = str(error)
             artifacts.append(None)
             continue
-        artifact = output.commit(staged)
-        result.artifact = artifact.path.name
+        result.artifact = staged.path.name
         result.notes = list(model.notes)
         result.metadata = dict(model.metadata)
         result.metrics["compress_seconds"] = round(time.perf_counter() - started, 3)
-        artifacts.append(artifact)
-        if index == 0 and artifacts[0] is None:
-            raise CompressionError("could not save the original model")
+        artifacts.append(staged)
+    if artifacts[0] is None:
+        raise CompressionError(f"could not convert the original model: {results[0].error}")
     _measure(host, request, original, results, artifacts, context.eval_data, progress)
     report = Report(
         model=str(request.model),
@@ -210,7 +210,14 @@ def _run_variants(
         },
     )
     apply_budgets(report)
-    return report
+    return report, [artifact for artifact in artifacts if artifact is not None]
+
+
+def render_reports(report: Report) -> dict[str, str]:
+    """Every text report format, by file name."""
+    from compressor.report import render_markdown
+
+    return {"report.json": report.to_json(), "report.md": render_markdown(report)}
 
 
 def _measure(
@@ -280,11 +287,12 @@ def apply_budgets(report: Report) -> None:
                 variant.budget_failures.append(
                     f"accuracy drop {drop:.2f} pt exceeds --max-accuracy-drop {drop_limit:g}"
                 )
-        if agreement_limit is not None and metrics.get("agreement") is not None:
-            if metrics["agreement"] < agreement_limit:
-                variant.budget_failures.append(
-                    f"agreement {metrics['agreement']:.4f} below --min-agreement {agreement_limit:g}"
-                )
-        if variant.error is None and (drop_limit is not None or agreement_limit is not None):
-            if "accuracy" not in metrics and "agreement" not in metrics:
-                variant.budget_failures.append("budget set but no accuracy/agreement measured (pass --data)")
+        agreement = metrics.get("agreement")
+        if agreement_limit is not None and agreement is not None and agreement < agreement_limit:
+            variant.budget_failures.append(
+                f"agreement {agreement:.4f} below --min-agreement {agreement_limit:g}"
+            )
+        budgeted = drop_limit is not None or agreement_limit is not None
+        measured = "accuracy" in metrics or "agreement" in metrics
+        if budgeted and variant.error is None and not measured:
+            variant.budget_failures.append("budget set but no accuracy/agreement measured (pass --data)")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor import errors
-from compressor.models import Artifact, MeasureSettings, Measurement, TensorSpec
+from compressor.models import Artifact, Measurement, MeasureSettings, TensorSpec
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 

@@ -1,3 +1,165 @@
-"""Hook implementations of the tflite backend (stub)."""
+"""Hook implementations of the ``tflite`` backend: Keras and TensorFlow models to TFLite.
+
+Importing this module imports no framework; TensorFlow, tf-keras,
+tensorflow-model-optimization and LiteRT are imported inside the hooks.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from compressor import (
+    PRUNE,
+    QUANTIZE,
+    Artifact,
+    Backend,
+    CompressionError,
+    Context,
+    Dataset,
+    MeasureSettings,
+    Measurement,
+    Model,
+    Param,
+    SampleModel,
+    Step,
+    Technique,
+    hookimpl,
+)
+
+from compressor_tflite import loading
+from compressor_tflite.handle import TFLiteHandle
+
+NAME = "tflite"
+
+
+@hookimpl
+def compressor_backends() -> Iterator[Backend]:
+    yield Backend(
+        name=NAME,
+        description="Keras (.keras, .h5) and TensorFlow SavedModel to TensorFlow Lite",
+        formats=(".keras", ".h5", ".hdf5", "SavedModel folder", ".tflite"),
+        techniques={
+            QUANTIZE: Technique(
+                QUANTIZE,
+                help="convert to TFLite with fp16 weights, int8 weights (dynamic) or full integer",
+                modes=("fp16", "dynamic", "int8", "uint8"),
+                params={
+                    "allow_float_fallback": Param(
+                        bool, False, "keep ops without integer kernels in float (int8/uint8)"
+                    ),
+                    "calibration_samples": Param(
+                        int, 200, "calibration examples for int8/uint8 ranges", minimum=1
+                    ),
+                },
+                requires_data={"int8": "calibration", "uint8": "calibration"},
+            ),
+            PRUNE: Technique(
+                PRUNE,
+                help="magnitude pruning (tensorflow-model-optimization), fine-tuned on --train-data",
+                params={
+                    "sparsity": Param(
+                        float, None, "share of weights set to zero", minimum=0, maximum=0.99,
+                        required=True,
+                    ),
+                    "epochs": Param(int, 2, "fine-tuning epochs (0: one-shot)", minimum=0),
+                    "batch_size": Param(int, 32, "fine-tuning batch size", minimum=1),
+                    "learning_rate": Param(float, 1e-4, "fine-tuning Adam learning rate", minimum=0),
+                    "begin_step": Param(int, 0, "training step where pruning starts", minimum=0),
+                    "frequency": Param(int, 10, "training steps between mask updates", minimum=1),
+                },
+            ),
+        },
+        extra="tflite",
+        requires=("tensorflow", "tf_keras", "tensorflow_model_optimization"),
+        distributions=("tensorflow-cpu", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert"),
+        default_variants=(("quantize fp16",), ("quantize dynamic",)),
+    )
+
+
+@hookimpl
+def compressor_identify(path: Path) -> str | None:
+    return NAME if loading.model_format(path) is not None else None
+
+
+@hookimpl
+def compressor_load(path: Path, backend: str, context: Context) -> Model:
+    handle, fmt, inputs = loading.load(path, context.trust)
+    return Model(NAME, path, fmt, handle, inputs)
+
+
+@hookimpl
+def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
+    handle: TFLiteHandle = model.handle
+    if handle.converted:
+        raise CompressionError(
+            f"'{step}' cannot follow quantization or apply to a .tflite: "
+            "prune first, quantize last, and start from the Keras model"
+        )
+    if step.technique == QUANTIZE:
+        return _quantize(model, step, context)
+    if step.technique == PRUNE:
+        return _prune(model, step, context)
+    return None
+
+
+def _quantize(model: Model, step: Step, context: Context) -> Model:
+    from compressor_tflite.convert import convert
+
+    conversion = convert(
+        model.handle,
+        step.mode,
+        model.inputs,
+        context.calibration_data,
+        calibration_samples=step.params.get("calibration_samples", 200),
+        allow_float_fallback=step.params.get("allow_float_fallback", False),
+    )
+    notes, metadata = list(model.notes), {**model.metadata, "quantization": step.mode}
+    if conversion.float_ops:
+        metadata["float_ops"] = conversion.float_ops
+        notes.append(f"left in float (allow_float_fallback): {'; '.join(conversion.float_ops)}")
+    handle = TFLiteHandle(flatbuffer=conversion.flatbuffer, sparse=model.handle.sparse)
+    return Model(NAME, model.source, "tflite", handle, model.inputs, notes, metadata)
+
+
+def _prune(model: Model, step: Step, context: Context) -> Model:
+    from compressor_tflite.pruning import prune
+
+    if model.handle.keras_model is None:
+        raise CompressionError("prune needs a Keras model; a plain TensorFlow SavedModel can only be quantized")
+    result = prune(
+        model.handle.keras_model, step.params, model.inputs, context.train_data, context.seed,
+        context.progress,
+    )
+    metadata = {**model.metadata, "sparsity": round(result.sparsity, 4)}
+    handle = TFLiteHandle(keras_model=result.model, sparse=True)
+    return Model(NAME, model.source, model.format, handle, model.inputs, [*model.notes, result.note], metadata)
+
+
+@hookimpl
+def compressor_save(model: Model, destination: Path, context: Context) -> Artifact:
+    from compressor_tflite.convert import convert
+
+    handle: TFLiteHandle = model.handle
+    flatbuffer = handle.flatbuffer if handle.converted else convert(handle, None).flatbuffer
+    path = destination.with_suffix(".tflite")
+    path.write_bytes(flatbuffer)
+    return Artifact(NAME, path, "tflite")
+
+
+@hookimpl
+def compressor_measure(
+    artifact: Artifact, data: Dataset | None, settings: MeasureSettings
+) -> Measurement | None:
+    if artifact.backend != NAME:
+        return None
+    from compressor_tflite.measure import measure
+
+    return measure(artifact, data, settings)
+
+
+@hookimpl
+def compressor_sample_models(directory: Path) -> Iterator[SampleModel]:
+    from compressor_tflite.samples import digits_sample
+
+    yield digits_sample(directory)

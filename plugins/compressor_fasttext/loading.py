@@ -1,0 +1,65 @@
+"""Load fastText models only after their layout checked out, optionally in a child first."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import InvalidInputError
+from compressor_fasttext.header import ModelLayout, read_layout
+
+#: Files a child process already loaded without trouble: (path, size, mtime_ns).
+_PROBED: set[tuple[str, int, int]] = set()
+
+
+def load_checked(path: Path, probe: bool = False) -> tuple[Any, ModelLayout]:
+    """Check ``path``'s layout, optionally load it in a child, then load it here."""
+    layout = read_layout(path)
+    if probe:
+        probe_in_child(path)
+    import fasttext
+
+    try:
+        handle = fasttext.load_model(str(path))
+    except ValueError as error:
+        raise InvalidInputError(f"fastText cannot load it: {_first_line(str(error))}", path) from None
+    return handle, layout
+
+
+def probe_in_child(path: Path) -> None:
+    """Load ``path`` in a child process, so an abort in fastText becomes an error here."""
+    status = path.stat()
+    key = (str(path.resolve()), status.st_size, status.st_mtime_ns)
+    if key in _PROBED:
+        return
+    # Generous: a cold read of a multi-gigabyte model at a slow disk's pace.
+    timeout = 120 + status.st_size / 20e6
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "compressor_fasttext.probe", str(path)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=environment,
+        )
+    except subprocess.TimeoutExpired:
+        raise InvalidInputError(f"fastText did not finish loading it in {timeout:.0f} s", path) from None
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name
+        raise InvalidInputError(f"fastText crashed while loading it ({name})", path)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        detail = lines[-1] if lines else f"exit code {result.returncode}"
+        raise InvalidInputError(f"fastText cannot load it: {detail}", path)
+    _PROBED.add(key)
+
+
+def _first_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[0] if lines else "unknown error"

@@ -1,0 +1,212 @@
+"""Load ONNX graphs and PyTorch models into a :class:`Network`.
+
+Formats: ``.onnx``; ``torch.export`` programs (``.pt2``); ``torch.save`` state
+dicts (``.pt``/``.pth``/``.bin``) and ``.safetensors`` built by ``--set
+model_factory``; TorchScript and fully pickled modules (only with ``--trust``);
+Hugging Face transformers folders (``config.json`` + safetensors).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compressor import InvalidInputError, TensorSpec, UnsafeInputError, UsageError
+
+from compressor_onnx.safety import TRUST_HINT, check_external_data, safe_torch_load, torch_file_kind
+from compressor_onnx.shapes import SampleShape, graph_input_specs, parse_input_shape
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ts")
+HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+#: Token inputs exported from a transformers folder when no data gives a shape.
+HF_SAMPLE_SHAPE = (1, 16)
+
+
+@dataclass
+class Network:
+    """``Model.handle``: a torch module still to be exported, or an ONNX graph."""
+
+    module: Any | None = None
+    graph: Any | None = None
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ("output",)
+    #: Example shapes for export when no data file gives real examples.
+    sample_shapes: tuple[SampleShape, ...] = ()
+    #: Call the module with keyword inputs (transformers models).
+    keyword_inputs: bool = False
+    #: ``torch.export`` programs only export through the dynamo exporter.
+    exported_program: Any | None = None
+
+
+def is_transformers_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def load_network(path: Path, options: dict[str, Any], trust: bool) -> tuple[Network, tuple[TensorSpec, ...]]:
+    """Read ``path`` into a Network and the TensorSpecs of its inputs."""
+    declared = parse_input_shape(options["input_shape"]) if options.get("input_shape") else ()
+    if path.is_dir():
+        if not is_transformers_folder(path):
+            raise InvalidInputError(
+                "folder is not a transformers model (needs config.json and *.safetensors)", path
+            )
+        return load_transformers(path, declared)
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        graph = load_onnx(path)
+        return Network(graph=graph), graph_input_specs(graph.graph)
+    if suffix == ".pt2":
+        return load_exported_program(path)
+    if suffix == ".safetensors":
+        module = build_from_factory(path, load_safetensors(path), options)
+        return _module_network(module, declared)
+    if suffix in TORCH_SUFFIXES:
+        return _module_network(load_torch_file(path, options, trust), declared)
+    raise InvalidInputError(f"unsupported file type {suffix!r} for the onnx backend", path)
+
+
+def _module_network(module: Any, declared: tuple[SampleShape, ...]) -> tuple[Network, tuple[TensorSpec, ...]]:
+    names = tuple(sample.name for sample in declared) or ("x",)
+    network = Network(module=module.eval(), input_names=names, sample_shapes=declared)
+    return network, tuple(sample.spec for sample in declared)
+
+
+def load_onnx(path: Path) -> Any:
+    """Parse an ONNX file, checking external data before anything reads it."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError, OSError) as error:
+        raise InvalidInputError(f"not a readable ONNX model ({type(error).__name__})", path) from None
+    if not graph.graph.node or not graph.opset_import:
+        raise InvalidInputError("not an ONNX model (no graph nodes or opset)", path)
+    check_external_data(graph, path)
+    try:
+        onnx.load_external_data_for_model(graph, str(path.parent))
+        onnx.checker.check_model(graph)
+    except (onnx.checker.ValidationError, ValueError, OSError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise InvalidInputError(f"invalid ONNX model ({first_line[:200]})", path) from None
+    return graph
+
+
+def load_exported_program(path: Path) -> tuple[Network, tuple[TensorSpec, ...]]:
+    import torch
+
+    from compressor_onnx.safety import zip_members
+
+    zip_members(path)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as error:  # noqa: BLE001 - torch.export.load raises many types on bad archives
+        raise InvalidInputError(
+            f"not a readable torch.export program ({type(error).__name__})", path
+        ) from None
+    names = tuple(spec.arg.name for spec in program.graph_signature.input_specs
+                  if spec.kind.name == "USER_INPUT")
+    examples = program.example_inputs[0] if program.example_inputs else ()
+    shapes = tuple(
+        SampleShape(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+        for name, tensor in zip(names, examples)
+    )
+    network = Network(input_names=names, sample_shapes=shapes, exported_program=program)
+    return network, tuple(sample.spec for sample in shapes)
+
+
+def load_torch_file(path: Path, options: dict[str, Any], trust: bool) -> Any:
+    """A module from TorchScript (trusted), a full pickle (trusted) or a state dict."""
+    import torch
+
+    kind = torch_file_kind(path)
+    if kind == "torchscript":
+        if not trust:
+            raise UnsafeInputError(
+                "this is a TorchScript archive: loading it runs the code stored in it; " + TRUST_HINT,
+                path,
+            )
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - the TorchScript loader raises RuntimeError and more
+            raise InvalidInputError(f"unreadable TorchScript archive ({type(error).__name__})", path) from None
+    loaded = safe_torch_load(path, trust)
+    if isinstance(loaded, torch.nn.Module):
+        return loaded
+    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
+        loaded = loaded["state_dict"]
+    if isinstance(loaded, dict) and loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        return build_from_factory(path, loaded, options)
+    raise InvalidInputError(
+        f"holds a {type(loaded).__name__}, not a module or a state_dict of tensors", path
+    )
+
+
+def load_safetensors(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InvalidInputError(f"not a readable safetensors file ({error})", path) from None
+
+
+def build_from_factory(path: Path, state_dict: dict[str, Any], options: dict[str, Any]) -> Any:
+    """Build the module named by ``model_factory`` and load ``state_dict`` into it."""
+    import torch
+
+    factory_name = options.get("model_factory")
+    if not factory_name:
+        raise UsageError(
+            "this file is a state_dict (weights only); tell how to build the module with "
+            "--set model_factory=package.module:function",
+            path,
+        )
+    module_name, _, function_name = str(factory_name).partition(":")
+    if not module_name or not function_name:
+        raise UsageError(f"model_factory {factory_name!r} is not 'package.module:function'")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(f"cannot import model_factory {factory_name!r} ({error})") from None
+    module = factory()
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"model_factory {factory_name!r} returned {type(module).__name__}, not an nn.Module")
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise InvalidInputError(
+            f"weights do not fit the module from {factory_name} ({first_line[:200]})", path
+        ) from None
+    return module
+
+
+def load_transformers(path: Path, declared: tuple[SampleShape, ...]) -> tuple[Network, tuple[TensorSpec, ...]]:
+    """A transformers encoder from its folder; safetensors only, no remote code."""
+    import transformers
+
+    try:
+        module = transformers.AutoModel.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True
+        )
+    except Exception as error:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError...
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise InvalidInputError(
+            f"cannot load the transformers model ({type(error).__name__}: {first_line[:200]})", path
+        ) from None
+    accepted = inspect.signature(module.forward).parameters
+    names = tuple(name for name in HF_INPUTS if name in accepted)
+    shapes = declared or tuple(SampleShape(name, HF_SAMPLE_SHAPE, "int64") for name in names)
+    network = Network(
+        module=module.eval(),
+        input_names=tuple(sample.name for sample in shapes),
+        output_names=("last_hidden_state",),
+        sample_shapes=shapes,
+        keyword_inputs=True,
+    )
+    return network, tuple(sample.spec for sample in shapes)

@@ -1,0 +1,183 @@
+"""Safe reading of untrusted model files: format sniffing, ONNX external data, torch.load.
+
+Everything here runs before a framework parses the file, so a hostile file is
+refused with a clear error instead of reaching a loader that would follow its
+paths or run its pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compressor import InvalidInputError, UnsafeInputError
+
+ZIP_MAGIC = b"PK\x03\x04"
+#: ``torch.save``'s legacy (non-zip) format starts with a pickled magic number.
+LEGACY_PICKLE_MAGIC = b"\x80\x02"
+TRUST_HINT = "pass --trust only if you trust whoever made this file"
+
+
+@dataclass(frozen=True)
+class ExternalTensor:
+    """One initializer whose bytes live in a side file."""
+
+    name: str
+    location: str
+    offset: int
+    length: int | None
+    #: Bytes the tensor's dims and type call for (None for strings).
+    expected_bytes: int | None
+
+
+def zip_members(path: Path) -> list[str]:
+    """Names inside a zip archive; a damaged archive is an invalid input."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        raise InvalidInputError(f"damaged zip archive ({error})", path) from None
+
+
+def torch_file_kind(path: Path) -> str:
+    """``"torchscript"``, ``"torch_zip"`` (``torch.save``) or ``"legacy_pickle"``."""
+    head = _head(path, 4)
+    if head.startswith(ZIP_MAGIC):
+        members = zip_members(path)
+        if any(name.endswith("constants.pkl") or "/code/" in name for name in members):
+            return "torchscript"
+        if any(name.endswith("data.pkl") for name in members):
+            return "torch_zip"
+        raise InvalidInputError("zip archive without a PyTorch payload (no data.pkl)", path)
+    if head.startswith(LEGACY_PICKLE_MAGIC):
+        return "legacy_pickle"
+    raise InvalidInputError("not a PyTorch file (neither a torch.save zip nor a pickle)", path)
+
+
+def safe_torch_load(path: Path, trust: bool) -> Any:
+    """``torch.load`` with ``weights_only=True``; full pickles only when trusted."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if not _refused_global(error):
+            raise InvalidInputError(f"unreadable PyTorch file ({_first_line(error)})", path) from None
+        if not trust:
+            raise UnsafeInputError(
+                "this file is a full pickle: loading it would run code stored in it; "
+                + TRUST_HINT,
+                path,
+            ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise InvalidInputError(f"unreadable PyTorch file ({_first_line(error)})", path) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - trusted pickles can raise anything
+        raise InvalidInputError(
+            f"could not unpickle ({type(error).__name__}: {_first_line(error)})", path
+        ) from None
+
+
+def _refused_global(error: Exception) -> bool:
+    """True when the weights-only unpickler refused a global (code), not bad bytes."""
+    text = str(error)
+    return "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _head(path: Path, size: int) -> bytes:
+    try:
+        with path.open("rb") as stream:
+            return stream.read(size)
+    except OSError as error:
+        raise InvalidInputError(f"cannot read ({error.strerror})", path) from None
+
+
+def external_tensors(model: Any) -> list[ExternalTensor]:
+    """The initializers of ``model`` (an unloaded ModelProto) stored outside the file."""
+    import math
+
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import _get_all_tensors
+
+    found = []
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        expected = None
+        if tensor.data_type not in _UNSIZED_TYPES:
+            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            expected = math.prod(tensor.dims) * itemsize
+        found.append(
+            ExternalTensor(
+                name=tensor.name,
+                location=entries.get("location", ""),
+                offset=int(entries.get("offset", "0") or 0),
+                length=int(entries["length"]) if entries.get("length") else None,
+                expected_bytes=expected,
+            )
+        )
+    return found
+
+
+#: STRING, UINT4, INT4, FLOAT4E2M1: no fixed byte size per element.
+_UNSIZED_TYPES = {8, 21, 22, 23}
+
+
+def check_external_data(model: Any, path: Path) -> None:
+    """Refuse external data outside the model's folder, missing or too short.
+
+    Checked by us before onnx or ONNX Runtime open anything, because both follow
+    ``location`` wherever it points.
+    """
+    folder = path.parent.resolve()
+    for tensor in external_tensors(model):
+        location = tensor.location
+        if not location:
+            raise InvalidInputError(f"tensor {tensor.name!r} has external data without a location", path)
+        if os.path.isabs(location) or Path(location).is_absolute():
+            raise UnsafeInputError(
+                f"tensor {tensor.name!r} points at the absolute path {location!r}; "
+                "external data must sit in the model's own folder",
+                path,
+            )
+        if ".." in Path(location).parts:
+            raise UnsafeInputError(
+                f"tensor {tensor.name!r} points outside the model's folder ({location!r})", path
+            )
+        target = (path.parent / location).resolve()
+        if not target.is_relative_to(folder):
+            raise UnsafeInputError(
+                f"tensor {tensor.name!r}: {location!r} leads outside the model's folder "
+                "(through a symlink)",
+                path,
+            )
+        if not target.is_file():
+            raise InvalidInputError(f"external data file {location!r} is missing", path)
+        if tensor.offset < 0 or (tensor.length is not None and tensor.length < 0):
+            raise InvalidInputError(f"tensor {tensor.name!r} has a negative offset or length", path)
+        needed = tensor.length if tensor.length is not None else tensor.expected_bytes
+        if tensor.expected_bytes is not None and needed != tensor.expected_bytes:
+            raise InvalidInputError(
+                f"tensor {tensor.name!r} declares {needed} bytes of external data, "
+                f"its shape needs {tensor.expected_bytes}",
+                path,
+            )
+        end = tensor.offset + (needed or 0)
+        if target.stat().st_size < end:
+            raise InvalidInputError(
+                f"external data file {location!r} is shorter ({target.stat().st_size} bytes) "
+                f"than tensor {tensor.name!r} needs ({end} bytes)",
+                path,
+            )

@@ -1,0 +1,138 @@
+"""Convert a Keras model or SavedModel to a TFLite flatbuffer: fp32, fp16, dynamic, int8, uint8."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from compressor import CompressionError, Dataset, TensorSpec
+
+from compressor_tflite import frameworks
+from compressor_tflite.handle import TFLiteHandle
+
+FULL_INTEGER_MODES = ("int8", "uint8")
+#: Ops that only move values between float and integer; they are not "left in float".
+_BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
+
+
+@dataclass
+class Conversion:
+    flatbuffer: bytes
+    #: Ops of a full-integer model that still compute in float, e.g. "SIN (model/tf.math.sin/Sin)".
+    float_ops: list[str] = field(default_factory=list)
+
+
+def convert(
+    handle: TFLiteHandle,
+    mode: str | None,
+    inputs: Sequence[TensorSpec] = (),
+    calibration: Dataset | None = None,
+    calibration_samples: int = 200,
+    allow_float_fallback: bool = False,
+) -> Conversion:
+    """Convert ``handle`` with quantization ``mode`` (None keeps fp32)."""
+    tf = frameworks.tensorflow()
+
+    def configured(fallback: bool) -> Any:
+        converter = _converter(tf, handle)
+        optimizations = [tf.lite.Optimize.DEFAULT] if mode else []
+        if handle.sparse:
+            optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+        converter.optimizations = optimizations
+        if mode == "fp16":
+            converter.target_spec.supported_types = [tf.float16]
+        elif mode in FULL_INTEGER_MODES:
+            if calibration is None:
+                raise CompressionError(f"quantize {mode} needs --calibration-data")
+            converter.representative_dataset = lambda: _representative(
+                calibration, inputs, calibration_samples
+            )
+            integer_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.target_spec.supported_ops = (
+                [*integer_ops, tf.lite.OpsSet.TFLITE_BUILTINS] if fallback else integer_ops
+            )
+            io_type = tf.int8 if mode == "int8" else tf.uint8
+            converter.inference_input_type = io_type
+            converter.inference_output_type = io_type
+        return converter
+
+    try:
+        flatbuffer = configured(allow_float_fallback).convert()
+    except CompressionError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the converter raises ConverterError and others
+        if mode not in FULL_INTEGER_MODES or allow_float_fallback:
+            raise CompressionError(f"TFLite conversion failed: {_summary(error)}") from None
+        flatbuffer = _fallback_or_fail(configured, mode, error)
+    conversion = Conversion(flatbuffer)
+    if mode in FULL_INTEGER_MODES:
+        conversion.float_ops = float_ops(flatbuffer)
+        if conversion.float_ops and not allow_float_fallback:
+            raise _not_quantizable(mode, conversion.float_ops)
+    return conversion
+
+
+def _fallback_or_fail(configured: Any, mode: str, error: Exception) -> bytes:
+    """A strict conversion failed: convert with float fallback only to name the culprits."""
+    try:
+        flatbuffer = configured(True).convert()
+    except Exception:  # noqa: BLE001
+        raise CompressionError(f"TFLite conversion failed: {_summary(error)}") from None
+    raise _not_quantizable(mode, float_ops(flatbuffer) or [_summary(error)])
+
+
+def _not_quantizable(mode: str, ops: list[str]) -> CompressionError:
+    return CompressionError(
+        f"ops that cannot be quantized to {mode}: {'; '.join(ops)}; "
+        "--set allow_float_fallback=true keeps them in float"
+    )
+
+
+def _converter(tf: Any, handle: TFLiteHandle) -> Any:
+    if handle.keras_model is not None:
+        return tf.lite.TFLiteConverter.from_keras_model(handle.keras_model)
+    if handle.saved_model_dir is not None:
+        return tf.lite.TFLiteConverter.from_saved_model(str(handle.saved_model_dir))
+    raise CompressionError("the model is already a .tflite flatbuffer; load the Keras model to convert")
+
+
+def _representative(
+    dataset: Dataset, inputs: Sequence[TensorSpec], limit: int
+) -> Iterator[list[Any]]:
+    features = dataset.features
+    names = [spec.name for spec in inputs] or list(features)
+    arrays = [np.asarray(features[name], dtype=np.float32) for name in names]
+    for index in range(min(limit, dataset.size)):
+        yield [array[index : index + 1] for array in arrays]
+
+
+def float_ops(flatbuffer: bytes) -> list[str]:
+    """Ops computing in float32, named with their first output tensor, counted by kind."""
+    interpreter = frameworks.analysis_interpreter(flatbuffer)
+    tensors = {detail["index"]: detail["name"] for detail in interpreter.get_tensor_details()}
+    found: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in _BOUNDARY_OPS:
+            continue
+        types = [*op["operand_types"], *op["result_types"]]
+        if any(np.dtype(kind) == np.float32 for kind in types):
+            found[op["op_name"]] += 1
+            outputs = [index for index in op["outputs"] if index >= 0]
+            examples.setdefault(op["op_name"], tensors.get(outputs[0], "?") if outputs else "?")
+    return [
+        f"{name} x{count} (e.g. {examples[name]})" if count > 1 else f"{name} ({examples[name]})"
+        for name, count in sorted(found.items())
+    ]
+
+
+def _summary(error: BaseException) -> str:
+    """The converter's first useful line; its messages run to pages of MLIR locations."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if "error:" in line] or lines or [type(error).__name__]
+    line = useful[0]
+    return line if len(line) <= 300 else line[:297] + "..."

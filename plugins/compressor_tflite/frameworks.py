@@ -1,0 +1,60 @@
+"""Lazy imports of TensorFlow, tf-keras, tensorflow-model-optimization and the LiteRT runtime.
+
+tensorflow-model-optimization only accepts tf-keras (Keras 2) models, and
+TensorFlow only routes ``tf.keras`` to tf-keras when ``TF_USE_LEGACY_KERAS`` is
+set before its first import, so every TensorFlow import goes through here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def _prepare_environment() -> None:
+    os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+    # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) is noise here.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def tensorflow() -> Any:
+    _prepare_environment()
+    import tensorflow as tf
+
+    return tf
+
+
+def keras() -> Any:
+    _prepare_environment()
+    import tf_keras
+
+    return tf_keras
+
+
+def model_optimization() -> Any:
+    _prepare_environment()
+    import tensorflow_model_optimization as tfmot
+
+    return tfmot
+
+
+def interpreter_class() -> tuple[Any, str]:
+    """The LiteRT interpreter (TensorFlow Lite's successor), else ``tf.lite.Interpreter``."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        return tensorflow().lite.Interpreter, "tf.lite"
+    return Interpreter, "ai-edge-litert"
+
+
+def analysis_interpreter(flatbuffer: bytes) -> Any:
+    """An interpreter without the default XNNPACK delegate, so op details show real kernels."""
+    interpreter, runtime = interpreter_class()
+    if runtime == "ai-edge-litert":
+        from ai_edge_litert.interpreter import OpResolverType
+    else:
+        OpResolverType = tensorflow().lite.experimental.OpResolverType  # noqa: N806
+    return interpreter(
+        model_content=flatbuffer,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )

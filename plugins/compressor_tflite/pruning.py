@@ -1,0 +1,168 @@
+"""Magnitude pruning with tensorflow-model-optimization: fine-tuned with a polynomial
+schedule when training data is given, one-shot otherwise."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from compressor import CompressionError, Dataset, InvalidInputError, TensorSpec
+from compressor.models import ProgressCallback
+
+from compressor_tflite import frameworks
+
+
+@dataclass
+class PruneResult:
+    model: Any
+    #: Share of zeros among the weights tensorflow-model-optimization prunes.
+    sparsity: float
+    note: str
+
+
+def prune(
+    model: Any,
+    params: Mapping[str, Any],
+    inputs: Sequence[TensorSpec],
+    train: Dataset | None,
+    seed: int,
+    progress: ProgressCallback,
+) -> PruneResult:
+    target = float(params["sparsity"])
+    epochs = int(params.get("epochs", 2))
+    tfmot = frameworks.model_optimization()
+    frameworks.keras().utils.set_random_seed(seed)
+    if train is None or epochs == 0:
+        reason = "no --train-data" if train is None else "epochs=0"
+        wrapped = _wrap(tfmot, model, tfmot.sparsity.keras.ConstantSparsity(target, begin_step=0))
+        _prune_once(wrapped, target)
+        note = f"pruned one-shot to sparsity {target:g} by weight magnitude ({reason}: no fine-tuning)"
+    else:
+        wrapped = _fine_tune(tfmot, model, params, inputs, train, epochs, progress)
+        note = f"pruned to sparsity {target:g} with {epochs} epoch(s) of fine-tuning on {train.path.name}"
+    achieved = _sparsity(wrapped)
+    return PruneResult(tfmot.sparsity.keras.strip_pruning(wrapped), achieved, note)
+
+
+def _wrap(tfmot: Any, model: Any, schedule: Any) -> Any:
+    try:
+        return tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+    except (ValueError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CompressionError(f"tensorflow-model-optimization cannot prune this model: {first}") from None
+
+
+def _pruning_variables(wrapped: Any) -> list[tuple[Any, Any]]:
+    """(weight, mask) pairs of every pruned layer."""
+    return [
+        (weight, mask)
+        for layer in wrapped.layers
+        for weight, mask, _threshold in getattr(layer, "pruning_vars", ())
+    ]
+
+
+def _prune_once(wrapped: Any, target: float) -> None:
+    """Zero the smallest ``target`` share of each pruned weight, as the schedule's last step would."""
+    for weight, mask in _pruning_variables(wrapped):
+        values = weight.numpy()
+        count = int(round(target * values.size))
+        keep = np.ones(values.shape, dtype=bool)
+        if count:
+            magnitudes = np.abs(values).ravel()
+            keep.ravel()[np.argpartition(magnitudes, count - 1)[:count]] = False
+        weight.assign(values * keep)
+        mask.assign(keep.astype(values.dtype))
+
+
+def _sparsity(wrapped: Any) -> float:
+    pairs = _pruning_variables(wrapped)
+    if not pairs:
+        raise CompressionError("the model has no layer that tensorflow-model-optimization can prune")
+    zeros = sum(int(np.sum(weight.numpy() == 0)) for weight, _ in pairs)
+    total = sum(int(np.prod(weight.shape)) for weight, _ in pairs)
+    return zeros / total
+
+
+def _fine_tune(
+    tfmot: Any,
+    model: Any,
+    params: Mapping[str, Any],
+    inputs: Sequence[TensorSpec],
+    train: Dataset,
+    epochs: int,
+    progress: ProgressCallback,
+) -> Any:
+    keras = frameworks.keras()
+    if train.labels is None:
+        raise InvalidInputError("fine-tuning needs labels: add an array 'y'", train.path)
+    batch_size = int(params.get("batch_size", 32))
+    total_steps = epochs * math.ceil(train.size / batch_size)
+    schedule = _schedule(tfmot, params, total_steps)
+    wrapped = _wrap(tfmot, model, schedule)
+    wrapped.compile(
+        optimizer=keras.optimizers.Adam(float(params.get("learning_rate", 1e-4))),
+        loss=_loss(keras, model),
+    )
+    names = [spec.name for spec in inputs] or list(train.features)
+    features = [train.features[name] for name in names]
+    report_epoch = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: progress("fine-tuning the pruned model", (epoch + 1) / epochs)
+    )
+    try:
+        wrapped.fit(
+            features[0] if len(features) == 1 else features,
+            train.labels,
+            batch_size=batch_size,
+            epochs=epochs,
+            callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), report_epoch],
+            verbose=0,
+        )
+    except (ValueError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CompressionError(f"fine-tuning failed: {first}") from None
+    return wrapped
+
+
+def _schedule(tfmot: Any, params: Mapping[str, Any], total_steps: int) -> Any:
+    """Polynomial decay from 0 to the target, ending on a pruning step before training ends
+    so the final masks reach the target."""
+    target = float(params["sparsity"])
+    begin = int(params.get("begin_step", 0))
+    frequency = int(params.get("frequency", 10))
+    if begin >= total_steps:
+        raise CompressionError(
+            f"begin_step={begin} is not before the last training step ({total_steps}); "
+            "lower it or raise epochs"
+        )
+    end = begin + ((total_steps - 1 - begin) // frequency) * frequency
+    if end <= begin:
+        return tfmot.sparsity.keras.ConstantSparsity(target, begin_step=begin, frequency=frequency)
+    return tfmot.sparsity.keras.PolynomialDecay(
+        initial_sparsity=0.0,
+        final_sparsity=target,
+        begin_step=begin,
+        end_step=end,
+        frequency=frequency,
+    )
+
+
+def _loss(keras: Any, model: Any) -> Any:
+    if len(model.outputs) != 1:
+        raise CompressionError("fine-tuning supports single-output classifiers only")
+    if model.outputs[0].shape[-1] == 1:
+        return keras.losses.BinaryCrossentropy(from_logits=not _ends_in(keras, model, "sigmoid"))
+    return keras.losses.SparseCategoricalCrossentropy(
+        from_logits=not _ends_in(keras, model, "softmax")
+    )
+
+
+def _ends_in(keras: Any, model: Any, activation: str) -> bool:
+    last = model.layers[-1]
+    if isinstance(last, keras.layers.Softmax):
+        return activation == "softmax"
+    function = getattr(last, "activation", None)
+    return function is not None and getattr(function, "__name__", "") == activation
