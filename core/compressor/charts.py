@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -93,9 +94,7 @@ def quality_measure(report: Report) -> Measure | None:
     """Accuracy when there are labels, else agreement, else cosine similarity; None if none."""
     for key in QUALITY_MEASURES:
         if any(quality(v, key) is not None for v in report.variants if not v.error):
-            def read(variant: VariantResult, key: str = key) -> float | None:
-                return quality(variant, key)
-
+            read = partial(quality, key=key)
             if key == "cosine":
                 return Measure(_QUALITY_TITLES[key], read, lambda v: f"{v:.4f}", upper=1.0)
             return Measure(_QUALITY_TITLES[key], read, lambda v: f"{100 * v:.2f}%", upper=1.0)
@@ -304,15 +303,16 @@ def bar_svg(report: Report, measure: Measure, title: str) -> str | None:
 
 def report_charts(report: Report) -> list[Chart]:
     """The scatter charts (when some quality is measured) then the per-variant bars."""
-    charts: list[tuple[str, str | None]] = []
+    drawn: list[tuple[str, str | None]] = []
     y = quality_measure(report)
     if y is not None:
-        charts.append((f"Size vs {y.title}", scatter_svg(report, SIZE, y, f"Size vs {y.title}")))
-        charts.append((f"Latency (p50) vs {y.title}",
-                       scatter_svg(report, LATENCY, y, f"Latency (p50) vs {y.title}")))
-    for measure, title in ((SIZE, "Size"), (LATENCY, "Latency p50"), (PEAK_RAM, "Peak RAM")):
-        charts.append((f"{title} per variant", bar_svg(report, measure, f"{title} per variant")))
-    return [Chart(title, svg) for title, svg in charts if svg is not None]
+        for x, name in ((SIZE, "Size"), (LATENCY, "Latency (p50)")):
+            title = f"{name} vs {y.title}"
+            drawn.append((title, scatter_svg(report, x, y, title)))
+    for measure, name in ((SIZE, "Size"), (LATENCY, "Latency p50"), (PEAK_RAM, "Peak RAM")):
+        title = f"{name} per variant"
+        drawn.append((title, bar_svg(report, measure, title)))
+    return [Chart(title, svg) for title, svg in drawn if svg is not None]
 
 
 # ------------------------------------------------------------------ PNG
@@ -334,6 +334,7 @@ def write_png(report: Report, path: Path) -> bool:
         from matplotlib.ticker import FuncFormatter
     except ImportError:
         return False
+    quality_format = y.format
     front = pareto_front(plotted)
     on_front = {p.name for p in front}
     figure = Figure(figsize=(8, 5), dpi=120, layout="constrained")
@@ -358,7 +359,7 @@ def write_png(report: Report, path: Path) -> bool:
     axes.set_xlim(x_axis.low, x_axis.high)
     axes.margins(y=0.12)
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: human_bytes(value)))
-    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: y.format(value)))
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: quality_format(value)))
     axes.set_xlabel("size")
     axes.set_ylabel(y.title)
     axes.set_title(f"{report.model}: size vs {y.title}", fontsize=10)

@@ -168,7 +168,7 @@ def _run_and_print(request: Any, out: Path | None) -> Any:
         _end_progress()
     click.echo(render_table(report))
     if out is not None:
-        click.echo(f"\nwrote {out / 'report.json'} and {out / 'report.md'}")
+        click.echo(f"\nwrote {out}/: artifacts, report.json, report.md, report.html, report.png")
     if report.failed_budget:
         raise BudgetError("a variant is outside the budget (marked ! above)")
     if report.failed_variants:
@@ -270,6 +270,15 @@ def demo(out: Path | None, only: tuple[str, ...], threads: int) -> None:
 
     run_demo(_host(), out, only, MeasureSettings(threads=threads, min_seconds=0.2), _progress,
              _end_progress, click.echo)
+
+
+def _register_compare() -> None:
+    from compressor.compare import compare
+
+    cli.add_command(compare)
+
+
+_register_compare()
 
 
 def main() -> None:

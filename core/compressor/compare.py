@@ -176,24 +176,27 @@ def _common(mappings: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return common
 
 
-def write_reports(report: Report, output: OutputFolder) -> list[Path]:
-    """report.json, report.md, report.html and (with matplotlib) report.png into ``output``."""
+def write_reports(report: Report, output: OutputFolder) -> list[str]:
+    """report.json, report.md, report.html and (with matplotlib) report.png into ``output``;
+    returns the names written."""
+    texts = {
+        "report.json": report.to_json(),
+        "report.md": render_markdown(report),
+        "report.html": render_html(report),
+    }
     output.prepare()
     try:
-        output.write_text("report.json", report.to_json())
-        output.write_text("report.md", render_markdown(report))
-        output.write_text("report.html", render_html(report))
+        output.publish([], texts)
         png = output.path / "report.png"
         if write_png(report, png):
-            output.written.append(png)
-        else:
-            png.unlink(missing_ok=True)  # a stale chart from an earlier --force run would mislead
+            return [*texts, png.name]
+        png.unlink(missing_ok=True)  # a stale chart from an earlier --force run would mislead
+        return list(texts)
     except BaseException:
         output.abort()
         raise
     finally:
         output.close()
-    return list(output.written)
 
 
 @click.command()
@@ -222,8 +225,8 @@ def compare(reports: tuple[Path, ...], out: Path | None, force: bool) -> None:
     if output is None:
         return
     written = write_reports(merged, output)
-    click.echo(f"\nwrote {', '.join(path.name for path in written)} to {output.path}")
-    if not any(path.suffix == ".png" for path in written):
+    click.echo(f"\nwrote {', '.join(written)} to {output.path}")
+    if "report.png" not in written:
         reason = "install matplotlib for it" if find_spec("matplotlib") is None else (
             "no variant has both a size and an accuracy, agreement or cosine similarity"
         )

@@ -144,8 +144,8 @@ def _table(report: Report) -> str:
         *body,
         "</tbody></table>",
         f'<p class="muted">"smaller" is relative to <b>{baseline}</b>. Bold: on the size Pareto '
-        "front. ! and red: outside the budget. p50 and p99 are the median and 99th percentile of "
-        "the timed calls; peak RAM is the measuring process's peak resident memory, runtime "
+        "front. ! and red: outside the budget. p50 and p99 are latency percentiles for one example "
+        "(batch 1); peak RAM is the measuring process's peak resident memory, runtime "
         "included.</p>",
     ])
 
@@ -226,6 +226,8 @@ def _confusion(confusion: Any) -> str:
     labels, matrix = confusion.get("labels"), confusion.get("matrix")
     if not isinstance(labels, list) or not isinstance(matrix, list) or len(matrix) != len(labels):
         return ""
+    if not all(isinstance(row, list) and len(row) == len(labels) for row in matrix):
+        return ""
     size = len(labels)
     moved = {(i, j) for i, row in enumerate(matrix) for j, count in enumerate(row) if i != j and count}
     if not moved:
@@ -240,7 +242,7 @@ def _confusion(confusion: Any) -> str:
     for i in keep:
         cells = []
         for j in keep:
-            count = matrix[i][j] if j < len(matrix[i]) else 0
+            count = matrix[i][j]
             kind = "same" if i == j else ("moved" if (i, j) in moved else "")
             cells.append(f'<td class="{kind}">{escape(str(count))}</td>')
         body.append(f"<tr><th>{escape(str(labels[i]))}</th>{''.join(cells)}</tr>")
@@ -290,7 +292,8 @@ def _sources(report: Report) -> str:
     if not sources:
         return ""
     head = "".join(f"<th>{c}</th>" for c in ("prefix", "backend", "model", "report", "created", "CPU", "threads"))
-    body, conditions = [], set()
+    body: list[str] = []
+    conditions: set[tuple[str, str]] = set()
     for path, source in sources.items():
         cpu = (source.get("environment") or {}).get("cpu") or {}
         threads = (source.get("settings") or {}).get("threads")

@@ -148,7 +148,16 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
             raise
         finally:
             output.close()
+    write_chart(report, output.path / "report.png")
     return report
+
+
+def write_chart(report: Report, path: Path) -> None:
+    """The main chart as PNG when matplotlib is installed; never a stale one."""
+    from compressor.charts import write_png
+
+    if not write_png(report, path):
+        path.unlink(missing_ok=True)
 
 
 def _run_variants(
@@ -215,9 +224,14 @@ def _run_variants(
 
 def render_reports(report: Report) -> dict[str, str]:
     """Every text report format, by file name."""
+    from compressor.html_report import render_html
     from compressor.report import render_markdown
 
-    return {"report.json": report.to_json(), "report.md": render_markdown(report)}
+    return {
+        "report.json": report.to_json(),
+        "report.md": render_markdown(report),
+        "report.html": render_html(report),
+    }
 
 
 def _measure(
