@@ -158,3 +158,14 @@ def test_backends_and_plugins_describe_what_is_installed(toy_host) -> None:
     plugins = json.loads(invoke("plugins", "--json").output)
     toy_plugin = next(p for p in plugins if p["name"] == "toy")
     assert "compressor_compress" in toy_plugin["hooks"]
+
+
+def test_peak_ram_is_the_measuring_process_own(toy_host, toy_model, tmp_path) -> None:
+    """A large parent must not leak into the child's figure (ru_maxrss would)."""
+    ballast = b"x" * 400_000_000
+    result = invoke("run", toy_model["model"], "-q", "fp16", "-o", tmp_path / "out")
+    assert result.exit_code == 0 and len(ballast) == 400_000_000
+    variants = json.loads((tmp_path / "out" / "report.json").read_text())["variants"]
+    for variant in variants:
+        assert 10_000_000 < variant["metrics"]["peak_rss_bytes"] < 300_000_000
+        assert variant["metrics"]["baseline_rss_bytes"] <= variant["metrics"]["peak_rss_bytes"]

@@ -10,11 +10,25 @@ MAX_CONFUSION_CLASSES = 50
 MAX_CHANGED_EXAMPLES = 10
 
 
+def flat_labels(labels: Any | None) -> Any | None:
+    """Labels as a 1-D array, or None when they are not one label per example
+    (e.g. fastText's lists of labels, which its backend scores itself)."""
+    if labels is None:
+        return None
+    import numpy as np
+
+    try:
+        array = np.asarray(labels)
+    except ValueError:  # ragged lists
+        return None
+    return array if array.ndim == 1 else None
+
+
 def accuracy(predictions: Any, labels: Any) -> float | None:
     import numpy as np
 
-    predicted, expected = np.asarray(predictions), np.asarray(labels)
-    if expected.ndim != 1 or predicted.shape != expected.shape:
+    predicted, expected = np.asarray(predictions), flat_labels(labels)
+    if expected is None or predicted.shape != expected.shape:
         return None
     return float((predicted == expected).mean())
 
@@ -30,6 +44,7 @@ def compare(
     if original.shape != compressed.shape or original.ndim != 1 or original.size == 0:
         return {}
     same = original == compressed
+    flat = flat_labels(labels)
     changed = np.flatnonzero(~same)
     result: dict[str, Any] = {
         "agreement": float(same.mean()),
@@ -39,7 +54,7 @@ def compare(
                 "index": int(index),
                 "original": original[index].item(),
                 "compressed": compressed[index].item(),
-                **({"label": np.asarray(labels)[index].item()} if _flat(labels) else {}),
+                **({"label": flat[index].item()} if flat is not None else {}),
             }
             for index in changed[:MAX_CHANGED_EXAMPLES]
         ],
@@ -52,14 +67,6 @@ def compare(
             matrix[position[before]][position[after]] += 1
         result["confusion"] = {"labels": classes, "matrix": matrix}
     return result
-
-
-def _flat(labels: Any | None) -> bool:
-    if labels is None:
-        return False
-    import numpy as np
-
-    return np.asarray(labels).ndim == 1
 
 
 def cosine(reference: Any, outputs: Any) -> dict[str, float] | None:

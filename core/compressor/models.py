@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,24 @@ class Step:
 
     @property
     def slug(self) -> str:
-        """A short file-name-safe label: ``int8``, ``prune0.8``, ``pq``."""
-        if self.technique == QUANTIZE and self.mode:
-            return str(self.mode)
+        """A short file-name-safe label: ``int8``, ``prune0.8``, ``pq-dsub2-retrain``."""
         positional = POSITIONAL_PARAM.get(self.technique)
-        if positional and positional in self.params:
-            return f"{self.technique}{_format_value(self.params[positional])}"
-        return self.technique
+        if self.technique == QUANTIZE and self.mode:
+            words = [str(self.mode)]
+        elif positional and positional in self.params:
+            words = [f"{self.technique}{_format_value(self.params[positional])}"]
+        else:
+            words = [self.technique]
+        for key, value in self.params.items():
+            if key == positional:
+                continue
+            if value is True or str(value).lower() == "true":
+                words.append(key)
+            elif value is False or str(value).lower() == "false":
+                words.append(f"no{key}")
+            else:
+                words.append(f"{key}{_format_value(value)}")
+        return re.sub(r"[^A-Za-z0-9._-]", "", "-".join(words))
 
 
 def _format_value(value: Any) -> str:

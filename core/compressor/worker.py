@@ -85,7 +85,9 @@ def measure_isolated(
             error_class = getattr(errors, failure["type"], errors.CompressorError)
             raise error_class(failure["message"], failure.get("path"))
         metrics = result["metrics"]
-        metrics["peak_rss_bytes"] = usage.ru_maxrss * 1024  # Linux reports KiB
+        # The child's own high-water mark when it could read it: ru_maxrss of a
+        # forked child starts from the parent's RSS, so it is only a fallback.
+        metrics.setdefault("peak_rss_bytes", usage.ru_maxrss * 1024)
         metrics["measure_seconds"] = round(wall_seconds, 3)
         predictions = outputs = None
         if (exchange / "predictions.npy").exists():
@@ -93,6 +95,22 @@ def measure_isolated(
         if (exchange / "outputs.npy").exists():
             outputs = np.load(exchange / "outputs.npy", allow_pickle=False)
         return IsolatedResult(metrics, predictions, outputs)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set from the kernel (``VmHWM``), native memory included.
+
+    ``VmHWM`` belongs to the address space, which ``exec`` makes new, so unlike
+    ``ru_maxrss`` it does not inherit the parent's size."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return usage if sys.platform == "darwin" else usage * 1024
 
 
 def _merge(measurements: list[Measurement | None]) -> Measurement:
@@ -123,7 +141,7 @@ def _run(exchange: Path) -> None:
     artifact = Artifact.from_json(request["artifact"])
     settings = MeasureSettings.from_json(request["settings"])
     inputs = tuple(TensorSpec.from_json(spec) for spec in request["inputs"])
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline_rss = peak_rss_bytes()
     data = None
     if request["data"]:
         data = host.hook_for(artifact.backend, "compressor_load_data")(
@@ -133,6 +151,7 @@ def _run(exchange: Path) -> None:
         artifact=artifact, data=data, settings=settings
     ))
     measured.metrics["baseline_rss_bytes"] = baseline_rss
+    measured.metrics["peak_rss_bytes"] = peak_rss_bytes()
     if measured.predictions is not None:
         np.save(exchange / "predictions.npy", np.asarray(measured.predictions), allow_pickle=False)
     if measured.outputs is not None:

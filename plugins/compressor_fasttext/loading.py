@@ -6,17 +6,35 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compressor.errors import InvalidInputError
+
 from compressor_fasttext.header import ModelLayout, read_layout
+
+
+@dataclass(frozen=True)
+class FastTextModel:
+    """A loaded model (``Model.handle``): fastText's object and the layout of its file."""
+
+    #: ``fasttext.FastText._FastText``; ``pq`` changes it in place.
+    model: Any
+    layout: ModelLayout
+    #: True once ``pq`` ran on it (the layout still describes the source file).
+    quantized: bool = False
+
+    @property
+    def suffix(self) -> str:
+        return ".ftz" if self.quantized or self.layout.quantized else ".bin"
+
 
 #: Files a child process already loaded without trouble: (path, size, mtime_ns).
 _PROBED: set[tuple[str, int, int]] = set()
 
 
-def load_checked(path: Path, probe: bool = False) -> tuple[Any, ModelLayout]:
+def load_checked(path: Path, probe: bool = False) -> FastTextModel:
     """Check ``path``'s layout, optionally load it in a child, then load it here."""
     layout = read_layout(path)
     if probe:
@@ -27,7 +45,7 @@ def load_checked(path: Path, probe: bool = False) -> tuple[Any, ModelLayout]:
         handle = fasttext.load_model(str(path))
     except ValueError as error:
         raise InvalidInputError(f"fastText cannot load it: {_first_line(str(error))}", path) from None
-    return handle, layout
+    return FastTextModel(handle, layout)
 
 
 def probe_in_child(path: Path) -> None:

@@ -1,3 +1,118 @@
-"""Hook implementations of the fasttext backend (stub)."""
+"""Hook implementations of the ``fasttext`` backend: product quantization of fastText classifiers.
+
+Every model file is checked against its own size (:mod:`compressor_fasttext.header`)
+before fastText reads it, because fastText aborts the whole process on a
+corrupt or truncated file instead of raising.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from compressor import (
+    Artifact,
+    Backend,
+    CompressionError,
+    Context,
+    Dataset,
+    Measurement,
+    MeasureSettings,
+    Model,
+    Param,
+    SampleModel,
+    Step,
+    TensorSpec,
+    hookimpl,
+)
+
+NAME = "fasttext"
+SUFFIXES = (".bin", ".ftz")
+
+
+@hookimpl
+def compressor_backends() -> Iterator[Backend]:
+    from compressor_fasttext.quantize import PQ_TECHNIQUE
+
+    yield Backend(
+        name=NAME,
+        description="fastText text classifiers (.bin, .ftz): product quantization",
+        formats=SUFFIXES,
+        techniques={"pq": PQ_TECHNIQUE},
+        options={
+            "k": Param(int, 1, "report precision@k and recall@k at this k", minimum=1),
+            "probe_load": Param(
+                bool, True,
+                "load each input model in a child process first, so a fastText crash is an error",
+            ),
+        },
+        extra="fasttext",
+        requires=("fasttext",),
+        distributions=("fasttext-numpy2",),
+        default_variants=(("pq",),),
+    )
+
+
+@hookimpl
+def compressor_identify(path: Path) -> str | None:
+    from compressor_fasttext.header import has_magic
+
+    if path.suffix in SUFFIXES or (path.is_file() and has_magic(path)):
+        return NAME
+    return None
+
+
+@hookimpl
+def compressor_load(path: Path, backend: str, context: Context) -> Model:
+    from compressor_fasttext.loading import load_checked
+
+    handle = load_checked(path, probe=bool(context.options.get("probe_load", True)))
+    return Model(NAME, path, handle.suffix.lstrip("."), handle, metadata=handle.layout.describe())
+
+
+@hookimpl
+def compressor_load_data(
+    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str
+) -> Dataset | None:
+    if path.suffix == ".npz":
+        return None
+    from compressor_fasttext.data import read_labelled_text
+
+    return read_labelled_text(path)
+
+
+@hookimpl
+def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
+    if step.technique != "pq":
+        return None
+    from compressor_fasttext.quantize import product_quantize
+
+    return product_quantize(model, step, context)
+
+
+@hookimpl
+def compressor_save(model: Model, destination: Path, context: Context) -> Artifact:
+    path = destination.with_suffix(model.handle.suffix)
+    try:
+        model.handle.model.save_model(str(path))
+    except ValueError as error:
+        raise CompressionError(f"fastText could not save the model: {error}", path) from None
+    return Artifact(NAME, path, path.suffix.lstrip("."))
+
+
+@hookimpl
+def compressor_measure(
+    artifact: Artifact, data: Dataset | None, settings: MeasureSettings
+) -> Measurement | None:
+    if artifact.backend != NAME:
+        return None
+    from compressor_fasttext.measure import measure_artifact
+
+    return measure_artifact(artifact, data, settings)
+
+
+@hookimpl
+def compressor_sample_models(directory: Path) -> list[SampleModel]:
+    from compressor_fasttext.samples import sample_models
+
+    return sample_models(directory)
