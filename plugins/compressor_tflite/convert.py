@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from compressor import CompressionError, Dataset, TensorSpec
 
 from compressor_tflite import frameworks
@@ -36,13 +36,19 @@ def convert(
 ) -> Conversion:
     """Convert ``handle`` with quantization ``mode`` (None keeps fp32)."""
     tf = frameworks.tensorflow()
+    loops = _looping_recurrent_layers(handle.keras_model) if handle.keras_model is not None else []
+    if loops and mode in FULL_INTEGER_MODES:
+        # TFLite 2.21's calibrator crashes the process (SIGSEGV) on these loops.
+        raise CompressionError(
+            f"quantize {mode} of {', '.join(loops)} layers crashes TFLite's calibrator; "
+            "use quantize dynamic or fp16 for this model, or LSTM layers"
+        )
 
-    def configured(fallback: bool) -> Any:
-        converter = _converter(tf, handle)
-        optimizations = [tf.lite.Optimize.DEFAULT] if mode else []
-        if handle.sparse:
-            optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
-        converter.optimizations = optimizations
+    def configured(fallback: bool, static_batch: bool) -> Any:
+        converter = _converter(tf, handle, static_batch)
+        # No EXPERIMENTAL_SPARSITY: its sparse encoding is larger than dense int8 below ~80%
+        # sparsity and XNNPACK cannot run it; dense zeros survive quantization and gzip well.
+        converter.optimizations = [tf.lite.Optimize.DEFAULT] if mode else []
         if mode == "fp16":
             converter.target_spec.supported_types = [tf.float16]
         elif mode in FULL_INTEGER_MODES:
@@ -60,14 +66,31 @@ def convert(
             converter.inference_output_type = io_type
         return converter
 
+    def attempt(fallback: bool) -> bytes:
+        # Recurrent layers TFLite cannot fuse into one op (GRU; stacked LSTMs returning
+        # sequences) lower to TensorList ops, which need a static batch size.
+        if loops:
+            return _run(configured(fallback, static_batch=True))
+        try:
+            return _run(configured(fallback, static_batch=False))
+        except CompressionError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the converter raises ConverterError and others
+            if handle.keras_model is None:
+                raise
+            try:
+                return _run(configured(fallback, static_batch=True))
+            except Exception:  # noqa: BLE001
+                raise error from None
+
     try:
-        flatbuffer = configured(allow_float_fallback).convert()
+        flatbuffer = attempt(allow_float_fallback)
     except CompressionError:
         raise
     except Exception as error:  # noqa: BLE001 - the converter raises ConverterError and others
         if mode not in FULL_INTEGER_MODES or allow_float_fallback:
             raise CompressionError(f"TFLite conversion failed: {_summary(error)}") from None
-        flatbuffer = _fallback_or_fail(configured, mode, error)
+        flatbuffer = _fallback_or_fail(attempt, mode, error)
     conversion = Conversion(flatbuffer)
     if mode in FULL_INTEGER_MODES:
         conversion.float_ops = float_ops(flatbuffer)
@@ -76,13 +99,41 @@ def convert(
     return conversion
 
 
-def _fallback_or_fail(configured: Any, mode: str, error: Exception) -> bytes:
+def _fallback_or_fail(attempt: Any, mode: str, error: Exception) -> bytes:
     """A strict conversion failed: convert with float fallback only to name the culprits."""
     try:
-        flatbuffer = configured(True).convert()
+        flatbuffer = attempt(True)
     except Exception:  # noqa: BLE001
         raise CompressionError(f"TFLite conversion failed: {_summary(error)}") from None
     raise _not_quantizable(mode, float_ops(flatbuffer) or [_summary(error)])
+
+
+def _looping_recurrent_layers(model: Any) -> list[str]:
+    """Class names of recurrent layers that TFLite converts to a while loop: all but LSTM,
+    which becomes one fused op."""
+    keras = frameworks.keras()
+    return sorted({
+        type(layer).__name__
+        for layer in _all_layers(model)
+        if isinstance(layer, keras.layers.RNN) and not isinstance(layer, keras.layers.LSTM)
+    })
+
+
+def _all_layers(model: Any) -> Iterator[Any]:
+    for layer in model.layers:
+        yield layer
+        inner = getattr(layer, "layer", None) or getattr(layer, "forward_layer", None)
+        if inner is not None:
+            yield inner
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
+
+
+def _run(converter: Any) -> bytes:
+    # The converter warns that float input "statistics" are missing: they come from calibration.
+    with warnings.catch_warnings(), frameworks.native_stderr_silenced():
+        warnings.simplefilter("ignore", UserWarning)
+        return converter.convert()
 
 
 def _not_quantizable(mode: str, ops: list[str]) -> CompressionError:
@@ -92,9 +143,19 @@ def _not_quantizable(mode: str, ops: list[str]) -> CompressionError:
     )
 
 
-def _converter(tf: Any, handle: TFLiteHandle) -> Any:
-    if handle.keras_model is not None:
-        return tf.lite.TFLiteConverter.from_keras_model(handle.keras_model)
+def _converter(tf: Any, handle: TFLiteHandle, static_batch: bool) -> Any:
+    model = handle.keras_model
+    if model is not None and static_batch:
+        specs = [
+            tf.TensorSpec([1, *tensor.shape[1:]], tensor.dtype, name=name)
+            for name, tensor in zip(model.input_names, model.inputs)
+        ]
+        function = tf.function(lambda *tensors: model(list(tensors) if len(tensors) > 1 else tensors[0], training=False))
+        return tf.lite.TFLiteConverter.from_concrete_functions(
+            [function.get_concrete_function(*specs)], model
+        )
+    if model is not None:
+        return tf.lite.TFLiteConverter.from_keras_model(model)
     if handle.saved_model_dir is not None:
         return tf.lite.TFLiteConverter.from_saved_model(str(handle.saved_model_dir))
     raise CompressionError("the model is already a .tflite flatbuffer; load the Keras model to convert")

@@ -8,6 +8,10 @@ set before its first import, so every TensorFlow import goes through here.
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -17,22 +21,38 @@ def _prepare_environment() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Hide what C++ code writes to file descriptor 2 (absl start-up lines, converter
+    progress) while the block runs; Python errors still arrive as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def tensorflow() -> Any:
     _prepare_environment()
-    import tensorflow as tf
+    with native_stderr_silenced():
+        import tensorflow as tf
 
     return tf
 
 
 def keras() -> Any:
-    _prepare_environment()
+    tensorflow()
     import tf_keras
 
     return tf_keras
 
 
 def model_optimization() -> Any:
-    _prepare_environment()
+    tensorflow()
     import tensorflow_model_optimization as tfmot
 
     return tfmot

@@ -17,8 +17,6 @@ class TFLiteHandle:
     keras_model: Any | None = None
     saved_model_dir: Path | None = None
     flatbuffer: bytes | None = None
-    #: Pruned: convert with TFLite's sparsity optimization so the zeros are kept.
-    sparse: bool = False
 
     @property
     def converted(self) -> bool:

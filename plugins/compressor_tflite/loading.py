@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,9 @@ _TFLITE_IDENTIFIER = b"TFL3"
 #: Classes from these modules ship with Keras; anything else is user code.
 _KERAS_MODULES = ("keras", "tf_keras", "builtins")
 _TRUST_HINT = "pass --trust only if you trust where the file came from"
+
+#: Tells whether a config entry with a ``class_name`` names a class that ships with Keras.
+KnownClass = Callable[[dict[str, Any]], bool]
 
 
 def model_format(path: Path) -> str | None:
@@ -90,7 +93,7 @@ def load(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple[TensorSpec, 
     return TFLiteHandle(keras_model=model), fmt, keras_inputs(model)
 
 
-def refuse_unsafe(path: Path, config: Any, trust: bool, known_class: Any) -> None:
+def refuse_unsafe(path: Path, config: Any, trust: bool, known_class: KnownClass) -> None:
     if trust:
         return
     found = sorted(set(_unsafe_objects(config, known_class)))
@@ -100,7 +103,7 @@ def refuse_unsafe(path: Path, config: Any, trust: bool, known_class: Any) -> Non
         )
 
 
-def _unsafe_objects(config: Any, known_class: Any) -> Iterator[str]:
+def _unsafe_objects(config: Any, known_class: KnownClass) -> Iterator[str]:
     if isinstance(config, dict):
         class_name = config.get("class_name")
         if class_name == "Lambda":
@@ -115,7 +118,7 @@ def _unsafe_objects(config: Any, known_class: Any) -> Iterator[str]:
             yield from _unsafe_objects(value, known_class)
 
 
-def _keras_class_checker(fmt: str) -> Any:
+def _keras_class_checker(fmt: str) -> KnownClass:
     if fmt == KERAS:
         # The v3 format records each class's module; Keras's own start with "keras".
         def known(entry: dict[str, Any]) -> bool:
@@ -180,9 +183,9 @@ def _load_keras(path: Path, trust: bool) -> Any:
 def _load_saved_model(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple[TensorSpec, ...]]:
     metadata = path / "keras_metadata.pb"
     if metadata.is_file():
+        frameworks.keras()  # sets TF_USE_LEGACY_KERAS before tf_keras imports TensorFlow
         from tf_keras.protobuf import saved_metadata_pb2
 
-        frameworks.keras()
         saved = saved_metadata_pb2.SavedMetadata()
         try:
             saved.ParseFromString(metadata.read_bytes())
@@ -222,7 +225,8 @@ def flatbuffer_inputs(flatbuffer: bytes, path: Path) -> tuple[TensorSpec, ...]:
 
     interpreter_class, _ = frameworks.interpreter_class()
     try:
-        session = TFLiteSession(interpreter_class(model_content=flatbuffer))
+        with frameworks.native_stderr_silenced():
+            session = TFLiteSession(interpreter_class(model_content=flatbuffer))
     except ValueError as error:
         raise InvalidInputError(f"is not a valid TFLite model ({_first_line(error)})", path) from None
     return session.input_specs()

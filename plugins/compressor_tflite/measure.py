@@ -11,13 +11,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 from compressor import (
     Artifact,
     Dataset,
     InvalidInputError,
-    MeasureSettings,
     Measurement,
+    MeasureSettings,
     Stopwatch,
     TensorSpec,
     time_calls,
@@ -58,6 +57,14 @@ class TFLiteSession:
         return tuple(specs)
 
     @property
+    def batch_is_fixed(self) -> bool:
+        """Converted with a static batch (e.g. a GRU's loop): resizing it may not work."""
+        return all(
+            len(detail["shape_signature"]) > 0 and detail["shape_signature"][0] > 0
+            for detail in self.inputs.values()
+        )
+
+    @property
     def input_dtypes(self) -> list[str]:
         return [np.dtype(detail["dtype"]).name for detail in self.inputs.values()]
 
@@ -82,6 +89,8 @@ class TFLiteSession:
                 interpreter.allocate_tensors()
         for detail, array in zip(self.inputs.values(), arrays):
             interpreter.set_tensor(detail["index"], _quantize(array, detail))
+        # Recurrent ops keep their state in variable tensors across calls; each batch is new.
+        interpreter.reset_all_variables()
         interpreter.invoke()
         return _dequantize(interpreter.get_tensor(self.output["index"]), self.output)
 
@@ -107,6 +116,8 @@ def predict(session: TFLiteSession, arrays: list[Any], batch_size: int) -> Any:
     """Outputs for every example, one row each, in batches (one by one if the model
     cannot be resized to a larger batch)."""
     total = len(arrays[0])
+    if session.batch_is_fixed:
+        batch_size = 1
     rows = []
     start = 0
     while start < total:
@@ -164,3 +175,4 @@ def measure(artifact: Artifact, data: Dataset | None, settings: MeasureSettings)
         return Measurement(metrics=metrics)
     outputs = predict(session, arrays, settings.batch_size)
     return Measurement(metrics=metrics, predictions=top1(outputs), outputs=outputs)
+

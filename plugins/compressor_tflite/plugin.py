@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from compressor import (
     PRUNE,
@@ -17,8 +18,8 @@ from compressor import (
     CompressionError,
     Context,
     Dataset,
-    MeasureSettings,
     Measurement,
+    MeasureSettings,
     Model,
     Param,
     SampleModel,
@@ -33,48 +34,57 @@ from compressor_tflite.handle import TFLiteHandle
 NAME = "tflite"
 
 
+TECHNIQUES = {
+    QUANTIZE: Technique(
+        QUANTIZE,
+        help="convert to TFLite with fp16 weights, int8 weights (dynamic) or full integer",
+        modes=("fp16", "dynamic", "int8", "uint8"),
+        params={
+            "allow_float_fallback": Param(
+                bool, False, "keep ops without integer kernels in float (int8/uint8)"
+            ),
+            "calibration_samples": Param(
+                int, 200, "calibration examples for int8/uint8 ranges", minimum=1
+            ),
+        },
+        requires_data={"int8": "calibration", "uint8": "calibration"},
+    ),
+    PRUNE: Technique(
+        PRUNE,
+        help="magnitude pruning (tensorflow-model-optimization), fine-tuned on --train-data",
+        params={
+            "sparsity": Param(
+                float, None, "share of weights set to zero", minimum=0, maximum=0.99,
+                required=True,
+            ),
+            "epochs": Param(int, 2, "fine-tuning epochs (0: one-shot)", minimum=0),
+            "batch_size": Param(int, 32, "fine-tuning batch size", minimum=1),
+            "learning_rate": Param(float, 1e-3, "fine-tuning Adam learning rate", minimum=0),
+            "begin_step": Param(int, 0, "training step where pruning starts", minimum=0),
+            "frequency": Param(int, 10, "training steps between mask updates", minimum=1),
+        },
+    ),
+}
+
+
 @hookimpl
 def compressor_backends() -> Iterator[Backend]:
     yield Backend(
         name=NAME,
         description="Keras (.keras, .h5) and TensorFlow SavedModel to TensorFlow Lite",
         formats=(".keras", ".h5", ".hdf5", "SavedModel folder", ".tflite"),
-        techniques={
-            QUANTIZE: Technique(
-                QUANTIZE,
-                help="convert to TFLite with fp16 weights, int8 weights (dynamic) or full integer",
-                modes=("fp16", "dynamic", "int8", "uint8"),
-                params={
-                    "allow_float_fallback": Param(
-                        bool, False, "keep ops without integer kernels in float (int8/uint8)"
-                    ),
-                    "calibration_samples": Param(
-                        int, 200, "calibration examples for int8/uint8 ranges", minimum=1
-                    ),
-                },
-                requires_data={"int8": "calibration", "uint8": "calibration"},
-            ),
-            PRUNE: Technique(
-                PRUNE,
-                help="magnitude pruning (tensorflow-model-optimization), fine-tuned on --train-data",
-                params={
-                    "sparsity": Param(
-                        float, None, "share of weights set to zero", minimum=0, maximum=0.99,
-                        required=True,
-                    ),
-                    "epochs": Param(int, 2, "fine-tuning epochs (0: one-shot)", minimum=0),
-                    "batch_size": Param(int, 32, "fine-tuning batch size", minimum=1),
-                    "learning_rate": Param(float, 1e-4, "fine-tuning Adam learning rate", minimum=0),
-                    "begin_step": Param(int, 0, "training step where pruning starts", minimum=0),
-                    "frequency": Param(int, 10, "training steps between mask updates", minimum=1),
-                },
-            ),
-        },
+        techniques=TECHNIQUES,
         extra="tflite",
         requires=("tensorflow", "tf_keras", "tensorflow_model_optimization"),
         distributions=("tensorflow-cpu", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert"),
         default_variants=(("quantize fp16",), ("quantize dynamic",)),
     )
+
+
+def with_defaults(step: Step) -> dict[str, Any]:
+    """The step's parameters plus the declared defaults of those it leaves out."""
+    declared = TECHNIQUES[step.technique].params
+    return {**{key: param.default for key, param in declared.items()}, **step.params}
 
 
 @hookimpl
@@ -106,19 +116,20 @@ def compressor_compress(model: Model, step: Step, context: Context) -> Model | N
 def _quantize(model: Model, step: Step, context: Context) -> Model:
     from compressor_tflite.convert import convert
 
+    params = with_defaults(step)
     conversion = convert(
         model.handle,
         step.mode,
         model.inputs,
         context.calibration_data,
-        calibration_samples=step.params.get("calibration_samples", 200),
-        allow_float_fallback=step.params.get("allow_float_fallback", False),
+        calibration_samples=params["calibration_samples"],
+        allow_float_fallback=params["allow_float_fallback"],
     )
     notes, metadata = list(model.notes), {**model.metadata, "quantization": step.mode}
     if conversion.float_ops:
         metadata["float_ops"] = conversion.float_ops
         notes.append(f"left in float (allow_float_fallback): {'; '.join(conversion.float_ops)}")
-    handle = TFLiteHandle(flatbuffer=conversion.flatbuffer, sparse=model.handle.sparse)
+    handle = TFLiteHandle(flatbuffer=conversion.flatbuffer)
     return Model(NAME, model.source, "tflite", handle, model.inputs, notes, metadata)
 
 
@@ -128,11 +139,11 @@ def _prune(model: Model, step: Step, context: Context) -> Model:
     if model.handle.keras_model is None:
         raise CompressionError("prune needs a Keras model; a plain TensorFlow SavedModel can only be quantized")
     result = prune(
-        model.handle.keras_model, step.params, model.inputs, context.train_data, context.seed,
+        model.handle.keras_model, with_defaults(step), model.inputs, context.train_data, context.seed,
         context.progress,
     )
     metadata = {**model.metadata, "sparsity": round(result.sparsity, 4)}
-    handle = TFLiteHandle(keras_model=result.model, sparse=True)
+    handle = TFLiteHandle(keras_model=result.model)
     return Model(NAME, model.source, model.format, handle, model.inputs, [*model.notes, result.note], metadata)
 
 

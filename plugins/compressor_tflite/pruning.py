@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
 from compressor import CompressionError, Dataset, InvalidInputError, TensorSpec
 from compressor.models import ProgressCallback
 
@@ -33,7 +32,7 @@ def prune(
     progress: ProgressCallback,
 ) -> PruneResult:
     target = float(params["sparsity"])
-    epochs = int(params.get("epochs", 2))
+    epochs = int(params["epochs"])
     tfmot = frameworks.model_optimization()
     frameworks.keras().utils.set_random_seed(seed)
     if train is None or epochs == 0:
@@ -99,12 +98,12 @@ def _fine_tune(
     keras = frameworks.keras()
     if train.labels is None:
         raise InvalidInputError("fine-tuning needs labels: add an array 'y'", train.path)
-    batch_size = int(params.get("batch_size", 32))
+    batch_size = int(params["batch_size"])
     total_steps = epochs * math.ceil(train.size / batch_size)
     schedule = _schedule(tfmot, params, total_steps)
     wrapped = _wrap(tfmot, model, schedule)
     wrapped.compile(
-        optimizer=keras.optimizers.Adam(float(params.get("learning_rate", 1e-4))),
+        optimizer=keras.optimizers.Adam(float(params["learning_rate"])),
         loss=_loss(keras, model),
     )
     names = [spec.name for spec in inputs] or list(train.features)
@@ -131,8 +130,8 @@ def _schedule(tfmot: Any, params: Mapping[str, Any], total_steps: int) -> Any:
     """Polynomial decay from 0 to the target, ending on a pruning step before training ends
     so the final masks reach the target."""
     target = float(params["sparsity"])
-    begin = int(params.get("begin_step", 0))
-    frequency = int(params.get("frequency", 10))
+    begin = int(params["begin_step"])
+    frequency = int(params["frequency"])
     if begin >= total_steps:
         raise CompressionError(
             f"begin_step={begin} is not before the last training step ({total_steps}); "

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from compressor import SampleModel
 
 from compressor_tflite import frameworks

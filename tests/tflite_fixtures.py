@@ -1,0 +1,153 @@
+"""Small Keras models and data files for the tflite backend's tests, built once per module."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class KerasFiles:
+    folder: Path
+    keras: Path
+    h5: Path
+    saved_model: Path
+    train: Path
+    calibration: Path
+    eval: Path
+
+
+def tiny_digits_files(folder: Path) -> KerasFiles:
+    """A tiny CNN on scikit-learn digits (a few seconds of training), saved three ways."""
+    from compressor_tflite import frameworks
+    from compressor_tflite.samples import small_cnn, write_digits_data
+
+    keras = frameworks.keras()
+    keras.utils.set_random_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_x, train_y = write_digits_data(folder)
+    model = small_cnn(filters=8, dense=96)
+    model.fit(train_x, train_y, epochs=6, batch_size=32, verbose=0)
+    model.save(folder / "cnn.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "HDF5 is a legacy format"
+        model.save(folder / "cnn.h5")
+    model.save(folder / "cnn_saved_model")
+    return KerasFiles(
+        folder,
+        folder / "cnn.keras",
+        folder / "cnn.h5",
+        folder / "cnn_saved_model",
+        folder / "train.npz",
+        folder / "calibration.npz",
+        folder / "eval.npz",
+    )
+
+
+def lambda_model_files(folder: Path) -> tuple[Path, Path]:
+    """The same small model with a Lambda layer, as .keras and .h5."""
+    from compressor_tflite import frameworks
+
+    keras = frameworks.keras()
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = keras.Input((8,), name="x")
+    doubled = keras.layers.Lambda(lambda tensor: tensor * 2.0, name="double")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(doubled))
+    model.save(folder / "lambda.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.save(folder / "lambda.h5")
+    return folder / "lambda.keras", folder / "lambda.h5"
+
+
+def sine_model_file(folder: Path) -> Path:
+    """A model with tf.math.sin, which has no integer kernel in TFLite."""
+    from compressor_tflite import frameworks
+
+    tf, keras = frameworks.tensorflow(), frameworks.keras()
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = keras.Input((8,), name="x")
+    hidden = tf.math.sin(keras.layers.Dense(8)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
+    model.save(folder / "sine.keras")
+    rng = np.random.default_rng(1)
+    np.savez(folder / "sine_calibration.npz", x=rng.normal(size=(32, 8)).astype("float32"))
+    return folder / "sine.keras"
+
+
+def plain_saved_model(folder: Path) -> tuple[Path, Any]:
+    """A TensorFlow SavedModel that Keras did not write (a linear map), and its weights."""
+    from compressor_tflite import frameworks
+
+    tf = frameworks.tensorflow()
+    weights = np.random.default_rng(2).normal(size=(8, 4)).astype("float32")
+
+    class Linear(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weights = tf.Variable(weights)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], tf.float32, name="features")])
+        def __call__(self, features: Any) -> Any:
+            return tf.matmul(features, self.weights)
+
+    module = Linear()
+    path = folder / "plain_saved_model"
+    tf.saved_model.save(module, str(path), signatures=module.__call__)
+    return path, weights
+
+
+def corrupt_variants(source: Path, folder: Path) -> dict[str, Path]:
+    """Empty, truncated-at-half and random-byte copies of ``source`` with its suffix."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = source.read_bytes()
+    variants = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "random": np.random.default_rng(3).bytes(max(len(data), 64)),
+    }
+    paths = {}
+    for name, content in variants.items():
+        path = folder / f"{name}{source.suffix}"
+        path.write_bytes(content)
+        paths[name] = path
+    return paths
+
+
+def environment_without_legacy_keras() -> dict[str, str]:
+    """The user's environment: TF_USE_LEGACY_KERAS unset, as the plugin must cope."""
+    return {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
+
+
+@functools.cache
+def shared_digits_files() -> KerasFiles:
+    """One tiny trained model for every tflite test module (training and saving cost seconds)."""
+    folder = Path(tempfile.mkdtemp(prefix="compressor-tflite-tests-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return tiny_digits_files(folder / "digits")
+
+
+def gru_model_file(folder: Path) -> tuple[Path, Path]:
+    """An untrained Conv1D + GRU model (TFLite converts the GRU to a while loop) and data."""
+    from compressor_tflite import frameworks
+
+    keras = frameworks.keras()
+    keras.utils.set_random_seed(4)
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = keras.Input((6, 4), name="sequence")
+    hidden = keras.layers.Conv1D(8, 3, padding="same")(inputs)
+    hidden = keras.layers.GRU(8)(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(hidden))
+    model.save(folder / "gru.keras")
+    x = np.random.default_rng(5).normal(size=(12, 6, 4)).astype("float32")
+    np.savez(folder / "gru.npz", x=x, y=model.predict(x, verbose=0).argmax(1))
+    return folder / "gru.keras", folder / "gru.npz"
