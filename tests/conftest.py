@@ -18,6 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def toy_host() -> Iterator[object]:
     """The process-wide plugin host with the pure-Python ``toy`` backend registered."""
     import toy_backend
+
     from compressor.plugins import get_host
 
     host = get_host()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from compressor_fasttext.samples import TRAIN_THREADS, train_supervised, write_labelled_text
 
 #: Byte offsets in a fastText file (see compressor_fasttext.header).

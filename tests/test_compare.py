@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from report_fixtures import fasttext_report, onnx_report
+
 from compressor.cli import CompressorGroup, cli
 from compressor.compare import compare, load_report, merge_reports
 from compressor.errors import InvalidInputError, UsageError
 from compressor.html_report import render_html
 from compressor.report import Report, rows
-from report_fixtures import fasttext_report, onnx_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: The real CLI group with ``compare`` added, until the lead registers it in compressor.cli.

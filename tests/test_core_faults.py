@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import snapshot
+
 from compressor import InvalidInputError, TensorSpec, hookimpl
 from compressor.builtin import read_npz
 from compressor.cli import cli
-from conftest import snapshot
 
 SPEC = (TensorSpec("x", (None, 16), "float32"),)
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from compressor.cli import cli
 from conftest import snapshot
+
+from compressor.cli import cli
 
 STABLE_KEYS = {"size_bytes", "size_gzip_bytes", "load_ms", "latency_ms", "peak_rss_bytes",
                "accuracy", "agreement"}

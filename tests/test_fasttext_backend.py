@@ -10,6 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fasttext_fixtures import (
+    BUCKET_OFFSET,
+    DICTIONARY_OFFSET,
+    FastTextFiles,
+    input_matrix_offset,
+    patched,
+)
+
 from compressor import (
     CompressionError,
     Context,
@@ -25,13 +33,6 @@ from compressor_fasttext.header import read_layout
 from compressor_fasttext.loading import probe_in_child
 from compressor_fasttext.measure import measure_artifact
 from compressor_fasttext.metrics import labels_changed_most
-from fasttext_fixtures import (
-    BUCKET_OFFSET,
-    DICTIONARY_OFFSET,
-    FastTextFiles,
-    input_matrix_offset,
-    patched,
-)
 
 #: The session fixture ``ft`` (small trained models) lives in fasttext_fixtures.
 pytest_plugins = ("fasttext_fixtures",)

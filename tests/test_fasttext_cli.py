@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from compressor.cli import cli
-from compressor_fasttext.header import MAGIC
 from conftest import snapshot
 from fasttext_fixtures import FastTextFiles
+
+from compressor.cli import cli
+from compressor_fasttext.header import MAGIC
 
 #: The session fixture ``ft`` (small trained models) lives in fasttext_fixtures.
 pytest_plugins = ("fasttext_fixtures",)

@@ -9,6 +9,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from report_fixtures import SETTINGS, fasttext_report, metrics, onnx_report
+
 from compressor import charts
 from compressor.charts import (
     LATENCY,
@@ -21,7 +23,6 @@ from compressor.charts import (
 )
 from compressor.html_report import READ_BEFORE_DEPLOYING, render_html
 from compressor.report import Report, VariantResult
-from report_fixtures import SETTINGS, fasttext_report, metrics, onnx_report
 
 SVG = "{http://www.w3.org/2000/svg}"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

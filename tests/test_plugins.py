@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from compressor.plugins import PluginConflictError, PluginHost
 
 ROOT = Path(__file__).resolve().parent.parent

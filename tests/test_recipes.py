@@ -4,11 +4,12 @@ import contextlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from compressor.errors import UsageError
 from compressor.models import Step
 from compressor.recipes import load_recipe, parse_recipe, parse_step, variants_from_flags
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def test_step_strings_fill_the_positional_parameter() -> None:

@@ -9,12 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from compressor import CompressionError, Context, MeasureSettings, Model, Step
-from compressor.builtin import gzip_size, read_npz
-from compressor.plugins import PluginHost
-from compressor.recipes import variants_from_strings
-from compressor.validation import apply_settings
-from compressor_tflite import frameworks, plugin
 from tflite_fixtures import (
     KerasFiles,
     gru_model_file,
@@ -22,6 +16,13 @@ from tflite_fixtures import (
     shared_digits_files,
     sine_model_file,
 )
+
+from compressor import CompressionError, Context, MeasureSettings, Model, Step
+from compressor.builtin import gzip_size, read_npz
+from compressor.plugins import PluginHost
+from compressor.recipes import variants_from_strings
+from compressor.validation import apply_settings
+from compressor_tflite import frameworks, plugin
 
 QUICK = MeasureSettings(warmup=1, min_iterations=3, min_seconds=0.0, batch_size=64)
 QUANTIZE_MODES = ("fp16", "dynamic", "int8", "uint8")

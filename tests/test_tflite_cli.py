@@ -10,10 +10,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from compressor import Context, InvalidInputError, UnsafeInputError
-from compressor.cli import cli
-from compressor.recipes import load_recipe
-from compressor_tflite import plugin
 from tflite_fixtures import (
     KerasFiles,
     corrupt_variants,
@@ -21,6 +17,11 @@ from tflite_fixtures import (
     lambda_model_files,
     shared_digits_files,
 )
+
+from compressor import Context, InvalidInputError, UnsafeInputError
+from compressor.cli import cli
+from compressor.recipes import load_recipe
+from compressor_tflite import plugin
 
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "pruning-study.toml"
 FAST = ["--min-seconds", "0"]

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from compressor.errors import InvalidInputError
-
 from compressor_fasttext.header import ModelLayout, read_layout
 
 

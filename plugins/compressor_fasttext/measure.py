@@ -7,7 +7,6 @@ from typing import Any
 
 from compressor.measuring import Stopwatch, time_calls
 from compressor.models import Artifact, Dataset, Measurement, MeasureSettings
-
 from compressor_fasttext.header import read_layout
 from compressor_fasttext.metrics import evaluate
 

@@ -16,7 +16,6 @@ from compressor.errors import CompressionError, UnsupportedError
 from compressor.measuring import Stopwatch
 from compressor.models import Context, Dataset, Model, Step
 from compressor.specs import Param, Technique
-
 from compressor_fasttext.header import KSUB
 from compressor_fasttext.loading import FastTextModel
 from compressor_fasttext.metrics import labels_changed_most

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from compressor.models import SampleModel
-
 from compressor_fasttext.data import LABEL_PREFIX
 
 TOPICS = ("games", "sound", "science", "network", "graphics", "database")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from compressor import InvalidInputError, TensorSpec, UnsafeInputError, UsageError
-
 from compressor_onnx.safety import TRUST_HINT, check_external_data, safe_torch_load, torch_file_kind
 from compressor_onnx.shapes import SampleShape, graph_input_specs, parse_input_shape
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from compressor import CompressionError, Dataset, TensorSpec
 
+from compressor import CompressionError, Dataset, TensorSpec
 from compressor_tflite import frameworks
 from compressor_tflite.handle import TFLiteHandle
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from compressor import InvalidInputError, TensorSpec, UnsafeInputError
-
 from compressor_tflite import frameworks
 from compressor_tflite.handle import TFLiteHandle
 

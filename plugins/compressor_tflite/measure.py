@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
 from compressor import (
     Artifact,
     Dataset,
@@ -21,7 +22,6 @@ from compressor import (
     TensorSpec,
     time_calls,
 )
-
 from compressor_tflite import frameworks
 
 _INTEGER_KINDS = "iu"

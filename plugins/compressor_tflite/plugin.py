@@ -27,7 +27,6 @@ from compressor import (
     Technique,
     hookimpl,
 )
-
 from compressor_tflite import loading
 from compressor_tflite.handle import TFLiteHandle
 

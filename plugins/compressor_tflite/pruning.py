@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from compressor import CompressionError, Dataset, InvalidInputError, TensorSpec
 from compressor.models import ProgressCallback
-
 from compressor_tflite import frameworks
 
 

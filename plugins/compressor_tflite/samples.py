@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from compressor import SampleModel
 
+from compressor import SampleModel
 from compressor_tflite import frameworks
 
 SAMPLE_VARIANTS = (

@@ -1,0 +1,151 @@
+"""Export a torch module to the ONNX graph every later step quantizes.
+
+Modules go through the TorchScript exporter (``dynamo=False``): its graphs
+quantize cleanly and take ``dynamic_axes`` for batch and sequence.
+``torch.export`` programs can only go through the dynamo exporter, whose
+graphs carry ``value_info`` that breaks ONNX Runtime's quantizer
+(``ShapeInferenceError``), so :func:`strip_value_info` drops it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from compressor import CompressionError, Context, UsageError
+from compressor_onnx.loading import Network
+from compressor_onnx.shapes import sample_from_data, sequence_axes, synthetic_inputs
+
+DEFAULT_OPSET = 17
+#: The dynamo exporter's oldest well-supported opset.
+DYNAMO_MIN_OPSET = 18
+_AXIS_NAMES = {0: "batch", 1: "sequence"}
+
+
+def ensure_graph(network: Network, context: Context) -> Any:
+    """The network's ONNX graph, exporting the torch module on first use."""
+    if network.graph is None:
+        network.graph = export_graph(network, context)
+        network.module = network.exported_program = None
+    return network.graph
+
+
+def export_graph(network: Network, context: Context) -> Any:
+    import onnx
+
+    opset = int(context.options.get("opset") or DEFAULT_OPSET)
+    if network.exported_program is not None:
+        return strip_value_info(_export_program(network, max(opset, DYNAMO_MIN_OPSET)))
+    import torch
+
+    inputs = example_inputs(network, context)
+    if isinstance(network.module, torch.jit.ScriptModule):
+        wrapper = network.module  # TorchScript exports as it is; it cannot be traced inside a wrapper
+    else:
+        wrapper = wrap_forward(network.module, network.input_names, network.keyword_inputs)
+    tensors = tuple(torch.from_numpy(inputs[name]) for name in network.input_names)
+    axes = {
+        name: {axis: _AXIS_NAMES[axis] for axis in sequence_axes(array.ndim, array.dtype.name)}
+        for name, array in inputs.items()
+    }
+    output_axes = {0: "batch", 1: "sequence"} if network.keyword_inputs else {0: "batch"}
+    axes.update({name: output_axes for name in network.output_names})
+    with tempfile.TemporaryDirectory(prefix="export-", dir=context.workdir) as folder:
+        # A file, not a buffer: models past 2 GB are written with external data.
+        target = Path(folder) / "exported.onnx"
+        _run_exporter(wrapper, tensors, target, network, axes, opset)
+        return onnx.load(str(target))
+
+
+def _run_exporter(
+    wrapper: Any, tensors: tuple[Any, ...], target: Path, network: Network,
+    axes: dict[str, dict[int, str]], opset: int,
+) -> None:
+    import torch
+
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                tensors,
+                str(target),
+                input_names=list(network.input_names),
+                output_names=list(network.output_names),
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+            )
+    except Exception as error:  # noqa: BLE001 - the exporter raises anything a model's code can
+        raise CompressionError(f"ONNX export failed ({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _export_program(network: Network, opset: int) -> Any:
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                network.exported_program,
+                (),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(network.input_names),
+                output_names=list(network.output_names),
+                verbose=False,
+            )
+    except Exception as error:  # noqa: BLE001 - the exporter raises anything a model's code can
+        raise CompressionError(f"ONNX export failed ({type(error).__name__}: {_first_line(error)})") from None
+    return program.model_proto
+
+
+def strip_value_info(graph: Any) -> Any:
+    """Drop intermediate shape annotations that ONNX Runtime's quantizer trips on."""
+    del graph.graph.value_info[:]
+    return graph
+
+
+def example_inputs(network: Network, context: Context) -> dict[str, Any]:
+    """Export inputs: real examples from a data file, else the declared shapes."""
+    for dataset in (context.calibration_data, context.eval_data, context.train_data):
+        if dataset is not None:
+            arrays = sample_from_data(dataset, network.input_names)
+            if not network.sample_shapes:
+                return {name: array.astype("float32") if array.dtype.kind == "f" else array
+                        for name, array in arrays.items()}
+            dtypes = {sample.name: sample.dtype for sample in network.sample_shapes}
+            return {name: array.astype(dtypes[name]) for name, array in arrays.items()}
+    if network.sample_shapes:
+        return synthetic_inputs(network.sample_shapes, context.seed)
+    raise UsageError(
+        "exporting this PyTorch model to ONNX needs example inputs: pass a data file "
+        "(--data or --calibration-data) or --set input_shape=1,64"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+def wrap_forward(module: Any, names: tuple[str, ...], by_keyword: bool) -> Any:
+    """A module taking the ONNX inputs positionally and returning the first tensor output."""
+    import torch
+
+    class Forward(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = module
+
+        def forward(self, *inputs: Any) -> Any:
+            result = self.module(**dict(zip(names, inputs))) if by_keyword else self.module(*inputs)
+            if isinstance(result, torch.Tensor):
+                return result
+            if isinstance(result, dict):
+                return next(iter(result.values()))
+            return result[0]
+
+    return Forward()

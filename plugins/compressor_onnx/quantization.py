@@ -1,0 +1,199 @@
+"""ONNX Runtime quantization: dynamic int8, static QDQ int8/uint8 and fp16.
+
+Defaults were chosen by measured accuracy (benchmarks/bench_onnx_minilm.py):
+per-channel weights keep all-MiniLM-L6-v2's sentence embeddings at ~0.994
+cosine to float32, where ONNX Runtime's own per-tensor default gives ~0.96.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from compressor import CompressionError, Context, Dataset, Step, UsageError
+from compressor_onnx.export import strip_value_info
+
+#: Ops whose weights quantization turns into integers; the rest never carry weights.
+WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "Attention", "LSTM", "GRU"})
+#: Static (QDQ) quantization covers only ops with weights: quantizing every op ONNX
+#: Runtime can (LayerNormalization, Reshape, Where...) dropped all-MiniLM-L6-v2's
+#: embedding cosine to ~0.3; weighted ops only keep ~0.94 and run faster.
+STATIC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+CALIBRATION_BATCH = 8
+#: Past this a graph is saved with external data (protobuf's limit is 2 GB).
+LARGE_MODEL_BYTES = 1_800_000_000
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs advice on the root logger; keep the CLI clean."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> Any:
+    """Apply ``quantize MODE`` to ``graph`` and return the new graph."""
+    if step.mode == "fp16":
+        return to_fp16(graph)
+    excluded_nodes = _names(step.params.get("exclude_nodes"))
+    unknown = sorted(set(excluded_nodes) - {node.name for node in graph.graph.node})
+    if unknown:
+        raise UsageError(f"exclude_nodes names nodes the graph does not have: {', '.join(unknown)}")
+    source, target = workdir / "quantize-in.onnx", workdir / "quantize-out.onnx"
+    _save_for_quantizer(strip_value_info(graph), source)
+    if step.mode == "dynamic":
+        _quantize_dynamic(source, target, step, excluded_nodes)
+    else:
+        _quantize_static(source, target, step, excluded_nodes, context)
+    import onnx
+
+    return onnx.load(str(target))
+
+
+def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: list[str]) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    try:
+        with _quiet_quantizer():
+            quantize_dynamic(
+                source,
+                target,
+                weight_type=QuantType.QInt8,
+                per_channel=bool(step.params.get("per_channel", True)),
+                nodes_to_exclude=excluded_nodes,
+                op_types_to_quantize=_op_types(IntegerOpsRegistry, step),
+                use_external_data_format=_is_large(source),
+            )
+    except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
+        raise CompressionError(f"dynamic quantization failed ({_describe(error)})") from None
+
+
+def _quantize_static(
+    source: Path, target: Path, step: Step, excluded_nodes: list[str], context: Context
+) -> None:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if context.calibration_data is None:
+        raise UsageError(f"quantize {step.mode} needs --calibration-data")
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
+    activation = QuantType.QUInt8 if step.mode == "uint8" else QuantType.QInt8
+    reader = calibration_reader(
+        onnx.load(str(source), load_external_data=False),
+        context.calibration_data,
+        int(step.params.get("calibration_samples", 128)),
+    )
+    try:
+        with _quiet_quantizer():
+            quantize_static(
+                source,
+                target,
+                reader,
+                quant_format=QuantFormat.QDQ,
+                activation_type=activation,
+                weight_type=QuantType.QInt8,
+                per_channel=bool(step.params.get("per_channel", True)),
+                calibrate_method=methods[step.params.get("calibration_method", "minmax")],
+                nodes_to_exclude=excluded_nodes,
+                op_types_to_quantize=_op_types(STATIC_OPS, step),
+                use_external_data_format=_is_large(source),
+            )
+    except UsageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
+        raise CompressionError(f"static {step.mode} quantization failed ({_describe(error)})") from None
+
+
+def calibration_reader(graph: Any, dataset: Dataset, samples: int) -> Any:
+    """A CalibrationDataReader over the first ``samples`` examples, cast to the graph's dtypes."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    from compressor_onnx.shapes import graph_input_specs
+
+    specs = graph_input_specs(graph.graph)
+    features = dataset.features
+    if len(specs) == 1 and specs[0].name not in features and len(features) == 1:
+        features = {specs[0].name: next(iter(features.values()))}
+    missing = [spec.name for spec in specs if spec.name not in features]
+    if missing:
+        raise UsageError(
+            f"calibration data has no array for the input(s) {', '.join(missing)}", dataset.path
+        )
+    count = min(samples, dataset.size)
+    batches = [
+        {spec.name: features[spec.name][start : min(start + CALIBRATION_BATCH, count)].astype(spec.dtype)
+         for spec in specs}
+        for start in range(0, count, CALIBRATION_BATCH)
+    ]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.remaining = iter(batches)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.remaining, None)
+
+    return Reader()
+
+
+def to_fp16(graph: Any) -> Any:
+    """Float16 weights and compute; the model's inputs and outputs stay float32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        with _quiet_quantizer():
+            return convert_float_to_float16(graph, keep_io_types=True)
+    except Exception as error:  # noqa: BLE001 - the converter raises anything on odd graphs
+        raise CompressionError(f"fp16 conversion failed ({_describe(error)})") from None
+
+
+def float_nodes(graph: Any) -> list[str]:
+    """Weighted nodes that read a floating-point initializer directly: they stayed float."""
+    from onnx import TensorProto
+
+    floating = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+    float_weights = {t.name for t in graph.graph.initializer if t.data_type in floating}
+    return [
+        node.name or f"{node.op_type}#{index}"
+        for index, node in enumerate(graph.graph.node)
+        if node.op_type in WEIGHTED_OPS and any(name in float_weights for name in node.input)
+    ]
+
+
+def _op_types(candidates: Iterable[str], step: Step) -> list[str]:
+    excluded = set(_names(step.params.get("exclude_op_types")))
+    return [op for op in candidates if op not in excluded]
+
+
+def _names(value: Any) -> list[str]:
+    return [name.strip() for name in str(value or "").split(",") if name.strip()]
+
+
+def _is_large(path: Path) -> bool:
+    return path.stat().st_size > LARGE_MODEL_BYTES or (path.parent / f"{path.name}.data").exists()
+
+
+def _save_for_quantizer(graph: Any, path: Path) -> None:
+    """Save ``graph`` where ONNX Runtime's quantizer reads it (external data past 2 GB)."""
+    import onnx
+
+    if graph.ByteSize() > LARGE_MODEL_BYTES:
+        onnx.save_model(graph, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    else:
+        onnx.save_model(graph, str(path))
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
