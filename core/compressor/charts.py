@@ -7,8 +7,6 @@ which imports matplotlib only when called.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -16,6 +14,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from compressor.outputs import atomic_write
 from compressor.report import Report, VariantResult, human_bytes
 
 #: Quality measures in order of preference; the first any variant has is used for all of them.
@@ -365,15 +364,5 @@ def write_png(report: Report, path: Path) -> bool:
     axes.set_title(f"{report.model}: size vs {y.title}", fontsize=10)
     axes.grid(True, color="#eaeef2")
     axes.legend(fontsize=8)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temporary, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png"))
     return True

@@ -156,9 +156,7 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
 @hookimpl
 def compressor_measure(
     artifact: Artifact, data: Dataset | None, settings: MeasureSettings
-) -> Measurement | None:
-    if artifact.backend != NAME:
-        return None
+) -> Measurement:
     from compressor_onnx.measure import measure_artifact
 
     return measure_artifact(artifact, data, settings)

@@ -160,9 +160,7 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
 @hookimpl
 def compressor_measure(
     artifact: Artifact, data: Dataset | None, settings: MeasureSettings
-) -> Measurement | None:
-    if artifact.backend != NAME:
-        return None
+) -> Measurement:
     from compressor_tflite.measure import measure
 
     return measure(artifact, data, settings)
