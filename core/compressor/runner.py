@@ -266,6 +266,7 @@ def _measure(
         p50s = [m.metrics.get("latency_ms", {}).get("p50") for m in measured]
         if len(p50s) > 1 and all(isinstance(p, float) for p in p50s):
             metrics["latency_p50_cv"] = statistics.pstdev(p50s) / statistics.fmean(p50s)
+            metrics["latency_p50_repeats"] = p50s
         latest = measured[0]
         if latest.predictions is not None:
             if "accuracy" not in metrics and labels is not None:

@@ -113,6 +113,17 @@ def peak_rss_bytes() -> int:
     return usage if sys.platform == "darwin" else usage * 1024
 
 
+def pin_to_cpus(threads: int) -> list[int]:
+    """Pin this process to the last ``threads`` CPUs it may use, so repeats do
+    not migrate between cores (a large source of run-to-run spread)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return []
+    available = sorted(os.sched_getaffinity(0))
+    chosen = available[-threads:] if threads <= len(available) else available
+    os.sched_setaffinity(0, chosen)
+    return chosen
+
+
 def _merge(measurements: list[Measurement | None]) -> Measurement:
     merged = Measurement()
     for measurement in measurements:
@@ -134,12 +145,13 @@ def _run(exchange: Path) -> None:
     from compressor.plugins import PluginHost
 
     request = json.loads((exchange / "request.json").read_text())
+    settings = MeasureSettings.from_json(request["settings"])
+    cpus = pin_to_cpus(settings.threads)
     host = PluginHost()
     for module_name in request["plugin_modules"]:
         if host.manager.get_plugin(module_name) is None:
             host.register(importlib.import_module(module_name), name=module_name)
     artifact = Artifact.from_json(request["artifact"])
-    settings = MeasureSettings.from_json(request["settings"])
     inputs = tuple(TensorSpec.from_json(spec) for spec in request["inputs"])
     baseline_rss = peak_rss_bytes()
     data = None
@@ -151,6 +163,7 @@ def _run(exchange: Path) -> None:
         artifact=artifact, data=data, settings=settings
     ))
     measured.metrics["baseline_rss_bytes"] = baseline_rss
+    measured.metrics["cpus"] = cpus
     measured.metrics["peak_rss_bytes"] = peak_rss_bytes()
     if measured.predictions is not None:
         np.save(exchange / "predictions.npy", np.asarray(measured.predictions), allow_pickle=False)
