@@ -50,13 +50,15 @@ def build_model(folder: Path) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
-    repeats = parser.parse_args().repeats
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    arguments = parser.parse_args()
+    repeats, min_seconds = arguments.repeats, arguments.min_seconds
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         model, test = build_model(folder)
         out = folder / "out"
         compressor_cli("run", str(model), "-q", "dynamic", "-q", "fp16", "--data", str(test),
-                       "--repeats", str(repeats), "--out", str(out))
+                       "--repeats", str(repeats), "--min-seconds", str(min_seconds), "--out", str(out))
         report = json.loads((out / "report.json").read_text())
     rows = []
     for variant in report["variants"]:
@@ -68,17 +70,19 @@ def main() -> None:
             f"{metrics['measure_seconds']:.2f}",
             f"{metrics['latency_ms']['iterations']}",
             f"{100 * metrics.get('accuracy', float('nan')):.2f}%",
+            ", ".join(f"{p50 * 1000:.1f}" for p50 in metrics["latency_p50_repeats"]),
         ))
     header = ("variant", "p50 µs (median)", f"p50 CV over {repeats} repeats", "measure s / variant",
-              "timed calls", "accuracy")
+              "timed calls", "accuracy", "p50 µs of each repeat")
     table = markdown_table(header, rows)
     print(table)
     write_section(
         "repeatability",
         "## Measurement repeatability\n\n`benchmarks/bench_repeatability.py`: an MLP (64-256-256-10) "
         "trained on scikit-learn digits, exported to ONNX, measured with "
-        f"`--repeats {repeats}` (each repeat a fresh subprocess per variant, variants interleaved, "
-        "1 thread, warmup 5, at least 30 calls and 0.5 s). The CV is the coefficient of variation "
+        f"`--repeats {repeats} --min-seconds {min_seconds:g}` (each repeat a fresh subprocess per "
+        "variant, variants interleaved, 1 thread pinned to one CPU, no address-space randomization, "
+        f"fixed hash seed, warmup 5, at least 30 calls and {min_seconds:g} s). The CV is the coefficient of variation "
         "of p50 across repeats; 'measure s' is the median wall time of one measuring subprocess "
         "(interpreter start, imports, load, evaluation and timing): the overhead per variant.\n\n"
         + table + "\n\n" + machine(("torch", "onnxruntime")),

@@ -58,6 +58,9 @@ def measure_isolated(
         environment = dict(os.environ)
         environment.update({name: str(settings.threads) for name in _THREAD_VARIABLES})
         environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        # The same hash seed and address layout in every repeat: per-process
+        # layout luck otherwise moves microsecond latencies by tens of percent.
+        environment["PYTHONHASHSEED"] = "0"
         environment["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         started = time.perf_counter()
         with open(exchange / "stderr.txt", "wb") as stderr:
@@ -67,6 +70,7 @@ def measure_isolated(
                 stdout=stderr,
                 stderr=stderr,
                 env=environment,
+                preexec_fn=_without_address_randomization,
             )
             _, status, usage = os.wait4(process.pid, 0)
             process.returncode = os.waitstatus_to_exitcode(status)
@@ -111,6 +115,22 @@ def peak_rss_bytes() -> int:
         pass
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage if sys.platform == "darwin" else usage * 1024
+
+
+def _without_address_randomization() -> None:
+    """In the child before exec: turn off ASLR for the measuring process (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        current = libc.personality(0xFFFFFFFF)
+        if current != -1:
+            libc.personality(current | _ADDR_NO_RANDOMIZE)
+    except (OSError, AttributeError):
+        pass
+
+
+_ADDR_NO_RANDOMIZE = 0x0040000
 
 
 def pin_to_cpus(threads: int) -> list[int]:
