@@ -18,6 +18,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import snapshot
 from fasttext_fixtures import FastTextFiles, ft, patched  # noqa: F401 - ft is a fixture
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx_fixtures import (
     FACTORY,
     make_digits_files,
@@ -220,3 +222,30 @@ def test_data_files_that_do_not_fit_the_model(valid: Valid, tmp_path: Path, arra
     data = inputs / "data.npz"
     np.savez(data, **arrays)
     check_refused(valid.files[".onnx"], INVALID, message, tmp_path, "--data", str(data), inputs=inputs)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fasttext_header_checks_never_crash_on_damaged_files(
+    ft: FastTextFiles, tmp_path: Path, data: st.DataObject  # noqa: F811
+) -> None:
+    """Any truncation or overwrite of the header region is refused cleanly or read as valid."""
+    from compressor import InvalidInputError
+    from compressor_fasttext.header import read_layout
+
+    original = ft.model.read_bytes()
+    damaged = bytearray(original)
+    if data.draw(st.booleans(), label="truncate"):
+        damaged = damaged[: data.draw(st.integers(0, len(original) - 1), label="length")]
+    else:
+        offset = data.draw(st.integers(0, 4095), label="offset")
+        patch = data.draw(st.binary(min_size=1, max_size=16), label="bytes")
+        damaged[offset : offset + len(patch)] = patch
+    path = tmp_path / "damaged.bin"
+    path.write_bytes(bytes(damaged))
+    try:
+        layout = read_layout(path)
+    except InvalidInputError as error:
+        assert str(path) in str(error)
+    else:
+        assert layout.dim > 0 and path.stat().st_size == len(damaged)
