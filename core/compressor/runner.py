@@ -6,7 +6,7 @@ import datetime as _dt
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,7 +56,7 @@ def _no_progress(message: str, fraction: float | None) -> None:
 
 
 @contextmanager
-def plugin_errors(backend: Backend | None):  # type: ignore[no-untyped-def]
+def plugin_errors(backend: Backend | None) -> Iterator[None]:
     """Turn a missing framework inside a plugin into an install hint."""
     try:
         yield
