@@ -73,6 +73,13 @@ class CompressionError(CompressorError):
     exit_code = 7
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """A framework exception's first line, short enough for a one-line error."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (a bug; rerun with --debug)",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor import CompressionError, Context, UsageError
+from compressor.errors import first_line
 from compressor_onnx.loading import Network
 from compressor_onnx.shapes import sample_from_data, sequence_axes, synthetic_inputs
 
@@ -79,7 +80,7 @@ def _run_exporter(
                 dynamo=False,
             )
     except Exception as error:  # noqa: BLE001 - the exporter raises anything a model's code can
-        raise CompressionError(f"ONNX export failed ({type(error).__name__}: {_first_line(error)})") from None
+        raise CompressionError(f"ONNX export failed ({type(error).__name__}: {first_line(error)})") from None
 
 
 def _export_program(network: Network, opset: int) -> Any:
@@ -98,7 +99,7 @@ def _export_program(network: Network, opset: int) -> Any:
                 verbose=False,
             )
     except Exception as error:  # noqa: BLE001 - the exporter raises anything a model's code can
-        raise CompressionError(f"ONNX export failed ({type(error).__name__}: {_first_line(error)})") from None
+        raise CompressionError(f"ONNX export failed ({type(error).__name__}: {first_line(error)})") from None
     return program.model_proto
 
 
@@ -125,10 +126,6 @@ def example_inputs(network: Network, context: Context) -> dict[str, Any]:
         "(--data or --calibration-data) or --set input_shape=1,64"
     )
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def wrap_forward(module: Any, names: tuple[str, ...], by_keyword: bool) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor import InvalidInputError, UnsafeInputError
+from compressor.errors import first_line
 
 ZIP_MAGIC = b"PK\x03\x04"
 #: ``torch.save``'s legacy (non-zip) format starts with a pickled magic number.
@@ -67,7 +68,7 @@ def safe_torch_load(path: Path, trust: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if not _refused_global(error):
-            raise InvalidInputError(f"unreadable PyTorch file ({_first_line(error)})", path) from None
+            raise InvalidInputError(f"unreadable PyTorch file ({first_line(error)})", path) from None
         if not trust:
             raise UnsafeInputError(
                 "this file is a full pickle: loading it would run code stored in it; "
@@ -75,12 +76,12 @@ def safe_torch_load(path: Path, trust: bool) -> Any:
                 path,
             ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise InvalidInputError(f"unreadable PyTorch file ({_first_line(error)})", path) from None
+        raise InvalidInputError(f"unreadable PyTorch file ({first_line(error)})", path) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - trusted pickles can raise anything
         raise InvalidInputError(
-            f"could not unpickle ({type(error).__name__}: {_first_line(error)})", path
+            f"could not unpickle ({type(error).__name__}: {first_line(error)})", path
         ) from None
 
 
@@ -89,10 +90,6 @@ def _refused_global(error: Exception) -> bool:
     text = str(error)
     return "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _head(path: Path, size: int) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor import InvalidInputError, TensorSpec, UnsafeInputError
+from compressor.errors import first_line
 from compressor_tflite import frameworks
 from compressor_tflite.handle import TFLiteHandle
 
@@ -150,7 +151,7 @@ def _keras_archive_config(path: Path) -> Any:
     except KeyError:
         raise InvalidInputError("is a zip archive without config.json, not a .keras model", path) from None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise InvalidInputError(f"is a damaged .keras archive ({_first_line(error)})", path) from None
+        raise InvalidInputError(f"is a damaged .keras archive ({first_line(error)})", path) from None
 
 
 def _h5_config(path: Path) -> Any:
@@ -160,7 +161,7 @@ def _h5_config(path: Path) -> Any:
         with h5py.File(path, "r") as file:
             raw = file.attrs.get("model_config")
     except (OSError, ValueError) as error:
-        raise InvalidInputError(f"is a damaged HDF5 file ({_first_line(error)})", path) from None
+        raise InvalidInputError(f"is a damaged HDF5 file ({first_line(error)})", path) from None
     if raw is None:
         raise InvalidInputError(
             "holds no model_config: it is a weights-only file, not a whole Keras model", path
@@ -176,7 +177,7 @@ def _load_keras(path: Path, trust: bool) -> Any:
     try:
         return keras.models.load_model(path, compile=False, safe_mode=not trust)
     except Exception as error:  # noqa: BLE001 - Keras raises anything from ValueError to KeyError
-        raise InvalidInputError(f"cannot load the Keras model ({_first_line(error)})", path) from None
+        raise InvalidInputError(f"cannot load the Keras model ({first_line(error)})", path) from None
 
 
 def _load_saved_model(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple[TensorSpec, ...]]:
@@ -190,7 +191,7 @@ def _load_saved_model(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple
             saved.ParseFromString(metadata.read_bytes())
             nodes = [json.loads(node.metadata) for node in saved.nodes]
         except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and JSON errors
-            raise InvalidInputError(f"has a damaged keras_metadata.pb ({_first_line(error)})", path) from None
+            raise InvalidInputError(f"has a damaged keras_metadata.pb ({first_line(error)})", path) from None
         # Custom classes are revived from the saved graph without their code; Lambda is not.
         refuse_unsafe(path, nodes, trust, known_class=lambda entry: True)
         model = _load_keras(path, trust)
@@ -202,7 +203,7 @@ def _load_saved_model(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple
     except KeyError:
         raise InvalidInputError("SavedModel has no 'serving_default' signature", path) from None
     except Exception as error:  # noqa: BLE001 - TensorFlow raises many error types on bad protobufs
-        raise InvalidInputError(f"cannot load the SavedModel ({_first_line(error)})", path) from None
+        raise InvalidInputError(f"cannot load the SavedModel ({first_line(error)})", path) from None
     specs = signature.structured_input_signature[1]
     inputs = tuple(
         TensorSpec(name, tuple(spec.shape.as_list()), spec.dtype.name)
@@ -227,11 +228,6 @@ def flatbuffer_inputs(flatbuffer: bytes, path: Path) -> tuple[TensorSpec, ...]:
         with frameworks.native_stderr_silenced():
             session = TFLiteSession(interpreter_class(model_content=flatbuffer))
     except ValueError as error:
-        raise InvalidInputError(f"is not a valid TFLite model ({_first_line(error)})", path) from None
+        raise InvalidInputError(f"is not a valid TFLite model ({first_line(error)})", path) from None
     return session.input_specs()
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else type(error).__name__
-    return line if len(line) <= 200 else line[:197] + "..."
