@@ -231,6 +231,19 @@ def test_transformers_folder_exports_multi_input_with_dynamic_axes(
     assert all(index != row for row, index in enumerate(measured.predictions))
 
 
+def test_transformers_attention_exports_without_sdpa_mask_handling(
+    encoder: EncoderFiles, tmp_path: Path
+) -> None:
+    """Eager attention: the SDPA export's IsNaN/Where mask guard slowed every quantized graph."""
+    import onnx
+
+    context = Context(options=options())
+    model = plugin.compressor_load(encoder.folder, "onnx", context)
+    artifact = plugin.compressor_save(model, tmp_path / "fp32", context)
+    op_types = {node.op_type for node in onnx.load(str(artifact.path)).graph.node}
+    assert "Softmax" in op_types and "IsNaN" not in op_types
+
+
 def test_mean_pooling_ignores_padding() -> None:
     from compressor_onnx.measure import mean_pool
 

