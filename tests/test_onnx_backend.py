@@ -244,6 +244,28 @@ def test_transformers_attention_exports_without_sdpa_mask_handling(
     assert "Softmax" in op_types and "IsNaN" not in op_types
 
 
+@pytest.mark.parametrize("fixed_batch", [1, 4])
+def test_fixed_batch_graph_is_timed_and_evaluated_at_its_batch(fixed_batch: int, tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compressor import Artifact, Dataset
+
+    weights = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])], "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [fixed_batch, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [fixed_batch, 3])],
+        [numpy_helper.from_array(weights, "w")],
+    )
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    features = np.random.default_rng(1).normal(size=(10, 8)).astype(np.float32)
+    data = Dataset(path=tmp_path / "eval.npz", features={"x": features}, labels=None, size=10)
+    measured = plugin.compressor_measure(Artifact("onnx", path, "onnx"), data, QUICK)
+    assert measured.metrics["fixed_batch"] == fixed_batch and "latency_batch_ms" not in measured.metrics
+    assert list(measured.predictions) == list(np.argmax(features @ weights, axis=1))
+
+
 def test_mean_pooling_ignores_padding() -> None:
     from compressor_onnx.measure import mean_pool
 

@@ -8,6 +8,7 @@ A backend's ``compressor_measure`` uses :class:`Stopwatch` for load time and
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,6 +17,10 @@ from compressor.models import MeasureSettings
 
 #: A timed loop stops here even if the minimum count is not reached (slow models).
 MAX_TIMING_SECONDS = 20.0
+#: Timed calls are grouped into consecutive windows of about this many seconds
+#: (and at least MIN_WINDOW_CALLS calls) to see how p50 moved while timing.
+WINDOW_SECONDS = 0.1
+MIN_WINDOW_CALLS = 5
 
 
 class Stopwatch:
@@ -50,6 +55,35 @@ def summarize_ms(samples_ms: Sequence[float], items_per_call: int = 1) -> dict[s
         "mean": mean,
         "iterations": len(ordered),
         "throughput_per_s": items_per_call * 1000.0 / mean if mean and mean > 0 else math.nan,
+        **window_statistics(samples_ms),
+    }
+
+
+def window_p50s(samples_ms: Sequence[float]) -> list[float]:
+    """p50 of each consecutive window of about :data:`WINDOW_SECONDS` of calls."""
+    timed_seconds = sum(samples_ms) / 1000.0
+    count = min(len(samples_ms) // MIN_WINDOW_CALLS, max(1, round(timed_seconds / WINDOW_SECONDS)))
+    if count < 1:
+        return []
+    size = len(samples_ms) // count
+    return [percentile(sorted(samples_ms[i * size : (i + 1) * size]), 0.5) for i in range(count)]
+
+
+def window_statistics(samples_ms: Sequence[float]) -> dict[str, float]:
+    """How p50 moved between timing windows; empty below three windows.
+
+    ``p50_spread`` is the coefficient of variation of the windows' p50s: a few
+    percent on a quiet machine, far more on a shared VM whose neighbours come
+    and go. ``p50_fastest_window`` is the lowest window p50: the latency with
+    the least interference, steadier from run to run than p50 on such a machine.
+    """
+    medians = window_p50s(samples_ms)
+    if len(medians) < 3:
+        return {}
+    mean = statistics.fmean(medians)
+    return {
+        "p50_spread": statistics.pstdev(medians) / mean if mean > 0 else math.nan,
+        "p50_fastest_window": min(medians),
     }
 
 

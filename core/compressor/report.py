@@ -141,6 +141,10 @@ def render_table(report: Report) -> str:
     return "\n".join(lines + ([""] + footer if footer else []))
 
 
+#: Above this within-run p50 spread the report says latency was measured on a noisy machine.
+NOISY_SPREAD = 0.05
+
+
 def _footer(report: Report) -> list[str]:
     lines = []
     for variant in report.variants:
@@ -148,6 +152,16 @@ def _footer(report: Report) -> list[str]:
             lines.append(f"! {variant.name}: {failure}")
         for note in variant.notes:
             lines.append(f"note: {variant.name}: {note}")
+    spreads = [
+        spread for variant in report.variants
+        if isinstance(spread := (variant.metrics.get("latency_ms") or {}).get("p50_spread"), float)
+    ]
+    if spreads and max(spreads) > NOISY_SPREAD:
+        lines.append(
+            f"note: latency p50 moved by up to {100 * max(spreads):.0f}% between timing windows "
+            "(a busy or shared machine); compare p50_fastest_window in report.json, "
+            "timed with --min-seconds 10"
+        )
     return lines
 
 

@@ -263,10 +263,7 @@ def _measure(
         if not measured:
             continue
         metrics = summarize_repeats([m.metrics for m in measured])
-        p50s = [m.metrics.get("latency_ms", {}).get("p50") for m in measured]
-        if len(p50s) > 1 and all(isinstance(p, float) for p in p50s):
-            metrics["latency_p50_cv"] = statistics.pstdev(p50s) / statistics.fmean(p50s)
-            metrics["latency_p50_repeats"] = p50s
+        metrics.update(_repeat_spread([m.metrics for m in measured]))
         latest = measured[0]
         if latest.predictions is not None:
             if "accuracy" not in metrics and labels is not None:
@@ -280,6 +277,17 @@ def _measure(
             if similarity is not None:
                 metrics["cosine"] = similarity
         result.metrics = {**result.metrics, **metrics}
+
+
+def _repeat_spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each repeat's p50 (and fastest-window p50) and their coefficient of variation."""
+    spread: dict[str, Any] = {}
+    for key, name in (("p50", "latency_p50"), ("p50_fastest_window", "latency_fastest_window")):
+        values = [run.get("latency_ms", {}).get(key) for run in runs]
+        if len(values) > 1 and all(isinstance(value, float) for value in values):
+            spread[f"{name}_cv"] = statistics.pstdev(values) / statistics.fmean(values)
+            spread[f"{name}_repeats"] = values
+    return spread
 
 
 def _labels(dataset: Dataset | None, settings: MeasureSettings) -> Any | None:

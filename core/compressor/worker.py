@@ -3,9 +3,9 @@
 The parent (:func:`measure_isolated`) writes a request into a temporary folder
 and runs ``python -m compressor.worker FOLDER``. The child loads the plugins,
 reads the evaluation data, calls every ``compressor_measure`` implementation
-and writes back metrics, predictions and outputs. The parent takes the child's
-peak RSS from the operating system (``wait4``), so native allocations of ONNX
-Runtime or TensorFlow count, and a runtime that aborts becomes a clean error.
+and writes back metrics, predictions and outputs, with its own peak RSS from the
+kernel (``VmHWM``), so native allocations of ONNX Runtime or TensorFlow count.
+A runtime that aborts becomes a clean error in the parent.
 """
 
 from __future__ import annotations

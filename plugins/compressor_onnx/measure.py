@@ -50,18 +50,24 @@ def measure_artifact(artifact: Artifact, data: Dataset | None, settings: Measure
         session = open_session(artifact, settings.threads)
     feeds = _data_feeds(session, data, settings) if data is not None else _synthetic_feeds(session, settings)
     rows = len(next(iter(feeds.values())))
-    single = {name: array[:1] for name, array in feeds.items()}
-    batch_size = max(1, settings.batch_size)
-    batch = {name: _take(array, batch_size) for name, array in feeds.items()}
+    fixed_batch = _fixed_batch(session)
+    single = {name: _take(array, fixed_batch or 1) for name, array in feeds.items()}
     metrics: dict[str, Any] = {
         "load_ms": load.ms,
-        "latency_ms": time_calls(lambda: session.run(None, single), settings),
-        "latency_batch_ms": time_calls(lambda: session.run(None, batch), settings, batch_size),
-        "batch_size": batch_size,
+        "latency_ms": time_calls(lambda: session.run(None, single), settings, fixed_batch or 1),
         "threads": settings.threads,
     }
+    if fixed_batch is None:
+        batch_size = max(1, settings.batch_size)
+        batch = {name: _take(array, batch_size) for name, array in feeds.items()}
+        metrics["latency_batch_ms"] = time_calls(lambda: session.run(None, batch), settings, batch_size)
+        metrics["batch_size"] = batch_size
+    else:
+        # The graph takes only this batch: it is timed as is and evaluated in padded batches of it.
+        batch_size = metrics["fixed_batch"] = fixed_batch
     if data is not None:
-        measurement = _interpret(_run_batches(session, feeds, rows, batch_size), feeds, data, metrics, rows)
+        output = _run_batches(session, feeds, rows, batch_size, pad=fixed_batch is not None)
+        measurement = _interpret(output, feeds, data, metrics, rows)
     else:
         measurement = Measurement(metrics=metrics)
     return measurement
@@ -107,14 +113,24 @@ def nearest_neighbours(embeddings: Any) -> Any:
     return similarity.argmax(axis=1)
 
 
-def _run_batches(session: Any, feeds: dict[str, Any], rows: int, batch_size: int) -> Any:
+def _run_batches(session: Any, feeds: dict[str, Any], rows: int, batch_size: int, pad: bool) -> Any:
+    """The first output for every row; with ``pad`` the last batch is filled up to ``batch_size``."""
     import numpy as np
 
-    pieces = [
-        session.run(None, {name: array[start : start + batch_size] for name, array in feeds.items()})[0]
-        for start in range(0, rows, batch_size)
-    ]
+    pieces = []
+    for start in range(0, rows, batch_size):
+        chunk = {name: array[start : start + batch_size] for name, array in feeds.items()}
+        count = len(next(iter(chunk.values())))
+        if pad and count < batch_size:
+            chunk = {name: _take(array, batch_size) for name, array in chunk.items()}
+        pieces.append(session.run(None, chunk)[0][:count])
     return np.concatenate(pieces).astype(np.float32)
+
+
+def _fixed_batch(session: Any) -> int | None:
+    """The batch size a graph with a fixed first input dimension accepts, else None."""
+    fixed = [spec.shape[0] for spec in session.get_inputs() if spec.shape and isinstance(spec.shape[0], int)]
+    return fixed[0] if fixed else None
 
 
 def _take(array: Any, count: int) -> Any:
