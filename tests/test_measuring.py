@@ -8,6 +8,7 @@ from statistics import fmean, pstdev
 import pytest
 
 from compressor import MeasureSettings, time_calls
+from compressor.html_report import render_html
 from compressor.measuring import percentile, summarize_ms, window_p50s, window_statistics
 from compressor.report import Report, VariantResult, render_table
 
@@ -52,3 +53,5 @@ def _report(spread: float) -> Report:
 def test_report_says_when_latency_was_measured_on_a_noisy_machine() -> None:
     assert "noisy" not in render_table(_report(0.01)) and "moved" not in render_table(_report(0.01))
     assert "p50 moved by up to 12% between timing windows" in render_table(_report(0.12))
+    assert "p50 moved by up to 12%" in render_html(_report(0.12))
+    assert "p50 moved" not in render_html(_report(0.01))

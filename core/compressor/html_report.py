@@ -11,7 +11,7 @@ from html import escape
 from typing import Any
 
 from compressor.charts import LATENCY, SIZE, front_names, quality_measure, report_charts
-from compressor.report import COLUMNS, Report, VariantResult, rows
+from compressor.report import COLUMNS, Report, VariantResult, noise_note, rows
 
 READ_BEFORE_DEPLOYING = (
     "Read the changed inputs below before you deploy a variant: accuracy and agreement say how "
@@ -165,6 +165,9 @@ def _charts(report: Report) -> str:
 
 def _notes(report: Report) -> str:
     items = [f"<li><b>{escape(v.name)}</b>: {escape(note)}</li>" for v in report.variants for note in v.notes]
+    noise = noise_note(report)
+    if noise:
+        items.append(f"<li>{escape(noise)}</li>")
     return f"<h2>Notes</h2><ul>{''.join(items)}</ul>" if items else ""
 
 

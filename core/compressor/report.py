@@ -152,17 +152,25 @@ def _footer(report: Report) -> list[str]:
             lines.append(f"! {variant.name}: {failure}")
         for note in variant.notes:
             lines.append(f"note: {variant.name}: {note}")
+    noise = noise_note(report)
+    if noise:
+        lines.append(f"note: {noise}")
+    return lines
+
+
+def noise_note(report: Report) -> str | None:
+    """A warning when latency moved more than :data:`NOISY_SPREAD` within a run."""
     spreads = [
         spread for variant in report.variants
         if isinstance(spread := (variant.metrics.get("latency_ms") or {}).get("p50_spread"), float)
     ]
-    if spreads and max(spreads) > NOISY_SPREAD:
-        lines.append(
-            f"note: latency p50 moved by up to {100 * max(spreads):.0f}% between timing windows "
-            "(a busy or shared machine); compare p50_fastest_window in report.json, "
-            "timed with --min-seconds 10"
-        )
-    return lines
+    if not spreads or max(spreads) <= NOISY_SPREAD:
+        return None
+    return (
+        f"latency p50 moved by up to {100 * max(spreads):.0f}% between timing windows "
+        "(a busy or shared machine); compare p50_fastest_window in report.json, "
+        "timed with --min-seconds 10"
+    )
 
 
 def render_markdown(report: Report) -> str:
