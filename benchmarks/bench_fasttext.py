@@ -159,9 +159,10 @@ training and retraining: {THREADS}. The original's latency p50 is
 process; "tool" is `compress_seconds` from `compressor run` (load with header check,
 quantize, top-1 predictions on the test set before and after for `labels_changed_most`,
 save). Each variant ran directly and then through the tool (one `compressor run`
-per variant), back to back. The machine was shared with other jobs (load average
-{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end on {THREADS} cores), which
-moves fastText's own quantize time by tens of percent between runs; "tool adds"
+per variant), back to back, with load average {load_before:.1f} at the start and
+{os.getloadavg()[0]:.1f} at the end on {THREADS} cores (the benchmark's own threads count in
+it). fastText's own quantize time varies by tens of percent between runs of the
+same call, so "tool adds"
 is therefore the time the tool spends outside fastText's quantize minus the same
 for the direct call. Floors: pq-retrain >= 100x and <= 0.5 pt drop; pq >= 7x;
 tool adds at most {(MAX_SLOWDOWN - 1) * 100:.0f}% of the direct time. "Measure peak RSS" is
