@@ -93,8 +93,10 @@ def time_calls(
     """Latency statistics in milliseconds for ``call()``.
 
     Returns ``{"p50", "p90", "p99", "mean", "iterations", "throughput_per_s",
-    "first_call_ms"}``; ``first_call_ms`` is the first (cold) call, kept out of
-    the percentiles: right after loading, it is the first inference.
+    "first_call_ms"}`` plus, from three timing windows on, ``"p50_spread"`` and
+    ``"p50_fastest_window"`` (:func:`window_statistics`). ``first_call_ms`` is the
+    first (cold) call, kept out of the percentiles: right after loading, it is
+    the first inference.
     """
     _, first_call_ms = time_first_call(call)
     for _ in range(settings.warmup - 1):
