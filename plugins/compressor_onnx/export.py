@@ -104,7 +104,13 @@ def _export_program(network: Network, opset: int) -> Any:
 
 
 def strip_value_info(graph: Any) -> Any:
-    """Drop intermediate shape annotations that ONNX Runtime's quantizer trips on."""
+    """Drop intermediate shape annotations (ONNX Runtime infers them again on load).
+
+    The quantizer trips on the dynamo exporter's; and on quantized graphs they
+    let ONNX Runtime fuse Add + LayerNormalization into SkipLayerNormalization,
+    whose CPU kernel is slower here: all-MiniLM-L6-v2 dynamic int8 took 22.3 ms
+    without them and 23.5 ms with them (best 0.5 s window, batch 1, sequence 128).
+    """
     del graph.graph.value_info[:]
     return graph
 

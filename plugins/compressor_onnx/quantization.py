@@ -53,7 +53,7 @@ def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> A
         _quantize_static(source, target, step, excluded_nodes, context)
     import onnx
 
-    return onnx.load(str(target))
+    return strip_value_info(onnx.load(str(target)))
 
 
 def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: list[str]) -> None:
