@@ -54,6 +54,27 @@ def test_importing_compressor_and_help_load_no_framework() -> None:
     assert "onnx:" in result.stdout and "tflite:" in result.stdout and "fasttext:" in result.stdout
 
 
+#: Each backend's plugin module with a file name it identifies, and the frameworks it must not import then.
+PLUGIN_IMPORTS = {
+    "compressor_onnx": ("m.onnx", ("torch", "onnx", "onnxruntime", "transformers", "tensorflow")),
+    "compressor_tflite": ("m.keras", ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization",
+                                      "ai_edge_litert", "torch", "h5py")),
+    "compressor_fasttext": ("x.bin", ("fasttext",)),
+}
+
+
+@pytest.mark.parametrize("package", sorted(PLUGIN_IMPORTS))
+def test_declaring_and_identifying_imports_no_framework(package: str) -> None:
+    filename, frameworks = PLUGIN_IMPORTS[package]
+    code = (
+        f"import sys, pathlib, {package}.plugin as p; list(p.compressor_backends()); "
+        f"p.compressor_identify(pathlib.Path({filename!r})); "
+        f"print([m for m in {frameworks!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_a_plugin_that_raises_on_import_is_a_warning(tmp_path: Path) -> None:
     write_dist(tmp_path, "broken_plugin", {"broken": "broken_plugin_module"},
                {"broken_plugin_module": "raise RuntimeError('boom at import')\n"})
