@@ -78,13 +78,10 @@ def window_statistics(samples_ms: Sequence[float]) -> dict[str, float]:
     the least interference, steadier from run to run than p50 on such a machine.
     """
     medians = window_p50s(samples_ms)
-    if len(medians) < 3:
+    mean = statistics.fmean(medians) if len(medians) >= 3 else 0.0
+    if mean <= 0:
         return {}
-    mean = statistics.fmean(medians)
-    return {
-        "p50_spread": statistics.pstdev(medians) / mean if mean > 0 else math.nan,
-        "p50_fastest_window": min(medians),
-    }
+    return {"p50_spread": statistics.pstdev(medians) / mean, "p50_fastest_window": min(medians)}
 
 
 def time_calls(
