@@ -29,9 +29,9 @@ class CompressorGroup(click.Group):
                 raise
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as error:
+            click.echo(f"error: {str(error) or 'interrupted'}", err=True)
+            ctx.exit(getattr(error, "exit_code", 130))
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as error:  # noqa: BLE001 - a bug: one line unless --debug
@@ -190,13 +190,12 @@ def measure(model: Path, backend: str | None, data: Path | None, set_pairs: tupl
             trust: bool, out: Path | None, force: bool, threads: int, repeats: int,
             max_examples: int | None, min_seconds: float) -> None:
     """Measure MODEL as it is: size, load time, latency, peak RAM, accuracy."""
-    import tempfile
-
     from compressor.runner import RunRequest
+    from compressor.scratch import MEASURE, scratch_folder
 
-    with tempfile.TemporaryDirectory(prefix="compressor-measure-") as scratch:
+    with scratch_folder(MEASURE) as scratch:
         request = RunRequest(
-            model=model, out=out or Path(scratch) / "out", backend=backend, variants=(),
+            model=model, out=out or scratch / "out", backend=backend, variants=(),
             settings=_parse_settings(set_pairs), data=data, force=force, trust=trust,
             measure=_settings(threads, max_examples, min_seconds), repeats=repeats,
             original_only=True,
@@ -281,5 +280,28 @@ def _register_compare() -> None:
 _register_compare()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so every cleanup runs."""
+
+    def __init__(self, signal_number: int) -> None:
+        import signal
+
+        super().__init__(f"terminated by {signal.Signals(signal_number).name}")
+        self.exit_code = 128 + signal_number
+
+
+def _terminate(signal_number: int, frame: object) -> None:
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)  # a second one must not cut the cleanup short
+    raise Terminated(signal_number)
+
+
 def main() -> None:
+    import signal
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _terminate)
     cli(prog_name="compressor")

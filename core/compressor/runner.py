@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from compressor import environment, fidelity
+from compressor import environment, fidelity, scratch
 from compressor.errors import (
     CompressionError,
     InvalidInputError,
@@ -127,8 +126,9 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
     data_paths = [p for p in (request.data, request.train_data, request.calibration_data) if p]
     output = OutputFolder(request.out, [request.model, *data_paths], request.force)
     output.check()
-    with tempfile.TemporaryDirectory(prefix="compressor-work-") as workdir:
-        context = Context(options=options, trust=request.trust, workdir=Path(workdir), progress=progress)
+    scratch.remove_stale()
+    with scratch.scratch_folder(scratch.WORK) as workdir:
+        context = Context(options=options, trust=request.trust, workdir=workdir, progress=progress)
         progress(f"loading {request.model}", None)
         original = load_model(host, backend, request.model, context)
         context.eval_data = load_data(host, backend, request.data, "eval", original)

@@ -15,14 +15,14 @@ import os
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor import errors
+from compressor import errors, scratch
+from compressor.children import child_environment, python_command
 from compressor.models import Artifact, Measurement, MeasureSettings, TensorSpec
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -45,8 +45,7 @@ def measure_isolated(
     """Measure ``artifact`` in a child process and return what it found."""
     import numpy as np
 
-    with tempfile.TemporaryDirectory(prefix="compressor-measure-") as folder:
-        exchange = Path(folder)
+    with scratch.scratch_folder(scratch.MEASURE) as exchange:
         request = {
             "artifact": artifact.to_json(),
             "data": str(data_path) if data_path else None,
@@ -55,24 +54,28 @@ def measure_isolated(
             "plugin_modules": list(plugin_modules),
         }
         (exchange / "request.json").write_text(json.dumps(request))
-        environment = dict(os.environ)
-        environment.update({name: str(settings.threads) for name in _THREAD_VARIABLES})
+        environment = child_environment({name: str(settings.threads) for name in _THREAD_VARIABLES})
         environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         # The same hash seed and address layout in every repeat: per-process
         # layout luck otherwise moves microsecond latencies by tens of percent.
         environment["PYTHONHASHSEED"] = "0"
-        environment["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         started = time.perf_counter()
         with open(exchange / "stderr.txt", "wb") as stderr:
             process = subprocess.Popen(
-                [sys.executable, "-m", "compressor.worker", str(exchange)],
+                python_command("compressor.worker", [str(exchange)]),
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
                 env=environment,
                 preexec_fn=_without_address_randomization,
             )
-            _, status, usage = os.wait4(process.pid, 0)
+            try:
+                _, status, usage = os.wait4(process.pid, 0)
+            except BaseException:
+                # Interrupted (Ctrl-C, SIGTERM): the child must not outlive the run.
+                process.kill()
+                process.wait()
+                raise
             process.returncode = os.waitstatus_to_exitcode(status)
         wall_seconds = time.perf_counter() - started
         result_file = exchange / "result.json"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compressor.children import child_environment, python_command
 from compressor.errors import InvalidInputError
 from compressor_fasttext.header import ModelLayout, read_layout
 
@@ -55,15 +54,14 @@ def probe_in_child(path: Path) -> None:
         return
     # Generous: a cold read of a multi-gigabyte model at a slow disk's pace.
     timeout = 120 + status.st_size / 20e6
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "compressor_fasttext.probe", str(path)],
+            python_command("compressor_fasttext.probe", [str(path)]),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=environment,
+            env=child_environment(),
         )
     except subprocess.TimeoutExpired:
         raise InvalidInputError(f"fastText did not finish loading it in {timeout:.0f} s", path) from None

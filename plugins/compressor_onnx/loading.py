@@ -58,7 +58,7 @@ def load_network(path: Path, options: dict[str, Any], trust: bool) -> tuple[Netw
         graph = load_onnx(path)
         return Network(graph=graph), graph_input_specs(graph.graph)
     if suffix == ".pt2":
-        return load_exported_program(path)
+        return load_exported_program(path, trust)
     if suffix == ".safetensors":
         module = build_from_factory(path, load_safetensors(path), options)
         return _module_network(module, declared)
@@ -94,18 +94,12 @@ def load_onnx(path: Path) -> Any:
     return graph
 
 
-def load_exported_program(path: Path) -> tuple[Network, tuple[TensorSpec, ...]]:
-    import torch
-
+def load_exported_program(path: Path, trust: bool) -> tuple[Network, tuple[TensorSpec, ...]]:
+    from compressor_onnx.pt2 import load_program
     from compressor_onnx.safety import zip_members
 
     zip_members(path)
-    try:
-        program = torch.export.load(str(path))
-    except Exception as error:  # noqa: BLE001 - torch.export.load raises many types on bad archives
-        raise InvalidInputError(
-            f"not a readable torch.export program ({type(error).__name__})", path
-        ) from None
+    program = load_program(path, trust)
     names = tuple(spec.arg.name for spec in program.graph_signature.input_specs
                   if spec.kind.name == "USER_INPUT")
     examples = program.example_inputs[0] if program.example_inputs else ()
