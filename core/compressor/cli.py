@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ class CompressorGroup(click.Group):
             return super().invoke(ctx)
         except CompressorError as error:
             if ctx.params.get("debug"):
+                if error.child_output:
+                    click.echo(f"--- the measuring process printed ---\n{error.child_output}\n---", err=True)
                 raise
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
@@ -53,14 +56,36 @@ def _host() -> Any:
     return host
 
 
+#: Progress state: silenced by ``--quiet``; the current message and when it began.
+_PROGRESS: dict[str, Any] = {"quiet": False, "message": None, "since": 0.0}
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.find_root().params["debug"] = True
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        _PROGRESS["quiet"] = True
+
+
 def _progress(message: str, fraction: float | None) -> None:
-    if sys.stderr.isatty():
-        suffix = f" {fraction:.0%}" if fraction is not None else ""
-        click.echo(f"\r\033[K{message}{suffix}", err=True, nl=False)
+    """One updating line on stderr (a terminal only): message, share done, seconds in it."""
+    if _PROGRESS["quiet"] or not sys.stderr.isatty():
+        return
+    now = time.monotonic()
+    if message != _PROGRESS["message"]:
+        _PROGRESS.update(message=message, since=now)
+    suffix = f" {fraction:.0%}" if fraction is not None else ""
+    elapsed = now - _PROGRESS["since"]
+    timer = f" ({elapsed:.0f} s)" if elapsed >= 2 else ""
+    click.echo(f"\r\033[K{message}{suffix}{timer}", err=True, nl=False)
 
 
 def _end_progress() -> None:
-    if sys.stderr.isatty():
+    _PROGRESS["message"] = None
+    if not _PROGRESS["quiet"] and sys.stderr.isatty():
         click.echo("\r\033[K", err=True, nl=False)
 
 
@@ -77,11 +102,13 @@ def _parse_settings(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.group(cls=CompressorGroup, epilog=EXIT_CODE_HELP)
 @click.version_option(__version__, prog_name="compressor")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
-def cli(debug: bool) -> None:
+@click.option("--quiet", is_flag=True, help="No progress messages on stderr.")
+def cli(debug: bool, quiet: bool) -> None:
     """Compress a trained model several ways and measure what changed.
 
     Start with `compressor demo`, then `compressor run MODEL --out DIR`.
     """
+    _PROGRESS["quiet"] = quiet
 
 
 _path = click.Path(path_type=Path)
@@ -126,14 +153,16 @@ def _settings(threads: int, max_examples: int | None, min_seconds: float) -> Mea
               help="Allow model formats that execute code when loaded (TorchScript, pickles, Keras Lambda).")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0), metavar="PT",
               help="Fail (exit 6) if a variant loses more than PT percentage points of accuracy.")
+@click.option("--no-space-check", is_flag=True,
+              help="Start even if the artifacts look too big for the free disk space.")
 @click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="FRACTION",
               help="Fail (exit 6) if a variant agrees with the original on fewer inputs.")
 @measure_options
 def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], prune: float | None,
         pq: bool, set_pairs: tuple[str, ...], recipe: Path | None, data: Path | None,
         train_data: Path | None, calibration_data: Path | None, force: bool, trust: bool,
-        max_accuracy_drop: float | None, min_agreement: float | None, threads: int, repeats: int,
-        max_examples: int | None, min_seconds: float) -> None:
+        max_accuracy_drop: float | None, no_space_check: bool, min_agreement: float | None,
+        threads: int, repeats: int, max_examples: int | None, min_seconds: float) -> None:
     """Compress MODEL into variants, measure each against the original, report.
 
     \b
@@ -153,6 +182,7 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
         calibration_data=calibration_data, force=force, trust=trust,
         measure=_settings(threads, max_examples, min_seconds), repeats=repeats,
         max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
+        check_space=not no_space_check,
     )
     _run_and_print(request, out)
 
@@ -278,6 +308,20 @@ def _register_compare() -> None:
 
 
 _register_compare()
+
+
+def _add_common_options() -> None:
+    """``--debug`` and ``--quiet`` after any subcommand too (``compressor run ... --debug``)."""
+    for command in cli.commands.values():
+        command.params += [
+            click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_set_debug, help="Show full tracebacks instead of one-line errors."),
+            click.Option(["--quiet"], is_flag=True, expose_value=False, is_eager=True,
+                         callback=_set_quiet, help="No progress messages on stderr."),
+        ]
+
+
+_add_common_options()
 
 
 class Terminated(KeyboardInterrupt):

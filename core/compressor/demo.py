@@ -8,10 +8,10 @@ from pathlib import Path
 
 from compressor.errors import CompressionError, CompressorError, UnsupportedError
 from compressor.models import MeasureSettings, ProgressCallback, SampleModel
-from compressor.plugins import PluginHost
+from compressor.plugins import PluginHost, plugin_errors
 from compressor.recipes import variants_from_strings
 from compressor.report import render_table
-from compressor.runner import RunRequest, plugin_errors, run
+from compressor.runner import RunRequest, run
 
 
 def sample_models(host: PluginHost, folder: Path, only: Sequence[str]) -> list[SampleModel]:

@@ -32,6 +32,9 @@ class CompressorError(Exception):
         super().__init__(message)
         self.message = message
         self.path = Path(path) if path is not None else None
+        #: What a child process (the measuring worker) printed, its traceback
+        #: included; ``--debug`` shows it.
+        self.child_output = ""
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path is not None else self.message

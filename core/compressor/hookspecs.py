@@ -98,6 +98,26 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model | None:
 
 
 @hookspec(firstresult=True)
+def compressor_fork(model: Model, context: Context) -> Model | None:
+    """Return an independent starting point for one variant, made from ``model``.
+
+    Core loads the model once per run and calls this before each variant's
+    steps, so a backend can share what loading and converting cost (a torch
+    export, a big file read) across variants. The returned model's handle must
+    not change when a later step changes the fork. Return None (or do not
+    implement it) and core loads the model from disk again for each variant.
+
+    Example::
+
+        @hookimpl
+        def compressor_fork(model, context):
+            # Steps return new weights and never modify the old ones: share them.
+            return dataclasses.replace(model, notes=list(model.notes),
+                                       metadata=dict(model.metadata))
+    """
+
+
+@hookspec(firstresult=True)
 def compressor_load_data(
     path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str
 ) -> Dataset | None:

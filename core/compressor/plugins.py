@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from types import ModuleType
@@ -162,6 +164,17 @@ class PluginHost:
         if backend_name is None:
             return self.manager.hook.compressor_load
         return self.hook_for(backend_name, "compressor_load")
+
+
+@contextmanager
+def plugin_errors(backend: Backend | None) -> Iterator[None]:
+    """Turn a missing framework inside a plugin into an install hint."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        hint = f"; install it with: {backend.install_hint()}" if backend else ""
+        name = f"backend {backend.name!r}" if backend else "a plugin"
+        raise UnsupportedError(f"{name} needs the module {error.name!r}{hint}") from None
 
 
 _host: PluginHost | None = None

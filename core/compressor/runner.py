@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import datetime as _dt
-import statistics
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from compressor import environment, fidelity, scratch
+from compressor import environment, scratch
+from compressor.diskspace import check_free_space
 from compressor.errors import (
     CompressionError,
     InvalidInputError,
     UnsupportedError,
     UsageError,
 )
+from compressor.evaluation import apply_budgets, measure_variants
+from compressor.memory import PeakRss
 from compressor.models import Artifact, Context, Dataset, MeasureSettings, Model, ProgressCallback
 from compressor.outputs import OutputFolder
-from compressor.plugins import PluginHost
+from compressor.plugins import PluginHost, plugin_errors
 from compressor.recipes import ORIGINAL, Variant, variants_from_strings
-from compressor.report import Report, VariantResult, summarize_repeats
+from compressor.report import Report, VariantResult
 from compressor.specs import Backend
 from compressor.validation import apply_settings, check_data
-from compressor.worker import measure_isolated
 
 
 @dataclass
@@ -48,21 +47,12 @@ class RunRequest:
     min_agreement: float | None = None
     #: ``compressor measure``: convert and measure the model as it is, no variants.
     original_only: bool = False
+    #: Refuse to start when the artifacts would not fit on disk (``--no-space-check``).
+    check_space: bool = True
 
 
 def _no_progress(message: str, fraction: float | None) -> None:
     return None
-
-
-@contextmanager
-def plugin_errors(backend: Backend | None) -> Iterator[None]:
-    """Turn a missing framework inside a plugin into an install hint."""
-    try:
-        yield
-    except ModuleNotFoundError as error:
-        hint = f"; install it with: {backend.install_hint()}" if backend else ""
-        name = f"backend {backend.name!r}" if backend else "a plugin"
-        raise UnsupportedError(f"{name} needs the module {error.name!r}{hint}") from None
 
 
 def resolve_backend(host: PluginHost, path: Path, requested: str | None) -> Backend:
@@ -94,6 +84,15 @@ def load_model(host: PluginHost, backend: Backend, path: Path, context: Context)
     if model is None:
         raise InvalidInputError(f"backend {backend.name!r} cannot read this file", path)
     return model
+
+
+def fork_model(
+    host: PluginHost, backend: Backend, original: Model, path: Path, context: Context
+) -> Model:
+    """A variant's starting point: the backend's fork of the loaded model, or a fresh load."""
+    with plugin_errors(backend):
+        forked = host.hook_for(backend.name, "compressor_fork")(model=original, context=context)
+    return forked if forked is not None else load_model(host, backend, path, context)
 
 
 def load_data(
@@ -130,17 +129,26 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
     with scratch.scratch_folder(scratch.WORK) as workdir:
         context = Context(options=options, trust=request.trust, workdir=workdir, progress=progress)
         progress(f"loading {request.model}", None)
-        original = load_model(host, backend, request.model, context)
+        started = time.perf_counter()
+        with PeakRss() as load_peak:
+            original = load_model(host, backend, request.model, context)
+        loading = {"load_seconds": round(time.perf_counter() - started, 3),
+                    "load_peak_rss_bytes": load_peak.bytes}
         context.eval_data = load_data(host, backend, request.data, "eval", original)
         context.train_data = load_data(host, backend, request.train_data, "train", original)
         context.calibration_data = load_data(
             host, backend, request.calibration_data, "calibration", original
         )
         check_data(backend, variants, context)
+        if request.check_space:
+            check_free_space(request.model, variants, output.path, workdir)
         output.prepare()
         try:
             report, artifacts = _run_variants(
                 host, backend, request, original, variants, context, output, progress
+            )
+            report.variants[0].metrics.update(
+                {key: value for key, value in loading.items() if value is not None}
             )
             output.publish(artifacts, render_reports(report))
         except BaseException:
@@ -179,21 +187,9 @@ def _run_variants(
         progress(f"[{index + 1}/{len(variants) + 1}] {variant.name}", None)
         started = time.perf_counter()
         try:
-            model = original if index == 0 else load_model(host, backend, request.model, context)
-            for step in variant.steps:
-                with plugin_errors(backend):
-                    compressed = host.hook_for(backend.name, "compressor_compress")(
-                        model=model, step=step, context=context
-                    )
-                if compressed is None:
-                    raise CompressionError(f"no plugin applied '{step}'")
-                model = compressed
-            with plugin_errors(backend):
-                staged = host.hook_for(backend.name, "compressor_save")(
-                    model=model, destination=output.staging_path(variant.name), context=context
-                )
-            if staged is None:
-                raise CompressionError(f"backend {backend.name!r} did not save the model")
+            with PeakRss() as peak:
+                model, staged = _make_variant(host, backend, request, original, variant, index == 0,
+                                              context, output)
         except CompressionError as error:
             result.error = str(error)
             artifacts.append(None)
@@ -202,10 +198,15 @@ def _run_variants(
         result.notes = list(model.notes)
         result.metadata = dict(model.metadata)
         result.metrics["compress_seconds"] = round(time.perf_counter() - started, 3)
+        if peak.bytes is not None:
+            result.metrics["compress_peak_rss_bytes"] = peak.bytes
         artifacts.append(staged)
     if artifacts[0] is None:
         raise CompressionError(f"could not convert the original model: {results[0].error}")
-    _measure(host, request, original, results, artifacts, context.eval_data, progress)
+    measure_variants(
+        host, results, artifacts, request.data, context.eval_data, original.inputs,
+        request.measure, request.repeats, progress,
+    )
     report = Report(
         model=str(request.model),
         backend=backend.name,
@@ -222,6 +223,29 @@ def _run_variants(
     return report, [artifact for artifact in artifacts if artifact is not None]
 
 
+def _make_variant(
+    host: PluginHost, backend: Backend, request: RunRequest, original: Model, variant: Variant,
+    is_original: bool, context: Context, output: OutputFolder,
+) -> tuple[Model, Artifact]:
+    """Fork the loaded model, apply the variant's steps, save it into staging."""
+    model = original if is_original else fork_model(host, backend, original, request.model, context)
+    for step in variant.steps:
+        with plugin_errors(backend):
+            compressed = host.hook_for(backend.name, "compressor_compress")(
+                model=model, step=step, context=context
+            )
+        if compressed is None:
+            raise CompressionError(f"no plugin applied '{step}'")
+        model = compressed
+    with plugin_errors(backend):
+        staged = host.hook_for(backend.name, "compressor_save")(
+            model=model, destination=output.staging_path(variant.name), context=context
+        )
+    if staged is None:
+        raise CompressionError(f"backend {backend.name!r} did not save the model")
+    return model, staged
+
+
 def render_reports(report: Report) -> dict[str, str]:
     """Every text report format, by file name."""
     from compressor.html_report import render_html
@@ -232,90 +256,3 @@ def render_reports(report: Report) -> dict[str, str]:
         "report.md": render_markdown(report),
         "report.html": render_html(report),
     }
-
-
-def _measure(
-    host: PluginHost,
-    request: RunRequest,
-    original: Model,
-    results: list[VariantResult],
-    artifacts: list[Artifact | None],
-    eval_data: Dataset | None,
-    progress: ProgressCallback,
-) -> None:
-    """Measure every artifact in its own subprocess; repeats interleave the
-    variants so that drift of the machine hits all of them alike."""
-    runs: list[list[Any]] = [[] for _ in results]
-    for repeat in range(request.repeats):
-        for index, artifact in enumerate(artifacts):
-            if artifact is None:
-                continue
-            progress(f"measuring {results[index].name} ({repeat + 1}/{request.repeats})", None)
-            with plugin_errors(host.backend(artifact.backend)):
-                runs[index].append(
-                    measure_isolated(
-                        artifact, request.data, original.inputs, request.measure, host.extra_modules
-                    )
-                )
-    reference = runs[0][0] if runs[0] else None
-    labels = _labels(eval_data, request.measure)
-    for result, measured in zip(results, runs):
-        if not measured:
-            continue
-        metrics = summarize_repeats([m.metrics for m in measured])
-        metrics.update(_repeat_spread([m.metrics for m in measured]))
-        latest = measured[0]
-        if latest.predictions is not None:
-            if "accuracy" not in metrics and labels is not None:
-                value = fidelity.accuracy(latest.predictions, labels)
-                if value is not None:
-                    metrics["accuracy"] = value
-            if reference is not None and reference.predictions is not None:
-                metrics.update(fidelity.compare(reference.predictions, latest.predictions, labels))
-        if latest.outputs is not None and reference is not None and reference.outputs is not None:
-            similarity = fidelity.cosine(reference.outputs, latest.outputs)
-            if similarity is not None:
-                metrics["cosine"] = similarity
-        result.metrics = {**result.metrics, **metrics}
-
-
-def _repeat_spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each repeat's p50 (and fastest-window p50) and their coefficient of variation."""
-    spread: dict[str, Any] = {}
-    for key, name in (("p50", "latency_p50"), ("p50_fastest_window", "latency_fastest_window")):
-        values = [run.get("latency_ms", {}).get(key) for run in runs]
-        if len(values) > 1 and all(isinstance(value, float) for value in values):
-            spread[f"{name}_cv"] = statistics.pstdev(values) / statistics.fmean(values)
-            spread[f"{name}_repeats"] = values
-    return spread
-
-
-def _labels(dataset: Dataset | None, settings: MeasureSettings) -> Any | None:
-    if dataset is None or dataset.labels is None:
-        return None
-    if settings.max_examples is not None:
-        return dataset.labels[: settings.max_examples]
-    return dataset.labels
-
-
-def apply_budgets(report: Report) -> None:
-    budgets = report.budgets
-    base = report.variants[0].metrics.get("accuracy") if report.variants else None
-    for variant in report.variants[1:]:
-        metrics = variant.metrics
-        drop_limit, agreement_limit = budgets.get("max_accuracy_drop"), budgets.get("min_agreement")
-        if drop_limit is not None and base is not None and metrics.get("accuracy") is not None:
-            drop = (base - metrics["accuracy"]) * 100
-            if drop > drop_limit:
-                variant.budget_failures.append(
-                    f"accuracy drop {drop:.2f} pt exceeds --max-accuracy-drop {drop_limit:g}"
-                )
-        agreement = metrics.get("agreement")
-        if agreement_limit is not None and agreement is not None and agreement < agreement_limit:
-            variant.budget_failures.append(
-                f"agreement {agreement:.4f} below --min-agreement {agreement_limit:g}"
-            )
-        budgeted = drop_limit is not None or agreement_limit is not None
-        measured = "accuracy" in metrics or "agreement" in metrics
-        if budgeted and variant.error is None and not measured:
-            variant.budget_failures.append("budget set but no accuracy/agreement measured (pass --data)")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 
 from compressor import errors, scratch
 from compressor.children import child_environment, python_command
+from compressor.memory import peak_rss_bytes
 from compressor.models import Artifact, Measurement, MeasureSettings, TensorSpec
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -79,18 +79,23 @@ def measure_isolated(
             process.returncode = os.waitstatus_to_exitcode(status)
         wall_seconds = time.perf_counter() - started
         result_file = exchange / "result.json"
+        child_output = (exchange / "stderr.txt").read_text(errors="replace").strip()
         if not result_file.exists():
-            tail = (exchange / "stderr.txt").read_text(errors="replace").strip().splitlines()[-3:]
-            raise errors.InvalidInputError(
+            tail = child_output.splitlines()[-3:]
+            error: errors.CompressorError = errors.InvalidInputError(
                 f"the runtime crashed while measuring (exit {process.returncode})"
                 + (f": {' | '.join(tail)}" if tail else ""),
                 artifact.path,
             )
+            error.child_output = child_output
+            raise error
         result = json.loads(result_file.read_text())
         if "error" in result:
             failure = result["error"]
             error_class = getattr(errors, failure["type"], errors.CompressorError)
-            raise error_class(failure["message"], failure.get("path"))
+            error = error_class(failure["message"], failure.get("path"))
+            error.child_output = child_output
+            raise error
         metrics = result["metrics"]
         # The child's own high-water mark when it could read it: ru_maxrss of a
         # forked child starts from the parent's RSS, so it is only a fallback.
@@ -102,22 +107,6 @@ def measure_isolated(
         if (exchange / "outputs.npy").exists():
             outputs = np.load(exchange / "outputs.npy", allow_pickle=False)
         return IsolatedResult(metrics, predictions, outputs)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set from the kernel (``VmHWM``), native memory included.
-
-    ``VmHWM`` belongs to the address space, which ``exec`` makes new, so unlike
-    ``ru_maxrss`` it does not inherit the parent's size."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return usage if sys.platform == "darwin" else usage * 1024
 
 
 def _without_address_randomization() -> None:

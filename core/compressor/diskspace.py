@@ -1,0 +1,80 @@
+"""Refuse a run early when its artifacts would not fit on disk.
+
+A run writes the converted original plus one artifact per variant into
+``--out`` (through staging on the same filesystem), and scratch files (an
+exported graph, quantizer inputs) into ``$TMPDIR``. Each artifact is estimated
+from the input's size and its steps: quantizing to N bits keeps about N/32 of
+fp32 weights, anything else is assumed not to shrink. The estimate errs on the
+large side; ``--no-space-check`` skips it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from compressor.errors import UsageError
+from compressor.recipes import Variant
+from compressor.specs import PQ, QUANTIZE
+
+#: Share of an fp32 model's bytes that survive each step; unknown steps keep 1.0.
+_KEPT = {("quantize", "fp16"): 0.5, ("quantize", "dynamic"): 0.3, ("quantize", "int8"): 0.3,
+         ("quantize", "uint8"): 0.3, ("quantize", "int4"): 0.2, (PQ, None): 0.5}
+#: Room left over for reports, logs and the filesystem's own needs.
+_MARGIN_BYTES = 64 << 20
+
+
+def input_bytes(path: Path) -> int:
+    """Bytes of a model file, or of every file in a model folder (symlinks not followed)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            entry = Path(folder) / name
+            if not entry.is_symlink():
+                total += entry.stat().st_size
+    return total
+
+
+def estimated_artifact_bytes(source_bytes: int, variant: Variant) -> int:
+    kept = 1.0
+    for step in variant.steps:
+        mode = step.mode if step.technique == QUANTIZE else None
+        kept = min(kept, _KEPT.get((step.technique, mode), 1.0))
+    return int(source_bytes * kept)
+
+
+def check_free_space(model: Path, variants: Sequence[Variant], out: Path, scratch: Path) -> None:
+    """Raise :class:`UsageError` when ``--out`` or ``$TMPDIR`` lacks room for the run."""
+    source = input_bytes(model)
+    needed_out = source + sum(estimated_artifact_bytes(source, v) for v in variants) + _MARGIN_BYTES
+    needed_scratch = source + _MARGIN_BYTES
+    out_device = _existing(out)
+    scratch_device = _existing(scratch)
+    if os.stat(out_device).st_dev == os.stat(scratch_device).st_dev:
+        needed_out += needed_scratch
+        needed_scratch = 0
+    for folder, needed, what in ((out_device, needed_out, f"the original and {len(variants)} variant(s)"),
+                                 (scratch_device, needed_scratch, "scratch files")):
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            raise UsageError(
+                f"not enough free disk space: {what} need about {_gb(needed)}, {_gb(free)} free "
+                f"in {folder}; free some space, choose another --out or TMPDIR, or pass --no-space-check",
+                out,
+            )
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (``--out`` may not exist yet)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path("/")
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.1f} GB" if size >= 1e8 else f"{size / 1e6:.0f} MB"

@@ -1,0 +1,101 @@
+"""Measure every variant in its own process and compare it with the original."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from compressor import fidelity
+from compressor.models import Artifact, Dataset, MeasureSettings, ProgressCallback, TensorSpec
+from compressor.plugins import PluginHost, plugin_errors
+from compressor.report import Report, VariantResult, summarize_repeats
+from compressor.worker import measure_isolated
+
+
+def measure_variants(
+    host: PluginHost,
+    results: list[VariantResult],
+    artifacts: Sequence[Artifact | None],
+    data_path: Path | None,
+    eval_data: Dataset | None,
+    inputs: Sequence[TensorSpec],
+    settings: MeasureSettings,
+    repeats: int,
+    progress: ProgressCallback,
+) -> None:
+    """Measure every artifact in its own subprocess; repeats interleave the
+    variants so that drift of the machine hits all of them alike."""
+    runs: list[list[Any]] = [[] for _ in results]
+    for repeat in range(repeats):
+        for index, artifact in enumerate(artifacts):
+            if artifact is None:
+                continue
+            progress(f"measuring {results[index].name} ({repeat + 1}/{repeats})", None)
+            with plugin_errors(host.backend(artifact.backend)):
+                runs[index].append(
+                    measure_isolated(artifact, data_path, inputs, settings, host.extra_modules)
+                )
+    reference = runs[0][0] if runs[0] else None
+    labels = _labels(eval_data, settings)
+    for result, measured in zip(results, runs):
+        if not measured:
+            continue
+        metrics = summarize_repeats([m.metrics for m in measured])
+        metrics.update(_repeat_spread([m.metrics for m in measured]))
+        latest = measured[0]
+        if latest.predictions is not None:
+            if "accuracy" not in metrics and labels is not None:
+                value = fidelity.accuracy(latest.predictions, labels)
+                if value is not None:
+                    metrics["accuracy"] = value
+            if reference is not None and reference.predictions is not None:
+                metrics.update(fidelity.compare(reference.predictions, latest.predictions, labels))
+        if latest.outputs is not None and reference is not None and reference.outputs is not None:
+            similarity = fidelity.cosine(reference.outputs, latest.outputs)
+            if similarity is not None:
+                metrics["cosine"] = similarity
+        result.metrics = {**result.metrics, **metrics}
+
+
+def _repeat_spread(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each repeat's p50 (and fastest-window p50) and their coefficient of variation."""
+    spread: dict[str, Any] = {}
+    for key, name in (("p50", "latency_p50"), ("p50_fastest_window", "latency_fastest_window")):
+        values = [run.get("latency_ms", {}).get(key) for run in runs]
+        if len(values) > 1 and all(isinstance(value, float) for value in values):
+            spread[f"{name}_cv"] = statistics.pstdev(values) / statistics.fmean(values)
+            spread[f"{name}_repeats"] = values
+    return spread
+
+
+def _labels(dataset: Dataset | None, settings: MeasureSettings) -> Any | None:
+    if dataset is None or dataset.labels is None:
+        return None
+    if settings.max_examples is not None:
+        return dataset.labels[: settings.max_examples]
+    return dataset.labels
+
+
+def apply_budgets(report: Report) -> None:
+    budgets = report.budgets
+    base = report.variants[0].metrics.get("accuracy") if report.variants else None
+    for variant in report.variants[1:]:
+        metrics = variant.metrics
+        drop_limit, agreement_limit = budgets.get("max_accuracy_drop"), budgets.get("min_agreement")
+        if drop_limit is not None and base is not None and metrics.get("accuracy") is not None:
+            drop = (base - metrics["accuracy"]) * 100
+            if drop > drop_limit:
+                variant.budget_failures.append(
+                    f"accuracy drop {drop:.2f} pt exceeds --max-accuracy-drop {drop_limit:g}"
+                )
+        agreement = metrics.get("agreement")
+        if agreement_limit is not None and agreement is not None and agreement < agreement_limit:
+            variant.budget_failures.append(
+                f"agreement {agreement:.4f} below --min-agreement {agreement_limit:g}"
+            )
+        budgeted = drop_limit is not None or agreement_limit is not None
+        measured = "accuracy" in metrics or "agreement" in metrics
+        if budgeted and variant.error is None and not measured:
+            variant.budget_failures.append("budget set but no accuracy/agreement measured (pass --data)")
