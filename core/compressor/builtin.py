@@ -41,35 +41,33 @@ def compressor_measure(
 
 @hookimpl(trylast=True)
 def compressor_load_data(
-    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str
+    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str, limit: int | None = None
 ) -> Dataset | None:
     if path.suffix != ".npz":
         return None
-    return read_npz(path, inputs)
+    return read_npz(path, inputs, limit)
 
 
-def read_npz(path: Path, inputs: tuple[TensorSpec, ...]) -> Dataset:
+def read_npz(path: Path, inputs: tuple[TensorSpec, ...], limit: int | None = None) -> Dataset:
     """Read an ``.npz`` with one array per input (or ``x``) and labels in ``y``,
-    checking names, dtypes, shapes and lengths against ``inputs``."""
-    import numpy as np
+    checking names, dtypes, shapes, lengths and finiteness against ``inputs``;
+    only the first ``limit`` examples are read. An optional input the file
+    lacks is left out, with a note (the model then uses its default)."""
+    from compressor.npz import read_arrays
 
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, EOFError) as error:
-        raise InvalidInputError(f"not a readable .npz data file ({error})", path) from None
-    except Exception as error:  # noqa: BLE001 - zipfile raises a zoo of errors on bad bytes
-        raise InvalidInputError(
-            f"not a readable .npz data file ({type(error).__name__}: {error})", path
-        ) from None
+    arrays = read_arrays(path, limit)
     labels = arrays.pop("y", None)
     specs = inputs or (TensorSpec("x", (), "float32"),)
     features: dict[str, Any] = {}
+    notes = []
     for spec in specs:
         if spec.name in arrays:
             array = arrays[spec.name]
         elif len(specs) == 1 and "x" in arrays:
             array = arrays["x"]
+        elif spec.optional:
+            notes.append(f"{path.name} has no {spec.name!r}; the model's default is used for it")
+            continue
         else:
             expected = ", ".join(s.name for s in specs)
             raise InvalidInputError(
@@ -92,7 +90,7 @@ def read_npz(path: Path, inputs: tuple[TensorSpec, ...]) -> Dataset:
             )
         if labels.dtype.kind not in "iu":
             raise InvalidInputError(f"labels 'y' must be integers, not {labels.dtype}", path)
-    return Dataset(path=path, features=features, labels=labels, size=size)
+    return Dataset(path=path, features=features, labels=labels, size=size, notes=notes)
 
 
 def _check_array(path: Path, spec: TensorSpec, array: Any, strict: bool) -> Any:
@@ -101,6 +99,7 @@ def _check_array(path: Path, spec: TensorSpec, array: Any, strict: bool) -> Any:
     if array.ndim == 0:
         raise InvalidInputError(f"array {spec.name!r} is a scalar, expected a batch", path)
     if not strict:
+        _check_finite(path, spec.name, array)
         return array
     expected_kind = np.dtype(spec.dtype).kind
     if expected_kind == "f" and array.dtype.kind not in "fiu":
@@ -119,4 +118,14 @@ def _check_array(path: Path, spec: TensorSpec, array: Any, strict: bool) -> Any:
         raise InvalidInputError(
             f"array {spec.name!r} has shape {array.shape}, the model expects {shown}", path
         )
-    return array.astype(spec.dtype, copy=False)
+    converted = array.astype(spec.dtype, copy=False)
+    _check_finite(path, spec.name, converted)
+    return converted
+
+
+def _check_finite(path: Path, name: str, array: Any) -> None:
+    import numpy as np
+
+    if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise InvalidInputError(f"array {name!r} holds {bad} NaN or infinite value(s)", path)

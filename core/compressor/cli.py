@@ -3,48 +3,26 @@
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from compressor import __version__
-from compressor.errors import EXIT_CODES, BudgetError, CompressionError, CompressorError
-from compressor.models import MeasureSettings
-
-EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(
-    f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items()
+from compressor.clibase import (
+    EXIT_CODE_HELP,
+    PROGRESS,
+    CompressorGroup,
+    FiniteFloatRange,
+    end_progress,
+    handle_termination_signals,
+    progress,
+    set_debug,
+    set_quiet,
+    threads_within_cpus,
 )
-
-
-class CompressorGroup(click.Group):
-    """Maps :class:`CompressorError` to a one-line message and its exit code."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except CompressorError as error:
-            if ctx.params.get("debug"):
-                if error.child_output:
-                    click.echo(f"--- the measuring process printed ---\n{error.child_output}\n---", err=True)
-                raise
-            click.echo(f"error: {error}", err=True)
-            ctx.exit(error.exit_code)
-        except KeyboardInterrupt as error:
-            click.echo(f"error: {str(error) or 'interrupted'}", err=True)
-            ctx.exit(getattr(error, "exit_code", 130))
-        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
-            raise
-        except Exception as error:  # noqa: BLE001 - a bug: one line unless --debug
-            if ctx.params.get("debug"):
-                raise
-            click.echo(
-                f"error: unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
-                err=True,
-            )
-            ctx.exit(1)
+from compressor.errors import BudgetError, CompressionError
+from compressor.models import MeasureSettings
 
 
 def _host() -> Any:
@@ -54,39 +32,6 @@ def _host() -> Any:
     print_warnings(host)
     host.warnings.clear()
     return host
-
-
-#: Progress state: silenced by ``--quiet``; the current message and when it began.
-_PROGRESS: dict[str, Any] = {"quiet": False, "message": None, "since": 0.0}
-
-
-def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    if value:
-        ctx.find_root().params["debug"] = True
-
-
-def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    if value:
-        _PROGRESS["quiet"] = True
-
-
-def _progress(message: str, fraction: float | None) -> None:
-    """One updating line on stderr (a terminal only): message, share done, seconds in it."""
-    if _PROGRESS["quiet"] or not sys.stderr.isatty():
-        return
-    now = time.monotonic()
-    if message != _PROGRESS["message"]:
-        _PROGRESS.update(message=message, since=now)
-    suffix = f" {fraction:.0%}" if fraction is not None else ""
-    elapsed = now - _PROGRESS["since"]
-    timer = f" ({elapsed:.0f} s)" if elapsed >= 2 else ""
-    click.echo(f"\r\033[K{message}{suffix}{timer}", err=True, nl=False)
-
-
-def _end_progress() -> None:
-    _PROGRESS["message"] = None
-    if not _PROGRESS["quiet"] and sys.stderr.isatty():
-        click.echo("\r\033[K", err=True, nl=False)
 
 
 def _parse_settings(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -108,7 +53,7 @@ def cli(debug: bool, quiet: bool) -> None:
 
     Start with `compressor demo`, then `compressor run MODEL --out DIR`.
     """
-    _PROGRESS["quiet"] = quiet
+    PROGRESS["quiet"] = quiet
 
 
 _path = click.Path(path_type=Path)
@@ -117,12 +62,12 @@ _path = click.Path(path_type=Path)
 def measure_options(function: Any) -> Any:
     for option in reversed([
         click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
-                     help="Threads for every runtime while measuring."),
-        click.option("--repeats", type=click.IntRange(1), default=1, show_default=True,
+                     callback=threads_within_cpus, help="Threads for every runtime while measuring (at most the CPUs)."),
+        click.option("--repeats", type=click.IntRange(1, 1000), default=1, show_default=True,
                      help="Measure every variant this many times, interleaved; medians are reported."),
         click.option("--max-examples", type=click.IntRange(1), default=None,
                      help="Evaluate on at most this many examples of --data."),
-        click.option("--min-seconds", type=click.FloatRange(0), default=0.5, show_default=True,
+        click.option("--min-seconds", type=FiniteFloatRange(0, 3600), default=0.5, show_default=True,
                      help="Time each latency measurement for at least this long."),
     ]):
         function = option(function)
@@ -139,27 +84,30 @@ def _settings(threads: int, max_examples: int | None, min_seconds: float) -> Mea
 @click.option("--backend", "-b", help="Backend to use (default: recognised from the file).")
 @click.option("--quantize", "-q", "quantize", multiple=True, metavar="MODE",
               help="fp16, dynamic, int8 or uint8; repeat for one variant per mode.")
-@click.option("--prune", type=click.FloatRange(0, 1, max_open=True), metavar="S",
+@click.option("--prune", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), metavar="S",
               help="Prune to sparsity S (0-1) before quantizing.")
 @click.option("--pq", is_flag=True, help="Product quantization (fastText).")
 @click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
               help="A technique parameter or backend option, e.g. --set epochs=2.")
 @click.option("--recipe", type=_path, help="A TOML recipe of named variants and sweeps.")
+@click.option("--max-variants", type=click.IntRange(1), default=1000, show_default=True,
+              help="Refuse recipes whose sweeps make more variants than this.")
 @click.option("--data", type=_path, help="Labelled evaluation data (.npz, or fastText text).")
 @click.option("--train-data", type=_path, help="Training data for fine-tuning / retraining.")
 @click.option("--calibration-data", type=_path, help="Calibration data for int8/uint8.")
 @click.option("--force", is_flag=True, help="Overwrite files in an existing --out folder.")
 @click.option("--trust", is_flag=True,
               help="Allow model formats that execute code when loaded (TorchScript, pickles, Keras Lambda).")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0), metavar="PT",
+@click.option("--max-accuracy-drop", type=FiniteFloatRange(0, 100), metavar="PT",
               help="Fail (exit 6) if a variant loses more than PT percentage points of accuracy.")
 @click.option("--no-space-check", is_flag=True,
               help="Start even if the artifacts look too big for the free disk space.")
-@click.option("--min-agreement", type=click.FloatRange(0, 1), metavar="FRACTION",
+@click.option("--min-agreement", type=FiniteFloatRange(0, 1), metavar="FRACTION",
               help="Fail (exit 6) if a variant agrees with the original on fewer inputs.")
 @measure_options
 def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], prune: float | None,
-        pq: bool, set_pairs: tuple[str, ...], recipe: Path | None, data: Path | None,
+        pq: bool, set_pairs: tuple[str, ...], recipe: Path | None, max_variants: int,
+        data: Path | None,
         train_data: Path | None, calibration_data: Path | None, force: bool, trust: bool,
         max_accuracy_drop: float | None, no_space_check: bool, min_agreement: float | None,
         threads: int, repeats: int, max_examples: int | None, min_seconds: float) -> None:
@@ -175,7 +123,7 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
     from compressor.recipes import load_recipe, unique, variants_from_flags
     from compressor.runner import RunRequest
 
-    variants = (load_recipe(recipe) if recipe else []) + variants_from_flags(quantize, prune, pq)
+    variants = (load_recipe(recipe, max_variants) if recipe else []) + variants_from_flags(quantize, prune, pq)
     request = RunRequest(
         model=model, out=out, backend=backend, variants=unique(variants),
         settings=_parse_settings(set_pairs), data=data, train_data=train_data,
@@ -188,14 +136,17 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
 
 
 def _run_and_print(request: Any, out: Path | None) -> Any:
+    from compressor.plugins import print_warnings
     from compressor.report import render_table
     from compressor.runner import run as run_request
 
     host = _host()
     try:
-        report = run_request(request, host, _progress)
+        report = run_request(request, host, progress)
     finally:
-        _end_progress()
+        end_progress()
+        print_warnings(host)
+        host.warnings.clear()
     click.echo(render_table(report))
     if out is not None:
         click.echo(f"\nwrote {out}/: artifacts, report.json, report.md, report.html, report.png")
@@ -297,8 +248,8 @@ def demo(out: Path | None, only: tuple[str, ...], threads: int) -> None:
     """Compress a small sample model with every installed backend, side by side."""
     from compressor.demo import run_demo
 
-    run_demo(_host(), out, only, MeasureSettings(threads=threads, min_seconds=0.2), _progress,
-             _end_progress, click.echo)
+    run_demo(_host(), out, only, MeasureSettings(threads=threads, min_seconds=0.2), progress,
+             end_progress, click.echo)
 
 
 def _register_compare() -> None:
@@ -315,37 +266,15 @@ def _add_common_options() -> None:
     for command in cli.commands.values():
         command.params += [
             click.Option(["--debug"], is_flag=True, expose_value=False, is_eager=True,
-                         callback=_set_debug, help="Show full tracebacks instead of one-line errors."),
+                         callback=set_debug, help="Show full tracebacks instead of one-line errors."),
             click.Option(["--quiet"], is_flag=True, expose_value=False, is_eager=True,
-                         callback=_set_quiet, help="No progress messages on stderr."),
+                         callback=set_quiet, help="No progress messages on stderr."),
         ]
 
 
 _add_common_options()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so every cleanup runs."""
-
-    def __init__(self, signal_number: int) -> None:
-        import signal
-
-        super().__init__(f"terminated by {signal.Signals(signal_number).name}")
-        self.exit_code = 128 + signal_number
-
-
-def _terminate(signal_number: int, frame: object) -> None:
-    import signal
-
-    for name in ("SIGTERM", "SIGHUP"):
-        signal.signal(getattr(signal, name), signal.SIG_IGN)  # a second one must not cut the cleanup short
-    raise Terminated(signal_number)
-
-
 def main() -> None:
-    import signal
-
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), _terminate)
+    handle_termination_signals()
     cli(prog_name="compressor")

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from compressor.charts import write_png
-from compressor.errors import InvalidInputError, UsageError
+from compressor.errors import InvalidInputError, UsageError, first_line
 from compressor.html_report import render_html
 from compressor.outputs import OutputFolder
 from compressor.report import REPORT_VERSION, Report, VariantResult, render_markdown, render_table
@@ -52,6 +52,8 @@ def load_report(path: Path) -> Report:
         ) from None
     except UnicodeDecodeError:
         raise InvalidInputError("not valid JSON: not UTF-8 text", file) from None
+    except RecursionError:
+        raise InvalidInputError("not valid JSON: nested too deeply", file) from None
     except OSError as error:
         raise InvalidInputError(f"cannot read it: {error.strerror}", file) from None
     if not isinstance(data, dict) or "variants" not in data:
@@ -66,9 +68,16 @@ def load_report(path: Path) -> Report:
     if problem:
         raise InvalidInputError(f"not a compressor report.json: {problem}", file)
     try:
-        return Report.from_json(data)
-    except TypeError as error:
-        raise InvalidInputError(f"not a compressor report.json: {error}", file) from None
+        report = Report.from_json(data)
+        # Every format must render: a value of the wrong type is this file's fault, named now.
+        render_table(report)
+        render_markdown(report)
+        render_html(report)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as error:
+        raise InvalidInputError(
+            f"not a compressor report.json: {type(error).__name__}: {first_line(error)}", file
+        ) from None
+    return report
 
 
 def _shape_problem(data: Mapping[str, Any]) -> str | None:

@@ -9,7 +9,8 @@ the same to the user.
 code   error                meaning
 =====  ===================  ==================================================
 1      (unexpected)         a bug: please report it with ``--debug`` output
-2      UsageError           bad arguments, recipe or ``--out`` (exists, etc.)
+2      UsageError           bad arguments, recipe or ``--out`` (exists, etc.);
+                           also disk full, no permission, out of memory
 3      UnsafeInputError     the input would run code or escape its folder
 4      InvalidInputError    a model or data file is corrupt or does not fit
 5      UnsupportedError     backend/technique/mode not available or installed
@@ -20,7 +21,12 @@ code   error                meaning
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
+
+#: OS errors that are the machine's state, not a bug: reported in one line, exit 2.
+RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                             errno.EMFILE, errno.ENFILE})
 
 
 class CompressorError(Exception):
@@ -86,7 +92,8 @@ def first_line(error: BaseException, limit: int = 200) -> str:
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "unexpected internal error (a bug; rerun with --debug)",
-    UsageError.exit_code: "usage error: arguments, recipe, options or output folder",
+    UsageError.exit_code: "usage error: arguments, recipe, options or output folder; "
+    "or out of disk space, permission or memory",
     UnsafeInputError.exit_code: "unsafe input refused (would run code or escape its folder)",
     InvalidInputError.exit_code: "corrupt or mismatched model or data file",
     UnsupportedError.exit_code: "unsupported or uninstalled backend, technique or mode",

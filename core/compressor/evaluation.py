@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor import fidelity
+from compressor.errors import CompressorError, InvalidInputError
 from compressor.models import Artifact, Dataset, MeasureSettings, ProgressCallback, TensorSpec
 from compressor.plugins import PluginHost, plugin_errors
 from compressor.report import Report, VariantResult, summarize_repeats
@@ -17,28 +18,41 @@ from compressor.worker import measure_isolated
 def measure_variants(
     host: PluginHost,
     results: list[VariantResult],
-    artifacts: Sequence[Artifact | None],
+    artifacts: list[Artifact | None],
     data_path: Path | None,
     eval_data: Dataset | None,
     inputs: Sequence[TensorSpec],
     settings: MeasureSettings,
     repeats: int,
     progress: ProgressCallback,
+    source: Path | None = None,
 ) -> None:
     """Measure every artifact in its own subprocess; repeats interleave the
-    variants so that drift of the machine hits all of them alike."""
+    variants so that drift of the machine hits all of them alike.
+
+    The original failing to measure stops the run; a variant failing is that
+    variant's error (its artifact is dropped), and the others go on."""
     runs: list[list[Any]] = [[] for _ in results]
     for repeat in range(repeats):
         for index, artifact in enumerate(artifacts):
             if artifact is None:
                 continue
             progress(f"measuring {results[index].name} ({repeat + 1}/{repeats})", None)
-            with plugin_errors(host.backend(artifact.backend)):
-                runs[index].append(
-                    measure_isolated(artifact, data_path, inputs, settings, host.extra_modules)
-                )
+            try:
+                with plugin_errors(host.backend(artifact.backend)):
+                    runs[index].append(
+                        measure_isolated(artifact, data_path, inputs, settings, host.extra_modules)
+                    )
+            except CompressorError as error:
+                if index == 0:
+                    raise _named_for_the_user(error, artifact, results[0].name, source) from None
+                results[index].error = f"measuring failed: {error.message}"
+                artifacts[index] = None
+                runs[index] = []
     reference = runs[0][0] if runs[0] else None
     labels = _labels(eval_data, settings)
+    if reference is not None and labels is not None and data_path is not None:
+        _check_label_range(reference, labels, data_path)
     for result, measured in zip(results, runs):
         if not measured:
             continue
@@ -57,6 +71,36 @@ def measure_variants(
             if similarity is not None:
                 metrics["cosine"] = similarity
         result.metrics = {**result.metrics, **metrics}
+
+
+def _check_label_range(reference: Any, labels: Any, data_path: Path) -> None:
+    """Integer labels must name one of a classifier's outputs, or accuracy means nothing."""
+    import numpy as np
+
+    outputs, flat = reference.outputs, fidelity.flat_labels(labels)
+    if outputs is None or reference.predictions is None or flat is None or flat.dtype.kind not in "iu":
+        return
+    outputs = np.asarray(outputs)
+    if outputs.ndim != 2 or outputs.shape[1] < 2 or flat.size == 0:
+        return
+    low, high = int(flat.min()), int(flat.max())
+    if low < 0 or high >= outputs.shape[1]:
+        raise InvalidInputError(
+            f"labels 'y' range from {low} to {high} but the model has {outputs.shape[1]} classes "
+            f"(0 to {outputs.shape[1] - 1})",
+            data_path,
+        )
+
+
+def _named_for_the_user(
+    error: CompressorError, artifact: Artifact, variant: str, source: Path | None
+) -> CompressorError:
+    """An error about a staged artifact (deleted when the run ends) names the user's model instead."""
+    if error.path is None or error.path not in artifact.files or source is None:
+        return error
+    renamed = type(error)(f"{variant} ({artifact.path.name}): {error.message}", source)
+    renamed.child_output = error.child_output
+    return renamed
 
 
 def _repeat_spread(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -119,22 +119,26 @@ def compressor_fork(model: Model, context: Context) -> Model | None:
 
 @hookspec(firstresult=True)
 def compressor_load_data(
-    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str
+    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str, limit: int | None
 ) -> Dataset | None:
     """Read a data file for a model of ``backend`` whose inputs are ``inputs``.
 
-    ``purpose`` is ``"eval"``, ``"train"`` or ``"calibration"``. Core reads
-    ``.npz`` files itself (one array per input, named like it or ``x``; labels
-    in ``y``); implement this for other formats, e.g. fastText's labelled text.
-    Raise ``InvalidInputError`` when the file does not fit the model.
+    ``purpose`` is ``"eval"``, ``"train"`` or ``"calibration"``. ``limit`` is
+    the most examples anyone will use (``--max-examples``), or None for all:
+    read no more than that, so a large file costs neither time nor memory
+    (the measuring process's peak RAM is reported). Core reads ``.npz`` files
+    itself (one array per input, named like it or ``x``; labels in ``y``);
+    implement this for other formats, e.g. fastText's labelled text. Raise
+    ``InvalidInputError`` when the file does not fit the model.
 
     Example::
 
         @hookimpl
-        def compressor_load_data(path, purpose, inputs, backend):
+        def compressor_load_data(path, purpose, inputs, backend, limit):
             if path.suffix != ".txt":
                 return None
-            lines = path.read_text().splitlines()
+            with path.open() as stream:
+                lines = [line.rstrip("\\n") for line in itertools.islice(stream, limit)]
             return Dataset(path=path, features=lines, labels=None, size=len(lines))
     """
 

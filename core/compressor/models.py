@@ -66,18 +66,23 @@ def _format_value(value: Any) -> str:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A model input: ``TensorSpec("x", (None, 64), "float32")``; None is a dynamic axis."""
+    """A model input: ``TensorSpec("x", (None, 64), "float32")``; None is a dynamic axis.
+
+    ``optional`` inputs have a default in the model's framework (a transformer's
+    ``token_type_ids`` are zeros): data may leave them out."""
 
     name: str
     shape: tuple[int | None, ...]
     dtype: str
+    optional: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                "optional": self.optional}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
-        return cls(data["name"], tuple(data["shape"]), data["dtype"])
+        return cls(data["name"], tuple(data["shape"]), data["dtype"], bool(data.get("optional")))
 
 
 @dataclass
@@ -104,6 +109,8 @@ class Dataset:
     features: Any
     labels: Any | None
     size: int
+    #: What the report should say about the data, e.g. an optional input left out.
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

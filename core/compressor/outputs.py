@@ -19,6 +19,7 @@ from pathlib import Path
 from compressor import scratch
 from compressor.errors import UsageError
 from compressor.models import Artifact
+from compressor.recipes import file_stem
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
@@ -112,7 +113,7 @@ class OutputFolder:
         Dots become underscores so ``destination.with_suffix(".onnx")`` keeps
         the whole name (``prune0.5-int8`` -> ``prune0_5-int8.onnx``)."""
         assert self._staging is not None, "prepare() first"
-        stem = variant_name.replace(".", "_")
+        stem = file_stem(variant_name)
         folder = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=self._staging))
         return folder / stem
 

@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import metadata
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pluggy
 
 from compressor import hookspecs
-from compressor.errors import CompressorError, UnsupportedError
+from compressor.errors import CompressorError, UnsupportedError, UsageError, first_line
 from compressor.specs import Backend
 
 ENTRY_POINT_GROUP = "compressor"
@@ -74,8 +75,12 @@ class PluginHost:
             try:
                 plugin = entry_point.load()
                 self.manager.register(plugin, name=entry_point.name)
-            except Exception as error:  # noqa: BLE001 - any plugin bug must not kill the CLI
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:  # noqa: BLE001 - a plugin bug (even sys.exit) must not kill the CLI
                 detail = str(error).splitlines()[0] if str(error) else ""
+                if isinstance(error, SystemExit):
+                    detail = f"it called sys.exit({error.code!r}) while being imported"
                 self.warnings.append(
                     f"warning: plugin {entry_point.name!r} failed to load "
                     f"({type(error).__name__}{': ' + detail if detail else ''}); skipped"
@@ -132,6 +137,13 @@ class PluginHost:
                     f"({type(error).__name__}: {error}); skipped"
                 )
                 continue
+            wrong = [item for item in declared if not isinstance(item, Backend)]
+            if wrong:
+                self.warnings.append(
+                    f"warning: plugin {impl.plugin_name!r} declared {type(wrong[0]).__name__} "
+                    "objects instead of compressor.Backend; skipped"
+                )
+                continue
             for backend in declared:
                 if backend.name in backends:
                     raise PluginConflictError(
@@ -151,6 +163,34 @@ class PluginHost:
             )
         return backends[name]
 
+    def identify(self, path: Path) -> str | None:
+        """The backend that claims ``path``. A plugin that raises or names an unknown
+        backend is skipped with a warning; two plugins claiming one file is an error."""
+        claims: dict[str, str] = {}
+        known = self.backends()
+        for impl in reversed(self.manager.hook.compressor_identify.get_hookimpls()):
+            try:
+                claimed = impl.function(path=path)
+            except Exception as error:  # noqa: BLE001 - a plugin bug must not stop the run
+                self.warnings.append(
+                    f"warning: plugin {impl.plugin_name!r} failed to identify {path.name} "
+                    f"({type(error).__name__}: {error}); skipped"
+                )
+                continue
+            if claimed is None:
+                continue
+            if not isinstance(claimed, str) or claimed not in known:
+                self.warnings.append(
+                    f"warning: plugin {impl.plugin_name!r} identified {path.name} as {claimed!r}, "
+                    "which is not a registered backend; skipped"
+                )
+                continue
+            claims.setdefault(claimed, impl.plugin_name)
+        if len(claims) > 1:
+            named = " and ".join(f"{backend!r} (plugin {plugin!r})" for backend, plugin in claims.items())
+            raise UsageError(f"both {named} read this file; choose one with --backend", path)
+        return next(iter(claims), None)
+
     def hook_for(self, backend_name: str, hook_name: str) -> Any:
         """A caller for ``hook_name`` limited to the backend's own plugin and
         plugins that declare no backend (generic measurers, core)."""
@@ -168,13 +208,18 @@ class PluginHost:
 
 @contextmanager
 def plugin_errors(backend: Backend | None) -> Iterator[None]:
-    """Turn a missing framework inside a plugin into an install hint."""
+    """Turn a missing or broken framework inside a plugin into an install hint."""
+    name = f"backend {backend.name!r}" if backend else "a plugin"
     try:
         yield
     except ModuleNotFoundError as error:
         hint = f"; install it with: {backend.install_hint()}" if backend else ""
-        name = f"backend {backend.name!r}" if backend else "a plugin"
         raise UnsupportedError(f"{name} needs the module {error.name!r}{hint}") from None
+    except ImportError as error:
+        # Installed but unusable: a broken wheel, a missing shared library, too little memory.
+        raise UnsupportedError(
+            f"{name} could not import {error.name or 'its framework'!r} ({first_line(error)})"
+        ) from None
 
 
 _host: PluginHost | None = None

@@ -19,6 +19,7 @@ A step is a string (``technique [value] [key=value ...]``) or a table
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import shlex
 import sys
@@ -37,7 +38,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 ORIGINAL = "original"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+#: ``compressor run`` refuses recipes that expand to more variants (``--max-variants``).
+MAX_VARIANTS = 1000
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _RECIPE_KEYS = {"description", "variants"}
 _VARIANT_KEYS = {"steps", "sweep"}
@@ -87,7 +90,7 @@ def step_from_table(table: Mapping[str, Any]) -> Step:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UsageError(
             f"variant name {name!r} must be letters, digits, '.', '_' or '-' (at most 80)"
         )
@@ -105,12 +108,23 @@ def variants_from_strings(rows: Iterable[Sequence[str]]) -> list[Variant]:
     return unique([Variant(variant_name(s := [parse_step(t) for t in row]), tuple(s)) for row in rows])
 
 
+def file_stem(name: str) -> str:
+    """The file name a variant's artifact gets (dots would read as a suffix)."""
+    return name.replace(".", "_")
+
+
 def unique(variants: Sequence[Variant]) -> list[Variant]:
-    seen: set[str] = set()
+    """Refuse two variants with one name, or whose artifacts would share a file name."""
+    seen: dict[str, str] = {ORIGINAL: ORIGINAL}
     for variant in variants:
-        if variant.name in seen:
-            raise UsageError(f"two variants are named {variant.name!r}")
-        seen.add(variant.name)
+        stem = file_stem(variant.name)
+        if stem in seen:
+            if seen[stem] == variant.name:
+                raise UsageError(f"two variants are named {variant.name!r}")
+            raise UsageError(
+                f"variants {seen[stem]!r} and {variant.name!r} would both be saved as {stem}.*; rename one"
+            )
+        seen[stem] = variant.name
     return list(variants)
 
 
@@ -133,7 +147,7 @@ def variants_from_flags(
     return unique(variants)
 
 
-def load_recipe(path: Path) -> list[Variant]:
+def load_recipe(path: Path, max_variants: int = MAX_VARIANTS) -> list[Variant]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -144,8 +158,10 @@ def load_recipe(path: Path) -> list[Variant]:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"invalid TOML: {_with_position(str(error), text)}", path) from None
+    except RecursionError:
+        raise UsageError("invalid TOML: nested too deeply", path) from None
     try:
-        return parse_recipe(document)
+        return parse_recipe(document, max_variants)
     except UsageError as error:
         raise UsageError(error.message, path) from None
 
@@ -161,7 +177,7 @@ def _with_position(message: str, text: str) -> str:
     )
 
 
-def parse_recipe(document: Mapping[str, Any]) -> list[Variant]:
+def parse_recipe(document: Mapping[str, Any], max_variants: int = MAX_VARIANTS) -> list[Variant]:
     unknown = set(document) - _RECIPE_KEYS
     if unknown:
         raise UsageError(
@@ -171,10 +187,24 @@ def parse_recipe(document: Mapping[str, Any]) -> list[Variant]:
     tables = document.get("variants")
     if not isinstance(tables, Mapping) or not tables:
         raise UsageError("a recipe needs at least one [variants.NAME] table with steps")
+    count = sum(_count(check_name(name), table) for name, table in tables.items())
+    if count > max_variants:
+        raise UsageError(
+            f"the recipe makes {count:,} variants, more than the limit of {max_variants:,}; "
+            "shorten its sweeps or raise the limit with --max-variants"
+        )
     variants: list[Variant] = []
     for name, table in tables.items():
-        variants.extend(_expand(check_name(name), table))
+        variants.extend(_expand(name, table))
     return unique(variants)
+
+
+def _count(name: str, table: Any) -> int:
+    """How many variants a table expands to, without expanding it."""
+    sweep = table.get("sweep", {}) if isinstance(table, Mapping) else {}
+    if not isinstance(sweep, Mapping):
+        return 1
+    return math.prod(len(values) if isinstance(values, list) else 1 for values in sweep.values())
 
 
 def _expand(name: str, table: Any) -> list[Variant]:

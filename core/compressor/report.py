@@ -46,12 +46,25 @@ class Report:
         return [v for v in self.variants if v.error]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, default=_jsonable) + "\n"
+        """Strict JSON: a value that is not a finite number (NaN, infinity) is null."""
+        plain = json.loads(json.dumps(asdict(self), default=_jsonable))
+        return json.dumps(finite(plain), indent=2, allow_nan=False) + "\n"
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Report:
         fields = {k: v for k, v in data.items() if k != "variants"}
         return cls(variants=[VariantResult(**v) for v in data["variants"]], **fields)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite(item) for item in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -55,9 +55,28 @@ def _no_progress(message: str, fraction: float | None) -> None:
     return None
 
 
+def saved_as_hint(path: Path) -> str:
+    """For a path named after a variant (``out/prune0.8-int8.tflite``) in a run's
+    folder: where that variant's artifact really is."""
+    import json
+
+    report = path.parent / "report.json"
+    try:
+        variants = json.loads(report.read_text(encoding="utf-8")).get("variants", [])
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return ""
+    for variant in variants if isinstance(variants, list) else []:
+        if not isinstance(variant, dict):
+            continue
+        name, artifact = variant.get("name"), variant.get("artifact")
+        if isinstance(artifact, str) and name in (path.name, path.stem) and artifact != path.name:
+            return f"; variant {name!r} of {report} is saved as {path.parent / artifact}"
+    return ""
+
+
 def resolve_backend(host: PluginHost, path: Path, requested: str | None) -> Backend:
     if requested is None:
-        requested = host.hook.compressor_identify(path=path)
+        requested = host.identify(path)
         if requested is None:
             formats = "; ".join(
                 f"{b.name}: {', '.join(b.formats)}" for b in host.backends().values()
@@ -96,7 +115,8 @@ def fork_model(
 
 
 def load_data(
-    host: PluginHost, backend: Backend, path: Path | None, purpose: str, model: Model
+    host: PluginHost, backend: Backend, path: Path | None, purpose: str, model: Model,
+    limit: int | None = None,
 ) -> Dataset | None:
     if path is None:
         return None
@@ -104,7 +124,7 @@ def load_data(
         raise InvalidInputError("data file not found", path)
     with plugin_errors(backend):
         dataset = host.hook_for(backend.name, "compressor_load_data")(
-            path=path, purpose=purpose, inputs=model.inputs, backend=backend.name
+            path=path, purpose=purpose, inputs=model.inputs, backend=backend.name, limit=limit
         )
     if dataset is None:
         raise UsageError(f"backend {backend.name!r} cannot read {purpose} data in this format", path)
@@ -113,7 +133,7 @@ def load_data(
 
 def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_progress) -> Report:
     if not request.model.exists():
-        raise InvalidInputError("no such file or folder", request.model)
+        raise InvalidInputError("no such file or folder" + saved_as_hint(request.model), request.model)
     backend = resolve_backend(host, request.model, request.backend)
     wanted = request.variants or variants_from_strings(backend.default_variants)
     if request.original_only:
@@ -134,7 +154,9 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
             original = load_model(host, backend, request.model, context)
         loading = {"load_seconds": round(time.perf_counter() - started, 3),
                     "load_peak_rss_bytes": load_peak.bytes}
-        context.eval_data = load_data(host, backend, request.data, "eval", original)
+        context.eval_data = load_data(
+            host, backend, request.data, "eval", original, request.measure.max_examples
+        )
         context.train_data = load_data(host, backend, request.train_data, "train", original)
         context.calibration_data = load_data(
             host, backend, request.calibration_data, "calibration", original
@@ -150,6 +172,8 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
             report.variants[0].metrics.update(
                 {key: value for key, value in loading.items() if value is not None}
             )
+            for dataset in (context.eval_data, context.calibration_data, context.train_data):
+                report.variants[0].notes += dataset.notes if dataset is not None else []
             output.publish(artifacts, render_reports(report))
         except BaseException:
             output.abort()
@@ -205,7 +229,7 @@ def _run_variants(
         raise CompressionError(f"could not convert the original model: {results[0].error}")
     measure_variants(
         host, results, artifacts, request.data, context.eval_data, original.inputs,
-        request.measure, request.repeats, progress,
+        request.measure, request.repeats, progress, request.model,
     )
     report = Report(
         model=str(request.model),

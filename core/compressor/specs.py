@@ -7,6 +7,7 @@ strings, and to list what is supported when a request is not.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,10 +46,9 @@ class Param:
         """Convert ``value`` (often a string from the CLI or TOML) and range-check it."""
         try:
             converted = self._convert(value)
-        except (TypeError, ValueError):
-            raise UsageError(
-                f"{key}={value!r} is not a valid {self.type.__name__}"
-            ) from None
+        except (TypeError, ValueError, OverflowError):
+            kind = "finite number" if self.type is float else self.type.__name__
+            raise UsageError(f"{key}={value!r} is not a valid {kind}") from None
         if self.choices is not None and converted not in self.choices:
             raise UsageError(f"{key}={value!r} is not one of: {', '.join(self.choices)}")
         if self.minimum is not None and converted < self.minimum:
@@ -71,7 +71,10 @@ class Param:
             raise ValueError(value)
         if self.type in (int, float) and isinstance(value, bool):
             raise ValueError(value)
-        return self.type(value)
+        converted = self.type(value)
+        if self.type is float and not math.isfinite(converted):
+            raise ValueError(value)
+        return converted
 
 
 @dataclass(frozen=True)

@@ -86,8 +86,13 @@ def apply_settings(
                 for key, value in step_settings.items()
                 if step.technique in backend.techniques
                 and key in backend.techniques[step.technique].params
-                and key not in step.params
             }
+            clash = sorted(key for key in extra if key in step.params)
+            if clash:
+                raise UsageError(
+                    f"--set {clash[0]}={extra[clash[0]]} conflicts with '{step}' in variant "
+                    f"{variant.name!r}, which sets {clash[0]} itself; give it in one place"
+                )
             steps.append(validate_step(backend, replace(step, params={**step.params, **extra})))
         validated.append(Variant(variant.name, tuple(steps)))
     return validated, options

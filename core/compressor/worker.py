@@ -169,7 +169,8 @@ def _run(exchange: Path) -> None:
     data = None
     if request["data"]:
         data = host.hook_for(artifact.backend, "compressor_load_data")(
-            path=Path(request["data"]), purpose="eval", inputs=inputs, backend=artifact.backend
+            path=Path(request["data"]), purpose="eval", inputs=inputs, backend=artifact.backend,
+            limit=settings.max_examples,
         )
     measured = _merge(host.hook_for(artifact.backend, "compressor_measure")(
         artifact=artifact, data=data, settings=settings
