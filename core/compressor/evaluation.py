@@ -41,7 +41,8 @@ def measure_variants(
             try:
                 with plugin_errors(host.backend(artifact.backend)):
                     runs[index].append(
-                        measure_isolated(artifact, data_path, inputs, settings, host.extra_modules)
+                        measure_isolated(artifact, data_path, inputs, settings, host.extra_modules,
+                                         host.backend(artifact.backend).plugin_name)
                     )
             except CompressorError as error:
                 if index == 0:
@@ -70,7 +71,37 @@ def measure_variants(
             similarity = fidelity.cosine(reference.outputs, latest.outputs)
             if similarity is not None:
                 metrics["cosine"] = similarity
+        if latest.kept and reference is not None:
+            metrics.update(compare_outputs(reference, latest, labels))
         result.metrics = {**result.metrics, **metrics}
+
+
+#: Metrics of the compared (first) output that also appear at the top of a variant's metrics.
+HEADLINE_KEYS = ("agreement", "agreement_kind", "accuracy", "cosine", "changed_count", "changed_examples",
+                 "confusion", "sequence_agreement", "relative_error", "max_abs_error", "perplexity",
+                 "perplexity_original", "iou")
+
+
+def compare_outputs(reference: Any, variant: Any, labels: Any | None) -> dict[str, Any]:
+    """Every output of ``variant`` against the original's, by its task; the first
+    compared output's metrics also become the variant's headline metrics."""
+    from compressor.comparing import compare_output
+
+    outputs: dict[str, Any] = {}
+    for name, info in reference.output_info.items():
+        task = info.get("task")
+        if task is None or name not in reference.kept or name not in variant.kept:
+            outputs[name] = {**info, "compared": False}
+            continue
+        outputs[name] = {**info, **compare_output(task, reference.kept[name], variant.kept[name], labels)}
+    compared = [name for name, entry in outputs.items() if entry.get("compared", True)]
+    headline: dict[str, Any] = {"outputs": outputs}
+    if compared:
+        first = outputs[compared[0]]
+        headline.update({key: first[key] for key in HEADLINE_KEYS if key in first})
+        headline["compared_output"] = compared[0]
+        headline["task"] = first["task"]
+    return headline
 
 
 def _check_label_range(reference: Any, labels: Any, data_path: Path) -> None:
@@ -78,7 +109,12 @@ def _check_label_range(reference: Any, labels: Any, data_path: Path) -> None:
     import numpy as np
 
     outputs, flat = reference.outputs, fidelity.flat_labels(labels)
-    if outputs is None or reference.predictions is None or flat is None or flat.dtype.kind not in "iu":
+    first = next(iter(reference.output_info.items()), (None, {}))
+    if first[1].get("task") == "classifier" and "scores" in reference.kept.get(first[0], {}):
+        outputs = reference.kept[first[0]]["scores"]
+    elif reference.predictions is None:
+        return
+    if outputs is None or flat is None or flat.dtype.kind not in "iu":
         return
     outputs = np.asarray(outputs)
     if outputs.ndim != 2 or outputs.shape[1] < 2 or flat.size == 0:

@@ -34,6 +34,7 @@ from compressor.models import (
     Step,
     TensorSpec,
 )
+from compressor.runtime import Runtime
 from compressor.specs import Backend
 
 PROJECT_NAME = "compressor"
@@ -177,6 +178,25 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
             path = destination.with_suffix(".npz")
             numpy.savez(path, **model.handle)
             return Artifact(backend="npz", path=path, format="npz")
+    """
+
+
+@hookspec(firstresult=True)
+def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings) -> Runtime | None:
+    """Open a saved artifact for running, in the measuring process.
+
+    Core times this call as ``load_ms`` (after importing the modules in
+    ``Backend.runtime_imports``), then measures the returned
+    :class:`~compressor.runtime.Runtime` itself: data to inputs, batching,
+    latency, peak RSS, every output's meaning and its comparison with the
+    original. Use ``settings.threads`` for the runtime's thread count. A
+    backend that implements this needs no ``compressor_measure``.
+
+    Example::
+
+        @hookimpl
+        def compressor_open_runtime(artifact, settings):
+            return NpzRuntime(artifact.path)
     """
 
 

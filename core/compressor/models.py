@@ -69,20 +69,24 @@ class TensorSpec:
     """A model input: ``TensorSpec("x", (None, 64), "float32")``; None is a dynamic axis.
 
     ``optional`` inputs have a default in the model's framework (a transformer's
-    ``token_type_ids`` are zeros): data may leave them out."""
+    ``token_type_ids`` are zeros): data may leave them out. Examples run along
+    ``batch_axis`` (None: the input is the same for every example); core sets it
+    from ``--set batch_axis.NAME=K``."""
 
     name: str
     shape: tuple[int | None, ...]
     dtype: str
     optional: bool = False
+    batch_axis: int | None = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
-                "optional": self.optional}
+                "optional": self.optional, "batch_axis": self.batch_axis}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
-        return cls(data["name"], tuple(data["shape"]), data["dtype"], bool(data.get("optional")))
+        return cls(data["name"], tuple(data["shape"]), data["dtype"], bool(data.get("optional")),
+                   data.get("batch_axis", 0))
 
 
 @dataclass

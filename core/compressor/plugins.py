@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import metadata
@@ -48,7 +48,8 @@ class PluginInfo:
 class PluginHost:
     """A pluggy manager plus what compressor knows about each plugin."""
 
-    def __init__(self, load_entry_points: bool = True) -> None:
+    def __init__(self, load_entry_points: bool = True, only: Collection[str] | None = None) -> None:
+        """``only``: load just these entry points (the measuring process loads one plugin)."""
         self.manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.manager.add_hookspecs(hookspecs)
         self.warnings: list[str] = []
@@ -58,15 +59,17 @@ class PluginHost:
         for module_name in CORE_PLUGIN_MODULES:
             self.manager.register(importlib.import_module(module_name), name=module_name)
         if load_entry_points:
-            self._load_entry_points()
+            self._load_entry_points(only)
 
     @property
     def hook(self) -> Any:
         return self.manager.hook
 
-    def _load_entry_points(self) -> None:
+    def _load_entry_points(self, only: Collection[str] | None = None) -> None:
         wanted_env = os.environ.get(LOAD_PLUGINS_ENV)
         wanted = None if wanted_env is None else {n.strip() for n in wanted_env.split(",") if n.strip()}
+        if only is not None:
+            wanted = set(only) if wanted is None else wanted & set(only)
         for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
             if wanted is not None and entry_point.name not in wanted:
                 continue

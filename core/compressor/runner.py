@@ -17,6 +17,7 @@ from compressor.errors import (
     UsageError,
 )
 from compressor.evaluation import apply_budgets, measure_variants
+from compressor.feeding import with_batch_axes
 from compressor.memory import PeakRss
 from compressor.models import Artifact, Context, Dataset, MeasureSettings, Model, ProgressCallback
 from compressor.outputs import OutputFolder
@@ -152,6 +153,7 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
         started = time.perf_counter()
         with PeakRss() as load_peak:
             original = load_model(host, backend, request.model, context)
+        original.inputs = with_batch_axes(original.inputs, options)
         loading = {"load_seconds": round(time.perf_counter() - started, 3),
                     "load_peak_rss_bytes": load_peak.bytes}
         context.eval_data = load_data(

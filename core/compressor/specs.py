@@ -22,6 +22,9 @@ QUANTIZE_MODES = ("fp16", "dynamic", "int8", "uint8")
 #: The parameter a bare value in a step fills: ``quantize int8`` -> mode=int8.
 POSITIONAL_PARAM = {QUANTIZE: "mode", PRUNE: "sparsity"}
 
+#: What an output is, for comparing it (``compressor.tasks``).
+TASKS = ("classifier", "embedding", "language-model", "sequence", "regression", "detection")
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -77,6 +80,13 @@ class Param:
         return converted
 
 
+#: Options every backend takes: how core feeds the data and compares the outputs
+#: (docs/measuring.md). Families keyed by an input or output name follow.
+MEASURE_OPTIONS: dict[str, Param] = {}
+MEASURE_OPTION_FAMILIES = {"task.": "the task of one output", "batch_axis.": "an input's batch axis or none",
+                           "state.": "feed this output back as the named input"}
+
+
 @dataclass(frozen=True)
 class Technique:
     """A technique a backend supports, e.g. ``quantize`` with its modes.
@@ -123,6 +133,9 @@ class Backend:
     distributions: tuple[str, ...] = ()
     #: Variants ``compressor run`` makes when no technique is asked for.
     default_variants: tuple[tuple[str, ...], ...] = ()
+    #: Modules the measuring process imports before it times opening the runtime,
+    #: so ``load_ms`` is the artifact's load, not the framework's import.
+    runtime_imports: tuple[str, ...] = ()
     #: Filled in by core: the plugin that registered this backend.
     plugin_name: str = ""
 
@@ -154,3 +167,10 @@ class Backend:
 
     def install_hint(self) -> str:
         return f"pip install 'compressor[{self.extra}]'" if self.extra else "see the plugin's docs"
+
+
+MEASURE_OPTIONS.update({
+    "outputs": Param(str, None, "comma-separated outputs to compare (default: all)"),
+    "task": Param(str, None, "what every output is", choices=TASKS),
+    "eval_batch": Param(int, 1, "batch size for computing fidelity", minimum=1, maximum=4096),
+})

@@ -9,7 +9,7 @@ from typing import Any
 from compressor.errors import UnsupportedError, UsageError
 from compressor.models import Context, Step
 from compressor.recipes import Variant
-from compressor.specs import Backend
+from compressor.specs import MEASURE_OPTION_FAMILIES, MEASURE_OPTIONS, TASKS, Backend
 
 _DATA_FLAGS = {"calibration": "--calibration-data", "train": "--train-data", "eval": "--data"}
 
@@ -55,13 +55,22 @@ def apply_settings(
         if key in backend.options:
             options[key] = backend.options[key].coerce(key, value)
             continue
+        if key in MEASURE_OPTIONS:
+            options[key] = MEASURE_OPTIONS[key].coerce(key, value)
+            continue
+        family = next((prefix for prefix in MEASURE_OPTION_FAMILIES if key.startswith(prefix)), None)
+        if family is not None and len(key) > len(family):
+            if family == "task." and value not in TASKS:
+                raise UsageError(f"{key}={value!r} is not one of: {', '.join(TASKS)}")
+            options[key] = value
+            continue
         if not any(
             key in backend.techniques[name].params
             for name in used_techniques
             if name in backend.techniques
         ):
             valid = sorted(
-                set(backend.options)
+                set(backend.options) | set(MEASURE_OPTIONS) | {f"{prefix}NAME" for prefix in MEASURE_OPTION_FAMILIES}
                 | {
                     key
                     for name in used_techniques

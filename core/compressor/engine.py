@@ -1,0 +1,157 @@
+"""Core's measurement of a backend's :class:`~compressor.runtime.Runtime`, in the measuring process.
+
+The same for every backend, in this order:
+
+1. the runtime is opened (timed by the worker, its framework already imported);
+2. batch-1 latency on the first example (warm-up, then timed calls);
+3. every evaluation example through the runtime at the evaluation batch (1 by
+   default, ``--set eval_batch=N``), all outputs kept; a stateful model
+   (``--set state.OUT=IN``) runs example by example with its state carried;
+   ``peak_rss_bytes`` is read here, so it is the memory at that batch;
+4. throughput at ``settings.batch_size`` (``latency_batch_ms``) and the peak
+   memory at that batch (``peak_rss_batch_bytes``), when the model takes it;
+5. each output's task is detected (``compressor.tasks``) and what the parent
+   needs to compare it is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from compressor import tasks
+from compressor.errors import CompressorError, InvalidInputError
+from compressor.feeding import Examples, examples_from_data, state_links, synthetic_examples
+from compressor.measuring import time_calls
+from compressor.memory import peak_rss_bytes
+from compressor.models import Dataset, MeasureSettings
+from compressor.runtime import Runtime
+
+
+@dataclass
+class RuntimeMeasurement:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: ``{output: {"task", "reason", "shape"}}`` for every output compared.
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``{output: {kind: array}}``: what :func:`compressor.tasks.keep` kept.
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSettings) -> RuntimeMeasurement:
+    options = settings.options
+    source = data.path if data is not None else None
+    if data is not None:
+        examples = examples_from_data(data, runtime.inputs, options, settings.max_examples)
+    else:
+        examples = synthetic_examples(runtime.inputs, options)
+    examples.state = state_links(runtime.inputs, runtime.outputs, options)
+    fixed = runtime.fixed_batch
+    single = examples.take(0, 1, pad_to=fixed)
+    _run(runtime, single, source)
+    measured = RuntimeMeasurement()
+    metrics = measured.metrics
+    metrics["latency_ms"] = time_calls(lambda: runtime.run(single), settings, fixed or 1)
+    eval_batch = fixed or (1 if examples.state else max(1, int(options.get("eval_batch") or 1)))
+    records = _run_all(runtime, examples, eval_batch, fixed, source)
+    metrics["eval_batch"] = eval_batch
+    metrics["peak_rss_bytes"] = peak_rss_bytes()
+    if fixed is not None:
+        metrics["fixed_batch"] = fixed
+    elif not examples.state:
+        _time_batch(runtime, examples, settings, metrics)
+    metrics.update(runtime.metrics())
+    wanted = _wanted_outputs(runtime, options)
+    feeds = {name: array for name, array in examples.arrays.items() if examples.axes[name] == 0}
+    for spec in runtime.outputs:
+        if spec.name not in wanted or spec.name in examples.state or spec.name not in records:
+            continue
+        stacked = records[spec.name]
+        if stacked is None:
+            measured.outputs[spec.name] = {"task": None, "reason": "its shape changes from example to example"}
+            continue
+        task, reason = tasks.detect(spec, stacked[:1], runtime.inputs, options)
+        measured.outputs[spec.name] = {"task": task, "reason": reason, "shape": list(stacked.shape[1:])}
+        measured.kept[spec.name] = tasks.keep(task, stacked, feeds)
+    return measured
+
+
+def _wanted_outputs(runtime: Runtime, options: Mapping[str, Any]) -> list[str]:
+    names = [spec.name for spec in runtime.outputs]
+    chosen = [name.strip() for name in str(options.get("outputs") or "").split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in names]
+    if unknown:
+        from compressor.errors import UsageError
+
+        raise UsageError(f"--set outputs names {', '.join(unknown)}, but the model's outputs are "
+                         f"{', '.join(names)}")
+    return chosen or names
+
+
+def _run(runtime: Runtime, feeds: Mapping[str, Any], source: Any) -> Mapping[str, Any]:
+    """One call; a runtime that refuses the data is a data problem (exit 4), not a bug."""
+    try:
+        return runtime.run(feeds)
+    except CompressorError:
+        raise
+    except Exception as error:  # noqa: BLE001 - runtimes raise their own exception types
+        from compressor.errors import first_line
+
+        shapes = ", ".join(f"{name} {list(getattr(array, 'shape', ()))}" for name, array in feeds.items())
+        raise InvalidInputError(
+            f"the runtime refused the inputs ({shapes}): {first_line(error)}", source
+        ) from None
+
+
+def _run_all(runtime: Runtime, examples: Examples, batch: int, fixed: int | None,
+             source: Any) -> dict[str, Any | None]:
+    """Every example's outputs, stacked along a new first axis per output (None when
+    an output's shape varies between examples)."""
+    import numpy as np
+
+    pieces: dict[str, list[Any]] = {spec.name: [] for spec in runtime.outputs}
+    previous: Mapping[str, Any] = {}
+    for start in range(0, examples.count, batch):
+        stop = min(start + batch, examples.count)
+        feeds = examples.take(start, stop, pad_to=fixed)
+        for output, target in examples.state.items():
+            if output in previous:
+                feeds[target] = previous[output]
+        previous = _run(runtime, feeds, source)
+        rows = stop - start
+        for name, value in previous.items():
+            if name not in pieces:
+                continue
+            array = np.asarray(value)
+            if array.ndim and array.shape[0] == (fixed or rows):
+                pieces[name].extend(array[:rows])
+            else:
+                pieces[name].append(array)
+    stacked: dict[str, Any | None] = {}
+    for name, parts in pieces.items():
+        shapes = {part.shape for part in parts}
+        stacked[name] = np.stack(parts) if len(shapes) == 1 and parts else None
+    return stacked
+
+
+def _time_batch(runtime: Runtime, examples: Examples, settings: MeasureSettings,
+                metrics: dict[str, Any]) -> None:
+    """Throughput at ``settings.batch_size`` (examples repeated to fill it) and the memory it takes."""
+    size = max(1, settings.batch_size)
+    import numpy as np
+
+    order = np.resize(np.arange(examples.count), size)
+    batch = {}
+    for name, array in examples.arrays.items():
+        axis = examples.axes[name]
+        batch[name] = array if axis is None else np.ascontiguousarray(np.take(array, order, axis=axis))
+    try:
+        runtime.run(batch)
+    except Exception as error:  # noqa: BLE001 - a model exported for one batch size refuses others
+        from compressor.errors import first_line
+
+        metrics["batch_note"] = f"not timed at batch {size}: {first_line(error, 120)}"
+        return
+    metrics["latency_batch_ms"] = time_calls(lambda: runtime.run(batch), settings, size)
+    metrics["batch_size"] = size
+    metrics["peak_rss_batch_bytes"] = peak_rss_bytes()
