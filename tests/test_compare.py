@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from report_fixtures import fasttext_report, onnx_report
 
 from compressor.cli import CompressorGroup, cli
-from compressor.compare import compare, load_report, merge_reports
 from compressor.errors import InvalidInputError, UsageError
 from compressor.html_report import render_html
+from compressor.merging import compare, load_report, merge_reports
 from compressor.report import Report, rows
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -186,7 +186,7 @@ def test_real_runs_of_the_toy_backend_compared_in_a_subprocess(
         result = runner.invoke(cli, ["run", str(toy_model["model"]), *flags, "--data", str(toy_model["eval"]),
                                      "--out", str(tmp_path / name), "--min-seconds", "0.01"])
         assert result.exit_code == 0, result.output
-    script = ("from compressor.cli import CompressorGroup; from compressor.compare import compare; "
+    script = ("from compressor.cli import CompressorGroup; from compressor.merging import compare; "
               "CompressorGroup(commands={'compare': compare})(prog_name='compressor')")
     completed = subprocess.run(
         [sys.executable, "-c", script, "compare", str(tmp_path / "quantized"), str(tmp_path / "pruned"),

@@ -1,8 +1,14 @@
 """compressor: compress a trained model several ways and measure what changed.
 
+From Python (docs/python-api.md)::
+
+    import compressor
+    report = compressor.run("model.onnx", ["quantize dynamic", "quantize fp16"], data="eval.npz")
+    report.to_pandas()
+
 The public API for plugin authors::
 
-    from compressor import hookimpl, Backend, Technique, Param, Model, Artifact, ...
+    from compressor import hookimpl, Backend, Technique, Param, Model, Artifact, Runtime, ...
 
 Importing this package imports no ML framework.
 """
@@ -31,6 +37,7 @@ from compressor.models import (
     Step,
     TensorSpec,
 )
+from compressor.runtime import Runtime
 from compressor.specs import PQ, PRUNE, QUANTIZE, QUANTIZE_MODES, Backend, Param, Technique
 
 __version__ = "0.1.0"
@@ -52,6 +59,7 @@ __all__ = [
     "Measurement",
     "Model",
     "Param",
+    "Runtime",
     "SampleModel",
     "Stopwatch",
     "Step",
@@ -61,6 +69,18 @@ __all__ = [
     "UnsupportedError",
     "UsageError",
     "__version__",
+    "compare",
     "hookimpl",
+    "measure",
+    "run",
     "time_calls",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``compressor.run``, ``compressor.measure``, ``compressor.compare``, imported on first use."""
+    if name in ("run", "measure", "compare"):
+        from compressor import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'compressor' has no attribute {name!r}")

@@ -125,9 +125,13 @@ def pareto_front(candidates: Sequence[Point]) -> list[Point]:
 
 
 def front_names(report: Report, x: Measure = SIZE) -> list[str]:
-    """Names of the variants on the Pareto front of ``x`` against the report's quality measure."""
+    """Names of the variants on the Pareto front of ``x`` against the report's quality measure:
+    the best trade-offs. Variants outside a budget or with a warning are never among them."""
     y = quality_measure(report)
-    return [] if y is None else [p.name for p in pareto_front(points(report, x, y))]
+    if y is None:
+        return []
+    flagged = {v.name for v in report.variants if v.budget_failures or getattr(v, "warnings", None)}
+    return [p.name for p in pareto_front([p for p in points(report, x, y) if p.name not in flagged])]
 
 
 # ------------------------------------------------------------------ axes

@@ -253,7 +253,7 @@ def demo(out: Path | None, only: tuple[str, ...], threads: int) -> None:
 
 
 def _register_compare() -> None:
-    from compressor.compare import compare
+    from compressor.merging import compare
 
     cli.add_command(compare)
 

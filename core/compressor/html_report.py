@@ -111,6 +111,12 @@ def _summary(report: Report) -> str:
         )
         parts.append(f'<div class="alert"><b>Outside the budget</b> (marked ! in the table):'
                      f"<ul>{items}</ul></div>")
+    warned = [v for v in report.variants if v.warnings]
+    if warned:
+        items = "".join(f"<li><b>{escape(v.name)}</b>: {escape(warning)}</li>"
+                        for v in warned for warning in v.warnings)
+        parts.append(f'<div class="warning"><b>Worse than it looks</b> (marked ? in the table; never a '
+                     f"best trade-off):<ul>{items}</ul></div>")
     if report.failed_variants:
         items = "".join(f"<li><b>{escape(v.name)}</b>: {escape(v.error or '')}</li>"
                         for v in report.failed_variants)

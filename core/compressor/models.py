@@ -13,10 +13,15 @@ from compressor.specs import POSITIONAL_PARAM, QUANTIZE
 
 @dataclass(frozen=True)
 class Step:
-    """One compression step, e.g. ``Step("prune", {"sparsity": 0.8, "epochs": 2})``."""
+    """One compression step, e.g. ``Step("prune", {"sparsity": 0.8, "epochs": 2})``.
+
+    Once validated, ``params`` holds every parameter the backend declares a
+    default for; ``defaulted`` names those the user did not give (left out of
+    the step's text and file name)."""
 
     technique: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    defaulted: frozenset[str] = frozenset()
 
     @property
     def mode(self) -> str | None:
@@ -30,7 +35,7 @@ class Step:
         words += [
             f"{key}={_format_value(value)}"
             for key, value in self.params.items()
-            if key != positional
+            if key != positional and key not in self.defaulted
         ]
         return " ".join(words)
 
@@ -45,7 +50,7 @@ class Step:
         else:
             words = [self.technique]
         for key, value in self.params.items():
-            if key == positional:
+            if key == positional or key in self.defaulted:
                 continue
             if value is True or str(value).lower() == "true":
                 words.append(key)

@@ -9,6 +9,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 REPORT_VERSION = 1
@@ -24,6 +25,14 @@ class VariantResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     budget_failures: list[str] = field(default_factory=list)
+    #: Why this variant is worse than it looks (slower, disagreeing, not smaller); see compressor.cautions.
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def artifact_path(self) -> Path | None:
+        """Where the artifact is, once the report knows its folder (the Python API's reports do)."""
+        folder = getattr(self, "_folder", None)
+        return folder / self.artifact if folder is not None and self.artifact else None
 
 
 @dataclass
@@ -36,6 +45,45 @@ class Report:
     environment: dict[str, Any] = field(default_factory=dict)
     budgets: dict[str, Any] = field(default_factory=dict)
     report_version: int = REPORT_VERSION
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder holding the artifacts and reports (set by the Python API)."""
+        return getattr(self, "_folder", None)
+
+    def attach_folder(self, folder: Path, owned: Any | None = None) -> None:
+        """Say where the artifacts are; ``owned`` (a TemporaryDirectory) lives as long as the report."""
+        self._folder = folder
+        self._owned = owned
+        for variant in self.variants:
+            variant._folder = folder  # type: ignore[attr-defined]
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder a Python API run without ``out`` wrote into."""
+        owned = getattr(self, "_owned", None)
+        if owned is not None:
+            owned.cleanup()
+            self._owned = None
+
+    def variant(self, name: str) -> VariantResult:
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise KeyError(f"no variant {name!r}; the variants are {', '.join(v.name for v in self.variants)}")
+
+    def best(self, objective: str = "size", **bounds: Any) -> VariantResult | None:
+        """The smallest (``"size"``), fastest (``"latency"``) or leanest (``"peak_ram"``)
+        variant within ``min_agreement``, ``max_accuracy_drop``, ``min_cosine``; see
+        :func:`compressor.selection.best`."""
+        from compressor.selection import best
+
+        return best(self, objective, **bounds)
+
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame, one row per variant (needs pandas)."""
+        from compressor.selection import to_pandas
+
+        return to_pandas(self)
 
     @property
     def failed_budget(self) -> bool:
@@ -118,7 +166,7 @@ def rows(report: Report) -> list[list[str]]:
             agreement_text = f"cos {metrics['cosine']['mean']:.4f}"
         else:
             agreement_text = _percent(agreement)
-        name = variant.name + (" !" if variant.budget_failures else "")
+        name = variant.name + (" !" if variant.budget_failures else "") + (" ?" if variant.warnings else "")
         if variant.error:
             table.append([name, " > ".join(variant.steps), f"FAILED: {variant.error}"] + [""] * 8)
             continue
@@ -163,6 +211,8 @@ def _footer(report: Report) -> list[str]:
     for variant in report.variants:
         for failure in variant.budget_failures:
             lines.append(f"! {variant.name}: {failure}")
+        for warning in variant.warnings:
+            lines.append(f"warning: {variant.name}: {warning}")
         for note in variant.notes:
             lines.append(f"note: {variant.name}: {note}")
     noise = noise_note(report)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from compressor import environment, scratch
+from compressor.cautions import apply_cautions
 from compressor.diskspace import check_free_space
 from compressor.errors import (
     CompressionError,
@@ -25,7 +26,7 @@ from compressor.plugins import PluginHost, plugin_errors
 from compressor.recipes import ORIGINAL, Variant, variants_from_strings
 from compressor.report import Report, VariantResult
 from compressor.specs import Backend
-from compressor.validation import apply_settings, check_data
+from compressor.validation import apply_settings, check_data, check_measure_request
 
 
 @dataclass
@@ -133,6 +134,8 @@ def load_data(
 
 
 def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_progress) -> Report:
+    check_measure_request(request.measure, request.repeats, {
+        "max_accuracy_drop": request.max_accuracy_drop, "min_agreement": request.min_agreement})
     if not request.model.exists():
         raise InvalidInputError("no such file or folder" + saved_as_hint(request.model), request.model)
     backend = resolve_backend(host, request.model, request.backend)
@@ -246,6 +249,7 @@ def _run_variants(
         },
     )
     apply_budgets(report)
+    apply_cautions(report)
     return report, [artifact for artifact in artifacts if artifact is not None]
 
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 from compressor.errors import UnsupportedError, UsageError
-from compressor.models import Context, Step
+from compressor.models import Context, MeasureSettings, Step
 from compressor.recipes import Variant
 from compressor.specs import MEASURE_OPTION_FAMILIES, MEASURE_OPTIONS, TASKS, Backend
 
@@ -40,7 +40,9 @@ def validate_step(backend: Backend, step: Step) -> Step:
     for key, param in technique.params.items():
         if param.required and key not in params:
             raise UsageError(f"{step.technique} needs {key} ({param.help or param.type.__name__})")
-    return Step(step.technique, params)
+    defaulted = {key: param.default for key, param in technique.params.items()
+                 if key not in params and param.default is not None}
+    return Step(step.technique, {**params, **defaulted}, frozenset(defaulted))
 
 
 def apply_settings(
@@ -124,3 +126,24 @@ def check_data(backend: Backend, variants: Sequence[Variant], context: Context) 
                         f"variant {variant.name!r}: '{step}' needs "
                         f"{_DATA_FLAGS.get(purpose, purpose)} on backend {backend.name!r}"
                     )
+
+
+def check_measure_request(settings: MeasureSettings, repeats: int, budgets: Mapping[str, float | None]) -> None:
+    """The CLI's bounds on measuring, for every caller (the Python API too)."""
+    import math
+    import os
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not 1 <= settings.threads <= available:
+        raise UsageError(f"threads={settings.threads}: between 1 and the {available} CPUs this process may use")
+    if not 1 <= repeats <= 1000:
+        raise UsageError(f"repeats={repeats}: between 1 and 1000")
+    if not (math.isfinite(settings.min_seconds) and 0 <= settings.min_seconds <= 3600):
+        raise UsageError(f"min_seconds={settings.min_seconds}: a number of seconds from 0 to 3600")
+    if settings.max_examples is not None and settings.max_examples < 1:
+        raise UsageError(f"max_examples={settings.max_examples}: at least 1")
+    limits = {"max_accuracy_drop": (0.0, 100.0), "min_agreement": (0.0, 1.0)}
+    for name, value in budgets.items():
+        low, high = limits[name]
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise UsageError(f"{name}={value}: a finite number from {low:g} to {high:g}")

@@ -1,0 +1,77 @@
+"""Warnings a report gives about a variant that is worse than it looks.
+
+A variant with a warning is still reported with all its numbers, but is never
+named a best trade-off (the HTML's Pareto front, :meth:`Report.best`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compressor.report import Report, VariantResult
+
+#: A variant this much slower than the original (batch-1 p50) is flagged.
+SLOWER_BY = 0.10
+#: A variant agreeing with the original on fewer examples than this is flagged.
+MIN_AGREEMENT = 0.90
+#: A variant whose file and gzip size are both above this share of the original's compressed nothing.
+NOT_SMALLER = 0.95
+#: CPU flags with 8-bit integer dot products; without them int8 kernels use AVX2 (u8 x s8 pairs can saturate).
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+_INT8_STEPS = ("quantize dynamic", "quantize int8", "quantize uint8")
+
+
+def apply_cautions(report: Report) -> None:
+    """Fill each variant's ``warnings`` and add the run-wide ones to the original's notes."""
+    if not report.variants:
+        return
+    original = report.variants[0]
+    for variant in report.variants[1:]:
+        if variant.error is None:
+            variant.warnings = variant_warnings(variant, original)
+    if not any(_fidelity(v.metrics) for v in report.variants):
+        original.warnings.append("no evaluation data: how faithful the variants are was not measured "
+                                 "(pass --data)")
+    note = _int8_cpu_note(report)
+    if note:
+        original.notes.append(note)
+
+
+def variant_warnings(variant: VariantResult, original: VariantResult) -> list[str]:
+    found = []
+    metrics, reference = variant.metrics, original.metrics
+    p50, base = _p50(metrics), _p50(reference)
+    if p50 is not None and base and p50 > base * (1 + SLOWER_BY):
+        found.append(f"slower than the original: p50 {p50:.3g} ms vs {base:.3g} ms "
+                     f"(+{100 * (p50 / base - 1):.0f}%)")
+    agreement = metrics.get("agreement")
+    if isinstance(agreement, float) and agreement < MIN_AGREEMENT:
+        kind = metrics.get("agreement_kind", "top-1")
+        found.append(f"agrees with the original on only {100 * agreement:.1f}% ({kind})")
+    size, gzip = metrics.get("size_bytes"), metrics.get("size_gzip_bytes")
+    base_size, base_gzip = reference.get("size_bytes"), reference.get("size_gzip_bytes")
+    if (size and base_size and gzip and base_gzip
+            and size >= NOT_SMALLER * base_size and gzip >= NOT_SMALLER * base_gzip):
+        found.append(f"nothing was compressed: {size / base_size:.2f}x the original's size "
+                     f"(gzip {gzip / base_gzip:.2f}x)")
+    return found
+
+
+def _p50(metrics: dict[str, Any]) -> float | None:
+    latency = metrics.get("latency_ms")
+    value = latency.get("p50") if isinstance(latency, dict) else None
+    return value if isinstance(value, float) else None
+
+
+def _fidelity(metrics: dict[str, Any]) -> bool:
+    return any(key in metrics for key in ("agreement", "cosine", "accuracy", "outputs"))
+
+
+def _int8_cpu_note(report: Report) -> str | None:
+    uses_int8 = any(step.startswith(_INT8_STEPS) for v in report.variants for step in v.steps)
+    cpu = report.environment.get("cpu", {}) if isinstance(report.environment, dict) else {}
+    flags = set(cpu.get("flags", [])) if isinstance(cpu, dict) else set()
+    if not uses_int8 or not flags or flags & set(INT8_DOT_FLAGS):
+        return None
+    return (f"this CPU ({cpu.get('model', 'unknown')}) has no 8-bit dot-product instructions "
+            "(VNNI/AMX): int8 kernels run on AVX2, so int8 speed-ups are smaller than on such CPUs")
