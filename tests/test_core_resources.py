@@ -144,3 +144,28 @@ def test_debug_shows_the_measuring_child_traceback(toy_host, toy_model, tmp_path
     assert "boom from the child" in plain.stderr and "Traceback" not in plain.stderr
     assert "Traceback" in debug.stderr and "exploding_measurer.py" in debug.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_fewer_predictions_than_examples_is_an_error_not_a_blank(toy_host, toy_model, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "short_measurer.py").write_text(
+        "from compressor import Measurement, hookimpl\n\n"
+        "@hookimpl(trylast=True)\n"
+        "def compressor_measure(artifact, data, settings):\n"
+        "    return Measurement(predictions=[0, 1, 2])\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    import short_measurer
+
+    toy_host.register(short_measurer, name="short")
+    try:
+        result = invoke("run", toy_model["model"], "-q", "fp16", "--data", toy_model["eval"],
+                        "-o", tmp_path / "out")
+    finally:
+        toy_host.unregister("short")
+        sys.modules.pop("short_measurer", None)
+    assert result.exit_code == 1, result.output
+    assert "returned 3 predictions for 200 evaluation examples" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -186,3 +186,55 @@ def test_the_example_plugin_compresses_and_measures(example_site: Path, tmp_path
     assert 1.8 < original["size_bytes"] / fp16["size_bytes"] <= 2.0
     assert original["size_bytes"] / dynamic["size_bytes"] > 3
     assert dynamic["agreement"] > 0.95
+
+
+def test_a_misspelt_hook_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    source = """
+        from compressor import hookimpl
+        @hookimpl
+        def compressor_mesure(artifact, data, settings):
+            return None
+    """
+    write_dist(tmp_path, "typo_plugin", {"typo": "typo_module"}, {"typo_module": source})
+    result = run_cli("backends", extra_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("warning: plugin 'typo' implements compressor_mesure, which is not a compressor hook "
+            "(did you mean compressor_measure?); skipped") in result.stderr
+
+
+def test_a_misspelt_hook_registered_in_process_raises() -> None:
+    import pluggy
+
+    from compressor import hookimpl
+
+    class Typo:
+        @hookimpl
+        def compressor_compres(self, model, step, context):
+            return None
+
+    with pytest.raises(pluggy.PluginValidationError, match="did you mean compressor_compress"):
+        PluginHost(load_entry_points=False).register(Typo(), name="typo")
+
+
+def test_every_hook_is_documented_in_the_plugin_guide() -> None:
+    from compressor import hookspecs
+
+    guide = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    hooks = [name for name in dir(hookspecs) if name.startswith("compressor_")]
+    assert len(hooks) >= 10
+    missing = [name for name in hooks if f"`{name}(" not in guide]
+    assert not missing, f"hooks missing from docs/writing-a-plugin.md: {missing}"
+    for name in hooks:
+        assert "Example::" in (getattr(hookspecs, name).__doc__ or ""), f"{name} has no example"
+
+
+def test_the_plugin_guide_shows_the_example_plugin_as_it_is() -> None:
+    """Code in docs/writing-a-plugin.md that uses the example's own names is copied from it."""
+    guide = (ROOT / "docs" / "writing-a-plugin.md").read_text()
+    example = (ROOT / "examples" / "compressor-example" / "compressor_example" / "plugin.py").read_text()
+    import re
+
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", guide, re.S) if "NAME" in b or "Mlp" in b]
+    assert len(blocks) >= 2
+    for block in blocks:
+        assert block.strip() in example, block[:80]

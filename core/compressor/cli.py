@@ -186,7 +186,8 @@ def measure(model: Path, backend: str | None, data: Path | None, set_pairs: tupl
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def backends(as_json: bool) -> None:
+@click.option("--check", is_flag=True, help="Also import each installed backend's framework to check it works.")
+def backends(as_json: bool, check: bool) -> None:
     """List backends, their techniques and formats, and whether they are installed."""
     host = _host()
     rows = []
@@ -197,6 +198,7 @@ def backends(as_json: bool) -> None:
             "description": backend.description,
             "plugin": backend.plugin_name,
             "installed": not missing,
+            "broken": None if missing else backend.broken_reason(deep=check),
             "missing": missing,
             "install": backend.install_hint(),
             "formats": list(backend.formats),
@@ -213,6 +215,8 @@ def backends(as_json: bool) -> None:
         state = "installed" if row["installed"] else (
             f"not installed (missing {', '.join(row['missing'])}: {row['install']})"
         )
+        if row["broken"]:
+            state = f"installed but broken: {row['broken']}"
         click.echo(f"{row['name']}: {row['description']} [{state}]")
         click.echo(f"  formats:    {', '.join(row['formats'])}")
         techniques = [

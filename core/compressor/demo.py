@@ -6,7 +6,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from compressor.errors import CompressionError, CompressorError, UnsupportedError
+from compressor.errors import CompressionError, CompressorError, UnsupportedError, first_line
 from compressor.models import MeasureSettings, ProgressCallback, SampleModel
 from compressor.plugins import PluginHost, plugin_errors
 from compressor.recipes import variants_from_strings
@@ -14,18 +14,29 @@ from compressor.report import render_table
 from compressor.runner import RunRequest, run
 
 
-def sample_models(host: PluginHost, folder: Path, only: Sequence[str]) -> list[SampleModel]:
+def sample_models(host: PluginHost, folder: Path, only: Sequence[str],
+                  broken: dict[str, str] | None = None) -> list[SampleModel]:
+    """Each installed backend's samples. A backend whose framework is broken (an
+    impostor package, a failing import) goes into ``broken`` with the reason."""
     samples: list[SampleModel] = []
+    broken = {} if broken is None else broken
     for backend in host.backends().values():
         if only and backend.name not in only:
             continue
         if not backend.is_installed():
             continue
+        reason = backend.broken_reason()
+        if reason:
+            broken[backend.name] = reason
+            continue
         target = folder / backend.name
         target.mkdir(parents=True, exist_ok=True)
-        with plugin_errors(backend):
-            for produced in host.hook_for(backend.name, "compressor_sample_models")(directory=target):
-                samples.extend(s for s in produced or () if s.backend == backend.name)
+        try:
+            with plugin_errors(backend):
+                for produced in host.hook_for(backend.name, "compressor_sample_models")(directory=target):
+                    samples.extend(s for s in produced or () if s.backend == backend.name)
+        except Exception as error:  # noqa: BLE001 - one backend's broken framework must not stop the others
+            broken[backend.name] = f"{type(error).__name__}: {first_line(error)}"
     return samples
 
 
@@ -44,7 +55,8 @@ def run_demo(
     missing = [b for b in host.backends().values() if not b.is_installed() and (not only or b.name in only)]
     with tempfile.TemporaryDirectory(prefix="compressor-demo-") as scratch:
         root = out.absolute() if out else Path(scratch)
-        samples = sample_models(host, root / "samples", only)
+        broken: dict[str, str] = {}
+        samples = sample_models(host, root / "samples", only, broken)
         if not samples:
             raise UnsupportedError(
                 "no installed backend has a sample model; install one, e.g. "
@@ -67,6 +79,10 @@ def run_demo(
             )
             try:
                 report = run(request, host, progress)
+            except UnsupportedError as error:
+                end_progress()
+                broken[sample.backend] = error.message
+                continue
             except CompressorError as error:
                 end_progress()
                 echo(f"error: {error}")
@@ -76,6 +92,8 @@ def run_demo(
             echo(render_table(report))
         for backend in missing:
             echo(f"\n({backend.name} skipped: {backend.install_hint()})")
+        for name, reason in broken.items():
+            echo(f"\n({name} skipped: installed but broken: {reason})")
         if out:
             echo(f"\nsamples, artifacts and reports are in {root}")
         else:

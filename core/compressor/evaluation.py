@@ -50,6 +50,16 @@ def measure_variants(
                 results[index].error = f"measuring failed: {error.message}"
                 artifacts[index] = None
                 runs[index] = []
+    expected = None if eval_data is None else min(eval_data.size, settings.max_examples or eval_data.size)
+    for result, measured in zip(results, runs):
+        for run in measured:
+            count = None if run.predictions is None else len(run.predictions)
+            if expected is not None and count is not None and count != expected:
+                raise CompressorError(
+                    f"the {results[0].name if result is results[0] else result.name} measurement returned "
+                    f"{count} predictions for {expected} evaluation examples (a bug in the backend's "
+                    "compressor_measure)"
+                )
     reference = runs[0][0] if runs[0] else None
     labels = _labels(eval_data, settings)
     if reference is not None and labels is not None and data_path is not None:

@@ -77,6 +77,10 @@ class PluginHost:
                 continue
             try:
                 plugin = entry_point.load()
+                unknown = unknown_hooks(plugin)
+                if unknown:
+                    self.warnings.append(f"warning: plugin {entry_point.name!r} {unknown}; skipped")
+                    continue
                 self.manager.register(plugin, name=entry_point.name)
             except KeyboardInterrupt:
                 raise
@@ -97,7 +101,10 @@ class PluginHost:
 
     def register(self, plugin: ModuleType | object, name: str | None = None) -> None:
         """Register a plugin in-process (tests, scripts). Module plugins also reach
-        the measurement subprocesses."""
+        the measurement subprocesses. A misspelt hook is an error here."""
+        unknown = unknown_hooks(plugin)
+        if unknown:
+            raise pluggy.PluginValidationError(plugin, f"plugin {name or plugin!r} {unknown}")
         self.manager.register(plugin, name=name)
         if isinstance(plugin, ModuleType):
             self._extra_modules.append(plugin.__name__)
@@ -207,6 +214,23 @@ class PluginHost:
         if backend_name is None:
             return self.manager.hook.compressor_load
         return self.hook_for(backend_name, "compressor_load")
+
+
+def unknown_hooks(plugin: object) -> str | None:
+    """What is wrong when ``plugin`` implements a hook compressor does not have
+    (a misspelling that would otherwise never be called), else None."""
+    import difflib
+
+    known = [name for name in dir(hookspecs) if name.startswith(f"{hookspecs.PROJECT_NAME}_")]
+    marker = f"{hookspecs.PROJECT_NAME}_impl"
+    wrong = [name for name in dir(plugin)
+             if hasattr(getattr(plugin, name, None), marker) and name not in known]
+    if not wrong:
+        return None
+    name = wrong[0]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"implements {name}, which is not a compressor hook{hint}"
 
 
 @contextmanager

@@ -94,6 +94,9 @@ def resolve_backend(host: PluginHost, path: Path, requested: str | None) -> Back
             f"backend {backend.name!r} needs {', '.join(missing)}; install it with: "
             f"{backend.install_hint()}"
         )
+    broken = backend.broken_reason()
+    if broken:
+        raise UnsupportedError(f"backend {backend.name!r} is installed but broken: {broken}")
     return backend
 
 

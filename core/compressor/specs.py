@@ -133,6 +133,10 @@ class Backend:
     distributions: tuple[str, ...] = ()
     #: Variants ``compressor run`` makes when no technique is asked for.
     default_variants: tuple[tuple[str, ...], ...] = ()
+    #: ``{module: (distribution, ...)}``: the distributions that may provide a required
+    #: module. Another one providing it (``fasttext-predict`` installs a different
+    #: ``fasttext``) makes the backend "installed but broken", told without importing.
+    providers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: Modules the measuring process imports before it times opening the runtime,
     #: so ``load_ms`` is the artifact's load, not the framework's import.
     runtime_imports: tuple[str, ...] = ()
@@ -152,6 +156,26 @@ class Backend:
 
     def is_installed(self) -> bool:
         return not self.missing_modules()
+
+    def broken_reason(self, deep: bool = False) -> str | None:
+        """Why an installed backend cannot work: a module from the wrong distribution
+        (checked from package metadata, nothing imported) or, with ``deep``, a module
+        that fails to import."""
+        import importlib
+
+        for module, allowed in self.providers.items():
+            found = _providing_distribution(module)
+            if found is not None and found not in allowed:
+                return (f"the module {module!r} comes from {found}, not {' or '.join(allowed)} "
+                        f"(pip uninstall {found}; {self.install_hint()})")
+        if deep:
+            for module in (*self.requires, *self.runtime_imports):
+                try:
+                    importlib.import_module(module)
+                except Exception as error:  # noqa: BLE001 - any failure to import is the reason
+                    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                    return f"importing {module!r} fails ({type(error).__name__}: {first[:160]})"
+        return None
 
     def missing_modules(self) -> list[str]:
         from importlib.util import find_spec
@@ -174,3 +198,28 @@ MEASURE_OPTIONS.update({
     "task": Param(str, None, "what every output is", choices=TASKS),
     "eval_batch": Param(int, 1, "batch size for computing fidelity", minimum=1, maximum=4096),
 })
+
+
+def _providing_distribution(module: str) -> str | None:
+    """The installed distribution whose files hold what ``import module`` would load
+    (found from metadata, without importing it); None when unknown."""
+    from importlib import metadata
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    try:
+        spec = find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    origin = Path(spec.origin).resolve()
+    for name in metadata.packages_distributions().get(module.split(".")[0], []):
+        try:
+            files = metadata.distribution(name).files or []
+        except metadata.PackageNotFoundError:
+            continue
+        distribution = metadata.distribution(name)
+        if any(Path(distribution.locate_file(file)).resolve() == origin for file in files):
+            return str(distribution.metadata["Name"])
+    return None

@@ -1,8 +1,14 @@
-"""The ``npz-mlp`` backend: hook implementations only, NumPy imported lazily."""
+"""The ``npz-mlp`` backend: NumPy MLP weight archives, quantized and pruned.
+
+A whole backend: declare it, identify and load its files, compress, save, and
+open a saved file as a :class:`compressor.Runtime` that core measures. NumPy is
+imported inside functions only, so ``compressor --help`` stays fast.
+"""
 
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -10,19 +16,16 @@ from compressor import (
     Artifact,
     Backend,
     Context,
-    Dataset,
     InvalidInputError,
-    Measurement,
     MeasureSettings,
     Model,
     Param,
+    Runtime,
     SampleModel,
     Step,
-    Stopwatch,
     Technique,
     TensorSpec,
     hookimpl,
-    time_calls,
 )
 
 NAME = "npz-mlp"
@@ -52,6 +55,7 @@ def compressor_backends() -> list[Backend]:
                 ),
             },
             requires=("numpy",),
+            runtime_imports=("numpy",),
             distributions=("compressor-example",),
             default_variants=(("quantize fp16",), ("quantize dynamic",)),
         )
@@ -146,31 +150,31 @@ def forward(layers: list[tuple[Any, Any]], x: Any) -> Any:
     return x
 
 
-@hookimpl
-def compressor_measure(
-    artifact: Artifact, data: Dataset | None, settings: MeasureSettings
-) -> Measurement:
-    import numpy as np
+class MlpRuntime(Runtime):
+    """A saved archive, ready to run: core feeds it, times it and compares its outputs."""
 
-    with Stopwatch() as load:
-        arrays = read_layers(artifact.path)
-        layers = [
-            (dense_weights(arrays, i), arrays[f"b{i}"].astype(np.float32))
-            for i in range(layer_count(arrays))
-        ]
-    if data is None:
-        x = np.zeros((1, layers[0][0].shape[0]), np.float32)
-    else:
-        x = data.features["x"][: settings.max_examples]
-    batch = x[: settings.batch_size]
-    return Measurement(
-        metrics={
-            "load_ms": load.ms,
-            "latency_ms": time_calls(lambda: forward(layers, x[:1]), settings),
-            "latency_batch_ms": time_calls(lambda: forward(layers, batch), settings, len(batch)),
-        },
-        predictions=forward(layers, x).argmax(1) if data is not None else None,
-    )
+    def __init__(self, path: Path) -> None:
+        import numpy as np
+
+        arrays = read_layers(path)
+        self.layers = [(dense_weights(arrays, i), arrays[f"b{i}"].astype(np.float32))
+                       for i in range(layer_count(arrays))]
+        self.inputs = (TensorSpec("x", (None, self.layers[0][0].shape[0]), "float32"),)
+        self.outputs = (TensorSpec("logits", (None, self.layers[-1][0].shape[1]), "float32"),)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        return {"logits": forward(self.layers, feeds["x"])}
+
+
+@hookimpl
+def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings) -> Runtime:
+    return MlpRuntime(artifact.path)
+
+
+@hookimpl
+def compressor_fork(model: Model, context: Context) -> Model:
+    # compress replaces arrays and never changes them in place: variants can share the load.
+    return Model(NAME, model.source, "npz", dict(model.handle), model.inputs, list(model.notes))
 
 
 @hookimpl
