@@ -238,3 +238,29 @@ def test_the_plugin_guide_shows_the_example_plugin_as_it_is() -> None:
     assert len(blocks) >= 2
     for block in blocks:
         assert block.strip() in example, block[:80]
+
+
+def test_a_heavy_plugin_does_not_change_another_backends_peak_ram(tmp_path: Path) -> None:
+    """The measuring process imports only the measured backend's plugin."""
+    from onnx_fixtures import tiny_onnx_with_external_data
+
+    heavy = """
+        from compressor import Backend, hookimpl
+        BALLAST = bytearray(200 * 1024 * 1024)
+        BALLAST[::4096] = b"x" * len(BALLAST[::4096])
+        @hookimpl
+        def compressor_backends():
+            return [Backend(name="heavy", description="allocates at import", formats=(".heavy",),
+                            techniques={})]
+    """
+    site = tmp_path / "site"
+    write_dist(site, "heavy_plugin", {"heavy": "heavy_module"}, {"heavy_module": heavy})
+    model = tiny_onnx_with_external_data(tmp_path / "model")
+    peaks = []
+    for extra in (None, site):
+        out = tmp_path / f"out-{'heavy' if extra else 'plain'}"
+        result = run_cli("measure", model, "--min-seconds", "0", "--out", out, extra_path=extra)
+        assert result.returncode == 0, result.stderr
+        report = json.loads((out / "report.json").read_text())
+        peaks.append(report["variants"][0]["metrics"]["peak_rss_bytes"])
+    assert abs(peaks[1] - peaks[0]) < 30 * 1024 * 1024, peaks
