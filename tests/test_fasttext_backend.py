@@ -23,6 +23,7 @@ from compressor import (
     MeasureSettings,
     Step,
     UnsupportedError,
+    UsageError,
 )
 from compressor.plugins import PluginHost
 from compressor_fasttext import plugin
@@ -62,6 +63,10 @@ def test_identify_by_suffix_or_magic(ft: FastTextFiles, tmp_path: Path) -> None:
     assert plugin.compressor_identify(ft.quantized) == "fasttext"
     assert plugin.compressor_identify(renamed) == "fasttext"
     assert plugin.compressor_identify(text) is None
+    # Another format's suffix is left to its backend, which reports the lie.
+    liar = tmp_path / "classifier.tflite"
+    liar.write_bytes(ft.model.read_bytes())
+    assert plugin.compressor_identify(liar) is None
 
 
 def test_layout_matches_what_fasttext_loads(ft: FastTextFiles) -> None:
@@ -132,12 +137,12 @@ def test_a_fasttext_crash_while_loading_becomes_an_error(ft: FastTextFiles, tmp_
 def test_reads_labelled_text(tmp_path: Path) -> None:
     path = tmp_path / "data.txt"
     path.write_text("__label__a __label__b first  line\n\n  \nsecond __label__c\tline\nno label\n")
-    data = plugin.compressor_load_data(path, "eval", (), "fasttext")
+    data = plugin.compressor_load_data(path, "eval", (), "fasttext", None)
     assert data.features == ["first line", "second line", "no label"]
     assert data.labels == [["__label__a", "__label__b"], ["__label__c"], []]
     assert isinstance(data.labels[:2], LabelLists)
     assert np.asarray(data.labels[:2]).tolist() == ["__label__a __label__b", "__label__c"]
-    assert plugin.compressor_load_data(tmp_path / "x.npz", "eval", (), "fasttext") is None
+    assert plugin.compressor_load_data(tmp_path / "x.npz", "eval", (), "fasttext", None) is None
 
 
 @pytest.mark.parametrize(
@@ -148,6 +153,28 @@ def test_bad_data_files_are_refused(tmp_path: Path, content: bytes, message: str
     path = tmp_path / "data.txt"
     path.write_bytes(content)
     with pytest.raises(InvalidInputError, match=message) as caught:
+        read_labelled_text(path)
+    assert caught.value.path == path
+
+
+def test_only_the_examples_asked_for_are_read(tmp_path: Path) -> None:
+    """--max-examples 3 stops after three examples: a bad line further down is never read."""
+    path = tmp_path / "data.txt"
+    path.write_bytes(b"\n".join([b"__label__a one", b"", b"__label__b two", b"__label__a three",
+                                  b"__label__b \xff"]) + b"\n")
+    data = plugin.compressor_load_data(path, "eval", (), "fasttext", 3)
+    assert data.features == ["one", "two", "three"] and data.size == 3
+    with pytest.raises(InvalidInputError, match="line 5 is not UTF-8"):
+        read_labelled_text(path)
+
+
+def test_a_line_over_the_cap_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    from compressor_fasttext.data import MAX_LINE_BYTES
+
+    path = tmp_path / "data.txt"
+    path.write_bytes(b"__label__a " + b"w" * (MAX_LINE_BYTES - 11) + b"\n__label__b " + b"x" * MAX_LINE_BYTES)
+    assert read_labelled_text(path, 1).size == 1
+    with pytest.raises(InvalidInputError, match=r"line 2 is longer than 1,048,576 bytes") as caught:
         read_labelled_text(path)
     assert caught.value.path == path
 
@@ -201,6 +228,7 @@ def test_qout_quantizes_the_output_of_a_model_with_many_labels(ft: FastTextFiles
         ("tiny", {}, CompressionError, "at least 256 input rows"),
         ("model", {"cutoff": 100}, CompressionError, "cutoff=100 keeps 100"),
         ("model", {"qout": True}, CompressionError, "qout needs at least 256 labels"),
+        ("model", {"dsub": 17}, UsageError, "dsub=17 is larger than the model's dim 16"),
     ],
 )
 def test_pq_refuses_what_fasttext_cannot_quantize(

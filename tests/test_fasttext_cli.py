@@ -147,3 +147,76 @@ def test_demo_runs_the_sample_model(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "pq cutoff=1000 retrain=true qnorm=true" in result.output
     assert (tmp_path / "demo" / "runs" / "fasttext-topics" / "pq-cutoff1000-retrain-qnorm.ftz").exists()
+
+
+def check_refused(ft: FastTextFiles, tmp_path: Path, code: int, message: str, *args: str) -> str:
+    """One line naming the key or file, the exit code, nothing written, inputs unchanged."""
+    before = snapshot(ft.folder)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(ft.model), "--out", str(out), *args])
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert "__label__" not in result.output and len(result.output) < 400
+    assert not out.exists() and snapshot(ft.folder) == before
+    return lines[0]
+
+
+RETRAIN = ("--set", "cutoff=1000", "--set", "retrain=true")
+
+
+@pytest.mark.parametrize(
+    ("setting", "extra"),
+    [
+        # fastText aborted the process (SIGABRT) starting this many threads.
+        ("thread=1000000", RETRAIN),
+        # These overflowed fastText's 32-bit arguments: an internal error (exit 1),
+        # k's carrying the whole eval text in its message.
+        ("thread=100000000000", RETRAIN),
+        ("dsub=100000000000", ()),
+        ("cutoff=100000000000", ()),
+        ("epoch=100000000000", RETRAIN),
+        ("k=100000000000", ()),
+        ("lr=1e30", RETRAIN),
+    ],
+)
+def test_parameters_fasttext_cannot_take_are_usage_errors(
+    ft: FastTextFiles, tmp_path: Path, setting: str, extra: tuple[str, ...]
+) -> None:
+    key = setting.split("=")[0]
+    check_refused(ft, tmp_path, 2, f"{key}=", "--pq", "--set", setting, *extra,
+                  "--train-data", str(ft.train), "--data", str(ft.test))
+
+
+def test_dsub_larger_than_the_model_is_a_usage_error(ft: FastTextFiles, tmp_path: Path) -> None:
+    check_refused(ft, tmp_path, 2, "dsub=17 is larger than the model's dim 16", "--pq", "--set", "dsub=17")
+
+
+def test_a_50_mb_line_of_eval_text_is_invalid(ft: FastTextFiles, tmp_path: Path) -> None:
+    huge = ft.folder / "one-line.txt"
+    huge.write_bytes(b"__label__games " + b"w1 " * ((50 << 20) // 3))
+    try:
+        line = check_refused(ft, tmp_path, 4, "line 1 is longer than", "--pq", "--data", str(huge), *QUICK)
+    finally:
+        huge.unlink()
+    assert str(huge) in line
+
+
+def test_max_examples_reads_only_what_it_evaluates(ft: FastTextFiles, tmp_path: Path) -> None:
+    """A 200 MB eval file with --max-examples 100 costs the measuring process no more
+    memory than a small one: neither process reads past the 100th example."""
+    big = tmp_path / "big.txt"
+    line = ft.test.read_bytes().splitlines(keepends=True)[0]
+    with big.open("wb") as stream:
+        stream.write(ft.test.read_bytes())
+        stream.write(line * ((200 << 20) // len(line)))
+    peaks = {}
+    for name, data in (("small", ft.test), ("big", big)):
+        out = tmp_path / name
+        result = run_cli("measure", str(ft.model), "--data", str(data), "--max-examples", "100",
+                         "--out", str(out), *QUICK)
+        assert result.exit_code == 0, result.output
+        original = json.loads((out / "report.json").read_text())["variants"][0]["metrics"]
+        assert original["examples_evaluated"] == 100
+        peaks[name] = original["peak_rss_bytes"]
+    assert peaks["big"] - peaks["small"] < 50 << 20, peaks

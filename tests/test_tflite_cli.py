@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 import subprocess
 import sys
+import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from conftest import snapshot
 from tflite_fixtures import (
     KerasFiles,
     corrupt_variants,
+    dense_model_files,
+    edit_keras_weights,
+    edit_tflite,
     environment_without_legacy_keras,
+    kernel_path,
     lambda_model_files,
+    rewrite_keras_archive,
     shared_digits_files,
 )
 
 from compressor import Context, InvalidInputError, UnsafeInputError
 from compressor.cli import cli
 from compressor.recipes import load_recipe
-from compressor_tflite import plugin
+from compressor_tflite import hdf5, plugin
 
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "pruning-study.toml"
 FAST = ["--min-seconds", "0"]
@@ -203,3 +214,208 @@ def test_real_subprocess_without_legacy_keras_variable(files: KerasFiles, tmp_pa
     assert "one-shot" in variant["notes"][0]
     assert variant["metadata"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert (out / variant["artifact"]).is_file()
+
+
+# --- Keras archives and configs that inflate, and what tf_keras extracts ----------------
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return dense_model_files(tmp_path_factory.mktemp("dense"))
+
+
+@pytest.fixture
+def private_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def check_refused(model: Path, code: int, message: str, out: Path, scratch: Path) -> None:
+    """The four promises, plus nothing left in $TMPDIR."""
+    before = snapshot(model.parent)
+    exit_code, _, stderr = invoke("run", model, "-q", "fp16", "-o", out)
+    assert exit_code == code, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {model}: ") and message in lines[0], stderr
+    assert not out.exists() and list(scratch.iterdir()) == []
+    assert snapshot(model.parent) == before
+
+
+def test_extracted_assets_never_stay_in_tmpdir(
+    dense: tuple[Path, Path], tmp_path: Path, private_tmpdir: Path
+) -> None:
+    """With more than three members tf_keras extracts the whole archive into a temporary
+    folder and removes it only when loading succeeds: after a run, success or failure,
+    $TMPDIR holds nothing."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    assets = {"assets/notes.txt": b"four members make tf_keras extract them all"}
+    good = rewrite_keras_archive(dense[0], inputs / "assets.keras", assets)
+    code, _, stderr = invoke("run", good, "-q", "fp16", "-o", tmp_path / "out", *FAST)
+    assert code == 0, stderr
+    assert list(private_tmpdir.iterdir()) == []
+
+    def drop_kernel(file: object) -> None:
+        del file[kernel_path(file)]  # type: ignore[index]
+
+    broken = edit_keras_weights(good, inputs / "broken.keras", drop_kernel)
+    check_refused(broken, 4, "cannot load the Keras model", tmp_path / "out2", private_tmpdir)
+
+
+def _inflating(name: str, size: int, compression: int = zipfile.ZIP_DEFLATED) -> Callable[[Path, Path], Path]:
+    def build(source: Path, destination: Path) -> Path:
+        content = b'{"padding": "' + b" " * size + b'"}' if name == "config.json" else bytes(size)
+        return rewrite_keras_archive(source, destination, {name: content}, compression)
+
+    return build
+
+
+def _patched(name: str, offset: int, fmt: str, value: int) -> Callable[[Path, Path], Path]:
+    """Overwrite a field of ``name``'s central-directory entry (offsets from its signature)."""
+
+    def build(source: Path, destination: Path) -> Path:
+        data = bytearray(source.read_bytes())
+        entries = [
+            start for start in _central_entries(data)
+            if data[start + 46 : start + 46 + struct.unpack_from("<H", data, start + 28)[0]] == name.encode()
+        ]
+        struct.pack_into(fmt, data, entries[0] + offset, value)
+        destination.write_bytes(bytes(data))
+        return destination
+
+    return build
+
+
+def _central_entries(data: bytearray) -> list[int]:
+    starts, position = [], data.find(b"PK\x01\x02")
+    while position >= 0:
+        starts.append(position)
+        position = data.find(b"PK\x01\x02", position + 1)
+    return starts
+
+
+def _nested(source: Path, destination: Path) -> Path:
+    return rewrite_keras_archive(source, destination, {"config.json": b"[" * 50_000 + b"]" * 50_000})
+
+
+INFLATING: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
+    "config bomb": (_inflating("config.json", 100 << 20), "'config.json' inflates from"),
+    "config over the cap": (_inflating("config.json", 65 << 20, zipfile.ZIP_STORED),
+                            "config.json is 68,157,455 bytes, over"),
+    "member bomb": (_inflating("assets/zeros.bin", 8 << 20), "'assets/zeros.bin' inflates from"),
+    "declared 3 GB": (_patched("config.json", 24, "<I", 3_000_000_000), "declares 3,000,000,000 bytes in"),
+    "larger than the archive": (_patched("model.weights.h5", 20, "<I", 2_000_000_000), "but the archive has"),
+    "encrypted": (_patched("config.json", 8, "<H", 1), "is encrypted"),
+    "unknown compression": (_patched("config.json", 10, "<H", 99), "unknown compression method 99"),
+    "nested config": (_nested, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("case", INFLATING)
+def test_archives_that_inflate_or_lie_are_refused_before_reading(
+    dense: tuple[Path, Path], tmp_path: Path, private_tmpdir: Path, case: str
+) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    build, message = INFLATING[case]
+    model = build(dense[0], inputs / "model.keras")
+    check_refused(model, 4, message, tmp_path / "out", private_tmpdir)
+
+
+def test_an_h5_config_over_the_cap_is_refused(
+    dense: tuple[Path, Path], tmp_path: Path, private_tmpdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hdf5, "CONFIG_LIMIT", 100)  # real configs are larger
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    model = inputs / "model.h5"
+    model.write_bytes(dense[1].read_bytes())
+    check_refused(model, 4, "its model_config is", tmp_path / "out", private_tmpdir)
+
+
+# --- .tflite files the interpreter trusts -------------------------------------------------
+
+TFLITE_DAMAGE: dict[str, tuple[Callable[[Any], None], str]] = {
+    # The interpreter raised RuntimeError at allocation: once an internal error (exit 1).
+    "operator input out of range": (
+        lambda model: model.subgraphs[0].operators[0].inputs.__setitem__(0, 9999),
+        "Invalid tensor index 9999 in node inputs",
+    ),
+    "subgraph output out of range": (
+        lambda model: model.subgraphs[0].outputs.__setitem__(0, -7),
+        "Invalid tensor index -7 in outputs",
+    ),
+    # A signature naming a missing subgraph crashed the main process (SIGSEGV).
+    "signature subgraph out of range": (
+        lambda model: setattr(model.signatureDefs[0], "subgraphIndex", 7), "crashed opening it: SIGSEGV"
+    ),
+    "tensor buffer out of range": (
+        lambda model: setattr(model.subgraphs[0].tensors[0], "buffer", 9999), "out of range buffer 9999"
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", TFLITE_DAMAGE)
+def test_tflite_with_indices_out_of_range_is_invalid(
+    fp32_tflite: Path, tmp_path: Path, private_tmpdir: Path, damage: str
+) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    edit, message = TFLITE_DAMAGE[damage]
+    model = edit_tflite(fp32_tflite, inputs / "model.tflite", edit)
+    check_refused(model, 4, message, tmp_path / "out", private_tmpdir)
+
+
+def _lone_layer(source: Path, destination: Path) -> Path:
+    import h5py
+    import numpy as np
+
+    layer = json.loads(zipfile.ZipFile(source).read("config.json"))["config"]["layers"][1]
+    config = {**layer, "module": "keras.layers", "registered_name": None,
+              "build_config": {"input_shape": [None, 4]}}
+    weights = io.BytesIO()
+    with h5py.File(weights, "w") as file:
+        file["vars/0"] = np.zeros((4, 2), np.float32)
+        file["vars/1"] = np.zeros(2, np.float32)
+    return rewrite_keras_archive(
+        source, destination, {"config.json": json.dumps(config).encode(), "model.weights.h5": weights.getvalue()}
+    )
+
+
+def _unbuilt_sequential(source: Path, destination: Path) -> Path:
+    config = {"module": "keras", "class_name": "Sequential", "registered_name": None,
+              "config": {"name": "empty", "layers": []}}
+    return rewrite_keras_archive(source, destination, {"config.json": json.dumps(config).encode()})
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [(_lone_layer, "holds a single Dense layer"), (_unbuilt_sequential, "without defined input shapes")],
+    ids=["lone layer", "unbuilt Sequential"],
+)
+def test_a_keras_file_without_a_whole_model_is_invalid(
+    dense: tuple[Path, Path], tmp_path: Path, private_tmpdir: Path,
+    build: Callable[[Path, Path], Path], message: str,
+) -> None:
+    """Both loaded, then failed on the model's inputs: once an internal error (exit 1)."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    check_refused(build(dense[0], inputs / "model.keras"), 4, message, tmp_path / "out", private_tmpdir)
+
+
+def test_a_saved_model_with_a_damaged_fingerprint_is_invalid(
+    dense: tuple[Path, Path], tmp_path: Path, private_tmpdir: Path
+) -> None:
+    """TensorFlow loads past it but logs a 10-line traceback on stderr, once per load."""
+    from compressor_tflite import frameworks
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    folder = inputs / "saved"
+    frameworks.keras().models.load_model(dense[0]).save(folder)
+    fingerprint = folder / "fingerprint.pb"
+    fingerprint.write_bytes(fingerprint.read_bytes()[:20])
+    check_refused(folder, 4, "has a damaged fingerprint.pb", tmp_path / "out", private_tmpdir)

@@ -151,3 +151,85 @@ def gru_model_file(folder: Path) -> tuple[Path, Path]:
     x = np.random.default_rng(5).normal(size=(12, 6, 4)).astype("float32")
     np.savez(folder / "gru.npz", x=x, y=model.predict(x, verbose=0).argmax(1))
     return folder / "gru.keras", folder / "gru.npz"
+
+
+def dense_model_files(folder: Path) -> tuple[Path, Path]:
+    """A one-layer model (a 4x2 kernel and a bias), as .keras and .h5."""
+    from compressor_tflite import frameworks
+
+    keras = frameworks.keras()
+    keras.utils.set_random_seed(6)
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs))
+    model.save(folder / "dense.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model.save(folder / "dense.h5")
+    return folder / "dense.keras", folder / "dense.h5"
+
+
+def rewrite_keras_archive(
+    source: Path, destination: Path, members: dict[str, bytes | None], compression: int = 0
+) -> Path:
+    """A copy of the ``.keras`` zip ``source`` with ``members`` replaced (None: removed) or added."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive:
+        contents = {name: archive.read(name) for name in archive.namelist()}
+    contents.update(members)
+    with zipfile.ZipFile(destination, "w", compression) as archive:
+        for name, content in contents.items():
+            if content is not None:
+                archive.writestr(name, content)
+    return destination
+
+
+def edit_keras_weights(source: Path, destination: Path, edit: Any) -> Path:
+    """A copy of ``source`` (.h5 or .keras) whose HDF5 weights went through ``edit(h5py.File)``."""
+    import zipfile
+
+    import h5py
+
+    if source.suffix == ".h5":
+        shutil.copyfile(source, destination)
+        with h5py.File(destination, "r+") as file:
+            edit(file)
+        return destination
+    scratch = destination.with_name(destination.name + ".weights.h5")
+    with zipfile.ZipFile(source) as archive:
+        scratch.write_bytes(archive.read("model.weights.h5"))
+    with h5py.File(scratch, "r+") as file:
+        edit(file)
+    rewrite_keras_archive(source, destination, {"model.weights.h5": scratch.read_bytes()})
+    scratch.unlink()
+    return destination
+
+
+def kernel_path(file: Any) -> str:
+    """The HDF5 path of the first 2-D weight in a Keras weights file."""
+    import h5py
+
+    found: list[str] = []
+    file.visititems(
+        lambda name, node: found.append(name)
+        if isinstance(node, h5py.Dataset) and len(node.shape) == 2 else None
+    )
+    return found[0]
+
+
+def edit_tflite(source: Path, destination: Path, edit: Any) -> Path:
+    """A copy of the ``.tflite`` ``source`` whose unpacked schema object went through ``edit``."""
+    import flatbuffers
+
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:
+        from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(source.read_bytes()), 0)
+    edit(model)
+    builder = flatbuffers.Builder(0)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    destination.write_bytes(bytes(builder.Output()))
+    return destination

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, SupportsIndex, overload
+from typing import Any, BinaryIO, SupportsIndex, overload
 
 from compressor.errors import InvalidInputError
 from compressor.models import Dataset
@@ -52,19 +52,35 @@ def split_line(line: str) -> tuple[list[str], str]:
     return labels, " ".join(words)
 
 
-def read_labelled_text(path: Path) -> Dataset:
+def read_labelled_text(path: Path, limit: int | None = None) -> Dataset:
     """Read a fastText training / test file: features are texts, labels lists of labels.
 
-    Blank lines are skipped; a file without any ``__label__`` is refused.
+    Reads line by line and stops after ``limit`` examples (``--max-examples``),
+    so a large file costs neither time nor memory. Blank lines are skipped; a
+    line longer than :data:`MAX_LINE_BYTES` or not UTF-8, and a file without
+    any ``__label__``, are refused.
     """
+    texts: list[str] = []
+    labels = LabelLists()
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise InvalidInputError(f"line {line} is not UTF-8 text", path) from None
+        with path.open("rb") as stream:
+            lines = _lines(stream, path)
+            number = 0
+            while limit is None or len(texts) < limit:
+                line = next(lines, None)
+                if line is None:
+                    break
+                number += 1
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidInputError(f"line {number} is not UTF-8 text", path) from None
+                line_labels, words = split_line(text)
+                if line_labels or words:
+                    texts.append(words)
+                    labels.append(line_labels)
     except OSError as error:
         raise InvalidInputError(f"cannot read the data file ({error.strerror or error})", path) from None
-    texts, labels = _parse_lines(text.split("\n"))
     if not texts:
         raise InvalidInputError("the data file is empty", path)
     if not any(labels):
@@ -76,12 +92,20 @@ def read_labelled_text(path: Path) -> Dataset:
     return Dataset(path=path, features=texts, labels=labels, size=len(texts))
 
 
-def _parse_lines(lines: Iterable[str]) -> tuple[list[str], LabelLists]:
-    texts: list[str] = []
-    labels = LabelLists()
-    for line in lines:
-        line_labels, words = split_line(line)
-        if line_labels or words:
-            texts.append(words)
-            labels.append(line_labels)
-    return texts, labels
+#: The longest line read (about 150,000 words): a whole file on one line is a mistake,
+#: and would be held, split and predicted as a single example.
+MAX_LINE_BYTES = 1 << 20
+
+
+def _lines(stream: BinaryIO, path: Path) -> Iterator[bytes]:
+    """The lines of ``stream`` without their newline, never reading more than one cap's worth."""
+    number = 0
+    while line := stream.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if line.endswith(b"\n"):
+            line = line[:-1]
+        if len(line) > MAX_LINE_BYTES:
+            raise InvalidInputError(
+                f"line {number} is longer than {MAX_LINE_BYTES:,} bytes (one example per line)", path
+            )
+        yield line

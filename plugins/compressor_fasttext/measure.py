@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from compressor.errors import InvalidInputError
 from compressor.measuring import Stopwatch, time_calls
 from compressor.models import Artifact, Dataset, Measurement, MeasureSettings
 from compressor_fasttext.header import read_layout
@@ -35,7 +36,13 @@ def measure_artifact(artifact: Artifact, data: Dataset | None, settings: Measure
     )
     if data is None:
         return Measurement(metrics=metrics)
-    ranked, _ = model.predict(texts, k=max(k, 1))
+    try:
+        ranked, _ = model.predict(texts, k=max(k, 1))
+    except (TypeError, ValueError, RuntimeError) as error:
+        # pybind11's TypeError repeats every argument: the whole eval text. Name the kind only.
+        raise InvalidInputError(
+            f"fastText could not predict on it with k={k} ({type(error).__name__})", data.path
+        ) from None
     predicted = [list(line) for line in ranked]
     gold = data.labels[: len(texts)] if data.labels is not None else [[] for _ in texts]
     scores = evaluate(predicted, gold, set(model.labels), k)

@@ -28,6 +28,8 @@ from compressor import (
 
 NAME = "fasttext"
 SUFFIXES = (".bin", ".ftz")
+#: fastText's ``predict`` takes a 32-bit k; nobody reads precision past a few hundred.
+MAX_K = 10_000
 
 
 @hookimpl
@@ -40,7 +42,8 @@ def compressor_backends() -> Iterator[Backend]:
         formats=SUFFIXES,
         techniques={"pq": PQ_TECHNIQUE},
         options={
-            "k": Param(int, 1, "report precision@k and recall@k at this k", minimum=1),
+            "k": Param(int, 1, "report precision@k and recall@k at this k", minimum=1,
+                       maximum=MAX_K),
             "probe_load": Param(
                 bool, True,
                 "load each input model in a child process first, so a fastText crash is an error",
@@ -48,16 +51,26 @@ def compressor_backends() -> Iterator[Backend]:
         },
         extra="fasttext",
         requires=("fasttext",),
+        # fasttext-predict installs a different module under the same name (predict only).
+        providers={"fasttext": ("fasttext-numpy2", "fasttext", "fasttext-wheel")},
+        runtime_imports=("fasttext",),
         distributions=("fasttext-numpy2",),
         default_variants=(("pq",),),
     )
+
+
+#: Suffixes other formats own: a fastText model named like one is left to that format's
+#: backend, which says the suffix lies, rather than claimed twice (core refuses that).
+OTHER_FORMATS = (".onnx", ".pt", ".pth", ".pt2", ".safetensors", ".keras", ".h5", ".hdf5", ".tflite")
 
 
 @hookimpl
 def compressor_identify(path: Path) -> str | None:
     from compressor_fasttext.header import has_magic
 
-    if path.suffix in SUFFIXES or (path.is_file() and has_magic(path)):
+    if path.suffix in SUFFIXES:
+        return NAME
+    if path.suffix.lower() not in OTHER_FORMATS and path.is_file() and has_magic(path):
         return NAME
     return None
 
@@ -72,13 +85,13 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
 
 @hookimpl
 def compressor_load_data(
-    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str
+    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str, limit: int | None
 ) -> Dataset | None:
     if path.suffix == ".npz":
         return None
     from compressor_fasttext.data import read_labelled_text
 
-    return read_labelled_text(path)
+    return read_labelled_text(path, limit)
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from compressor.errors import CompressionError, UnsupportedError
+from compressor.errors import CompressionError, UnsupportedError, UsageError, first_line
 from compressor.measuring import Stopwatch
 from compressor.models import Context, Dataset, Model, Step
 from compressor.specs import Param, Technique
@@ -20,18 +20,29 @@ from compressor_fasttext.header import KSUB
 from compressor_fasttext.loading import FastTextModel
 from compressor_fasttext.metrics import labels_changed_most
 
+#: fastText keeps counts in 32-bit ints and starts one thread per ``thread``; past these
+#: maxima it overflows (an internal error) or cannot start its threads (the process aborts).
+INT32_MAX = 2**31 - 1
+MAX_THREADS = 256
+MAX_EPOCHS = 1000
+
 PQ_TECHNIQUE = Technique(
     "pq",
     help="fastText product quantization (the .ftz format), optionally after pruning and retraining",
     params={
-        "dsub": Param(int, 2, "size of each sub-vector: bytes per row = dim / dsub", minimum=1),
+        "dsub": Param(int, 2, "size of each sub-vector: bytes per row = dim / dsub (at most dim)",
+                      minimum=1, maximum=INT32_MAX),
         "qnorm": Param(bool, False, "quantize the row norms separately"),
         "qout": Param(bool, False, "also quantize the output matrix (needs >= 256 labels)"),
-        "cutoff": Param(int, 0, "keep only this many input rows (words and n-grams); 0 keeps all", minimum=0),
+        "cutoff": Param(int, 0, "keep only this many input rows (words and n-grams); 0 keeps all",
+                        minimum=0, maximum=INT32_MAX),
         "retrain": Param(bool, False, "fine-tune the kept rows on --train-data after the cutoff"),
-        "epoch": Param(int, None, "retraining epochs (default: the model's own)", minimum=1),
-        "lr": Param(float, None, "retraining learning rate (default: fastText's)", minimum=0),
-        "thread": Param(int, None, "retraining threads (default: all cores)", minimum=1),
+        "epoch": Param(int, None, "retraining epochs (default: the model's own)", minimum=1,
+                       maximum=MAX_EPOCHS),
+        "lr": Param(float, None, "retraining learning rate (default: fastText's)", minimum=0,
+                    maximum=100),
+        "thread": Param(int, None, "retraining threads (default: all cores)", minimum=1,
+                        maximum=MAX_THREADS),
     },
     requires_data={"retrain": "train"},
 )
@@ -54,7 +65,7 @@ def product_quantize(model: Model, step: Step, context: Context) -> Model:
                      f"the {rows:,} input rows")
     reference = _reference_predictions(model, context.eval_data)
     with Stopwatch() as quantizing:
-        _run_quantize(handle.model, params, train_data, model.source)
+        _run_quantize(handle.model, params, train_data, model.source, rows)
     metadata: dict[str, Any] = {
         **model.metadata,
         "quantize_seconds": round(quantizing.ms / 1000, 3),
@@ -84,6 +95,12 @@ def _rows_to_quantize(handle: FastTextModel, params: dict[str, Any], source: Pat
         )
     if handle.quantized or layout.quantized:
         raise UnsupportedError("the model is already product-quantized; run pq on the original .bin", source)
+    if params["dsub"] > layout.dim:
+        raise UsageError(
+            f"dsub={params['dsub']} is larger than the model's dim {layout.dim}: each row is cut "
+            "into sub-vectors of dsub values (dsub=dim keeps one per row)",
+            source,
+        )
     rows, cutoff = layout.input.rows, params["cutoff"]
     kept = cutoff if 0 < cutoff < rows else rows
     if kept < KSUB:
@@ -98,14 +115,15 @@ def _rows_to_quantize(handle: FastTextModel, params: dict[str, Any], source: Pat
 
 
 def _run_quantize(
-    fasttext_model: Any, params: dict[str, Any], train_data: Dataset | None, source: Path
+    fasttext_model: Any, params: dict[str, Any], train_data: Dataset | None, source: Path,
+    layout_rows: int,
 ) -> None:
     defaults = fasttext_model.f.getArgs()
     try:
         fasttext_model.f.quantize(
             str(train_data.path) if train_data else "",
             params["qout"],
-            params["cutoff"],
+            params["cutoff"] if params["cutoff"] < layout_rows else 0,  # 0: keep all, as asked
             train_data is not None,
             params["epoch"] or defaults.epoch,
             params["lr"] or defaults.lr,
@@ -114,8 +132,8 @@ def _run_quantize(
             params["dsub"],
             params["qnorm"],
         )
-    except (ValueError, RuntimeError) as error:
-        raise CompressionError(f"fastText quantize failed: {error}", source) from None
+    except (ValueError, RuntimeError, TypeError) as error:
+        raise CompressionError(f"fastText quantize failed: {first_line(error)}", source) from None
 
 
 def top_predictions(fasttext_model: Any, texts: list[str]) -> list[str]:

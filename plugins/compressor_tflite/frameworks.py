@@ -36,6 +36,27 @@ def native_stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
+@contextmanager
+def private_tempdir() -> Iterator[None]:
+    """Point :mod:`tempfile` at a scratch folder of this run, removed afterwards whatever happens.
+
+    tf_keras extracts every member of a ``.keras`` with more than three into
+    ``tempfile.mkdtemp()`` and removes it only when loading succeeds; autograph
+    writes the code it generates into ``$TMPDIR`` and removes it only at exit.
+    The folder is named like core's scratch folders, so a run killed meanwhile
+    leaves nothing the next run does not remove.
+    """
+    from compressor import scratch
+
+    previous = tempfile.tempdir
+    with scratch.scratch_folder(scratch.WORK) as folder:
+        tempfile.tempdir = str(folder)
+        try:
+            yield
+        finally:
+            tempfile.tempdir = previous
+
+
 def tensorflow() -> Any:
     _prepare_environment()
     with native_stderr_silenced():

@@ -8,14 +8,15 @@ suffix, and its Keras config must not hold Lambda layers or custom classes
 from __future__ import annotations
 
 import json
-import zipfile
+import signal
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from compressor import InvalidInputError, TensorSpec, UnsafeInputError
 from compressor.errors import first_line
-from compressor_tflite import frameworks
+from compressor_tflite import archives, frameworks, hdf5
 from compressor_tflite.handle import TFLiteHandle
 
 KERAS, H5, SAVED_MODEL, TFLITE = "keras", "h5", "saved_model", "tflite"
@@ -82,15 +83,16 @@ def load(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple[TensorSpec, 
         )
     if fmt == TFLITE:
         check_contents(path, fmt)
-        flatbuffer = path.read_bytes()
-        return TFLiteHandle(flatbuffer=flatbuffer), fmt, flatbuffer_inputs(flatbuffer, path)
+        inputs = probe_inputs(path)
+        return TFLiteHandle(flatbuffer=path.read_bytes()), fmt, inputs
     if fmt == SAVED_MODEL:
         return _load_saved_model(path, trust)
     check_contents(path, fmt)
-    config = _keras_archive_config(path) if fmt == KERAS else _h5_config(path)
+    # Before Keras opens anything: sizes, HDF5 links to other files, then code.
+    config = archives.inspect_keras(path, trust) if fmt == KERAS else _h5_config(path, trust)
     refuse_unsafe(path, config, trust, known_class=_keras_class_checker(fmt))
     model = _load_keras(path, trust)
-    return TFLiteHandle(keras_model=model), fmt, keras_inputs(model)
+    return TFLiteHandle(keras_model=model), fmt, keras_inputs(model, path)
 
 
 def refuse_unsafe(path: Path, config: Any, trust: bool, known_class: KnownClass) -> None:
@@ -98,24 +100,28 @@ def refuse_unsafe(path: Path, config: Any, trust: bool, known_class: KnownClass)
         return
     found = sorted(set(_unsafe_objects(config, known_class)))
     if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
         raise UnsafeInputError(
-            f"holds {', '.join(found)}, which would run code while loading; {_TRUST_HINT}", path
+            f"holds {shown}, which would run code while loading; {_TRUST_HINT}", path
         )
 
 
 def _unsafe_objects(config: Any, known_class: KnownClass) -> Iterator[str]:
-    if isinstance(config, dict):
-        class_name = config.get("class_name")
-        if class_name == "Lambda":
-            name = (config.get("config") or {}).get("name", "?")
-            yield f"a Lambda layer ({name!r})"
-        elif isinstance(class_name, str) and not known_class(config):
-            yield f"custom class {class_name!r}"
-        for value in config.values():
-            yield from _unsafe_objects(value, known_class)
-    elif isinstance(config, list):
-        for value in config:
-            yield from _unsafe_objects(value, known_class)
+    # A loop, not recursion: a config nested thousands deep is refused, not a RecursionError.
+    pending = [config]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            class_name = node.get("class_name")
+            if class_name == "Lambda":
+                inner = node.get("config")
+                name = inner.get("name", "?") if isinstance(inner, dict) else "?"
+                yield f"a Lambda layer ({str(name)[:80]!r})"
+            elif isinstance(class_name, str) and not known_class(node):
+                yield f"custom class {class_name[:80]!r}"
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
 
 
 def _keras_class_checker(fmt: str) -> KnownClass:
@@ -144,32 +150,13 @@ def _keras_class_checker(fmt: str) -> KnownClass:
     return known_h5
 
 
-def _keras_archive_config(path: Path) -> Any:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read("config.json"))
-    except KeyError:
-        raise InvalidInputError("is a zip archive without config.json, not a .keras model", path) from None
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise InvalidInputError(f"is a damaged .keras archive ({first_line(error)})", path) from None
-
-
-def _h5_config(path: Path) -> Any:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as file:
-            raw = file.attrs.get("model_config")
-    except (OSError, ValueError) as error:
-        raise InvalidInputError(f"is a damaged HDF5 file ({first_line(error)})", path) from None
-    if raw is None:
+def _h5_config(path: Path, trust: bool) -> Any:
+    config = hdf5.inspect(path, path, trust, config=True)
+    if config is None:
         raise InvalidInputError(
             "holds no model_config: it is a weights-only file, not a whole Keras model", path
         )
-    try:
-        return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
-    except ValueError as error:
-        raise InvalidInputError(f"has an unreadable model_config ({error})", path) from None
+    return config
 
 
 def _load_keras(path: Path, trust: bool) -> Any:
@@ -181,6 +168,7 @@ def _load_keras(path: Path, trust: bool) -> Any:
 
 
 def _load_saved_model(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple[TensorSpec, ...]]:
+    _check_fingerprint(path)
     metadata = path / "keras_metadata.pb"
     if metadata.is_file():
         frameworks.keras()  # sets TF_USE_LEGACY_KERAS before tf_keras imports TensorFlow
@@ -195,7 +183,7 @@ def _load_saved_model(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple
         # Custom classes are revived from the saved graph without their code; Lambda is not.
         refuse_unsafe(path, nodes, trust, known_class=lambda entry: True)
         model = _load_keras(path, trust)
-        return TFLiteHandle(keras_model=model), SAVED_MODEL, keras_inputs(model)
+        return TFLiteHandle(keras_model=model), SAVED_MODEL, keras_inputs(model, path)
     tf = frameworks.tensorflow()
     try:
         loaded = tf.saved_model.load(str(path))
@@ -212,22 +200,77 @@ def _load_saved_model(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple
     return TFLiteHandle(saved_model_dir=path), SAVED_MODEL, inputs
 
 
-def keras_inputs(model: Any) -> tuple[TensorSpec, ...]:
+def _check_fingerprint(path: Path) -> None:
+    """TensorFlow loads past a damaged ``fingerprint.pb`` but logs a traceback on stderr for it."""
+    if not (path / "fingerprint.pb").is_file():
+        return
+    tf = frameworks.tensorflow()
+    try:
+        tf.saved_model.experimental.read_fingerprint(str(path))
+    except Exception as error:  # noqa: BLE001 - TensorFlow raises RuntimeError, DecodeError...
+        raise InvalidInputError(f"has a damaged fingerprint.pb ({first_line(error)})", path) from None
+
+
+def keras_inputs(model: Any, path: Path) -> tuple[TensorSpec, ...]:
+    """The inputs of a loaded Keras model; a lone layer or an unbuilt model has none to feed."""
+    if not isinstance(model, frameworks.keras().Model):
+        raise InvalidInputError(f"holds a single {type(model).__name__} layer, not a Keras model", path)
+    if not model.inputs or any(tensor.shape.rank is None for tensor in model.inputs):
+        raise InvalidInputError(
+            "holds a model without defined input shapes (a Sequential saved before it was built?)",
+            path,
+        )
     return tuple(
         TensorSpec(name, tuple(tensor.shape.as_list()), tensor.dtype.name)
         for name, tensor in zip(model.input_names, model.inputs)
     )
 
 
-def flatbuffer_inputs(flatbuffer: bytes, path: Path) -> tuple[TensorSpec, ...]:
-    """Inputs of a ``.tflite`` as float tensors: measuring quantizes integer inputs itself."""
+def session_inputs(flatbuffer: bytes, path: Path) -> tuple[TensorSpec, ...]:
+    """Inputs of a ``.tflite`` as float tensors: measuring quantizes integer inputs itself.
+
+    Runs the interpreter on untrusted bytes: call it in a child (:func:`probe_inputs`).
+    """
     from compressor_tflite.measure import TFLiteSession
 
     interpreter_class, _ = frameworks.interpreter_class()
     try:
         with frameworks.native_stderr_silenced():
             session = TFLiteSession(interpreter_class(model_content=flatbuffer))
-    except ValueError as error:
+    except (ValueError, RuntimeError) as error:
         raise InvalidInputError(f"is not a valid TFLite model ({first_line(error)})", path) from None
     return session.input_specs()
 
+
+#: Inputs of files a child already opened without trouble, by (path, size, mtime_ns).
+_PROBED: dict[tuple[str, int, int], tuple[TensorSpec, ...]] = {}
+
+
+def probe_inputs(path: Path) -> tuple[TensorSpec, ...]:
+    """:func:`session_inputs` of ``path``, run in a child process (see probe.py)."""
+    from compressor.children import child_environment, python_command
+
+    status = path.stat()
+    key = (str(path.resolve()), status.st_size, status.st_mtime_ns)
+    if key in _PROBED:
+        return _PROBED[key]
+    timeout = 120 + status.st_size / 20e6
+    try:
+        result = subprocess.run(
+            python_command("compressor_tflite.probe", [str(path)]),
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+            env=child_environment({"TF_CPP_MIN_LOG_LEVEL": "3"}),
+        )
+    except subprocess.TimeoutExpired:
+        raise InvalidInputError(f"the TFLite interpreter did not open it in {timeout:.0f} s", path) from None
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name
+        raise InvalidInputError(f"is not a valid TFLite model (the interpreter crashed opening it: {name})", path)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        errors = result.stderr.strip().splitlines()
+        detail = errors[-1][:300] if errors else f"the interpreter exited with {result.returncode}"
+        raise InvalidInputError(detail if detail.startswith("is not") else f"cannot be opened: {detail}", path)
+    specs = tuple(TensorSpec.from_json(spec) for spec in json.loads(lines[-1]))
+    _PROBED[key] = specs
+    return specs

@@ -22,6 +22,7 @@ from compressor import (
     TensorSpec,
     time_calls,
 )
+from compressor.errors import first_line
 from compressor_tflite import frameworks
 
 _INTEGER_KINDS = "iu"
@@ -156,9 +157,9 @@ def measure(artifact: Artifact, data: Dataset | None, settings: MeasureSettings)
             interpreter = interpreter_class(
                 model_path=str(artifact.path), num_threads=settings.threads
             )
-        except ValueError as error:
-            raise InvalidInputError(f"is not a valid TFLite model ({error})", artifact.path) from None
-        session = TFLiteSession(interpreter)
+            session = TFLiteSession(interpreter)
+        except (ValueError, RuntimeError) as error:
+            raise InvalidInputError(f"is not a valid TFLite model ({first_line(error)})", artifact.path) from None
     arrays = None
     if data is not None:
         arrays = session.arrange(data.features)

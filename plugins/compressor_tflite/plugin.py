@@ -27,7 +27,7 @@ from compressor import (
     Technique,
     hookimpl,
 )
-from compressor_tflite import loading
+from compressor_tflite import frameworks, loading
 from compressor_tflite.handle import TFLiteHandle
 
 NAME = "tflite"
@@ -93,12 +93,18 @@ def compressor_identify(path: Path) -> str | None:
 
 @hookimpl
 def compressor_load(path: Path, backend: str, context: Context) -> Model:
-    handle, fmt, inputs = loading.load(path, context.trust)
+    with frameworks.private_tempdir():
+        handle, fmt, inputs = loading.load(path, context.trust)
     return Model(NAME, path, fmt, handle, inputs)
 
 
 @hookimpl
 def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
+    with frameworks.private_tempdir():
+        return _compress(model, step, context)
+
+
+def _compress(model: Model, step: Step, context: Context) -> Model | None:
     handle: TFLiteHandle = model.handle
     if handle.converted:
         raise CompressionError(
@@ -151,7 +157,11 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
     from compressor_tflite.convert import convert
 
     handle: TFLiteHandle = model.handle
-    flatbuffer = handle.flatbuffer if handle.converted else convert(handle, None).flatbuffer
+    if handle.converted:
+        flatbuffer = handle.flatbuffer
+    else:
+        with frameworks.private_tempdir():
+            flatbuffer = convert(handle, None).flatbuffer
     path = destination.with_suffix(".tflite")
     path.write_bytes(flatbuffer)
     return Artifact(NAME, path, "tflite")
