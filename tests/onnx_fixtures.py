@@ -110,3 +110,47 @@ def set_external_location(path: Path, location: str) -> None:
             if entry.key == "location":
                 entry.value = location
     path.write_bytes(model.SerializeToString())
+
+
+def write_external_mlp(folder: Path, widths: tuple[int, ...] = (32, 48, 40, 10), rows: int = 64,
+                       seed: int = 0) -> tuple[Path, Path]:
+    """An MLP saved with its weights in one external data file, and eval data for it.
+
+    Layers alternate MatMul + Relu and Gemm (transB, with bias) + Relu, the two
+    forms exporters write for Linear layers; returns the model and ``eval.npz``.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    nodes, initializers, current = [], [], "x"
+    for index, (inner, outer) in enumerate(zip(widths, widths[1:])):
+        weight = (rng.standard_normal((inner, outer)) / np.sqrt(inner)).astype(np.float32)
+        output = "logits" if index == len(widths) - 2 else f"h{index}"
+        if index % 2:
+            initializers += [numpy_helper.from_array(np.ascontiguousarray(weight.T), f"w{index}"),
+                             numpy_helper.from_array(rng.standard_normal(outer).astype(np.float32) * 0.1,
+                                                     f"b{index}")]
+            nodes.append(helper.make_node("Gemm", [current, f"w{index}", f"b{index}"], [f"z{index}"],
+                                          name=f"gemm{index}", transB=1))
+        else:
+            initializers.append(numpy_helper.from_array(weight, f"w{index}"))
+            nodes.append(helper.make_node("MatMul", [current, f"w{index}"], [f"z{index}"], name=f"matmul{index}"))
+        if output == "logits":
+            nodes[-1].output[0] = output
+        else:
+            nodes.append(helper.make_node("Relu", [f"z{index}"], [output], name=f"relu{index}"))
+        current = output
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", widths[0]])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", widths[-1]])], initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = folder / "mlp.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="mlp.onnx.data",
+                    size_threshold=0)
+    x = rng.standard_normal((rows, widths[0])).astype(np.float32)
+    eval_path = folder / "eval.npz"
+    np.savez(eval_path, x=x)
+    return path, eval_path

@@ -5,18 +5,27 @@ quantize cleanly and take ``dynamic_axes`` for batch and sequence.
 ``torch.export`` programs can only go through the dynamo exporter, whose
 graphs carry ``value_info`` that breaks ONNX Runtime's quantizer
 (``ShapeInferenceError``), so :func:`strip_value_info` drops it.
+
+A loaded torch model is exported at most once: the export is kept in the
+:class:`ExportCache` that the loaded Network and all its forks share, and the
+torch model is dropped afterwards. Exports past the large-model threshold stay
+on disk in the run's scratch folder, with the external data the exporter wrote.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from compressor import CompressionError, Context, UsageError
 from compressor.errors import first_line
-from compressor_onnx.loading import Network
+from compressor_onnx.loading import ExportCache, Network
 from compressor_onnx.shapes import sample_from_data, sequence_axes, synthetic_inputs
 
 DEFAULT_OPSET = 17
@@ -25,20 +34,78 @@ DYNAMO_MIN_OPSET = 18
 _AXIS_NAMES = {0: "batch", 1: "sequence"}
 
 
-def ensure_graph(network: Network, context: Context) -> Any:
-    """The network's ONNX graph, exporting the torch module on first use."""
-    if network.graph is None:
-        network.graph = export_graph(network, context)
-        network.module = network.exported_program = None
-    return network.graph
+def exported(network: Network, context: Context) -> Network:
+    """``network`` as an ONNX graph (in memory, or on disk when large); a torch
+    model is exported on first use and the export shared with every fork."""
+    if not network.is_torch:
+        return network
+    cache = network.export or ExportCache(network.module, network.exported_program)
+    if cache.graph is None and cache.path is None:
+        module = cache.module if cache.module is not None else network.module
+        program = cache.exported_program if cache.exported_program is not None else network.exported_program
+        source = dataclasses.replace(network, module=module, exported_program=program, export=None)
+        del module, program
+        started = time.perf_counter()
+        cache.graph, cache.path = export_graph(source, context)
+        del source
+        cache.release()
+        cache.exports += 1
+        gc.collect()
+        cache.metadata = {
+            "export_seconds": round(time.perf_counter() - started, 3),
+            "export_peak_rss_bytes": peak_rss_bytes(),
+        }
+    return dataclasses.replace(
+        network, module=None, exported_program=None, graph=cache.graph, path=cache.path, export=cache
+    )
 
 
-def export_graph(network: Network, context: Context) -> Any:
+def peak_rss_bytes() -> int | None:
+    """This process's resident high-water mark (``VmHWM``), None where /proc has none."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def export_graph(network: Network, context: Context) -> tuple[Any | None, Path | None]:
+    """Export the torch model: ``(graph, None)``, or ``(None, path)`` for a large one."""
+    opset = int(context.options.get("opset") or DEFAULT_OPSET)
+    folder = Path(tempfile.mkdtemp(prefix="export-", dir=context.workdir))
+    # A file, not a buffer: models past 2 GB are written with external data.
+    target = folder / "exported.onnx"
+    try:
+        if network.exported_program is not None:
+            graph = _export_program(network, max(opset, DYNAMO_MIN_OPSET), target)
+        else:
+            _export_module(network, context, target, opset)
+            graph = None if _is_large_export(folder) else _load(target)
+        if graph is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return graph, None
+        return None, target
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _is_large_export(folder: Path) -> bool:
+    from compressor_onnx.quantization import large_model_bytes
+
+    return sum(entry.stat().st_size for entry in folder.iterdir()) > large_model_bytes()
+
+
+def _load(target: Path) -> Any:
     import onnx
 
-    opset = int(context.options.get("opset") or DEFAULT_OPSET)
-    if network.exported_program is not None:
-        return strip_value_info(_export_program(network, max(opset, DYNAMO_MIN_OPSET)))
+    return onnx.load(str(target))
+
+
+def _export_module(network: Network, context: Context, target: Path, opset: int) -> None:
     import torch
 
     inputs = example_inputs(network, context)
@@ -53,11 +120,7 @@ def export_graph(network: Network, context: Context) -> Any:
     }
     output_axes = {0: "batch", 1: "sequence"} if network.keyword_inputs else {0: "batch"}
     axes.update({name: output_axes for name in network.output_names})
-    with tempfile.TemporaryDirectory(prefix="export-", dir=context.workdir) as folder:
-        # A file, not a buffer: models past 2 GB are written with external data.
-        target = Path(folder) / "exported.onnx"
-        _run_exporter(wrapper, tensors, target, network, axes, opset)
-        return onnx.load(str(target))
+    _run_exporter(wrapper, tensors, target, network, axes, opset)
 
 
 def _run_exporter(
@@ -83,8 +146,13 @@ def _run_exporter(
         raise CompressionError(f"ONNX export failed ({type(error).__name__}: {first_line(error)})") from None
 
 
-def _export_program(network: Network, opset: int) -> Any:
+def _export_program(network: Network, opset: int, target: Path) -> Any | None:
+    """The program's graph in memory, or None once a large one is saved as ``target``."""
+    import onnx
     import torch
+
+    from compressor_onnx.external import load_skeleton
+    from compressor_onnx.quantization import large_model_bytes
 
     try:
         with warnings.catch_warnings():
@@ -100,7 +168,15 @@ def _export_program(network: Network, opset: int) -> Any:
             )
     except Exception as error:  # noqa: BLE001 - the exporter raises anything a model's code can
         raise CompressionError(f"ONNX export failed ({type(error).__name__}: {first_line(error)})") from None
-    return program.model_proto
+    weights = sum(
+        value.const_value.nbytes for value in program.model.graph.initializers.values()
+        if value.const_value is not None
+    )
+    if weights <= large_model_bytes():
+        return strip_value_info(program.model_proto)
+    program.save(str(target), external_data=True)
+    onnx.save_model(strip_value_info(load_skeleton(target)), str(target))
+    return None
 
 
 def strip_value_info(graph: Any) -> Any:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from compressor import InvalidInputError, TensorSpec, UnsafeInputError, UsageError
 from compressor_onnx.safety import TRUST_HINT, check_external_data, safe_torch_load, torch_file_kind
@@ -25,8 +25,35 @@ HF_SAMPLE_SHAPE = (1, 16)
 
 
 @dataclass
+class ExportCache:
+    """The torch model of one load and its ONNX export, shared by every fork.
+
+    Exported once, on first use. Then :meth:`release` drops the torch model, here
+    and in the loaded Network that still shows it (forks reach it only through
+    the cache), so that its memory can go back: the export stands for it.
+    """
+
+    module: Any | None = None
+    exported_program: Any | None = None
+    graph: Any | None = None
+    path: Path | None = None
+    exports: int = 0
+    #: Facts about the export for the report (seconds, peak RSS).
+    metadata: dict[str, Any] = field(default_factory=dict)
+    holders: list[Network] = field(default_factory=list, repr=False, compare=False)
+
+    def release(self) -> None:
+        for owner in (self, *self.holders):
+            owner.module = owner.exported_program = None
+
+
+@dataclass
 class Network:
-    """``Model.handle``: a torch module still to be exported, or an ONNX graph."""
+    """``Model.handle``: a torch model still to be exported, an in-memory ONNX
+    graph, or (past the large-model threshold) an ONNX file on disk.
+
+    Steps never modify a Network they are given: they return a new one.
+    """
 
     module: Any | None = None
     graph: Any | None = None
@@ -38,6 +65,15 @@ class Network:
     keyword_inputs: bool = False
     #: ``torch.export`` programs only export through the dynamo exporter.
     exported_program: Any | None = None
+    #: A large model: an ONNX file whose weights sit in external data next to it
+    #: (the user's checked file, or one compressor wrote in its scratch folder).
+    path: Path | None = None
+    #: Shared by a loaded torch model and all its forks (see ExportCache).
+    export: ExportCache | None = None
+
+    @property
+    def is_torch(self) -> bool:
+        return self.graph is None and self.path is None
 
 
 def is_transformers_folder(path: Path) -> bool:
@@ -55,8 +91,7 @@ def load_network(path: Path, options: dict[str, Any], trust: bool) -> tuple[Netw
         return load_transformers(path, declared)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        graph = load_onnx(path)
-        return Network(graph=graph), graph_input_specs(graph.graph)
+        return load_onnx_network(path)
     if suffix == ".pt2":
         return load_exported_program(path, trust)
     if suffix == ".safetensors":
@@ -73,8 +108,28 @@ def _module_network(module: Any, declared: tuple[SampleShape, ...]) -> tuple[Net
     return network, tuple(sample.spec for sample in declared)
 
 
+def load_onnx_network(path: Path) -> tuple[Network, tuple[TensorSpec, ...]]:
+    """An ONNX file as an in-memory graph, or by path past the large-model threshold."""
+    from compressor_onnx.external import model_bytes
+    from compressor_onnx.quantization import large_model_bytes
+
+    skeleton = _parse_onnx(path)
+    specs = graph_input_specs(skeleton.graph)
+    if model_bytes(path, skeleton) > large_model_bytes():
+        # Checked by path: the checker then reads no weights, and a proto past
+        # 2 GB never has to be serialized.
+        _check_onnx(path, path)
+        return Network(path=path), specs
+    return Network(graph=_with_external_data(skeleton, path)), specs
+
+
 def load_onnx(path: Path) -> Any:
-    """Parse an ONNX file, checking external data before anything reads it."""
+    """Parse an ONNX file into memory, checking external data before anything reads it."""
+    return _with_external_data(_parse_onnx(path), path)
+
+
+def _parse_onnx(path: Path) -> Any:
+    """The graph without external data, whose locations are checked before anyone follows them."""
     import onnx
     from google.protobuf.message import DecodeError
 
@@ -85,13 +140,32 @@ def load_onnx(path: Path) -> Any:
     if not graph.graph.node or not graph.opset_import:
         raise InvalidInputError("not an ONNX model (no graph nodes or opset)", path)
     check_external_data(graph, path)
+    return graph
+
+
+def _with_external_data(graph: Any, path: Path) -> Any:
+    import onnx
+
     try:
         onnx.load_external_data_for_model(graph, str(path.parent))
-        onnx.checker.check_model(graph)
-    except (onnx.checker.ValidationError, ValueError, OSError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise InvalidInputError(f"invalid ONNX model ({first_line[:200]})", path) from None
+    except (ValueError, OSError, RuntimeError) as error:
+        _invalid(error, path)
+    _check_onnx(graph, path)
     return graph
+
+
+def _check_onnx(graph_or_path: Any, path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(graph_or_path) if isinstance(graph_or_path, Path) else graph_or_path)
+    except (onnx.checker.ValidationError, ValueError, OSError, RuntimeError) as error:
+        _invalid(error, path)
+
+
+def _invalid(error: Exception, path: Path) -> NoReturn:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    raise InvalidInputError(f"invalid ONNX model ({first_line[:200]})", path) from None
 
 
 def load_exported_program(path: Path, trust: bool) -> tuple[Network, tuple[TensorSpec, ...]]:

@@ -2,6 +2,9 @@
 (quantized) ONNX, measured through ONNX Runtime.
 
 Importing this module imports no framework; every hook imports what it needs.
+Models past the large-model threshold (``COMPRESSOR_LARGE_MODEL_BYTES``) stay
+ONNX files on disk between steps (``large.py``); steps never modify the Model
+they are given, so forks of one loaded model share its graph and its export.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from compressor import (
     Technique,
     hookimpl,
 )
-from compressor_onnx.loading import Network, is_transformers_folder
+from compressor_onnx.loading import ExportCache, Network, is_transformers_folder
 
 NAME = "onnx"
 IDENTIFIED_SUFFIXES = (".onnx", ".pt2", ".pt", ".pth", ".safetensors")
@@ -93,64 +96,85 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
     from compressor_onnx.loading import load_network
 
     network, inputs = load_network(path, context.options, context.trust)
+    if network.is_torch and network.export is None:
+        # Forks share this cache: the torch model is exported once, then dropped.
+        network.export = ExportCache(network.module, network.exported_program, holders=[network])
     return Model(NAME, path, _format(network), network, inputs)
+
+
+@hookimpl
+def compressor_fork(model: Model, context: Context) -> Model:
+    """Steps never modify a Network, so a fork shares the loaded graph, file and export."""
+    network: Network = model.handle
+    if network.export is not None:
+        network = dataclasses.replace(network, module=None, exported_program=None)
+    else:
+        network = dataclasses.replace(network)
+    return Model(NAME, model.source, model.format, network, model.inputs, list(model.notes), dict(model.metadata))
 
 
 def _format(network: Network) -> str:
     """What the handle holds right now: a torch model awaiting export, or an ONNX graph."""
-    return "onnx" if network.graph is not None else "torch"
+    return "torch" if network.is_torch else "onnx"
 
 
 @hookimpl
 def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
-    from compressor_onnx.export import ensure_graph
+    if step.technique not in ("prune", "quantize"):
+        return None
+    from compressor_onnx.export import exported
 
-    network: Network = dataclasses.replace(model.handle)
-    notes, metadata = list(model.notes), dict(model.metadata)
+    network = exported(model.handle, context)
+    notes, metadata = list(model.notes), {**model.metadata, **_export_facts(network)}
     if step.technique == "prune":
-        from compressor_onnx.pruning import prune_network
-
-        if network.module is None:
-            ensure_graph(network, context)
         sparsity = float(step.params["sparsity"])
-        layers = prune_network(network, sparsity)
+        network, layers = _prune(network, sparsity, context)
         if layers == 0:
             raise CompressionError("no Linear/Conv (MatMul/Gemm/Conv) weights to prune")
         notes.append(f"pruned {sparsity:g} of the weights of {layers} layers by magnitude, one-shot")
         metadata["pruned_layers"] = layers
-    elif step.technique == "quantize":
-        from compressor_onnx.quantization import quantize_graph
-
-        graph = ensure_graph(network, context)
-        with tempfile.TemporaryDirectory(prefix="quantize-", dir=context.workdir) as folder:
-            network.graph = quantize_graph(graph, step, context, Path(folder))
-        metadata["quantization"] = [*metadata.get("quantization", []), str(step)]
     else:
-        return None
+        network = _quantize(network, step, context)
+        metadata["quantization"] = [*metadata.get("quantization", []), str(step)]
     return Model(NAME, model.source, _format(network), network, model.inputs, notes, metadata)
+
+
+def _prune(network: Network, sparsity: float, context: Context) -> tuple[Network, int]:
+    if network.path is not None:
+        from compressor_onnx.large import prune_large
+
+        path, layers = prune_large(network.path, sparsity, context)
+        return dataclasses.replace(network, path=path), layers
+    from compressor_onnx.pruning import prune_graph
+
+    graph, layers = prune_graph(network.graph, sparsity)
+    return dataclasses.replace(network, graph=graph), layers
+
+
+def _quantize(network: Network, step: Step, context: Context) -> Network:
+    if network.path is not None:
+        from compressor_onnx.large import quantize_large
+
+        return dataclasses.replace(network, path=quantize_large(network.path, step, context))
+    from compressor_onnx.quantization import quantize_graph
+
+    with tempfile.TemporaryDirectory(prefix="quantize-", dir=context.workdir) as folder:
+        return dataclasses.replace(network, graph=quantize_graph(network.graph, step, context, Path(folder)))
+
+
+def _export_facts(network: Network) -> dict[str, object]:
+    return dict(network.export.metadata) if network.export is not None else {}
 
 
 @hookimpl
 def compressor_save(model: Model, destination: Path, context: Context) -> Artifact:
-    import onnx
+    from compressor_onnx.export import exported
+    from compressor_onnx.saving import save_network
 
-    from compressor_onnx.export import ensure_graph
-    from compressor_onnx.quantization import LARGE_MODEL_BYTES, float_nodes
-
-    graph = ensure_graph(model.handle, context)
-    path = destination.with_suffix(".onnx")
-    side_files: tuple[Path, ...] = ()
-    if graph.ByteSize() > LARGE_MODEL_BYTES:
-        data_file = path.with_name(f"{path.name}.data")
-        onnx.save_model(graph, str(path), save_as_external_data=True, location=data_file.name)
-        side_files = (data_file,)
-    else:
-        onnx.save_model(graph, str(path))
-    model.metadata["opset"] = next(
-        (entry.version for entry in graph.opset_import if entry.domain in ("", "ai.onnx")), None
-    )
-    model.metadata["float_nodes"] = float_nodes(graph)
-    return Artifact(NAME, path, "onnx", side_files)
+    network = exported(model.handle, context)
+    artifact, metadata = save_network(network, destination.with_suffix(".onnx"), context.progress)
+    model.metadata.update({**_export_facts(network), **metadata})
+    return artifact
 
 
 @hookimpl

@@ -1,71 +1,66 @@
 """Magnitude pruning: the smallest weights of each layer become real zeros.
 
-A torch module is pruned before export with ``torch.nn.utils.prune`` and the
-masks are made permanent (``prune.remove``), so the exported graph holds plain
-weight tensors with zeros and no mask multiplications. A model that is already
-an ONNX graph has the weight initializers of its MatMul/Gemm/Conv nodes pruned
-in place.
+The weight initializers of the graph's MatMul/Gemm/Conv nodes are pruned, so
+the graph holds plain weight tensors with zeros and no mask multiplications. A
+torch model is exported first (once per run, shared with the other variants):
+a Linear or Conv layer's weight is the same tensor in the graph (transposed for
+MatMul), so the same smallest magnitudes become zero as with
+``torch.nn.utils.prune`` on the module. Large models are pruned on disk, one
+tensor at a time (``large.prune_large``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from compressor_onnx.loading import Network
-
 #: The weight input of these ONNX ops (input 1) is pruned; Gather (embeddings) is not.
 PRUNABLE_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
 
 
-def prune_network(network: Network, sparsity: float) -> int:
-    """Zero the ``sparsity`` share of smallest-magnitude weights per layer; return layers pruned.
-
-    The network is a torch module or an ONNX graph (callers export
-    ``torch.export`` programs first).
-    """
-    if network.module is not None:
-        return _prune_module(network.module, sparsity)
-    return _prune_graph(network.graph, sparsity)
+#: Float element types whose weights are pruned.
+_FLOAT_TYPES = (1, 10, 11)  # FLOAT, FLOAT16, DOUBLE
 
 
-def _prune_module(module: Any, sparsity: float) -> int:
-    import torch
-    from torch.nn.utils import prune
-
-    layers = [
-        layer for layer in module.modules()
-        if isinstance(layer, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d)
-    ]
-    for layer in layers:
-        prune.l1_unstructured(layer, name="weight", amount=sparsity)
-        prune.remove(layer, "weight")
-    return len(layers)
-
-
-def _prune_graph(graph: Any, sparsity: float) -> int:
-    import numpy as np
+def prune_graph(graph: Any, sparsity: float) -> tuple[Any, int]:
+    """Zero the ``sparsity`` share of smallest-magnitude weights per layer of an
+    in-memory graph: a pruned copy and the number of layers pruned."""
+    import onnx
     from onnx import numpy_helper
 
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(graph)
+    names = prunable_weights(pruned, sparsity)
+    for tensor in pruned.graph.initializer:
+        if tensor.name in names:
+            weights = prune_array(numpy_helper.to_array(tensor), sparsity)
+            tensor.CopyFrom(numpy_helper.from_array(weights, tensor.name))
+    return pruned, len(names)
+
+
+def prunable_weights(graph: Any, sparsity: float) -> set[str]:
+    """Names of the float weight initializers (input 1 of PRUNABLE_OPS) that pruning changes."""
+    import math
+
     initializers = {tensor.name: tensor for tensor in graph.graph.initializer}
-    weight_names = {
-        node.input[1] for node in graph.graph.node
-        if node.op_type in PRUNABLE_OPS and len(node.input) > 1 and node.input[1] in initializers
-    }
-    pruned = 0
-    for name in sorted(weight_names):
-        tensor = initializers[name]
-        weights = numpy_helper.to_array(tensor)
-        if weights.dtype.kind != "f" or weights.size < 2:
-            continue
-        cut = int(round(sparsity * weights.size))
-        if cut == 0:
-            continue
-        smallest = np.argsort(np.abs(weights), axis=None)[:cut]
-        flat = weights.copy().reshape(-1)
-        flat[smallest] = 0
-        tensor.CopyFrom(numpy_helper.from_array(flat.reshape(weights.shape), name))
-        pruned += 1
-    return pruned
+    names = set()
+    for node in graph.graph.node:
+        if node.op_type in PRUNABLE_OPS and len(node.input) > 1 and node.input[1] in initializers:
+            tensor = initializers[node.input[1]]
+            size = math.prod(tensor.dims)
+            if tensor.data_type in _FLOAT_TYPES and size >= 2 and int(round(sparsity * size)) > 0:
+                names.add(tensor.name)
+    return names
+
+
+def prune_array(weights: Any, sparsity: float) -> Any:
+    """A copy of ``weights`` with its ``sparsity`` share of smallest magnitudes set to zero."""
+    import numpy as np
+
+    cut = int(round(sparsity * weights.size))
+    smallest = np.argsort(np.abs(weights), axis=None)[:cut]
+    flat = weights.copy().reshape(-1)
+    flat[smallest] = 0
+    return flat.reshape(weights.shape)
 
 
 def sparsity_of(graph: Any) -> float:

@@ -8,6 +8,7 @@ cosine to float32, where ONNX Runtime's own per-tensor default gives ~0.96.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +24,27 @@ WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "
 #: embedding cosine to ~0.3; weighted ops only keep ~0.94 and run faster.
 STATIC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
 CALIBRATION_BATCH = 8
-#: Past this a graph is saved with external data (protobuf's limit is 2 GB).
+#: Default size (graph plus weights) past which a model stays on disk as an ONNX file
+#: with external data instead of an in-memory proto (protobuf's limit is 2 GB).
 LARGE_MODEL_BYTES = 1_800_000_000
+#: Environment variable overriding LARGE_MODEL_BYTES; tests lower it to take the
+#: large-model path with small models. An environment variable so that child
+#: processes see it too.
+LARGE_MODEL_VARIABLE = "COMPRESSOR_LARGE_MODEL_BYTES"
+
+
+def large_model_bytes() -> int:
+    """The large-model threshold in bytes, read at call time."""
+    text = os.environ.get(LARGE_MODEL_VARIABLE, "").strip()
+    if not text:
+        return LARGE_MODEL_BYTES
+    try:
+        value = int(float(text))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UsageError(f"{LARGE_MODEL_VARIABLE}={text!r} is not a positive number of bytes")
+    return value
 
 
 @contextmanager
@@ -38,10 +58,14 @@ def _quiet_quantizer() -> Iterator[None]:
 
 
 def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> Any:
-    """Apply ``quantize MODE`` to ``graph`` and return the new graph."""
+    """Apply ``quantize MODE`` to ``graph`` and return the new graph (``graph`` stays as it is)."""
+    import onnx
+
+    original, graph = graph, onnx.ModelProto()
+    graph.CopyFrom(original)
     if step.mode == "fp16":
         return to_fp16(graph)
-    excluded_nodes = _names(step.params.get("exclude_nodes"))
+    excluded_nodes = parse_names(step.params.get("exclude_nodes"))
     unknown = sorted(set(excluded_nodes) - {node.name for node in graph.graph.node})
     if unknown:
         raise UsageError(f"exclude_nodes names nodes the graph does not have: {', '.join(unknown)}")
@@ -50,9 +74,7 @@ def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> A
     if step.mode == "dynamic":
         _quantize_dynamic(source, target, step, excluded_nodes)
     else:
-        _quantize_static(source, target, step, excluded_nodes, context)
-    import onnx
-
+        quantize_static_file(source, target, step, excluded_nodes, context)
     return strip_value_info(onnx.load(str(target)))
 
 
@@ -68,14 +90,14 @@ def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: li
                 weight_type=QuantType.QInt8,
                 per_channel=bool(step.params.get("per_channel", True)),
                 nodes_to_exclude=excluded_nodes,
-                op_types_to_quantize=_op_types(IntegerOpsRegistry, step),
+                op_types_to_quantize=op_types(IntegerOpsRegistry, step),
                 use_external_data_format=_is_large(source),
             )
     except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
         raise CompressionError(f"dynamic quantization failed ({_describe(error)})") from None
 
 
-def _quantize_static(
+def quantize_static_file(
     source: Path, target: Path, step: Step, excluded_nodes: list[str], context: Context
 ) -> None:
     import onnx
@@ -106,7 +128,7 @@ def _quantize_static(
                 per_channel=bool(step.params.get("per_channel", True)),
                 calibrate_method=methods[step.params.get("calibration_method", "minmax")],
                 nodes_to_exclude=excluded_nodes,
-                op_types_to_quantize=_op_types(STATIC_OPS, step),
+                op_types_to_quantize=op_types(STATIC_OPS, step),
                 use_external_data_format=_is_large(source),
             )
     except UsageError:
@@ -147,13 +169,17 @@ def calibration_reader(graph: Any, dataset: Dataset, samples: int) -> Any:
     return Reader()
 
 
-def to_fp16(graph: Any) -> Any:
-    """Float16 weights and compute; the model's inputs and outputs stay float32."""
+def to_fp16(graph: Any, infer_shapes: bool = True) -> Any:
+    """Float16 weights and compute; the model's inputs and outputs stay float32.
+
+    Converts ``graph`` in place; ``infer_shapes=False`` when its value types are
+    already inferred (large models are inferred by path).
+    """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     try:
         with _quiet_quantizer():
-            return convert_float_to_float16(graph, keep_io_types=True)
+            return convert_float_to_float16(graph, keep_io_types=True, disable_shape_infer=not infer_shapes)
     except Exception as error:  # noqa: BLE001 - the converter raises anything on odd graphs
         raise CompressionError(f"fp16 conversion failed ({_describe(error)})") from None
 
@@ -171,24 +197,24 @@ def float_nodes(graph: Any) -> list[str]:
     ]
 
 
-def _op_types(candidates: Iterable[str], step: Step) -> list[str]:
-    excluded = set(_names(step.params.get("exclude_op_types")))
+def op_types(candidates: Iterable[str], step: Step) -> list[str]:
+    excluded = set(parse_names(step.params.get("exclude_op_types")))
     return [op for op in candidates if op not in excluded]
 
 
-def _names(value: Any) -> list[str]:
+def parse_names(value: Any) -> list[str]:
     return [name.strip() for name in str(value or "").split(",") if name.strip()]
 
 
 def _is_large(path: Path) -> bool:
-    return path.stat().st_size > LARGE_MODEL_BYTES or (path.parent / f"{path.name}.data").exists()
+    return path.stat().st_size > large_model_bytes() or (path.parent / f"{path.name}.data").exists()
 
 
 def _save_for_quantizer(graph: Any, path: Path) -> None:
     """Save ``graph`` where ONNX Runtime's quantizer reads it (external data past 2 GB)."""
     import onnx
 
-    if graph.ByteSize() > LARGE_MODEL_BYTES:
+    if graph.ByteSize() > large_model_bytes():
         onnx.save_model(graph, str(path), save_as_external_data=True, location=f"{path.name}.data")
     else:
         onnx.save_model(graph, str(path))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,20 @@ def torch_file_kind(path: Path) -> str:
 
 
 def safe_torch_load(path: Path, trust: bool) -> Any:
-    """``torch.load`` with ``weights_only=True``; full pickles only when trusted."""
+    """``torch.load`` with ``weights_only=True``; full pickles only when trusted.
+
+    A damaged pickle makes the weights-only unpickler raise almost anything
+    (IndexError, KeyError, TypeError, struct.error...): every such failure is a
+    corrupt file (exit 4), only a refused global means code (exit 3)."""
     import pickle
+    import warnings
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about odd protocols before failing
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if not _refused_global(error):
             raise InvalidInputError(f"unreadable PyTorch file ({first_line(error)})", path) from None
@@ -75,10 +83,14 @@ def safe_torch_load(path: Path, trust: bool) -> Any:
                 + TRUST_HINT,
                 path,
             ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
-        raise InvalidInputError(f"unreadable PyTorch file ({first_line(error)})", path) from None
+    except Exception as error:  # noqa: BLE001 - a damaged pickle raises any exception type
+        raise InvalidInputError(
+            f"unreadable PyTorch file ({type(error).__name__}: {first_line(error)})", path
+        ) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001 - trusted pickles can raise anything
         raise InvalidInputError(
             f"could not unpickle ({type(error).__name__}: {first_line(error)})", path
@@ -100,32 +112,80 @@ def _head(path: Path, size: int) -> bytes:
         raise InvalidInputError(f"cannot read ({error.strerror})", path) from None
 
 
-def external_tensors(model: Any) -> list[ExternalTensor]:
-    """The initializers of ``model`` (an unloaded ModelProto) stored outside the file."""
+def all_tensors(model: Any) -> Iterator[Any]:
+    """Every TensorProto of ``model``: initializers, sparse initializers' values and
+    indices, and tensors in node attributes (Constant values), in every subgraph."""
+    yield from _graph_tensors(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            yield from _attribute_tensors(node)
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        yield from _attribute_tensors(node)
+
+
+def _attribute_tensors(node: Any) -> Iterator[Any]:
+    for attribute in node.attribute:
+        if attribute.HasField("t"):
+            yield attribute.t
+        yield from attribute.tensors
+        if attribute.HasField("sparse_tensor"):
+            yield attribute.sparse_tensor.values
+            yield attribute.sparse_tensor.indices
+        for sparse in attribute.sparse_tensors:
+            yield sparse.values
+            yield sparse.indices
+        if attribute.HasField("g"):
+            yield from _graph_tensors(attribute.g)
+        for subgraph in attribute.graphs:
+            yield from _graph_tensors(subgraph)
+
+
+def external_tensors(model: Any, path: Path) -> list[ExternalTensor]:
+    """The tensors of ``model`` (an unloaded ModelProto) stored outside the file."""
     import math
 
     from onnx import TensorProto, helper
-    from onnx.external_data_helper import _get_all_tensors
 
     found = []
-    for tensor in _get_all_tensors(model):
+    for tensor in all_tensors(model):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
         entries = {entry.key: entry.value for entry in tensor.external_data}
         expected = None
         if tensor.data_type not in _UNSIZED_TYPES:
-            itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            try:
+                itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            except (KeyError, ValueError, TypeError):
+                raise InvalidInputError(
+                    f"tensor {tensor.name!r} has an unknown data type ({tensor.data_type})", path
+                ) from None
             expected = math.prod(tensor.dims) * itemsize
         found.append(
             ExternalTensor(
                 name=tensor.name,
                 location=entries.get("location", ""),
-                offset=int(entries.get("offset", "0") or 0),
-                length=int(entries["length"]) if entries.get("length") else None,
+                offset=_number(entries.get("offset", "0") or "0", "offset", tensor.name, path),
+                length=_number(entries["length"], "length", tensor.name, path) if entries.get("length") else None,
                 expected_bytes=expected,
             )
         )
     return found
+
+
+def _number(text: str, field: str, tensor: str, path: Path) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"tensor {tensor!r} has a non-numeric external-data {field} ({text[:40]!r})", path
+        ) from None
 
 
 #: STRING, UINT4, INT4, FLOAT4E2M1: no fixed byte size per element.
@@ -139,7 +199,7 @@ def check_external_data(model: Any, path: Path) -> None:
     ``location`` wherever it points.
     """
     folder = path.parent.resolve()
-    for tensor in external_tensors(model):
+    for tensor in external_tensors(model, path):
         location = tensor.location
         if not location:
             raise InvalidInputError(f"tensor {tensor.name!r} has external data without a location", path)

@@ -1,0 +1,239 @@
+"""ONNX files whose weights live in external data, read and written one tensor at a time.
+
+A *skeleton* is a ModelProto loaded without its external data: nodes, shapes,
+small tensors and references (location, offset, length) to the big ones. Big
+tensors are read with plain file reads, never a memory map (touched mapped pages
+count in the process's RSS until unmapped), and written one by one into a single
+``<model>.onnx.data`` next to the new ``.onnx``. Only models whose external data
+``check_external_data`` accepted (or that compressor wrote itself) get here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+#: Tensors smaller than this stay inside the .onnx (onnx.save's own default).
+EMBED_BYTES = 1024
+#: Tensors from this size start on an ALIGNMENT boundary, as onnx.save aligns
+#: them, so that ONNX Runtime may map them rather than copy them.
+ALIGN_FROM_BYTES = 1 << 20
+ALIGNMENT = 1 << 16
+_COPY_CHUNK = 1 << 24
+
+#: Produces one tensor's new contents when the writer reaches it.
+Producer = Callable[[], Any]
+#: ``progress(message, fraction)``, as ``Context.progress``.
+Progress = Callable[[str, float | None], None]
+
+
+def _silent(message: str, fraction: float | None) -> None:
+    return None
+
+
+def load_skeleton(path: Path) -> Any:
+    """The model at ``path`` without its external data."""
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False)
+
+
+def all_tensors(model: Any) -> Iterator[Any]:
+    """Every tensor of ``model``: initializers, node attributes, subgraphs, functions."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    yield from _get_all_tensors(model)
+
+
+def is_external(tensor: Any) -> bool:
+    from onnx import TensorProto
+
+    return tensor.HasField("data_location") and tensor.data_location == TensorProto.EXTERNAL
+
+
+def external_reference(tensor: Any) -> tuple[str, int, int]:
+    """``(location, offset, length)`` of an external tensor."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    offset = int(entries.get("offset") or 0)
+    length = int(entries["length"]) if entries.get("length") else tensor_nbytes(tensor)
+    return entries.get("location", ""), offset, length
+
+
+def tensor_nbytes(tensor: Any) -> int:
+    """Bytes the tensor's shape and type call for (0 for strings and sub-byte types)."""
+    import math
+
+    from onnx import TensorProto, helper
+
+    if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return 0
+    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return math.prod(tensor.dims) * itemsize
+
+
+def model_bytes(path: Path, skeleton: Any) -> int:
+    """The ``.onnx`` file plus every byte of external data its tensors use."""
+    external = {external_reference(t) for t in all_tensors(skeleton) if is_external(t)}
+    return path.stat().st_size + sum(length for _, _, length in external)
+
+
+def read_array(tensor: Any, folder: Path) -> Any:
+    """One tensor as a numpy array; external bytes are read from ``folder``."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if not is_external(tensor):
+        return numpy_helper.to_array(tensor)
+    location, offset, length = external_reference(tensor)
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    with open(folder / location, "rb") as stream:
+        stream.seek(offset)
+        array = np.fromfile(stream, dtype=dtype, count=length // dtype.itemsize)
+    return array.reshape(tuple(tensor.dims))
+
+
+class DataWriter:
+    """Appends tensors to one external data file and points the protos at it."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.path = model_path.with_name(f"{model_path.name}.data")
+        self._stream = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self.written = 0
+
+    def __enter__(self) -> DataWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def write_array(self, tensor: Any, array: Any) -> None:
+        """Store ``array`` as ``tensor``'s contents (its dims and type are set from it)."""
+        import numpy as np
+        from onnx import helper
+
+        array = np.asarray(array)
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")
+        del tensor.dims[:]
+        tensor.dims.extend(array.shape)
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        _clear_data(tensor)
+        if array.nbytes < EMBED_BYTES:
+            tensor.raw_data = array.tobytes()
+            return
+        self._place(tensor, array.nbytes)
+        self._stream.write(memoryview(array.reshape(-1)).cast("B"))
+
+    def copy_tensor(self, tensor: Any, folder: Path) -> None:
+        """Move ``tensor``'s bytes (external in ``folder``, or embedded and big) into this file."""
+        if is_external(tensor):
+            location, offset, length = external_reference(tensor)
+            _clear_data(tensor)
+            self._place(tensor, length)
+            self._stream.flush()
+            with open(folder / location, "rb") as source:
+                _copy_range(source, self._stream, offset, length)
+        elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EMBED_BYTES:
+            data = tensor.raw_data
+            tensor.ClearField("raw_data")
+            self._place(tensor, len(data))
+            self._stream.write(data)
+
+    def _place(self, tensor: Any, nbytes: int) -> None:
+        from onnx import TensorProto
+
+        position = self._stream.tell()
+        if nbytes >= ALIGN_FROM_BYTES and position % ALIGNMENT:
+            padding = ALIGNMENT - position % ALIGNMENT
+            self._stream.write(b"\0" * padding)
+            position += padding
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", position), ("length", nbytes)):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.written += nbytes
+
+
+def write_model(
+    model: Any, target: Path, source_folder: Path | None, producers: Mapping[str, Producer] | None = None,
+    progress: Progress = _silent,
+) -> Path | None:
+    """Save ``model`` (a skeleton, edited in place) as ``target`` plus one data file.
+
+    Top-level initializers named in ``producers`` get the array their producer
+    returns, computed only when the writer reaches them; every other external
+    tensor is copied byte for byte from ``source_folder``. Returns the data file,
+    or None when every tensor was small enough to stay inside the .onnx.
+    """
+    import onnx
+
+    producers = dict(producers or {})
+    folder = source_folder or target.parent
+    count = len(model.graph.initializer)
+    with DataWriter(target) as writer:
+        for index, tensor in enumerate(model.graph.initializer):
+            progress(f"writing {target.name}", index / max(count, 1))
+            if tensor.name in producers:
+                writer.write_array(tensor, producers.pop(tensor.name)())
+            else:
+                writer.copy_tensor(tensor, folder)
+        for tensor in _nested_tensors(model):
+            writer.copy_tensor(tensor, folder)
+    onnx.save_model(model, str(target))
+    if writer.written == 0:
+        writer.path.unlink()
+        return None
+    return writer.path
+
+
+def _nested_tensors(model: Any) -> Iterator[Any]:
+    """Tensors other than the top-level initializers: subgraph initializers, node attributes."""
+    from onnx.external_data_helper import (
+        _get_attribute_tensors,
+        _get_initializer_tensors_from_graph,
+        _recursive_attribute_processor,
+    )
+
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            yield from _recursive_attribute_processor(attribute, _get_initializer_tensors_from_graph)
+    yield from _get_attribute_tensors(model)
+
+
+def _clear_data(tensor: Any) -> None:
+    from onnx import TensorProto
+
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.DEFAULT
+
+
+def _copy_range(source: Any, target: Any, offset: int, length: int) -> None:
+    """Copy ``length`` bytes from ``offset`` of ``source`` to the end of ``target`` (in the kernel when it can)."""
+    remaining = length
+    position = offset
+    try:
+        while remaining:
+            copied = os.copy_file_range(source.fileno(), target.fileno(), min(remaining, 1 << 30), position)
+            if copied == 0:
+                break
+            remaining -= copied
+            position += copied
+    except (OSError, AttributeError):
+        pass
+    if remaining:
+        target.seek(0, os.SEEK_END)
+        source.seek(position)
+        while remaining:
+            chunk = source.read(min(remaining, _COPY_CHUNK))
+            if not chunk:
+                raise OSError(f"external data ends {remaining} bytes early")
+            target.write(chunk)
+            remaining -= len(chunk)
+    target.seek(0, os.SEEK_END)
