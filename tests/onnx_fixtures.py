@@ -154,3 +154,27 @@ def write_external_mlp(folder: Path, widths: tuple[int, ...] = (32, 48, 40, 10),
     eval_path = folder / "eval.npz"
     np.savez(eval_path, x=x)
     return path, eval_path
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What core's engine found for one artifact, measured in this process (tests only)."""
+
+    metrics: dict[str, Any]
+    outputs: dict[str, dict[str, Any]]
+    kept: dict[str, dict[str, Any]]
+
+    @property
+    def predictions(self) -> Any:
+        """Top-1 of the first output (a classifier's classes)."""
+        return next(iter(self.kept.values()))["top1"]
+
+
+def measure_here(artifact: Any, data: Any, settings: Any) -> Measured:
+    """Open the artifact's onnx runtime and let core measure it, as the measuring process does."""
+    from compressor.engine import measure_runtime
+    from compressor_onnx import plugin
+
+    runtime = plugin.compressor_open_runtime(artifact, settings)
+    measured = measure_runtime(runtime, data, settings)
+    return Measured(measured.metrics, measured.outputs, measured.kept)

@@ -12,7 +12,14 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx_fixtures import FACTORY, DigitsFiles, EncoderFiles, make_digits_files, make_tiny_bert
+from onnx_fixtures import (
+    FACTORY,
+    DigitsFiles,
+    EncoderFiles,
+    make_digits_files,
+    make_tiny_bert,
+    measure_here,
+)
 
 from compressor import Context, InvalidInputError, MeasureSettings, Step, UsageError
 from compressor.builtin import read_npz
@@ -55,7 +62,7 @@ def compress_save_measure(path: Path, steps: list[Step], context: Context, out: 
         model = plugin.compressor_compress(model, step, context)
     out.mkdir(parents=True, exist_ok=True)
     artifact = plugin.compressor_save(model, out / "model", context)
-    measured = plugin.compressor_measure(artifact, read_npz(data_path, model.inputs), QUICK)
+    measured = measure_here(artifact, read_npz(data_path, model.inputs), QUICK)
     return onnx.load(str(artifact.path)), model.metadata, measured
 
 
@@ -90,9 +97,9 @@ def test_state_dict_original_matches_torch(digits: DigitsFiles, tmp_path: Path) 
     assert metadata["opset"] == 17
     assert len(metadata["float_nodes"]) == 2
     assert accuracy(measured, digits.eval) == pytest.approx(digits.accuracy)
-    assert measured.metrics["output_kind"] == "classifier"
+    assert measured.outputs["output"]["task"] == "classifier"
     assert measured.metrics["latency_batch_ms"]["throughput_per_s"] > 0
-    assert measured.metrics["load_ms"] > 0
+    assert measured.metrics["eval_batch"] == 1
     batch_axis = graph.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_axis.dim_param and not batch_axis.HasField("dim_value")
 
@@ -216,11 +223,13 @@ def test_transformers_folder_exports_multi_input_with_dynamic_axes(
     for batch, length in ((1, 5), (3, 11)):
         feeds = {i.name: np.ones((batch, length), dtype=np.int64) for i in session.get_inputs()}
         assert session.run(None, feeds)[0].shape == (batch, length, encoder.hidden_size)
-    measured = plugin.compressor_measure(artifact, context.eval_data, QUICK)
-    assert measured.metrics["output_kind"] == "sentence_embedding"
-    assert measured.outputs.shape == (24, encoder.hidden_size)
-    assert sorted(set(np.asarray(measured.predictions))) != [] and len(measured.predictions) == 24
-    assert all(index != row for row, index in enumerate(measured.predictions))
+    measured = measure_here(artifact, context.eval_data, QUICK)
+    from compressor.comparing import nearest_neighbours
+
+    assert measured.outputs["last_hidden_state"]["task"] == "embedding"
+    vectors = measured.kept["last_hidden_state"]["vectors"]
+    assert vectors.shape == (24, encoder.hidden_size)
+    assert all(index != row for row, index in enumerate(nearest_neighbours(vectors)))
 
 
 def test_transformers_attention_exports_without_sdpa_mask_handling(
@@ -253,13 +262,13 @@ def test_fixed_batch_graph_is_timed_and_evaluated_at_its_batch(fixed_batch: int,
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
     features = np.random.default_rng(1).normal(size=(10, 8)).astype(np.float32)
     data = Dataset(path=tmp_path / "eval.npz", features={"x": features}, labels=None, size=10)
-    measured = plugin.compressor_measure(Artifact("onnx", path, "onnx"), data, QUICK)
+    measured = measure_here(Artifact("onnx", path, "onnx"), data, QUICK)
     assert measured.metrics["fixed_batch"] == fixed_batch and "latency_batch_ms" not in measured.metrics
     assert list(measured.predictions) == list(np.argmax(features @ weights, axis=1))
 
 
 def test_mean_pooling_ignores_padding() -> None:
-    from compressor_onnx.measure import mean_pool
+    from compressor.tasks import mean_pool
 
     hidden = np.array([[[1.0, 1.0], [3.0, 3.0], [100.0, 100.0]]], dtype=np.float32)
     assert mean_pool(hidden, np.array([[1, 1, 0]])).tolist() == [[2.0, 2.0]]
@@ -274,7 +283,7 @@ def test_large_graph_is_saved_with_external_data(
     artifact = plugin.compressor_save(model, tmp_path / "big", context)
     assert [path.name for path in artifact.side_files] == ["big.onnx.data"]
     assert artifact.path.stat().st_size < 1000
-    measured = plugin.compressor_measure(artifact, read_npz(digits.eval, model.inputs), QUICK)
+    measured = measure_here(artifact, read_npz(digits.eval, model.inputs), QUICK)
     assert accuracy(measured, digits.eval) == pytest.approx(digits.accuracy)
 
 

@@ -284,3 +284,23 @@ def test_a_model_past_2_gb(tmp_path: Path) -> None:
                       f"({v['metrics']['compress_seconds']:.0f} s), measure {v['metrics']['peak_rss_bytes'] / 1e9:.2f} GB"
                       for name, v in variants.items())
           + f"; W = {weights_bytes / 1e9:.2f} GB")
+
+
+def test_the_disk_space_check_counts_external_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small .onnx with megabytes of external data: the run is sized by both."""
+    from collections import namedtuple
+
+    from compressor import Context, UsageError, diskspace
+    from compressor.recipes import variants_from_strings
+    from compressor_onnx import plugin
+
+    model, _ = write_external_mlp(tmp_path / "model", widths=(512, 512, 512, 512, 10))
+    loaded = plugin.compressor_load(model, "onnx", Context())
+    assert model.stat().st_size < 100_000 and loaded.source_bytes > 3_000_000
+    variants = variants_from_strings([("quantize dynamic",)])
+    usage = namedtuple("usage", "total used free")
+    needed_for_file_alone = 3 * model.stat().st_size + 2 * (64 << 20)
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda path: usage(10**9, 0, needed_for_file_alone))
+    diskspace.check_free_space(model, variants, tmp_path / "out", tmp_path)
+    with pytest.raises(UsageError, match="not enough free disk space"):
+        diskspace.check_free_space(model, variants, tmp_path / "out", tmp_path, loaded.source_bytes)

@@ -47,9 +47,11 @@ def estimated_artifact_bytes(source_bytes: int, variant: Variant) -> int:
     return int(source_bytes * kept)
 
 
-def check_free_space(model: Path, variants: Sequence[Variant], out: Path, scratch: Path) -> None:
-    """Raise :class:`UsageError` when ``--out`` or ``$TMPDIR`` lacks room for the run."""
-    source = input_bytes(model)
+def check_free_space(model: Path, variants: Sequence[Variant], out: Path, scratch: Path,
+                     source_bytes: int | None = None) -> None:
+    """Raise :class:`UsageError` when ``--out`` or ``$TMPDIR`` lacks room for the run.
+    ``source_bytes``: the loaded model's size with side files, when the backend knows it."""
+    source = max(input_bytes(model), source_bytes or 0)
     needed_out = source + sum(estimated_artifact_bytes(source, v) for v in variants) + _MARGIN_BYTES
     needed_scratch = source + _MARGIN_BYTES
     out_device = _existing(out)

@@ -63,14 +63,14 @@ def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSet
     metrics.update(runtime.metrics())
     wanted = _wanted_outputs(runtime, options)
     feeds = {name: array for name, array in examples.arrays.items() if examples.axes[name] == 0}
-    for spec in runtime.outputs:
+    for position, spec in enumerate(runtime.outputs):
         if spec.name not in wanted or spec.name in examples.state or spec.name not in records:
             continue
         stacked = records[spec.name]
         if stacked is None:
             measured.outputs[spec.name] = {"task": None, "reason": "its shape changes from example to example"}
             continue
-        task, reason = tasks.detect(spec, stacked[:1], runtime.inputs, options)
+        task, reason = tasks.detect(spec, stacked[:1], runtime.inputs, options, position)
         measured.outputs[spec.name] = {"task": task, "reason": reason, "shape": list(stacked.shape[1:])}
         measured.kept[spec.name] = tasks.keep(task, stacked, feeds)
     return measured

@@ -108,6 +108,9 @@ class Model:
     notes: list[str] = field(default_factory=list)
     #: Facts to report, e.g. {"float_nodes": [...], "opset": 17}.
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: Bytes the model takes on disk with its side files (ONNX external data), when
+    #: more than the path itself; core sizes the run's disk needs from it.
+    source_bytes: int | None = None
 
 
 @dataclass

@@ -171,7 +171,7 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
         )
         check_data(backend, variants, context)
         if request.check_space:
-            check_free_space(request.model, variants, output.path, workdir)
+            check_free_space(request.model, variants, output.path, workdir, original.source_bytes)
         output.prepare()
         try:
             report, artifacts = _run_variants(

@@ -31,7 +31,7 @@ from compressor.errors import UsageError
 from compressor.models import TensorSpec
 from compressor.specs import TASKS
 
-_BOX_NAMES = re.compile(r"box|bbox|loc|regress|landmark|coord|delta|offset|keypoint|kpt", re.I)
+_BOX_NAMES = re.compile(r"box|bbox|loc|regress|landm|coord|delta|offset|keypoint|kpt|point", re.I)
 _EMBEDDING_NAMES = re.compile(r"embed|pooler|sentence|feature|vector", re.I)
 #: Raw float outputs kept per output for cosine similarity; more rows are cut (said in the report).
 MAX_KEPT_VALUES = 8_000_000
@@ -44,8 +44,13 @@ def chosen_task(name: str, options: Mapping[str, Any]) -> str | None:
     return task
 
 
-def detect(spec: TensorSpec, sample: Any, inputs: Sequence[TensorSpec], options: Mapping[str, Any]) -> tuple[str, str]:
-    """The task of output ``spec`` (whose batch-1 values are ``sample``) and why."""
+_GENERIC_NAME = re.compile(r"(output|out|y|result)?[_:.]?\d*", re.I)
+
+
+def detect(spec: TensorSpec, sample: Any, inputs: Sequence[TensorSpec], options: Mapping[str, Any],
+           position: int = 0) -> tuple[str, str]:
+    """The task of output ``spec`` (whose batch-1 values are ``sample``; ``position``
+    among the outputs) and why."""
     chosen = chosen_task(spec.name, options)
     if chosen is not None:
         return chosen, "set with --set task"
@@ -67,6 +72,10 @@ def detect(spec: TensorSpec, sample: Any, inputs: Sequence[TensorSpec], options:
         return "regression", f"named {spec.name!r}: coordinates"
     if len(shape) == 2 and _EMBEDDING_NAMES.search(spec.name):
         return "embedding", f"named {spec.name!r}: one vector per example"
+    if columns >= 2 and position > 0 and _GENERIC_NAME.fullmatch(spec.name):
+        return "regression", (f"[N, {columns}] after the first output, with no name to say what it is "
+                              "(boxes, landmarks?): compared as numbers; --set task."
+                              f"{spec.name}=classifier if it is one")
     if columns >= 2:
         return "classifier", f"[N, {columns}]: scores per class, top-1 compared"
     if len(shape) <= 2 and sample.size and float(sample.min()) >= 0.0 and float(sample.max()) <= 1.0:

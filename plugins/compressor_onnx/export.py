@@ -108,19 +108,43 @@ def _load(target: Path) -> Any:
 def _export_module(network: Network, context: Context, target: Path, opset: int) -> None:
     import torch
 
+    from compressor_onnx.outputs import probe_outputs
+
     inputs = example_inputs(network, context)
+    names = tuple(name for name in network.input_names if name in inputs)
     if isinstance(network.module, torch.jit.ScriptModule):
         wrapper = network.module  # TorchScript exports as it is; it cannot be traced inside a wrapper
     else:
-        wrapper = wrap_forward(network.module, network.input_names, network.keyword_inputs)
-    tensors = tuple(torch.from_numpy(inputs[name]) for name in network.input_names)
-    axes = {
-        name: {axis: _AXIS_NAMES[axis] for axis in sequence_axes(array.ndim, array.dtype.name)}
-        for name, array in inputs.items()
-    }
-    output_axes = {0: "batch", 1: "sequence"} if network.keyword_inputs else {0: "batch"}
-    axes.update({name: output_axes for name in network.output_names})
-    _run_exporter(wrapper, tensors, target, network, axes, opset)
+        wrapper = wrap_forward(network.module, names, network.keyword_inputs)
+    batch_axes = {name: _batch_axis(name, context) for name in names}
+    module = network.module
+
+    def call(*tensors: Any) -> Any:
+        return module(**dict(zip(names, tensors))) if network.keyword_inputs else module(*tensors)
+
+    outputs = probe_outputs(call, {name: inputs[name] for name in names}, batch_axes, network.output_names)
+    tensors = tuple(torch.from_numpy(inputs[name]) for name in names)
+    axes = {name: _input_axes(inputs[name], batch_axes[name]) for name in names}
+    axes.update({output.name: output.dynamic_axes for output in outputs})
+    exporting = dataclasses.replace(network, input_names=names,
+                                    output_names=tuple(output.name for output in outputs))
+    _run_exporter(wrapper, tensors, target, exporting, axes, opset)
+
+
+def _batch_axis(name: str, context: Context) -> int | None:
+    """``--set batch_axis.NAME=K`` (or none) for an input, else 0."""
+    declared = context.options.get(f"batch_axis.{name}")
+    if declared is None:
+        return 0
+    return None if str(declared).lower() == "none" else int(declared)
+
+
+def _input_axes(array: Any, batch_axis: int | None) -> dict[int, str]:
+    """The batch axis, and the sequence axis of integer (token) inputs, are dynamic."""
+    axes = {axis: _AXIS_NAMES[axis] for axis in sequence_axes(array.ndim, array.dtype.name) if axis != 0}
+    if batch_axis is not None and array.ndim > batch_axis:
+        axes[batch_axis] = "batch"
+    return dict(sorted(axes.items()))
 
 
 def _run_exporter(
@@ -192,10 +216,13 @@ def strip_value_info(graph: Any) -> Any:
 
 
 def example_inputs(network: Network, context: Context) -> dict[str, Any]:
-    """Export inputs: real examples from a data file, else the declared shapes."""
+    """Export inputs: real examples from a data file, else the declared shapes. An
+    optional input (a transformer's token_type_ids) the data lacks is left out."""
     for dataset in (context.calibration_data, context.eval_data, context.train_data):
         if dataset is not None:
-            arrays = sample_from_data(dataset, network.input_names)
+            present = tuple(name for name in network.input_names
+                            if name not in network.optional_inputs or name in dataset.features)
+            arrays = sample_from_data(dataset, present)
             if not network.sample_shapes:
                 return {name: array.astype("float32") if array.dtype.kind == "f" else array
                         for name, array in arrays.items()}
@@ -211,8 +238,11 @@ def example_inputs(network: Network, context: Context) -> dict[str, Any]:
 
 
 def wrap_forward(module: Any, names: tuple[str, ...], by_keyword: bool) -> Any:
-    """A module taking the ONNX inputs positionally and returning the first tensor output."""
+    """A module taking the ONNX inputs positionally and returning every tensor the
+    module returns, flattened in a stable order (see compressor_onnx.outputs)."""
     import torch
+
+    from compressor_onnx.outputs import flatten_outputs
 
     class Forward(torch.nn.Module):
         def __init__(self) -> None:
@@ -221,10 +251,7 @@ def wrap_forward(module: Any, names: tuple[str, ...], by_keyword: bool) -> Any:
 
         def forward(self, *inputs: Any) -> Any:
             result = self.module(**dict(zip(names, inputs))) if by_keyword else self.module(*inputs)
-            if isinstance(result, torch.Tensor):
-                return result
-            if isinstance(result, dict):
-                return next(iter(result.values()))
-            return result[0]
+            tensors = tuple(tensor for _, tensor in flatten_outputs(result))
+            return tensors[0] if len(tensors) == 1 else tensors
 
     return Forward()

@@ -9,7 +9,6 @@ Hugging Face transformers folders (``config.json`` + safetensors).
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -18,10 +17,7 @@ from compressor import InvalidInputError, TensorSpec, UnsafeInputError, UsageErr
 from compressor_onnx.safety import TRUST_HINT, check_external_data, safe_torch_load, torch_file_kind
 from compressor_onnx.shapes import SampleShape, graph_input_specs, parse_input_shape
 
-TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ts")
-HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-#: Token inputs exported from a transformers folder when no data gives a shape.
-HF_SAMPLE_SHAPE = (1, 16)
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ts", ".jit", ".ptl")
 
 
 @dataclass
@@ -58,7 +54,9 @@ class Network:
     module: Any | None = None
     graph: Any | None = None
     input_names: tuple[str, ...] = ()
-    output_names: tuple[str, ...] = ("output",)
+    #: The exported graph's outputs; empty: named after what the module returns
+    #: (``output`` for one tensor, ``output_0``... for a tuple, the keys of a dict).
+    output_names: tuple[str, ...] = ()
     #: Example shapes for export when no data file gives real examples.
     sample_shapes: tuple[SampleShape, ...] = ()
     #: Call the module with keyword inputs (transformers models).
@@ -70,6 +68,11 @@ class Network:
     path: Path | None = None
     #: Shared by a loaded torch model and all its forks (see ExportCache).
     export: ExportCache | None = None
+    #: Inputs the model has defaults for (a transformer's token_type_ids): exported
+    #: only when the data has them.
+    optional_inputs: frozenset[str] = frozenset()
+    #: The loaded file's bytes with its external data (ONNX files).
+    source_bytes: int | None = None
 
     @property
     def is_torch(self) -> bool:
@@ -88,6 +91,8 @@ def load_network(path: Path, options: dict[str, Any], trust: bool) -> tuple[Netw
             raise InvalidInputError(
                 "folder is not a transformers model (needs config.json and *.safetensors)", path
             )
+        from compressor_onnx.hf import load_transformers
+
         return load_transformers(path, declared)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
@@ -114,13 +119,14 @@ def load_onnx_network(path: Path) -> tuple[Network, tuple[TensorSpec, ...]]:
     from compressor_onnx.quantization import large_model_bytes
 
     skeleton = _parse_onnx(path)
-    specs = graph_input_specs(skeleton.graph)
-    if model_bytes(path, skeleton) > large_model_bytes():
+    specs = graph_input_specs(skeleton.graph, path)
+    size = model_bytes(path, skeleton)
+    if size > large_model_bytes():
         # Checked by path: the checker then reads no weights, and a proto past
         # 2 GB never has to be serialized.
         _check_onnx(path, path)
-        return Network(path=path), specs
-    return Network(graph=_with_external_data(skeleton, path)), specs
+        return Network(path=path, source_bytes=size), specs
+    return Network(graph=_with_external_data(skeleton, path), source_bytes=size), specs
 
 
 def load_onnx(path: Path) -> Any:
@@ -243,42 +249,31 @@ def build_from_factory(path: Path, state_dict: dict[str, Any], options: dict[str
     module = factory()
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"model_factory {factory_name!r} returned {type(module).__name__}, not an nn.Module")
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise InvalidInputError(
+            f"weights do not fit the module from {factory_name}: "
+            + "; ".join(f"{what} {_first_keys(keys)}" for what, keys in
+                        (("missing", missing), ("unexpected", unexpected)) if keys),
+            path,
+        )
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0]
         raise InvalidInputError(
-            f"weights do not fit the module from {factory_name} ({first_line[:200]})", path
+            f"weights do not fit the module from {factory_name} ({_shape_problem(error)})", path
         ) from None
     return module
 
 
-def load_transformers(path: Path, declared: tuple[SampleShape, ...]) -> tuple[Network, tuple[TensorSpec, ...]]:
-    """A transformers encoder from its folder; safetensors only, no remote code."""
-    import transformers
+def _first_keys(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{len(keys)} key(s): {shown}" + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        # Eager attention exports as plain MatMul/Softmax; the SDPA export adds mask
-        # handling (IsNaN, Where) that quantized graphs keep: measured 31 ms vs 36 ms
-        # for all-MiniLM-L6-v2 dynamic int8 at batch 1, sequence 128 (fp32 unchanged).
-        module = transformers.AutoModel.from_pretrained(
-            str(path), local_files_only=True, trust_remote_code=False, use_safetensors=True,
-            attn_implementation="eager",
-        )
-    except Exception as error:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError...
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise InvalidInputError(
-            f"cannot load the transformers model ({type(error).__name__}: {first_line[:200]})", path
-        ) from None
-    accepted = inspect.signature(module.forward).parameters
-    names = tuple(name for name in HF_INPUTS if name in accepted)
-    shapes = declared or tuple(SampleShape(name, HF_SAMPLE_SHAPE, "int64") for name in names)
-    network = Network(
-        module=module.eval(),
-        input_names=tuple(sample.name for sample in shapes),
-        output_names=("last_hidden_state",),
-        sample_shapes=shapes,
-        keyword_inputs=True,
-    )
-    return network, tuple(sample.spec for sample in shapes)
+
+def _shape_problem(error: RuntimeError) -> str:
+    """The size mismatches torch lists after its first line, up to ten of them."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    mismatches = [line for line in lines if line.startswith("size mismatch")]
+    return "; ".join(mismatches[:10]) if mismatches else (lines[0][:200] if lines else type(error).__name__)

@@ -19,11 +19,10 @@ from compressor import (
     Backend,
     CompressionError,
     Context,
-    Dataset,
-    Measurement,
     MeasureSettings,
     Model,
     Param,
+    Runtime,
     SampleModel,
     Step,
     Technique,
@@ -32,7 +31,7 @@ from compressor import (
 from compressor_onnx.loading import ExportCache, Network, is_transformers_folder
 
 NAME = "onnx"
-IDENTIFIED_SUFFIXES = (".onnx", ".pt2", ".pt", ".pth", ".safetensors")
+IDENTIFIED_SUFFIXES = (".onnx", ".pt2", ".pt", ".pth", ".safetensors", ".jit", ".ts", ".ptl")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
@@ -74,6 +73,7 @@ def backend() -> Backend:
         },
         extra="onnx",
         requires=("onnxruntime", "onnx", "torch"),
+        runtime_imports=("onnxruntime",),
         distributions=("torch", "onnx", "onnxruntime", "transformers"),
         default_variants=(("quantize dynamic",), ("quantize fp16",)),
     )
@@ -99,7 +99,7 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
     if network.is_torch and network.export is None:
         # Forks share this cache: the torch model is exported once, then dropped.
         network.export = ExportCache(network.module, network.exported_program, holders=[network])
-    return Model(NAME, path, _format(network), network, inputs)
+    return Model(NAME, path, _format(network), network, inputs, source_bytes=network.source_bytes)
 
 
 @hookimpl
@@ -178,12 +178,10 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
 
 
 @hookimpl
-def compressor_measure(
-    artifact: Artifact, data: Dataset | None, settings: MeasureSettings
-) -> Measurement:
-    from compressor_onnx.measure import measure_artifact
+def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings) -> Runtime:
+    from compressor_onnx.runtime import OnnxRuntime
 
-    return measure_artifact(artifact, data, settings)
+    return OnnxRuntime(artifact, settings)
 
 
 @hookimpl
