@@ -15,6 +15,14 @@ from compressor.report import Report, VariantResult, summarize_repeats
 from compressor.worker import measure_isolated
 
 
+def measure_one(host: PluginHost, artifact: Artifact, data_path: Path | None, inputs: Sequence[TensorSpec],
+                settings: MeasureSettings) -> Any:
+    """One measurement of ``artifact`` in its own process."""
+    backend = host.backend(artifact.backend)
+    with plugin_errors(backend):
+        return measure_isolated(artifact, data_path, inputs, settings, host.extra_modules, backend.plugin_name)
+
+
 def measure_variants(
     host: PluginHost,
     results: list[VariantResult],
@@ -26,9 +34,10 @@ def measure_variants(
     repeats: int,
     progress: ProgressCallback,
     source: Path | None = None,
-) -> None:
+) -> Any:
     """Measure every artifact in its own subprocess; repeats interleave the
-    variants so that drift of the machine hits all of them alike.
+    variants so that drift of the machine hits all of them alike. Returns the
+    original's measurement (the reference later variants can be scored against).
 
     The original failing to measure stops the run; a variant failing is that
     variant's error (its artifact is dropped), and the others go on."""
@@ -39,51 +48,59 @@ def measure_variants(
                 continue
             progress(f"measuring {results[index].name} ({repeat + 1}/{repeats})", None)
             try:
-                with plugin_errors(host.backend(artifact.backend)):
-                    runs[index].append(
-                        measure_isolated(artifact, data_path, inputs, settings, host.extra_modules,
-                                         host.backend(artifact.backend).plugin_name)
-                    )
+                runs[index].append(measure_one(host, artifact, data_path, inputs, settings))
             except CompressorError as error:
                 if index == 0:
                     raise _named_for_the_user(error, artifact, results[0].name, source) from None
                 results[index].error = f"measuring failed: {error.message}"
                 artifacts[index] = None
                 runs[index] = []
-    expected = None if eval_data is None else min(eval_data.size, settings.max_examples or eval_data.size)
-    for result, measured in zip(results, runs):
-        for run in measured:
-            count = None if run.predictions is None else len(run.predictions)
-            if expected is not None and count is not None and count != expected:
-                raise CompressorError(
-                    f"the {results[0].name if result is results[0] else result.name} measurement returned "
-                    f"{count} predictions for {expected} evaluation examples (a bug in the backend's "
-                    "compressor_measure)"
-                )
     reference = runs[0][0] if runs[0] else None
-    labels = _labels(eval_data, settings)
-    if reference is not None and labels is not None and data_path is not None:
-        _check_label_range(reference, labels, data_path)
+    if reference is not None and data_path is not None:
+        check_reference(reference, eval_data, settings, data_path)
     for result, measured in zip(results, runs):
-        if not measured:
-            continue
-        metrics = summarize_repeats([m.metrics for m in measured])
-        metrics.update(_repeat_spread([m.metrics for m in measured]))
-        latest = measured[0]
-        if latest.predictions is not None:
-            if "accuracy" not in metrics and labels is not None:
-                value = fidelity.accuracy(latest.predictions, labels)
-                if value is not None:
-                    metrics["accuracy"] = value
-            if reference is not None and reference.predictions is not None:
-                metrics.update(fidelity.compare(reference.predictions, latest.predictions, labels))
-        if latest.outputs is not None and reference is not None and reference.outputs is not None:
-            similarity = fidelity.cosine(reference.outputs, latest.outputs)
-            if similarity is not None:
-                metrics["cosine"] = similarity
-        if latest.kept and reference is not None:
-            metrics.update(compare_outputs(reference, latest, labels))
-        result.metrics = {**result.metrics, **metrics}
+        if measured:
+            score(result, measured, reference, eval_data, settings)
+    return reference
+
+
+def check_reference(reference: Any, eval_data: Dataset | None, settings: MeasureSettings, data_path: Path) -> None:
+    """The original's measurement fits the data: one prediction per example, labels in range."""
+    labels = _labels(eval_data, settings)
+    if labels is not None:
+        _check_label_range(reference, labels, data_path)
+
+
+def score(result: VariantResult, measured: list[Any], reference: Any | None, eval_data: Dataset | None,
+          settings: MeasureSettings) -> None:
+    """Fill ``result.metrics`` from its measurements (medians over repeats) and its
+    comparison with the original's ``reference`` measurement."""
+    expected = None if eval_data is None else min(eval_data.size, settings.max_examples or eval_data.size)
+    for run in measured:
+        count = None if run.predictions is None else len(run.predictions)
+        if expected is not None and count is not None and count != expected:
+            raise CompressorError(
+                f"the {result.name} measurement returned {count} predictions for {expected} evaluation "
+                "examples (a bug in the backend's compressor_measure)"
+            )
+    labels = _labels(eval_data, settings)
+    metrics = summarize_repeats([m.metrics for m in measured])
+    metrics.update(_repeat_spread([m.metrics for m in measured]))
+    latest = measured[0]
+    if latest.predictions is not None:
+        if "accuracy" not in metrics and labels is not None:
+            value = fidelity.accuracy(latest.predictions, labels)
+            if value is not None:
+                metrics["accuracy"] = value
+        if reference is not None and reference.predictions is not None:
+            metrics.update(fidelity.compare(reference.predictions, latest.predictions, labels))
+    if latest.outputs is not None and reference is not None and reference.outputs is not None:
+        similarity = fidelity.cosine(reference.outputs, latest.outputs)
+        if similarity is not None:
+            metrics["cosine"] = similarity
+    if latest.kept and reference is not None:
+        metrics.update(compare_outputs(reference, latest, labels))
+    result.metrics = {**result.metrics, **metrics}
 
 
 #: Metrics of the compared (first) output that also appear at the top of a variant's metrics.
