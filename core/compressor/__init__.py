@@ -73,13 +73,14 @@ __all__ = [
     "hookimpl",
     "measure",
     "run",
+    "search",
     "time_calls",
 ]
 
 
 def __getattr__(name: str) -> object:
     """``compressor.run``, ``compressor.measure``, ``compressor.compare``, imported on first use."""
-    if name in ("run", "measure", "compare"):
+    if name in ("run", "measure", "compare", "search"):
         from compressor import api
 
         return getattr(api, name)

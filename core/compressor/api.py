@@ -53,6 +53,7 @@ def run(
     min_seconds: float = 0.5,
     max_accuracy_drop: float | None = None,
     min_agreement: float | None = None,
+    min_cosine: float | None = None,
     check_space: bool = True,
     progress: ProgressCallback | None = None,
 ) -> Report:
@@ -66,7 +67,8 @@ def run(
         model, unique(chosen), data=data, train_data=train_data, calibration_data=calibration_data,
         backend=backend, out=out, settings=settings, trust=trust, force=force, threads=threads,
         repeats=repeats, max_examples=max_examples, min_seconds=min_seconds,
-        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, check_space=check_space,
+        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
+        check_space=check_space,
         progress=progress,
     )
 
@@ -102,6 +104,54 @@ def compare(*reports: Report | PathLike) -> Report:
         else:
             paths.append(Path(report))
     return merge_reports(paths)
+
+
+def search(
+    model: PathLike,
+    *,
+    data: PathLike,
+    objective: str = "size",
+    max_accuracy_drop: float | None = None,
+    min_agreement: float | None = None,
+    min_cosine: float | None = None,
+    max_trials: int = 20,
+    time_budget_minutes: float | None = None,
+    seed: int = 0,
+    space: PathLike | None = None,
+    out: PathLike | None = None,
+    **run_options: Any,
+) -> Report:
+    """``compressor search``: the variant with the least ``objective`` within the budget
+    (``report.settings["search"]["winner"]``; ``report.best(objective)`` picks it too).
+    Raises BudgetError when no trial meets the budget. ``run_options`` as for :func:`run`."""
+    from compressor.plugins import get_host
+    from compressor.runner import RunRequest
+    from compressor.searching import SearchRequest
+    from compressor.searching import search as run_search
+
+    scratch = tempfile.TemporaryDirectory(prefix="compressor-api-") if out is None else None
+    target = Path(scratch.name) / "out" if scratch is not None else Path(out)  # type: ignore[arg-type]
+    settings = run_options.pop("settings", None)
+    measure = MeasureSettings(threads=run_options.pop("threads", 1),
+                              min_seconds=run_options.pop("min_seconds", 0.5))
+    request = RunRequest(
+        model=Path(model), out=target, data=Path(data), measure=measure,
+        settings={str(k): str(v) for k, v in (settings or {}).items()},
+        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
+        **{key: Path(value) if key.endswith("_data") and value is not None else value
+           for key, value in run_options.items()},
+    )
+    try:
+        report = run_search(
+            SearchRequest(request, objective, max_trials, time_budget_minutes * 60 if time_budget_minutes else None,
+                          seed, Path(space) if space is not None else None),
+            get_host(), _silent)
+    except BaseException:
+        if scratch is not None:
+            scratch.cleanup()
+        raise
+    report.attach_folder(target, scratch)
+    return report
 
 
 def parse_variants(variants: VariantsLike | None) -> list[Variant]:

@@ -102,6 +102,8 @@ def _settings(threads: int, max_examples: int | None, min_seconds: float) -> Mea
               help="Fail (exit 6) if a variant loses more than PT percentage points of accuracy.")
 @click.option("--no-space-check", is_flag=True,
               help="Start even if the artifacts look too big for the free disk space.")
+@click.option("--min-cosine", type=FiniteFloatRange(-1, 1), metavar="C",
+              help="Fail (exit 6) if a variant's outputs have a mean cosine similarity below C.")
 @click.option("--min-agreement", type=FiniteFloatRange(0, 1), metavar="FRACTION",
               help="Fail (exit 6) if a variant agrees with the original on fewer inputs.")
 @measure_options
@@ -109,7 +111,8 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
         pq: bool, set_pairs: tuple[str, ...], recipe: Path | None, max_variants: int,
         data: Path | None,
         train_data: Path | None, calibration_data: Path | None, force: bool, trust: bool,
-        max_accuracy_drop: float | None, no_space_check: bool, min_agreement: float | None,
+        max_accuracy_drop: float | None, no_space_check: bool, min_cosine: float | None,
+        min_agreement: float | None,
         threads: int, repeats: int, max_examples: int | None, min_seconds: float) -> None:
     """Compress MODEL into variants, measure each against the original, report.
 
@@ -129,7 +132,7 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
         settings=_parse_settings(set_pairs), data=data, train_data=train_data,
         calibration_data=calibration_data, force=force, trust=trust,
         measure=_settings(threads, max_examples, min_seconds), repeats=repeats,
-        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement,
+        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
         check_space=not no_space_check,
     )
     _run_and_print(request, out)
@@ -258,8 +261,10 @@ def demo(out: Path | None, only: tuple[str, ...], threads: int) -> None:
 
 def _register_compare() -> None:
     from compressor.merging import compare
+    from compressor.search_cli import search
 
     cli.add_command(compare)
+    cli.add_command(search)
 
 
 _register_compare()

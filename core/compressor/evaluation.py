@@ -186,23 +186,30 @@ def _labels(dataset: Dataset | None, settings: MeasureSettings) -> Any | None:
 
 
 def apply_budgets(report: Report) -> None:
-    budgets = report.budgets
-    base = report.variants[0].metrics.get("accuracy") if report.variants else None
+    base = report.variants[0].metrics if report.variants else {}
     for variant in report.variants[1:]:
-        metrics = variant.metrics
-        drop_limit, agreement_limit = budgets.get("max_accuracy_drop"), budgets.get("min_agreement")
-        if drop_limit is not None and base is not None and metrics.get("accuracy") is not None:
-            drop = (base - metrics["accuracy"]) * 100
-            if drop > drop_limit:
-                variant.budget_failures.append(
-                    f"accuracy drop {drop:.2f} pt exceeds --max-accuracy-drop {drop_limit:g}"
-                )
-        agreement = metrics.get("agreement")
-        if agreement_limit is not None and agreement is not None and agreement < agreement_limit:
-            variant.budget_failures.append(
-                f"agreement {agreement:.4f} below --min-agreement {agreement_limit:g}"
-            )
-        budgeted = drop_limit is not None or agreement_limit is not None
-        measured = "accuracy" in metrics or "agreement" in metrics
-        if budgeted and variant.error is None and not measured:
-            variant.budget_failures.append("budget set but no accuracy/agreement measured (pass --data)")
+        # Only what was measured is judged (a search's skipped trials were not).
+        if variant.error is None and "latency_ms" in variant.metrics:
+            variant.budget_failures = budget_failures(variant.metrics, base, report.budgets)
+
+
+def budget_failures(metrics: dict[str, Any], base: dict[str, Any], budgets: dict[str, Any]) -> list[str]:
+    """Why a variant's ``metrics`` break the budgets, against the original's ``base``."""
+    failures = []
+    drop_limit, agreement_limit = budgets.get("max_accuracy_drop"), budgets.get("min_agreement")
+    cosine_limit = budgets.get("min_cosine")
+    base_accuracy = base.get("accuracy")
+    if drop_limit is not None and base_accuracy is not None and metrics.get("accuracy") is not None:
+        drop = (base_accuracy - metrics["accuracy"]) * 100
+        if drop > drop_limit:
+            failures.append(f"accuracy drop {drop:.2f} pt exceeds --max-accuracy-drop {drop_limit:g}")
+    agreement = metrics.get("agreement")
+    if agreement_limit is not None and agreement is not None and agreement < agreement_limit:
+        failures.append(f"agreement {agreement:.4f} below --min-agreement {agreement_limit:g}")
+    cosine = (metrics.get("cosine") or {}).get("mean")
+    if cosine_limit is not None and cosine is not None and cosine < cosine_limit:
+        failures.append(f"cosine {cosine:.4f} below --min-cosine {cosine_limit:g}")
+    budgeted = any(limit is not None for limit in (drop_limit, agreement_limit, cosine_limit))
+    if budgeted and not any(key in metrics for key in ("accuracy", "agreement", "cosine")):
+        failures.append("budget set but no accuracy/agreement measured (pass --data)")
+    return failures

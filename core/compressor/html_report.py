@@ -96,6 +96,14 @@ def _summary(report: Report) -> str:
         f'<p class="muted">Backend <code>{escape(report.backend)}</code>, created '
         f"{escape(report.created)}, {len(report.variants)} variants.</p>"
     ]
+    search = report.settings.get("search") if isinstance(report.settings, dict) else None
+    if isinstance(search, dict):
+        parts.append(
+            f"<p>Search for the least {escape(str(search.get('objective')))}: <b>winner "
+            f"{escape(str(search.get('winner')))}</b> after {escape(str(search.get('tried')))} trials "
+            f"({escape(str(search.get('measured')))} measured, {escape(str(search.get('skipped', 0)))} "
+            f"skipped as unable to win) of {escape(str(search.get('space_size')))} configurations, "
+            f"seed {escape(str(search.get('seed')))}.</p>")
     quality = quality_measure(report)
     if quality is not None:
         for measure, label in ((SIZE, "size"), (LATENCY, "latency")):

@@ -38,6 +38,8 @@ class RunRequest:
     max_accuracy_drop: float | None = None
     #: Smallest allowed share of inputs whose top prediction matches the original's.
     min_agreement: float | None = None
+    #: Smallest allowed mean cosine similarity of the compared output to the original's.
+    min_cosine: float | None = None
     #: ``compressor measure``: convert and measure the model as it is, no variants.
     original_only: bool = False
     #: Refuse to start when the artifacts would not fit on disk (``--no-space-check``).

@@ -28,14 +28,18 @@ from compressor.report import Report, VariantResult
 from compressor.specs import Backend
 
 
+def budgets_of(request: Any) -> dict[str, float | None]:
+    return {"max_accuracy_drop": request.max_accuracy_drop, "min_agreement": request.min_agreement,
+            "min_cosine": request.min_cosine}
+
+
 class Session:
     def __init__(self, request: Any, host: PluginHost, progress: ProgressCallback,
                  variants: Sequence[Variant] = ()) -> None:
         from compressor.runner import resolve_backend, saved_as_hint
         from compressor.validation import apply_settings, check_measure_request
 
-        check_measure_request(request.measure, request.repeats, {
-            "max_accuracy_drop": request.max_accuracy_drop, "min_agreement": request.min_agreement})
+        check_measure_request(request.measure, request.repeats, budgets_of(request))
         if not request.model.exists():
             raise InvalidInputError("no such file or folder" + saved_as_hint(request.model), request.model)
         self.host, self.progress = host, progress
@@ -160,8 +164,7 @@ class Session:
             variants=results,
             settings={**request.measure.to_json(), "repeats": request.repeats, **extra},
             environment=environment.describe(self.backend.distributions),
-            budgets={"max_accuracy_drop": request.max_accuracy_drop,
-                     "min_agreement": request.min_agreement},
+            budgets=budgets_of(request),
         )
         apply_budgets(report)
         apply_cautions(report)

@@ -101,6 +101,9 @@ class Technique:
     modes: tuple[str, ...] = ()
     params: Mapping[str, Param] = field(default_factory=dict)
     requires_data: Mapping[str, str] = field(default_factory=dict)
+    #: Steps worth trying in ``compressor search``, from the mildest to the most
+    #: aggressive (``("prune 0.3", "prune 0.5", "prune 0.7")``); empty: not searched.
+    candidates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

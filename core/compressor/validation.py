@@ -142,7 +142,7 @@ def check_measure_request(settings: MeasureSettings, repeats: int, budgets: Mapp
         raise UsageError(f"min_seconds={settings.min_seconds}: a number of seconds from 0 to 3600")
     if settings.max_examples is not None and settings.max_examples < 1:
         raise UsageError(f"max_examples={settings.max_examples}: at least 1")
-    limits = {"max_accuracy_drop": (0.0, 100.0), "min_agreement": (0.0, 1.0)}
+    limits = {"max_accuracy_drop": (0.0, 100.0), "min_agreement": (0.0, 1.0), "min_cosine": (-1.0, 1.0)}
     for name, value in budgets.items():
         low, high = limits[name]
         if value is not None and not (math.isfinite(value) and low <= value <= high):

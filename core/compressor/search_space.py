@@ -1,0 +1,105 @@
+"""What ``compressor search`` may try: stages of steps, each from the mildest to the
+most aggressive, applied in order (a smaller architecture, then pruning, then
+quantization, as practitioners stack them).
+
+A backend declares the steps worth trying with ``Technique.candidates``; a
+recipe can give the space instead::
+
+    [search.stages]
+    prune = ["none", "prune 0.3", "prune 0.5", "prune 0.7"]
+    quantize = ["none", "quantize fp16", "quantize dynamic", "quantize int8"]
+
+A configuration picks one option per stage. Options later in a stage are
+stricter, so a configuration at least as strict as one that broke the budget
+in every stage cannot meet it either: the search does not try it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from compressor.errors import UsageError
+from compressor.models import Step
+from compressor.recipes import Variant, parse_step, variant_name
+from compressor.specs import Backend
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+#: Stages in the order their steps are applied; techniques not named here come before quantize.
+STAGE_ORDER = ("distill", "prune", "lowrank", "pq", "quantize")
+NONE = "none"
+
+Config = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    #: ``None`` (skip the stage) first, then steps from mildest to most aggressive.
+    options: tuple[Step | None, ...]
+
+
+def from_backend(backend: Backend) -> list[Stage]:
+    """The space a backend declares through its techniques' ``candidates``."""
+    stages = [
+        Stage(name, (None, *(parse_step(text) for text in technique.candidates)))
+        for name, technique in backend.techniques.items() if technique.candidates
+    ]
+    if not stages:
+        raise UsageError(f"backend {backend.name!r} declares nothing to search; give --space with a recipe")
+    return sorted(stages, key=_stage_rank)
+
+
+def from_recipe(path: Path) -> list[Stage]:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read the search space ({error})", path) from None
+    except (tomllib.TOMLDecodeError, RecursionError) as error:
+        raise UsageError(f"invalid TOML: {error}", path) from None
+    table = document.get("search", {}).get("stages") if isinstance(document.get("search"), dict) else None
+    if not isinstance(table, dict) or not table:
+        raise UsageError("a search space needs a [search.stages] table of step lists", path)
+    stages = []
+    for name, options in table.items():
+        if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+            raise UsageError(f"search.stages.{name} must be a list of step strings", path)
+        try:
+            steps = tuple(None if text.strip().lower() == NONE else parse_step(text) for text in options)
+        except UsageError as error:
+            raise UsageError(f"search.stages.{name}: {error.message}", path) from None
+        stages.append(Stage(name, steps if steps[0] is None else (None, *steps)))
+    return stages
+
+
+def _stage_rank(stage: Stage) -> float:
+    return STAGE_ORDER.index(stage.name) if stage.name in STAGE_ORDER else STAGE_ORDER.index("quantize") - 0.5
+
+
+def size(stages: Sequence[Stage]) -> int:
+    return math.prod(len(stage.options) for stage in stages)
+
+
+def variant(config: Config, stages: Sequence[Stage]) -> Variant | None:
+    """The variant a configuration makes; None when every stage is skipped (the original)."""
+    steps = tuple(stage.options[index] for stage, index in zip(stages, config) if stage.options[index] is not None)
+    return Variant(variant_name(steps), steps) if steps else None
+
+
+def stricter(config: Config, than: Config) -> bool:
+    """At least as aggressive as ``than`` in every stage, and not the same."""
+    return config != than and all(a >= b for a, b in zip(config, than))
+
+
+def configurations(stages: Sequence[Stage]) -> list[Config]:
+    """Every configuration, mildest first (for exhaustion checks; small spaces only)."""
+    import itertools
+
+    return list(itertools.product(*(range(len(stage.options)) for stage in stages)))

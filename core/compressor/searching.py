@@ -1,0 +1,347 @@
+"""``compressor search``: the smallest, fastest or leanest variant within a fidelity budget.
+
+Optuna proposes configurations (one option per stage of the space, see
+:mod:`compressor.search_space`); compressor supplies the space, the cost order
+and the objective, and skips work that cannot win:
+
+1. a configuration at least as strict in every stage as one that broke the
+   budget is not tried (it is recorded as skipped);
+2. a configuration already tried is not tried again;
+3. for ``--objective size``, a variant whose file is not smaller than the best
+   one within budget is not measured (size is known before measuring);
+4. with more than :data:`SUBSET_FROM` evaluation examples, a variant is first
+   measured on a subset, and stopped there when it is clearly outside the
+   budget (by :data:`CLEARLY_OUT`).
+
+The search starts with each stage's options alone, mildest first, so the
+first step that breaks the budget rules out everything stricter in its stage;
+then Optuna's TPE sampler (seeded: the same seed gives the same trials) learns
+from each measured trial, with the budget as a constraint, and proposes the
+combinations. The search stops after ``--max-trials``
+tries, ``--time-budget`` minutes, or when every configuration is tried or
+ruled out.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from compressor import search_space
+from compressor.errors import BudgetError, CompressorError, UnsupportedError
+from compressor.evaluation import budget_failures, check_reference, measure_one, score
+from compressor.models import Artifact, ProgressCallback
+from compressor.recipes import ORIGINAL, Variant
+from compressor.report import Report, VariantResult
+from compressor.search_space import Config, Stage
+from compressor.selection import objective_value
+
+#: Evaluation sets larger than this are first measured on a subset of this size.
+SUBSET_FROM = 400
+#: How far outside the budget the subset must be to stop early (agreement, cosine; accuracy in pt x 0.01).
+CLEARLY_OUT = 0.05
+#: Consecutive proposals of configurations already tried before the space counts as exhausted.
+MAX_REPEATS = 25
+
+
+@dataclass
+class SearchRequest:
+    run: Any
+    objective: str = "size"
+    max_trials: int = 20
+    time_budget_seconds: float | None = None
+    seed: int = 0
+    space: Path | None = None
+
+
+@dataclass
+class Trial:
+    number: int
+    config: Config
+    variant: Variant | None
+    state: str = "skipped"
+    reason: str = ""
+    result: VariantResult | None = None
+    artifact: Artifact | None = None
+    value: float | None = None
+    violation: float = 0.0
+
+
+@dataclass
+class Searcher:
+    """One search: the session, the space, the reference measurement and the trials so far."""
+
+    session: Any
+    request: SearchRequest
+    stages: list[Stage]
+    progress: ProgressCallback
+    reference: Any = None
+    base: dict[str, Any] = field(default_factory=dict)
+    trials: list[Trial] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def budgets(self) -> dict[str, Any]:
+        from compressor.session import budgets_of
+
+        return budgets_of(self.session.request)
+
+    def best(self) -> Trial | None:
+        """The trial within budget with the smallest objective (the original is not a trial)."""
+        feasible = [t for t in self.trials[1:] if t.value is not None and t.violation <= 0]
+        return min(feasible, key=lambda t: (t.value, t.number)) if feasible else None
+
+    def made(self) -> int:
+        """Trials that cost work (compressed, maybe measured); skipped ones are free."""
+        return sum(trial.state != "skipped" for trial in self.trials[1:])
+
+    def ruled_out(self, config: Config) -> Trial | None:
+        """A trial that broke the budget and that ``config`` is at least as strict as."""
+        for trial in self.trials:
+            if trial.violation > 0 and trial.state in ("measured", "stopped early") and (
+                    search_space.stricter(config, trial.config)):
+                return trial
+        return None
+
+    def evaluate(self, trial: Trial) -> None:
+        """Make and measure ``trial``'s variant, unless it cannot win."""
+        session = self.session
+        assert trial.variant is not None
+        result, artifact = session.make(trial.variant)
+        trial.result, trial.artifact = result, artifact
+        if artifact is None:
+            trial.state, trial.reason = "failed", result.error or "compression failed"
+            return
+        best = self.best() or self.trials[0]
+        size = sum(path.stat().st_size for path in artifact.files if path.is_file())
+        if self.request.objective == "size" and best.value is not None and size >= best.value:
+            trial.state = "cannot win"
+            trial.reason = f"{size} bytes, not smaller than {best.variant.name if best.variant else ORIGINAL}"
+            result.metrics["size_bytes"] = size
+            return
+        settings = session.request.measure
+        data = session.context.eval_data
+        if data is not None and data.size > SUBSET_FROM and not settings.max_examples:
+            quick = replace(settings, max_examples=SUBSET_FROM, min_seconds=min(settings.min_seconds, 0.1))
+            measured = self._measure(artifact, quick)
+            probe = VariantResult(result.name, result.steps)
+            score(probe, [measured], self.reference_for(quick), data, quick)
+            margin = _violation(probe.metrics, self.base, self.budgets)
+            if margin > CLEARLY_OUT:
+                trial.state = "stopped early"
+                trial.reason = f"clearly outside the budget on the first {SUBSET_FROM} examples"
+                trial.violation = margin
+                result.metrics.update(probe.metrics)
+                return
+        measured = self._measure(artifact, settings)
+        score(result, [measured], self.reference, data, settings)
+        result.budget_failures = budget_failures(result.metrics, self.base, self.budgets)
+        trial.value = objective_value(result, self.request.objective)
+        trial.violation = _violation(result.metrics, self.base, self.budgets)
+
+    def _measure(self, artifact: Artifact, settings: Any) -> Any:
+        session = self.session
+        original = session.original
+        return measure_one(session.host, artifact, session.request.data, original.inputs, settings)
+
+    def reference_for(self, settings: Any) -> Any:
+        """The original measured the way a subset trial is (cached)."""
+        if settings.max_examples is None or settings == self.session.request.measure:
+            return self.reference
+        key = settings.max_examples
+        cached = getattr(self, "_quick_reference", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self._measure(self.trials[0].artifact, settings))
+            self._quick_reference = cached
+        return cached[1]
+
+
+def _violation(metrics: dict[str, Any], base: dict[str, Any], budgets: dict[str, Any]) -> float:
+    """How far outside the budget (0 or less: inside), as a share (1 pt of accuracy = 0.01)."""
+    worst = 0.0
+    accuracy, base_accuracy = metrics.get("accuracy"), base.get("accuracy")
+    if budgets.get("max_accuracy_drop") is not None and accuracy is not None and base_accuracy is not None:
+        worst = max(worst, (base_accuracy - accuracy) - budgets["max_accuracy_drop"] / 100)
+    if budgets.get("min_agreement") is not None and metrics.get("agreement") is not None:
+        worst = max(worst, budgets["min_agreement"] - metrics["agreement"])
+    cosine = (metrics.get("cosine") or {}).get("mean")
+    if budgets.get("min_cosine") is not None and cosine is not None:
+        worst = max(worst, budgets["min_cosine"] - cosine)
+    if any(budgets.get(k) is not None for k in ("max_accuracy_drop", "min_agreement", "min_cosine")) and not any(
+            key in metrics for key in ("accuracy", "agreement", "cosine")):
+        worst = max(worst, 1.0)
+    return worst
+
+
+def search(request: SearchRequest, host: Any, progress: ProgressCallback) -> Report:
+    """Run the search; the report has the original and every trial, the winner named in
+    ``settings["search"]``. Raises BudgetError (exit 6) when no trial meets the budget."""
+    try:
+        import optuna
+    except ModuleNotFoundError:
+        raise UnsupportedError("compressor search needs Optuna: pip install 'compressor[search]'") from None
+    from compressor.session import Session
+
+    with Session(request.run, host, progress) as session:
+        stages = _valid_stages(session, search_space.from_recipe(request.space) if request.space
+                               else search_space.from_backend(session.backend))
+        searcher = Searcher(session, request, stages, progress)
+        _measure_original(searcher)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(
+            seed=request.seed, n_startup_trials=min(5, max(1, request.max_trials // 4)))
+        study = optuna.create_study(direction="minimize", sampler=sampler)
+        for config in _one_at_a_time(searcher.stages):
+            study.enqueue_trial({stage.name: index for stage, index in zip(searcher.stages, config)})
+        _loop(searcher, study, optuna)
+        report = _report(searcher)
+        winner = searcher.best()
+        kept = [t.artifact for t in searcher.trials if t.artifact is not None and _keep(t, winner)]
+        texts = {"recipe.toml": _recipe(winner)} if winner is not None and winner.variant else {}
+        session.publish(report, kept, texts)
+        if winner is not None and winner.artifact is not None:
+            _copy_best(session.out, winner.artifact)
+    if winner is None:
+        closest = min((t for t in searcher.trials[1:] if t.result is not None and t.state == "measured"),
+                      key=lambda t: t.violation, default=None)
+        name = closest.variant.name if closest is not None and closest.variant else "none measured"
+        raise BudgetError(f"no trial meets the budget; the closest is {name}")
+    return report
+
+
+def _one_at_a_time(stages: list[Stage]) -> list[Config]:
+    """Each stage's options alone, mildest first, the last stage (quantization) first: they
+    show Optuna each step's effect, and once one breaks the budget the stricter ones in its
+    stage (and every combination with them) are ruled out without being tried."""
+    configs = []
+    for position in reversed(range(len(stages))):
+        for option in range(1, len(stages[position].options)):
+            configs.append(tuple(option if index == position else 0 for index in range(len(stages))))
+    return configs
+
+
+def _valid_stages(session: Any, stages: list[Stage]) -> list[Stage]:
+    """Each stage's options that the backend accepts with the data given (others noted and dropped)."""
+    valid = []
+    for stage in stages:
+        options = [None]
+        for step in stage.options[1:]:
+            assert step is not None
+            try:
+                options.append(session.validate([Variant("candidate", (step,))])[0].steps[0])
+            except CompressorError as error:
+                session.progress(f"search: skipping '{step}': {error.message}", None)
+        if len(options) > 1:
+            valid.append(Stage(stage.name, tuple(options)))
+    if not valid:
+        raise UnsupportedError("nothing in the search space can run with this backend and data")
+    return valid
+
+
+def _measure_original(searcher: Searcher) -> None:
+    session = searcher.session
+    result, artifact = session.make(Variant(ORIGINAL, ()))
+    if artifact is None:
+        raise CompressorError(f"could not convert the original model: {result.error}")
+    settings = session.request.measure
+    searcher.reference = searcher._measure(artifact, settings)
+    if session.request.data is not None:
+        check_reference(searcher.reference, session.context.eval_data, settings, session.request.data)
+    score(result, [searcher.reference], searcher.reference, session.context.eval_data, settings)
+    searcher.base = result.metrics
+    searcher.trials.append(Trial(0, tuple(0 for _ in searcher.stages), None, "measured", result=result, artifact=artifact,
+                                 value=objective_value(result, searcher.request.objective)))
+
+
+def _loop(searcher: Searcher, study: Any, optuna: Any) -> None:
+    request, stages = searcher.request, searcher.stages
+    seen = {searcher.trials[0].config: searcher.trials[0]}
+    repeats = 0
+    total = search_space.size(stages)
+    while searcher.made() < request.max_trials and len(seen) < total:
+        elapsed = time.monotonic() - searcher.started
+        if request.time_budget_seconds is not None and elapsed > request.time_budget_seconds:
+            break
+        proposal = study.ask()
+        config = tuple(proposal.suggest_categorical(stage.name, list(range(len(stage.options))))
+                       for stage in stages)
+        if config in seen:
+            previous = seen[config]
+            study.tell(proposal, previous.value if previous.value is not None else None,
+                       state=None if previous.value is not None else optuna.trial.TrialState.PRUNED)
+            repeats += 1
+            if repeats >= MAX_REPEATS:
+                break
+            continue
+        repeats = 0
+        trial = Trial(len(searcher.trials), config, search_space.variant(config, stages))
+        seen[config] = trial
+        searcher.trials.append(trial)
+        blocker = searcher.ruled_out(config)
+        if blocker is not None:
+            trial.state = "skipped"
+            trial.reason = f"at least as strict as {blocker.variant.name if blocker.variant else ORIGINAL}, " \
+                           "which broke the budget"
+        else:
+            _progress(searcher, trial)
+            trial.state = "measured"
+            searcher.evaluate(trial)
+        proposal.set_constraint("budget", trial.violation)
+        if trial.value is not None:
+            study.tell(proposal, trial.value)
+        else:
+            study.tell(proposal, state=optuna.trial.TrialState.PRUNED)
+
+
+def _progress(searcher: Searcher, trial: Trial) -> None:
+    best = searcher.best()
+    best_text = f"best so far {best.variant.name if best and best.variant else ORIGINAL}" if best else "none yet"
+    elapsed = time.monotonic() - searcher.started
+    searcher.progress(f"trial {searcher.made() + 1} of at most {searcher.request.max_trials}: "
+                      f"{trial.variant.name if trial.variant else ORIGINAL}; {best_text}; {elapsed:.0f} s", None)
+
+
+def _keep(trial: Trial, winner: Trial | None) -> bool:
+    """Artifacts kept in --out: the original, the winner and every measured trial within budget."""
+    return trial.number == 0 or trial is winner or (trial.state == "measured" and trial.violation <= 0)
+
+
+def _report(searcher: Searcher) -> Report:
+    results = []
+    winner = searcher.best()
+    for trial in searcher.trials:
+        result = trial.result or VariantResult(trial.variant.name if trial.variant else ORIGINAL,
+                                               [str(s) for s in trial.variant.steps] if trial.variant else [])
+        result.metadata["search"] = {"trial": trial.number, "state": trial.state,
+                                     "reason": trial.reason, "winner": trial is winner}
+        if trial.state != "measured" and trial.number:
+            result.notes.append(f"{trial.state}: {trial.reason}")
+            result.artifact = result.artifact if _keep(trial, winner) else None
+        results.append(result)
+    summary = {"objective": searcher.request.objective, "seed": searcher.request.seed,
+               "max_trials": searcher.request.max_trials, "space_size": search_space.size(searcher.stages),
+               "tried": searcher.made(), "skipped": len(searcher.trials) - 1 - searcher.made(),
+               "measured": sum(t.state == "measured" for t in searcher.trials[1:]),
+               "winner": winner.result.name if winner and winner.result else None,
+               "stages": {stage.name: ["none" if s is None else str(s) for s in stage.options]
+                          for stage in searcher.stages}}
+    return searcher.session.report(results, search=summary)
+
+
+def _recipe(winner: Trial) -> str:
+    assert winner.variant is not None
+    steps = ", ".join(f'"{step}"' for step in winner.variant.steps)
+    return (f"# The winner of compressor search; reproduce it with: compressor run MODEL --recipe recipe.toml\n"
+            f'[variants."{winner.variant.name}"]\nsteps = [{steps}]\n')
+
+
+def _copy_best(out: Path, artifact: Artifact) -> None:
+    """``best.<ext>``: the winner's file (its side files keep their names, which it refers to)."""
+    import shutil
+
+    published = out / artifact.path.name
+    if published.is_file():
+        shutil.copyfile(published, out / f"best{published.suffix}")
+
