@@ -129,3 +129,20 @@ def test_search_from_python(dial_host, tmp_path: Path) -> None:
     assert report.best("size").name == winner
     assert (report.folder / "best.dial").is_file()
     report.cleanup()
+
+
+def test_parameter_stages_of_one_technique_make_one_step() -> None:
+    from compressor import Backend, Param, Technique
+    from compressor import search_space
+
+    backend = Backend("b", "", (), techniques={"pq": Technique("pq", params={
+        "dsub": Param(int, 2, candidates=(2, 4, 8)),
+        "qnorm": Param(bool, False, candidates=(True,)),
+        "cutoff": Param(int, 0, candidates=({"cutoff": 1000, "retrain": True},)),
+    })})
+    stages = search_space.from_backend(backend)
+    assert [stage.name for stage in stages] == ["pq.dsub", "pq.qnorm", "pq.cutoff"]
+    variant = search_space.variant((2, 1, 1), stages)
+    assert [str(step) for step in variant.steps] == ["pq dsub=4 qnorm=true cutoff=1000 retrain=true"]
+    assert search_space.variant((0, 0, 0), stages) is None
+    assert search_space.stricter((3, 1, 0), (2, 0, 0)) and not search_space.stricter((3, 0, 0), (2, 1, 0))

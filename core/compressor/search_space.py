@@ -43,15 +43,25 @@ Config = tuple[int, ...]
 class Stage:
     name: str
     #: ``None`` (skip the stage) first, then steps from mildest to most aggressive.
+    #: In a parameter's stage (``pq.dsub``) each step holds just that parameter,
+    #: and None leaves it at its default; the stages of one technique make one step.
     options: tuple[Step | None, ...]
+    technique: str = ""
 
 
 def from_backend(backend: Backend) -> list[Stage]:
-    """The space a backend declares through its techniques' ``candidates``."""
-    stages = [
-        Stage(name, (None, *(parse_step(text) for text in technique.candidates)))
-        for name, technique in backend.techniques.items() if technique.candidates
-    ]
+    """The space a backend declares: its techniques' ``candidates`` (whole steps) or,
+    per parameter, its parameters' ``candidates`` (one stage each)."""
+    stages = []
+    for name, technique in backend.techniques.items():
+        if technique.candidates:
+            stages.append(Stage(name, (None, *(parse_step(text) for text in technique.candidates)), name))
+            continue
+        for key, param in technique.params.items():
+            if param.candidates:
+                options = tuple(Step(name, dict(value) if isinstance(value, dict) else {key: value})
+                                for value in param.candidates)
+                stages.append(Stage(f"{name}.{key}", (None, *options), name))
     if not stages:
         raise UsageError(f"backend {backend.name!r} declares nothing to search; give --space with a recipe")
     return sorted(stages, key=_stage_rank)
@@ -75,12 +85,13 @@ def from_recipe(path: Path) -> list[Stage]:
             steps = tuple(None if text.strip().lower() == NONE else parse_step(text) for text in options)
         except UsageError as error:
             raise UsageError(f"search.stages.{name}: {error.message}", path) from None
-        stages.append(Stage(name, steps if steps[0] is None else (None, *steps)))
+        stages.append(Stage(name, steps if steps[0] is None else (None, *steps), name))
     return stages
 
 
 def _stage_rank(stage: Stage) -> float:
-    return STAGE_ORDER.index(stage.name) if stage.name in STAGE_ORDER else STAGE_ORDER.index("quantize") - 0.5
+    technique = stage.technique or stage.name
+    return STAGE_ORDER.index(technique) if technique in STAGE_ORDER else STAGE_ORDER.index("quantize") - 0.5
 
 
 def size(stages: Sequence[Stage]) -> int:
@@ -88,9 +99,21 @@ def size(stages: Sequence[Stage]) -> int:
 
 
 def variant(config: Config, stages: Sequence[Stage]) -> Variant | None:
-    """The variant a configuration makes; None when every stage is skipped (the original)."""
-    steps = tuple(stage.options[index] for stage, index in zip(stages, config) if stage.options[index] is not None)
-    return Variant(variant_name(steps), steps) if steps else None
+    """The variant a configuration makes (the parameter stages of one technique merged
+    into one step); None when every stage is skipped (the original)."""
+    steps: list[Step] = []
+    merged: dict[str, int] = {}
+    for stage, index in zip(stages, config):
+        step = stage.options[index]
+        if step is None:
+            continue
+        if stage.technique and stage.technique != stage.name and stage.technique in merged:
+            position = merged[stage.technique]
+            steps[position] = Step(step.technique, {**steps[position].params, **step.params})
+            continue
+        merged[stage.technique or stage.name] = len(steps)
+        steps.append(step)
+    return Variant(variant_name(steps), tuple(steps)) if steps else None
 
 
 def stricter(config: Config, than: Config) -> bool:

@@ -109,7 +109,13 @@ class Searcher:
         """Make and measure ``trial``'s variant, unless it cannot win."""
         session = self.session
         assert trial.variant is not None
-        result, artifact = session.make(trial.variant)
+        try:
+            validated = session.validate([trial.variant])[0]
+        except CompressorError as error:
+            trial.state, trial.reason = "failed", error.message
+            trial.result = VariantResult(trial.variant.name, [str(s) for s in trial.variant.steps])
+            return
+        result, artifact = session.make(validated)
         trial.result, trial.artifact = result, artifact
         if artifact is None:
             trial.state, trial.reason = "failed", result.error or "compression failed"
@@ -230,7 +236,8 @@ def _valid_stages(session: Any, stages: list[Stage]) -> list[Stage]:
         for step in stage.options[1:]:
             assert step is not None
             try:
-                options.append(session.validate([Variant("candidate", (step,))])[0].steps[0])
+                session.validate([Variant("candidate", (step,))])
+                options.append(step)
             except CompressorError as error:
                 session.progress(f"search: skipping '{step}': {error.message}", None)
         if len(options) > 1:
@@ -258,6 +265,7 @@ def _measure_original(searcher: Searcher) -> None:
 def _loop(searcher: Searcher, study: Any, optuna: Any) -> None:
     request, stages = searcher.request, searcher.stages
     seen = {searcher.trials[0].config: searcher.trials[0]}
+    made: dict[str, Trial] = {}
     repeats = 0
     total = search_space.size(stages)
     while searcher.made() < request.max_trials and len(seen) < total:
@@ -278,6 +286,12 @@ def _loop(searcher: Searcher, study: Any, optuna: Any) -> None:
         repeats = 0
         trial = Trial(len(searcher.trials), config, search_space.variant(config, stages))
         seen[config] = trial
+        twin = made.get(trial.variant.name) if trial.variant is not None else searcher.trials[0]
+        if twin is not None:  # another configuration that makes the same variant
+            study.tell(proposal, twin.value, state=None if twin.value is not None
+                       else optuna.trial.TrialState.PRUNED)
+            continue
+        made[trial.variant.name] = trial
         searcher.trials.append(trial)
         blocker = searcher.ruled_out(config)
         if blocker is not None:

@@ -44,6 +44,9 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     required: bool = False
+    #: Values worth trying in ``compressor search``, mildest first; a value may be a
+    #: mapping of several parameters set together (``{"cutoff": 100000, "retrain": True}``).
+    candidates: tuple[Any, ...] = ()
 
     def coerce(self, key: str, value: Any) -> Any:
         """Convert ``value`` (often a string from the CLI or TOML) and range-check it."""

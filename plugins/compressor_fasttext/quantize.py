@@ -31,11 +31,14 @@ PQ_TECHNIQUE = Technique(
     help="fastText product quantization (the .ftz format), optionally after pruning and retraining",
     params={
         "dsub": Param(int, 2, "size of each sub-vector: bytes per row = dim / dsub (at most dim)",
-                      minimum=1, maximum=INT32_MAX),
-        "qnorm": Param(bool, False, "quantize the row norms separately"),
+                      minimum=1, maximum=INT32_MAX, candidates=(2, 4, 8)),
+        "qnorm": Param(bool, False, "quantize the row norms separately", candidates=(True,)),
         "qout": Param(bool, False, "also quantize the output matrix (needs >= 256 labels)"),
         "cutoff": Param(int, 0, "keep only this many input rows (words and n-grams); 0 keeps all",
-                        minimum=0, maximum=INT32_MAX),
+                        minimum=0, maximum=INT32_MAX,
+                        # Searched with retraining (it needs --train-data): without it a cutoff loses far more.
+                        candidates=tuple({"cutoff": rows, "retrain": True}
+                                         for rows in (200_000, 100_000, 50_000, 20_000))),
         "retrain": Param(bool, False, "fine-tune the kept rows on --train-data after the cutoff"),
         "epoch": Param(int, None, "retraining epochs (default: the model's own)", minimum=1,
                        maximum=MAX_EPOCHS),
