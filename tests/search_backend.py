@@ -17,6 +17,7 @@ import numpy as np
 from compressor import (
     Artifact,
     Backend,
+    CompressionError,
     Context,
     Model,
     Param,
@@ -68,6 +69,8 @@ def compressor_fork(model: Model, context: Context):
 def compressor_compress(model: Model, step: Step, context: Context):
     weights, bits = model.handle["w"].copy(), model.handle["bits"]
     if step.technique == "prune":
+        if step.params["sparsity"] >= 1.0:
+            raise CompressionError("pruning every weight leaves nothing")
         cut = np.quantile(np.abs(weights[weights != 0]), step.params["sparsity"])
         weights[np.abs(weights) <= cut] = 0
     else:

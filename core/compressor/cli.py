@@ -100,6 +100,10 @@ def _settings(threads: int, max_examples: int | None, min_seconds: float) -> Mea
               help="Allow model formats that execute code when loaded (TorchScript, pickles, Keras Lambda).")
 @click.option("--max-accuracy-drop", type=FiniteFloatRange(0, 100), metavar="PT",
               help="Fail (exit 6) if a variant loses more than PT percentage points of accuracy.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Make and measure here, or on Ray (needs compressor[ray]).")
+@click.option("--ray-address", metavar="ADDRESS",
+              help="An existing Ray cluster (auto, ray://host:10001); default: start a local one.")
 @click.option("--no-space-check", is_flag=True,
               help="Start even if the artifacts look too big for the free disk space.")
 @click.option("--min-cosine", type=FiniteFloatRange(-1, 1), metavar="C",
@@ -111,7 +115,8 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
         pq: bool, set_pairs: tuple[str, ...], recipe: Path | None, max_variants: int,
         data: Path | None,
         train_data: Path | None, calibration_data: Path | None, force: bool, trust: bool,
-        max_accuracy_drop: float | None, no_space_check: bool, min_cosine: float | None,
+        max_accuracy_drop: float | None, executor: str, ray_address: str | None, no_space_check: bool,
+        min_cosine: float | None,
         min_agreement: float | None,
         threads: int, repeats: int, max_examples: int | None, min_seconds: float) -> None:
     """Compress MODEL into variants, measure each against the original, report.
@@ -133,7 +138,7 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
         calibration_data=calibration_data, force=force, trust=trust,
         measure=_settings(threads, max_examples, min_seconds), repeats=repeats,
         max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
-        check_space=not no_space_check,
+        check_space=not no_space_check, executor=executor, ray_address=ray_address,
     )
     _run_and_print(request, out)
 

@@ -63,14 +63,17 @@ def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSet
     metrics.update(runtime.metrics())
     wanted = _wanted_outputs(runtime, options)
     feeds = {name: array for name, array in examples.arrays.items() if examples.axes[name] == 0}
-    for position, spec in enumerate(runtime.outputs):
-        if spec.name not in wanted or spec.name in examples.state or spec.name not in records:
+    positions = {spec.name: index for index, spec in enumerate(runtime.outputs)}
+    by_name = {spec.name: spec for spec in runtime.outputs}
+    for name in wanted:  # in the order asked for: the first is the headline
+        spec, position = by_name[name], positions[name]
+        if spec.name in examples.state or spec.name not in records:
             continue
         stacked = records[spec.name]
         if stacked is None:
             measured.outputs[spec.name] = {"task": None, "reason": "its shape changes from example to example"}
             continue
-        task, reason = tasks.detect(spec, stacked[:1], runtime.inputs, options, position)
+        task, reason = tasks.detect(spec, stacked, runtime.inputs, options, position)
         measured.outputs[spec.name] = {"task": task, "reason": reason, "shape": list(stacked.shape[1:])}
         measured.kept[spec.name] = tasks.keep(task, stacked, feeds)
     return measured
@@ -92,7 +95,9 @@ def _run(runtime: Runtime, feeds: Mapping[str, Any], source: Any) -> Mapping[str
     """One call; a runtime that refuses the data is a data problem (exit 4), not a bug."""
     try:
         return runtime.run(feeds)
-    except CompressorError:
+    except CompressorError as error:
+        if error.path is None and source is not None:
+            error.path = source  # a runtime's refusal of the data names the data file
         raise
     except Exception as error:  # noqa: BLE001 - runtimes raise their own exception types
         from compressor.errors import first_line

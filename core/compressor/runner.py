@@ -44,6 +44,9 @@ class RunRequest:
     original_only: bool = False
     #: Refuse to start when the artifacts would not fit on disk (``--no-space-check``).
     check_space: bool = True
+    #: Where variants are made and measured: ``local``, or ``ray`` (a local Ray, or ``ray_address``).
+    executor: str = "local"
+    ray_address: str | None = None
 
 
 def _no_progress(message: str, fraction: float | None) -> None:
@@ -141,6 +144,14 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
     elif not wanted and backend is not None:
         raise UsageError("nothing to do: ask for --quantize, --prune, --pq or a --recipe")
     with Session(request, host, progress, wanted) as session:
+        if request.executor == "ray":
+            from compressor.ray_executor import run_on_ray
+
+            results, artifacts = run_on_ray(session, session.variants, progress)
+            report = session.report(results, executor="ray")
+            session.publish(report, [artifact for artifact in artifacts if artifact is not None])
+            write_chart(report, session.out / "report.png")
+            return report
         results: list[VariantResult] = []
         artifacts: list[Artifact | None] = []
         everything = [Variant(ORIGINAL, ()), *session.variants]

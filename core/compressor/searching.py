@@ -79,6 +79,8 @@ class Searcher:
     progress: ProgressCallback
     reference: Any = None
     base: dict[str, Any] = field(default_factory=dict)
+    #: ``--executor ray``: trials are made and measured on the cluster, a batch at a time.
+    executor: Any = None
     trials: list[Trial] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
@@ -150,7 +152,25 @@ class Searcher:
     def _measure(self, artifact: Artifact, settings: Any) -> Any:
         session = self.session
         original = session.original
+        if self.executor is not None:
+            from compressor.ray_executor import made_from
+
+            outcome = self.executor.measure(replace(session.request, measure=settings),
+                                            [made_from(VariantResult("x", []), artifact)], original.inputs)[0]
+            if isinstance(outcome, CompressorError):
+                raise outcome
+            return outcome
         return measure_one(session.host, artifact, session.request.data, original.inputs, settings)
+
+    def evaluate_batch(self, trials: list[Trial]) -> None:
+        """Make and measure several trials; on Ray in parallel (no subset early stop there)."""
+        if self.executor is None or len(trials) == 1:
+            for trial in trials:
+                self.evaluate(trial)
+            return
+        from compressor.ray_executor import evaluate_trials
+
+        evaluate_trials(self, trials)
 
     def reference_for(self, settings: Any) -> Any:
         """The original measured the way a subset trial is (cached)."""
@@ -194,6 +214,12 @@ def search(request: SearchRequest, host: Any, progress: ProgressCallback) -> Rep
         stages = _valid_stages(session, search_space.from_recipe(request.space) if request.space
                                else search_space.from_backend(session.backend))
         searcher = Searcher(session, request, stages, progress)
+        if request.run.executor == "ray":
+            from compressor.ray_executor import RayExecutor
+
+            searcher.executor = RayExecutor(request.run.ray_address, request.run.measure.threads,
+                                            host.extra_modules)
+            session._stack.callback(searcher.executor.close)
         _measure_original(searcher)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.TPESampler(
@@ -268,45 +294,57 @@ def _loop(searcher: Searcher, study: Any, optuna: Any) -> None:
     made: dict[str, Trial] = {}
     repeats = 0
     total = search_space.size(stages)
+    batch_size = max(1, searcher.executor.measuring_slots) if searcher.executor is not None else 1
     while searcher.made() < request.max_trials and len(seen) < total:
         elapsed = time.monotonic() - searcher.started
         if request.time_budget_seconds is not None and elapsed > request.time_budget_seconds:
             break
-        proposal = study.ask()
-        config = tuple(proposal.suggest_categorical(stage.name, list(range(len(stage.options))))
-                       for stage in stages)
-        if config in seen:
-            previous = seen[config]
-            study.tell(proposal, previous.value if previous.value is not None else None,
-                       state=None if previous.value is not None else optuna.trial.TrialState.PRUNED)
-            repeats += 1
+        batch: list[tuple[Any, Trial]] = []
+        while len(batch) < min(batch_size, request.max_trials - searcher.made()) and len(seen) < total:
+            proposal = study.ask()
+            config = tuple(proposal.suggest_categorical(stage.name, list(range(len(stage.options))))
+                           for stage in stages)
+            twin = seen.get(config)
+            trial = None
+            if twin is None:
+                trial = Trial(len(searcher.trials), config, search_space.variant(config, stages))
+                seen[config] = trial
+                twin = made.get(trial.variant.name) if trial.variant is not None else searcher.trials[0]
+            if twin is not None:  # already tried, or another configuration making the same variant
+                study.tell(proposal, twin.value, state=None if twin.value is not None
+                           else optuna.trial.TrialState.PRUNED)
+                repeats += 1
+                if repeats >= MAX_REPEATS:
+                    break
+                continue
+            repeats = 0
+            assert trial is not None and trial.variant is not None
+            made[trial.variant.name] = trial
+            searcher.trials.append(trial)
+            blocker = searcher.ruled_out(config)
+            if blocker is not None:
+                trial.reason = (f"at least as strict as {blocker.variant.name if blocker.variant else ORIGINAL}, "
+                                "which broke the budget")
+                _tell(study, proposal, trial, optuna)
+                continue
+            trial.state = "measured"
+            batch.append((proposal, trial))
+        if not batch:
             if repeats >= MAX_REPEATS:
                 break
             continue
-        repeats = 0
-        trial = Trial(len(searcher.trials), config, search_space.variant(config, stages))
-        seen[config] = trial
-        twin = made.get(trial.variant.name) if trial.variant is not None else searcher.trials[0]
-        if twin is not None:  # another configuration that makes the same variant
-            study.tell(proposal, twin.value, state=None if twin.value is not None
-                       else optuna.trial.TrialState.PRUNED)
-            continue
-        made[trial.variant.name] = trial
-        searcher.trials.append(trial)
-        blocker = searcher.ruled_out(config)
-        if blocker is not None:
-            trial.state = "skipped"
-            trial.reason = f"at least as strict as {blocker.variant.name if blocker.variant else ORIGINAL}, " \
-                           "which broke the budget"
-        else:
-            _progress(searcher, trial)
-            trial.state = "measured"
-            searcher.evaluate(trial)
-        proposal.set_constraint("budget", trial.violation)
-        if trial.value is not None:
-            study.tell(proposal, trial.value)
-        else:
-            study.tell(proposal, state=optuna.trial.TrialState.PRUNED)
+        _progress(searcher, batch[0][1])
+        searcher.evaluate_batch([trial for _, trial in batch])
+        for proposal, trial in batch:
+            _tell(study, proposal, trial, optuna)
+
+
+def _tell(study: Any, proposal: Any, trial: Trial, optuna: Any) -> None:
+    proposal.set_constraint("budget", trial.violation)
+    if trial.value is not None:
+        study.tell(proposal, trial.value)
+    else:
+        study.tell(proposal, state=optuna.trial.TrialState.PRUNED)
 
 
 def _progress(searcher: Searcher, trial: Trial) -> None:

@@ -47,26 +47,29 @@ def chosen_task(name: str, options: Mapping[str, Any]) -> str | None:
 _GENERIC_NAME = re.compile(r"(output|out|y|result)?[_:.]?\d*", re.I)
 
 
-def detect(spec: TensorSpec, sample: Any, inputs: Sequence[TensorSpec], options: Mapping[str, Any],
+def detect(spec: TensorSpec, outputs: Any, inputs: Sequence[TensorSpec], options: Mapping[str, Any],
            position: int = 0) -> tuple[str, str]:
-    """The task of output ``spec`` (whose batch-1 values are ``sample``; ``position``
-    among the outputs) and why."""
+    """The task of output ``spec`` (``outputs``: its values for every example, batch
+    axis first; ``position`` among the outputs) and why."""
+    sample = outputs
     chosen = chosen_task(spec.name, options)
     if chosen is not None:
         return chosen, "set with --set task"
     input_names = {item.name for item in inputs}
-    shape = tuple(sample.shape)
+    shape = tuple(sample.shape[1:])
     if sample.dtype.kind not in "fc":
-        return "classifier", f"integer output {list(shape)}: compared as labels"
+        return "classifier", f"integer output of {list(shape)} per example: compared as labels"
+    shape = (None, *shape)
+    shown = "[" + ", ".join("N" if size is None else str(size) for size in shape) + "]"
     if len(shape) >= 3:
         last = shape[-1]
         if "input_ids" in input_names and (last >= 1000 or "logit" in spec.name.lower()):
-            return "language-model", f"{list(shape)} logits over a vocabulary of {last} with input_ids"
+            return "language-model", f"{shown} logits over a vocabulary of {last} with input_ids"
         if "attention_mask" in input_names:
             return "embedding", "token vectors with an attention_mask: mean-pooled into one vector per example"
         if _BOX_NAMES.search(spec.name):
             return "regression", f"named {spec.name!r}: coordinates"
-        return "sequence", f"{list(shape)}: scores per position, compared position by position"
+        return "sequence", f"{shown}: scores per position, compared position by position"
     columns = shape[-1] if len(shape) == 2 else 1
     if _BOX_NAMES.search(spec.name):
         return "regression", f"named {spec.name!r}: coordinates"
@@ -80,7 +83,7 @@ def detect(spec: TensorSpec, sample: Any, inputs: Sequence[TensorSpec], options:
         return "classifier", f"[N, {columns}]: scores per class, top-1 compared"
     if len(shape) <= 2 and sample.size and float(sample.min()) >= 0.0 and float(sample.max()) <= 1.0:
         return "classifier", "one value in [0, 1]: a binary classifier's probability (threshold 0.5)"
-    return "regression", f"{list(shape)}: numbers, compared by relative error"
+    return "regression", f"{shown}: numbers, compared by relative error"
 
 
 def mean_pool(hidden: Any, attention_mask: Any | None) -> Any:

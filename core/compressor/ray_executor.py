@@ -1,0 +1,287 @@
+"""Making and measuring variants on Ray (``--executor ray``): a local Ray started for
+the run, or an existing cluster (``--ray-address auto`` or ``ray://host:10001``).
+
+* **Make** (load, compress, save) runs as one task per variant, asking for as many
+  CPUs as the measuring threads; each task loads the model itself (workers share
+  no memory) and sends the artifact's files back to the driver.
+* **Measure** runs as one task per variant that needs the custom resource
+  ``compressor_measure``, of which every node has one: at most one measurement
+  per node at a time, so latencies are not taken while another measurement
+  competes for the same cores. A local Ray gets that resource when it starts;
+  start the nodes of a cluster with ``--resources '{"compressor_measure": 1}'``.
+* Every measurement records the node and CPU model it ran on; the report says
+  when the variants were measured on different CPU models.
+* A task that fails or whose worker is lost fails that variant only.
+* Data and model paths must be readable at the same path on every node (a
+  shared filesystem); artifacts come back through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from compressor.errors import CompressorError, UnsupportedError, first_line
+from compressor.models import Artifact
+from compressor.recipes import Variant
+from compressor.report import VariantResult
+
+MEASURE_RESOURCE = "compressor_measure"
+
+
+@dataclass
+class Made:
+    result: VariantResult
+    files: dict[str, bytes]
+    backend: str = ""
+    format: str = ""
+    main: str = ""
+    node: str = ""
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise UnsupportedError("--executor ray needs Ray: pip install 'compressor[ray]'") from None
+    return ray
+
+
+class RayExecutor:
+    """Ray started (or joined) for one run or search; ``close`` shuts a local one down."""
+
+    def __init__(self, address: str | None, threads: int, extra_modules: Sequence[str]) -> None:
+        ray = _ray()
+        from compressor.children import import_path
+
+        self.ray, self.threads, self.extra_modules = ray, threads, list(extra_modules)
+        self._temp: str | None = None
+        runtime_env = {"env_vars": {"PYTHONPATH": import_path(), "ORT_DISABLE_TELEMETRY": "1",
+                                    "TF_CPP_MIN_LOG_LEVEL": "2"}}
+        self.started = not ray.is_initialized() and address is None
+        if ray.is_initialized():
+            return
+        if address is None:
+            # A short private folder: Ray's socket paths must stay under 108 bytes.
+            self._temp = tempfile.mkdtemp(prefix=f"cray{os.getpid()}-", dir="/tmp")
+            ray.init(resources={MEASURE_RESOURCE: 1}, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, runtime_env=runtime_env, _temp_dir=self._temp)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
+        if not any(node.get("Resources", {}).get(MEASURE_RESOURCE) for node in ray.nodes()):
+            raise UnsupportedError(f"no Ray node offers the resource {MEASURE_RESOURCE!r}; start the nodes "
+                                   f"with --resources '{{\"{MEASURE_RESOURCE}\": 1}}'")
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+
+    def make(self, request: Any, variants: Sequence[Variant]) -> list[Made | CompressorError]:
+        """Every variant made on the cluster, in parallel."""
+        task = self.ray.remote(_make_remote).options(num_cpus=self.threads, max_retries=0,
+                                                      scheduling_strategy="SPREAD")
+        futures = [task.remote(request, variant, self.extra_modules) for variant in variants]
+        return [self._get(future) for future in futures]
+
+    @property
+    def measuring_slots(self) -> int:
+        """How many measurements may run at once (one per node offering the resource)."""
+        return int(sum(node.get("Resources", {}).get(MEASURE_RESOURCE, 0)
+                       for node in self.ray.nodes() if node.get("Alive")))
+
+    def measure(self, request: Any, made: Sequence[Made], inputs: Sequence[Any]) -> list[Any]:
+        """Every artifact measured on the cluster, at most one at a time per node."""
+        task = self.ray.remote(_measure_remote).options(
+            num_cpus=self.threads, resources={MEASURE_RESOURCE: 1}, max_retries=0, scheduling_strategy="SPREAD")
+        futures = [task.remote(request, item, list(inputs), self.extra_modules) for item in made]
+        return [self._get(future) for future in futures]
+
+    def _get(self, future: Any) -> Any:
+        try:
+            return self.ray.get(future)
+        except Exception as error:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, NodeDiedError...
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, CompressorError):
+                return cause
+            return CompressorError(f"the Ray task failed ({type(error).__name__}: {first_line(error)})")
+
+
+def stage(made: Made, staging: Path) -> Artifact:
+    """Write a remotely made artifact's files into the driver's staging folder."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in made.files.items():
+        path = staging.parent / name
+        path.write_bytes(data)
+        paths.append(path)
+    main = staging.parent / made.main
+    return Artifact(made.backend, main, made.format, tuple(p for p in paths if p != main))
+
+
+def _register(modules: Sequence[str]) -> Any:
+    import importlib
+
+    from compressor.plugins import get_host
+
+    host = get_host()
+    for name in modules:
+        module = importlib.import_module(name)
+        if host.manager.get_plugin(name) is None and not host.manager.is_registered(module):
+            host.register(module, name=name)
+    return host
+
+
+def _node() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def _make_remote(request: Any, variant: Variant, modules: Sequence[str]) -> Made:
+    """On a worker: load the model, make one variant, return its files."""
+    from compressor.session import Session
+
+    host = _register(modules)
+    folder = tempfile.mkdtemp(prefix="compressor-ray-make-")
+    try:
+        local = replace(request, out=Path(folder) / "out", force=True, check_space=False)
+        with Session(local, host, lambda message, fraction: None) as session:
+            result, artifact = session.make(session.validate([variant])[0])
+            if artifact is None:
+                raise CompressorError(result.error or "compression failed")
+            files = {path.name: path.read_bytes() for path in artifact.files}
+            return Made(result, files, artifact.backend, artifact.format, artifact.path.name, _node())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _measure_remote(request: Any, made: Made, inputs: Sequence[Any], modules: Sequence[str]) -> Any:
+    """On a node's one measuring slot: write the artifact, measure it in a child process."""
+    from compressor import environment
+    from compressor.evaluation import measure_one
+
+    host = _register(modules)
+    folder = Path(tempfile.mkdtemp(prefix="compressor-ray-measure-"))
+    try:
+        artifact = stage(made, folder / "artifact")
+        started = time.time()
+        measured = measure_one(host, artifact, request.data, inputs, request.measure)
+        measured.metrics["node"] = _node()
+        measured.metrics["cpu_model"] = environment.describe(()).get("cpu", {}).get("model")
+        # Wall-clock times, to check that one node never measured two artifacts at once.
+        measured.metrics["measured_between"] = [started, time.time()]
+        return measured
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def made_from(result: VariantResult, artifact: Artifact) -> Made:
+    """A locally made artifact, as a remote measurement takes it."""
+    return Made(result, {path.name: path.read_bytes() for path in artifact.files}, artifact.backend,
+                artifact.format, artifact.path.name)
+
+
+def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tuple[list[VariantResult], list[Artifact | None]]:
+    """``compressor run --executor ray``: the original made here, every variant made on the
+    cluster, all of them measured there; scored here against the original's measurement."""
+    from compressor.evaluation import check_reference, score
+    from compressor.recipes import ORIGINAL
+
+    request = session.request
+    executor = RayExecutor(request.ray_address, request.measure.threads, session.host.extra_modules)
+    try:
+        original, original_artifact = session.make(Variant(ORIGINAL, ()))
+        if original_artifact is None:
+            raise CompressorError(f"could not convert the original model: {original.error}")
+        progress(f"making {len(variants)} variant(s) on Ray", None)
+        made_list = executor.make(request, variants)
+        results: list[VariantResult] = [original]
+        artifacts: list[Artifact | None] = [original_artifact]
+        to_measure = [made_from(original, original_artifact)]
+        for variant, made in zip(variants, made_list):
+            if isinstance(made, CompressorError):
+                results.append(VariantResult(variant.name, [str(s) for s in variant.steps], error=made.message))
+                artifacts.append(None)
+                continue
+            results.append(made.result)
+            artifacts.append(stage(made, session.output.staging_path(variant.name)))
+            made.result.metadata["made_on_node"] = made.node
+            to_measure.append(made)
+        measured_items = [index for index, artifact in enumerate(artifacts) if artifact is not None]
+        runs: dict[int, list[Any]] = {index: [] for index in measured_items}
+        for repeat in range(request.repeats):
+            progress(f"measuring {len(to_measure)} artifact(s) on Ray ({repeat + 1}/{request.repeats})", None)
+            for index, outcome in zip(measured_items, executor.measure(request, to_measure, session.original.inputs)):
+                if isinstance(outcome, CompressorError):
+                    if index == 0:
+                        raise outcome
+                    results[index].error = f"measuring failed: {outcome.message}"
+                    artifacts[index] = None
+                    continue
+                runs[index].append(outcome)
+        reference = runs[0][0]
+        if request.data is not None:
+            check_reference(reference, session.context.eval_data, request.measure, request.data)
+        for index, measured in runs.items():
+            if measured and results[index].error is None:
+                score(results[index], measured, reference, session.context.eval_data, request.measure)
+        _note_cpu_models(results)
+        return results, artifacts
+    finally:
+        executor.close()
+
+
+def _note_cpu_models(results: list[VariantResult]) -> None:
+    models = {r.metrics.get("cpu_model") for r in results if r.metrics.get("cpu_model")}
+    if len(models) > 1 and results:
+        results[0].notes.append(
+            f"variants were measured on different CPU models ({', '.join(sorted(map(str, models)))}): "
+            "compare their latencies only within one model (see each variant's cpu_model)")
+
+
+def evaluate_trials(searcher: Any, trials: list[Any]) -> None:
+    """A search's batch of trials made and measured on the cluster in parallel (sizes
+    first: a variant that cannot win is not measured)."""
+    from compressor.evaluation import budget_failures, score
+    from compressor.searching import _violation
+    from compressor.selection import objective_value
+
+    session = searcher.session
+    variants = []
+    for trial in trials:
+        assert trial.variant is not None
+        variants.append(session.validate([trial.variant])[0])
+    best = searcher.best() or searcher.trials[0]
+    to_measure = []
+    for trial, variant, made in zip(trials, variants, searcher.executor.make(session.request, variants)):
+        if isinstance(made, CompressorError):
+            trial.state, trial.reason = "failed", made.message
+            trial.result = VariantResult(variant.name, [str(s) for s in variant.steps], error=made.message)
+            continue
+        trial.result = made.result
+        trial.artifact = stage(made, session.output.staging_path(variant.name))
+        size = sum(path.stat().st_size for path in trial.artifact.files)
+        if searcher.request.objective == "size" and best.value is not None and size >= best.value:
+            trial.state, trial.reason = "cannot win", f"{size} bytes, not smaller than the best so far"
+            made.result.metrics["size_bytes"] = size
+            continue
+        to_measure.append((trial, made))
+    outcomes = searcher.executor.measure(session.request, [made for _, made in to_measure],
+                                         session.original.inputs)
+    for (trial, _), measured in zip(to_measure, outcomes):
+        if isinstance(measured, CompressorError):
+            trial.state, trial.reason = "failed", measured.message
+            continue
+        result = trial.result
+        score(result, [measured], searcher.reference, session.context.eval_data, session.request.measure)
+        result.budget_failures = budget_failures(result.metrics, searcher.base, searcher.budgets)
+        trial.value = objective_value(result, searcher.request.objective)
+        trial.violation = _violation(result.metrics, searcher.base, searcher.budgets)
