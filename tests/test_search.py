@@ -132,8 +132,7 @@ def test_search_from_python(dial_host, tmp_path: Path) -> None:
 
 
 def test_parameter_stages_of_one_technique_make_one_step() -> None:
-    from compressor import Backend, Param, Technique
-    from compressor import search_space
+    from compressor import Backend, Param, Technique, search_space
 
     backend = Backend("b", "", (), techniques={"pq": Technique("pq", params={
         "dsub": Param(int, 2, candidates=(2, 4, 8)),

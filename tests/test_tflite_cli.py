@@ -27,6 +27,7 @@ from tflite_fixtures import (
     lambda_model_files,
     rewrite_keras_archive,
     shared_digits_files,
+    two_head_files,
 )
 
 from compressor import Context, InvalidInputError, UnsafeInputError
@@ -157,15 +158,45 @@ def test_cli_run_uint8(files: KerasFiles, tmp_path: Path) -> None:
     assert list(variants) == ["original", "uint8"]
     assert variants["original"]["artifact"] == "original.tflite"
     metrics = variants["uint8"]["metrics"]
-    assert metrics["agreement"] > 0.95
+    (name,) = metrics["outputs"]
+    assert metrics["compared_output"] == name and metrics["task"] == "classifier"
+    entry = metrics["outputs"][name]
+    assert entry["task"] == "classifier" and entry["shape"] == [10]
+    assert entry["agreement"] == metrics["agreement"] > 0.95
+    assert entry["accuracy"] == metrics["accuracy"] > 0.8
+    assert metrics["cosine"]["mean"] > 0.99
     assert metrics["size_bytes"] < 0.4 * variants["original"]["metrics"]["size_bytes"]
-    assert variants["uint8"]["metrics"]["input_dtypes"] == "uint8"
+    assert metrics["input_dtypes"] == "uint8" and metrics["runtime"] == "ai-edge-litert"
+    assert metrics["eval_batch"] == 1 and metrics["load_ms"] > 0
+    assert metrics["latency_batch_ms"]["throughput_per_s"] > 0
+    assert metrics["peak_rss_batch_bytes"] >= metrics["peak_rss_bytes"] > 0
     assert "uint8" in stdout
 
 
-def test_int8_without_calibration_data_is_refused(files: KerasFiles, tmp_path: Path) -> None:
-    code, _, stderr = invoke("run", files.keras, "-q", "int8", "-o", tmp_path / "out")
+@pytest.mark.parametrize("mode", ["int8", "int16x8"])
+def test_full_integer_without_calibration_data_is_refused(files: KerasFiles, tmp_path: Path, mode: str) -> None:
+    code, _, stderr = invoke("run", files.keras, "-q", mode, "-o", tmp_path / "out")
     assert code == 2 and "--calibration-data" in stderr
+
+
+def test_two_heads_reach_the_report_int16x8(tmp_path: Path) -> None:
+    """A classifier head and a box head: both compared, the box by its numbers (not as four classes)."""
+    model, calibration, data = two_head_files(tmp_path / "model")
+    out = tmp_path / "out"
+    code, _, stderr = invoke("run", model, "-q", "int16x8", "--calibration-data", calibration,
+                             "--data", data, "-o", out, *FAST)
+    assert code == 0, stderr
+    metrics = report(out)["int16x8"]["metrics"]
+    outputs = metrics["outputs"]
+    # LiteRT lists a signature's outputs sorted by name, so the box comes first.
+    assert list(outputs) == ["box", "digit"]
+    assert outputs["box"]["task"] == "regression" and outputs["box"]["shape"] == [4]
+    assert outputs["box"]["relative_error"]["mean"] < 0.05 and "agreement" not in outputs["box"]
+    assert outputs["digit"]["task"] == "classifier" and outputs["digit"]["shape"] == [10]
+    assert outputs["digit"]["agreement"] > 0.95 and outputs["digit"]["accuracy"] > 0.85
+    assert metrics["compared_output"] == "box" and metrics["task"] == "regression"
+    assert metrics["relative_error"] == outputs["box"]["relative_error"]
+    assert metrics["input_dtypes"] == "int16"
 
 
 def test_measure_a_tflite_file(fp32_tflite: Path, files: KerasFiles) -> None:

@@ -15,6 +15,46 @@ from typing import Any
 import numpy as np
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What core's engine found for one ``.tflite``, measured in this process as the measuring
+    process does (it also times opening the runtime as ``load_ms``)."""
+
+    metrics: dict[str, Any]
+    outputs: dict[str, dict[str, Any]]
+    kept: dict[str, dict[str, Any]]
+
+    @property
+    def first(self) -> dict[str, Any]:
+        """What was kept of the first output."""
+        return next(iter(self.kept.values()))
+
+    @property
+    def predictions(self) -> Any:
+        """Top-1 of the first output (a classifier's classes)."""
+        return self.first["top1"]
+
+    def values(self, name: str | None = None) -> Any:
+        """The raw float rows of an output (the first by default), whichever task it has."""
+        kept = self.kept[name] if name is not None else self.first
+        return kept["scores"] if "scores" in kept else kept["values"]
+
+
+def measure_here(artifact: Any, data: Any, settings: Any) -> Measured:
+    """Open the artifact's tflite runtime and let core measure it."""
+    from compressor.engine import measure_runtime
+    from compressor.measuring import Stopwatch
+    from compressor_tflite import plugin
+
+    with Stopwatch() as load:
+        runtime = plugin.compressor_open_runtime(artifact, settings)
+    try:
+        measured = measure_runtime(runtime, data, settings)
+    finally:
+        runtime.close()
+    return Measured({**measured.metrics, "load_ms": load.ms}, measured.outputs, measured.kept)
+
+
 @dataclass
 class KerasFiles:
     folder: Path
@@ -51,6 +91,44 @@ def tiny_digits_files(folder: Path) -> KerasFiles:
         folder / "calibration.npz",
         folder / "eval.npz",
     )
+
+
+def ink_boxes(images: Any) -> Any:
+    """The box around each digit's ink (pixels over 0.25): top, left, bottom, right, in pixels."""
+    ink = images[..., 0] > 0.25
+    rows, columns = ink.any(axis=2), ink.any(axis=1)
+
+    def first(mask: Any) -> Any:
+        return mask.argmax(axis=1)
+
+    def last(mask: Any) -> Any:
+        return mask.shape[1] - 1 - mask[:, ::-1].argmax(axis=1)
+
+    return np.stack([first(rows), first(columns), last(rows), last(columns)], axis=1).astype("float32")
+
+
+def two_head_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A digits CNN with two heads, trained a few epochs: ``digit`` (10 classes, softmax) and
+    ``box`` (4 numbers: where the ink is). Returns the .keras, calibration and eval files."""
+    from compressor_tflite import frameworks
+    from compressor_tflite.samples import digits
+
+    keras = frameworks.keras()
+    keras.utils.set_random_seed(7)
+    folder.mkdir(parents=True, exist_ok=True)
+    train_x, train_y, test_x, test_y = digits()
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 1), name="image")
+    hidden = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    hidden = layers.Dense(64, activation="relu")(layers.Flatten()(hidden))
+    heads = [layers.Dense(10, activation="softmax", name="digit")(hidden), layers.Dense(4, name="box")(hidden)]
+    model = keras.Model(inputs, heads)
+    model.compile(keras.optimizers.Adam(3e-3), loss=["sparse_categorical_crossentropy", "mse"])
+    model.fit(train_x, [train_y, ink_boxes(train_x)], epochs=4, batch_size=32, verbose=0)
+    model.save(folder / "two_heads.keras")
+    np.savez(folder / "calibration.npz", image=train_x[:200])
+    np.savez(folder / "eval.npz", image=test_x, y=test_y)
+    return folder / "two_heads.keras", folder / "calibration.npz", folder / "eval.npz"
 
 
 def lambda_model_files(folder: Path) -> tuple[Path, Path]:

@@ -1,4 +1,4 @@
-"""Convert a Keras model or SavedModel to a TFLite flatbuffer: fp32, fp16, dynamic, int8, uint8."""
+"""Convert a Keras model or SavedModel to a TFLite flatbuffer: fp32, fp16, dynamic, int8, uint8, int16x8."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from compressor import CompressionError, Dataset, TensorSpec
 from compressor_tflite import frameworks
 from compressor_tflite.handle import TFLiteHandle
 
-FULL_INTEGER_MODES = ("int8", "uint8")
+FULL_INTEGER_MODES = ("int8", "uint8", "int16x8")
+#: The type of a full-integer model's input and output tensors, by mode.
+_IO_TYPES = {"int8": "int8", "uint8": "uint8", "int16x8": "int16"}
 #: Ops that only move values between float and integer; they are not "left in float".
 _BOUNDARY_OPS = {"QUANTIZE", "DEQUANTIZE"}
 
@@ -57,11 +59,14 @@ def convert(
             converter.representative_dataset = lambda: _representative(
                 calibration, inputs, calibration_samples
             )
-            integer_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            integer_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+                if mode == "int16x8" else tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+            ]
             converter.target_spec.supported_ops = (
                 [*integer_ops, tf.lite.OpsSet.TFLITE_BUILTINS] if fallback else integer_ops
             )
-            io_type = tf.int8 if mode == "int8" else tf.uint8
+            io_type = getattr(tf, _IO_TYPES[mode])
             converter.inference_input_type = io_type
             converter.inference_output_type = io_type
         return converter

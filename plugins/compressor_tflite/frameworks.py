@@ -79,6 +79,17 @@ def model_optimization() -> Any:
     return tfmot
 
 
+def interpreter_module() -> str:
+    """The module :func:`interpreter_class` takes the interpreter from, found without importing it."""
+    from importlib.util import find_spec
+
+    try:
+        found = find_spec("ai_edge_litert") is not None
+    except (ImportError, ValueError):
+        found = False
+    return "ai_edge_litert.interpreter" if found else "tensorflow"
+
+
 def interpreter_class() -> tuple[Any, str]:
     """The LiteRT interpreter (TensorFlow Lite's successor), else ``tf.lite.Interpreter``."""
     try:

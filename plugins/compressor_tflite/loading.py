@@ -227,19 +227,20 @@ def keras_inputs(model: Any, path: Path) -> tuple[TensorSpec, ...]:
 
 
 def session_inputs(flatbuffer: bytes, path: Path) -> tuple[TensorSpec, ...]:
-    """Inputs of a ``.tflite`` as float tensors: measuring quantizes integer inputs itself.
+    """Inputs of a ``.tflite`` as the runtime takes them: quantized integer inputs as float32,
+    since measuring quantizes them itself (:mod:`compressor_tflite.runtime`).
 
     Runs the interpreter on untrusted bytes: call it in a child (:func:`probe_inputs`).
     """
-    from compressor_tflite.measure import TFLiteSession
+    from compressor_tflite.runtime import TFLiteRuntime
 
     interpreter_class, _ = frameworks.interpreter_class()
     try:
         with frameworks.native_stderr_silenced():
-            session = TFLiteSession(interpreter_class(model_content=flatbuffer))
+            runtime = TFLiteRuntime(interpreter_class(model_content=flatbuffer))
     except (ValueError, RuntimeError) as error:
         raise InvalidInputError(f"is not a valid TFLite model ({first_line(error)})", path) from None
-    return session.input_specs()
+    return runtime.inputs
 
 
 #: Inputs of files a child already opened without trouble, by (path, size, mtime_ns).

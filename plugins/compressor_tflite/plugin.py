@@ -17,11 +17,10 @@ from compressor import (
     Backend,
     CompressionError,
     Context,
-    Dataset,
-    Measurement,
     MeasureSettings,
     Model,
     Param,
+    Runtime,
     SampleModel,
     Step,
     Technique,
@@ -36,17 +35,18 @@ NAME = "tflite"
 TECHNIQUES = {
     QUANTIZE: Technique(
         QUANTIZE,
-        help="convert to TFLite with fp16 weights, int8 weights (dynamic) or full integer",
-        modes=("fp16", "dynamic", "int8", "uint8"),
+        help="convert to TFLite with fp16 weights, int8 weights (dynamic), full integer (int8, uint8) "
+             "or int16 activations with int8 weights (int16x8)",
+        modes=("fp16", "dynamic", "int8", "uint8", "int16x8"),
         params={
             "allow_float_fallback": Param(
-                bool, False, "keep ops without integer kernels in float (int8/uint8)"
+                bool, False, "keep ops without integer kernels in float (int8/uint8/int16x8)"
             ),
             "calibration_samples": Param(
-                int, 200, "calibration examples for int8/uint8 ranges", minimum=1
+                int, 200, "calibration examples for the activation ranges of int8/uint8/int16x8", minimum=1
             ),
         },
-        requires_data={"int8": "calibration", "uint8": "calibration"},
+        requires_data={"int8": "calibration", "uint8": "calibration", "int16x8": "calibration"},
     ),
     PRUNE: Technique(
         PRUNE,
@@ -76,6 +76,7 @@ def compressor_backends() -> Iterator[Backend]:
         extra="tflite",
         requires=("tensorflow", "tf_keras", "tensorflow_model_optimization"),
         distributions=("tensorflow-cpu", "tf-keras", "tensorflow-model-optimization", "ai-edge-litert"),
+        runtime_imports=(frameworks.interpreter_module(),),
         default_variants=(("quantize fp16",), ("quantize dynamic",)),
     )
 
@@ -168,12 +169,10 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
 
 
 @hookimpl
-def compressor_measure(
-    artifact: Artifact, data: Dataset | None, settings: MeasureSettings
-) -> Measurement:
-    from compressor_tflite.measure import measure
+def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings) -> Runtime:
+    from compressor_tflite.runtime import open_runtime
 
-    return measure(artifact, data, settings)
+    return open_runtime(artifact.path, settings.threads)
 
 
 @hookimpl
