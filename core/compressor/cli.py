@@ -81,7 +81,8 @@ def _settings(threads: int, max_examples: int | None, min_seconds: float) -> Mea
 @cli.command()
 @click.argument("model", type=_path)
 @click.option("--out", "-o", type=_path, required=True, help="Folder for artifacts and reports.")
-@click.option("--backend", "-b", help="Backend to use (default: recognised from the file).")
+@click.option("--backend", "-b", help="Backend to use (default: recognised from the file); "
+              "several, comma-separated, run the same variants on each and compare them.")
 @click.option("--quantize", "-q", "quantize", multiple=True, metavar="MODE",
               help="fp16, dynamic, int8 or uint8; repeat for one variant per mode.")
 @click.option("--prune", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), metavar="S",
@@ -149,8 +150,14 @@ def _run_and_print(request: Any, out: Path | None) -> Any:
     from compressor.runner import run as run_request
 
     host = _host()
+    backends = [name.strip() for name in (request.backend or "").split(",") if name.strip()]
     try:
-        report = run_request(request, host, progress)
+        if len(backends) > 1:
+            from compressor.multirun import run_many
+
+            report = run_many(request, backends, host, progress)
+        else:
+            report = run_request(request, host, progress)
     finally:
         end_progress()
         print_warnings(host)

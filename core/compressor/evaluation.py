@@ -36,8 +36,9 @@ def measure_variants(
     source: Path | None = None,
 ) -> Any:
     """Measure every artifact in its own subprocess; repeats interleave the
-    variants so that drift of the machine hits all of them alike. Returns the
-    original's measurement (the reference later variants can be scored against).
+    variants so that drift of the machine hits all of them alike. Returns each
+    variant's first measurement (None where it failed); the original's, first, is
+    the reference the others were scored against.
 
     The original failing to measure stops the run; a variant failing is that
     variant's error (its artifact is dropped), and the others go on."""
@@ -61,7 +62,7 @@ def measure_variants(
     for result, measured in zip(results, runs):
         if measured:
             score(result, measured, reference, eval_data, settings)
-    return reference
+    return [measured[0] if measured else None for measured in runs]
 
 
 def check_reference(reference: Any, eval_data: Dataset | None, settings: MeasureSettings, data_path: Path) -> None:

@@ -162,12 +162,15 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
             artifacts.append(artifact)
         if artifacts[0] is None:
             raise CompressionError(f"could not convert the original model: {results[0].error}")
-        measure_variants(
+        measured = measure_variants(
             host, results, artifacts, session.request.data, session.context.eval_data,
             session.original.inputs if session.original else (), session.request.measure,
             request.repeats, progress, request.model,
         )
         report = session.report(results)
+        # For comparisons across runs (several backends): not part of report.json.
+        report.measured = measured  # type: ignore[attr-defined]
+        report.eval_data = session.context.eval_data  # type: ignore[attr-defined]
         session.publish(report, [artifact for artifact in artifacts if artifact is not None])
     write_chart(report, session.out / "report.png")
     return report

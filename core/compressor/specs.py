@@ -14,10 +14,13 @@ from typing import Any
 
 from compressor.errors import UsageError
 
-#: The shared technique vocabulary. Backends may add others, but these three
-#: mean the same thing everywhere, so a recipe moves between backends unchanged.
+#: The shared technique vocabulary. Backends may add others, but these mean the
+#: same thing everywhere, so a recipe moves between backends unchanged.
 QUANTIZE, PRUNE, PQ = "quantize", "prune", "pq"
-QUANTIZE_MODES = ("fp16", "dynamic", "int8", "uint8")
+#: fp16 weights; dynamic: int8 weights, activations quantized at run time; int8/uint8:
+#: full integer, calibrated; int16x8: int16 activations, int8 weights, calibrated;
+#: int4: 4-bit weights in blocks, weight-only.
+QUANTIZE_MODES = ("fp16", "dynamic", "int8", "uint8", "int16x8", "int4")
 
 #: The parameter a bare value in a step fills: ``quantize int8`` -> mode=int8.
 POSITIONAL_PARAM = {QUANTIZE: "mode", PRUNE: "sparsity"}

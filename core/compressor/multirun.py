@@ -1,0 +1,97 @@
+"""``compressor run MODEL --backend onnx,tflite,torch``: the same variants on several
+backends, and one comparison against one original.
+
+Each backend runs as ``compressor run`` would, into ``--out/<backend>/`` (its own
+artifacts and reports, compared with its own original). Then ``--out`` gets the
+merged report, variants named ``<backend>:<variant>``, where every variant is
+compared with **one** reference: the ``torch`` backend's original when it is
+among them (the model as trained), else the first backend's. The comparison
+with each variant's own original stays under ``metrics.vs_own_original``.
+Outputs are matched by name, or by position when the runtimes name them
+differently.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from compressor.errors import UsageError
+from compressor.models import ProgressCallback
+from compressor.outputs import OutputFolder
+from compressor.report import Report
+
+#: The backend whose original is the reference when it is run (the model as trained).
+PREFERRED_REFERENCE = "torch"
+
+
+def run_many(request: Any, backends: Sequence[str], host: Any, progress: ProgressCallback) -> Report:
+    from compressor.evaluation import HEADLINE_KEYS, budget_failures, compare_outputs
+    from compressor.merging import merge_reports
+    from compressor.runner import render_reports, run, write_chart
+
+    if len(set(backends)) != len(backends):
+        raise UsageError(f"--backend names a backend twice: {', '.join(backends)}")
+    for name in backends:
+        host.backend(name)
+    outer = OutputFolder(request.out, [request.model], request.force)
+    outer.check()
+    outer.prepare()
+    reports: list[Report] = []
+    written = []
+    try:
+        for name in backends:
+            progress(f"backend {name}", None)
+            target = outer.path / name
+            written.append(target)
+            reports.append(run(replace(request, backend=name, out=target, force=True), host, progress))
+        merged = merge_reports([outer.path / name for name in backends])
+        reference_index = backends.index(PREFERRED_REFERENCE) if PREFERRED_REFERENCE in backends else 0
+        reference = reports[reference_index].measured[0]  # type: ignore[attr-defined]
+        labels = _labels(reports[reference_index])
+        flat = [item for report in reports for item in report.measured]  # type: ignore[attr-defined]
+        base = merged.variants[sum(len(r.variants) for r in reports[:reference_index])].metrics
+        reference_name = f"{backends[reference_index]}:original"
+        for variant, measured in zip(merged.variants, flat):
+            if measured is None or variant.error or not measured.kept or not reference.kept:
+                continue
+            own = {key: variant.metrics[key] for key in HEADLINE_KEYS if key in variant.metrics}
+            compared = compare_outputs(reference, _aligned(measured, reference), labels)
+            variant.metrics.update({key: value for key, value in compared.items() if key != "outputs"})
+            variant.metrics["vs_own_original"] = own
+            variant.metrics["reference"] = reference_name
+            variant.budget_failures = budget_failures(variant.metrics, base, merged.budgets)
+        merged.settings["reference"] = reference_name
+        outer.publish([], render_reports(merged))
+    except BaseException:
+        for folder in written:
+            shutil.rmtree(folder, ignore_errors=True)
+        outer.abort()
+        raise
+    finally:
+        outer.close()
+    write_chart(merged, outer.path / "report.png")
+    return merged
+
+
+def _labels(report: Report) -> Any | None:
+    data = getattr(report, "eval_data", None)
+    return None if data is None else data.labels
+
+
+class _Renamed:
+    """A measurement whose outputs carry the reference's names (matched by position)."""
+
+    def __init__(self, measured: Any, names: dict[str, str]) -> None:
+        self.output_info = {names.get(key, key): value for key, value in measured.output_info.items()}
+        self.kept = {names.get(key, key): value for key, value in measured.kept.items()}
+        self.metrics, self.predictions, self.outputs = measured.metrics, measured.predictions, measured.outputs
+
+
+def _aligned(measured: Any, reference: Any) -> Any:
+    ours, theirs = list(measured.output_info), list(reference.output_info)
+    if set(ours) == set(theirs) or len(ours) != len(theirs):
+        return measured
+    return _Renamed(measured, dict(zip(ours, theirs)))
