@@ -145,3 +145,13 @@ def test_parameter_stages_of_one_technique_make_one_step() -> None:
     assert [str(step) for step in variant.steps] == ["pq dsub=4 qnorm=true cutoff=1000 retrain=true"]
     assert search_space.variant((0, 0, 0), stages) is None
     assert search_space.stricter((3, 1, 0), (2, 0, 0)) and not search_space.stricter((3, 0, 0), (2, 1, 0))
+
+
+def test_a_clearly_failing_variant_is_stopped_on_a_subset(dial_host, tmp_path: Path) -> None:
+    files = write_dial(tmp_path / "in", rows=1200)
+    out = tmp_path / "out"
+    assert search(files, out, "--max-accuracy-drop", 1, "--max-trials", 6).exit_code in (0, 6)
+    found = trials(out)
+    stopped = [t for t in found if t["state"] == "stopped early"]
+    assert stopped and all("first 400 examples" in t["reason"] for t in stopped)
+    assert all(t["accuracy"] < 0.95 for t in stopped)

@@ -135,8 +135,10 @@ class Searcher:
             quick = replace(settings, max_examples=SUBSET_FROM, min_seconds=min(settings.min_seconds, 0.1))
             measured = self._measure(artifact, quick)
             probe = VariantResult(result.name, result.steps)
-            score(probe, [measured], self.reference_for(quick), data, quick)
-            margin = _violation(probe.metrics, self.base, self.budgets)
+            reference, subset_base = self.reference_for(quick)
+            score(probe, [measured], reference, data, quick)
+            # Against the original on the same examples: the first ones may not be typical.
+            margin = _violation(probe.metrics, subset_base, self.budgets)
             if margin > CLEARLY_OUT:
                 trial.state = "stopped early"
                 trial.reason = f"clearly outside the budget on the first {SUBSET_FROM} examples"
@@ -172,16 +174,17 @@ class Searcher:
 
         evaluate_trials(self, trials)
 
-    def reference_for(self, settings: Any) -> Any:
-        """The original measured the way a subset trial is (cached)."""
-        if settings.max_examples is None or settings == self.session.request.measure:
-            return self.reference
+    def reference_for(self, settings: Any) -> tuple[Any, dict[str, Any]]:
+        """The original measured on a subset as a trial is, and its metrics (cached)."""
         key = settings.max_examples
         cached = getattr(self, "_quick_reference", None)
         if cached is None or cached[0] != key:
-            cached = (key, self._measure(self.trials[0].artifact, settings))
+            measured = self._measure(self.trials[0].artifact, settings)
+            original = VariantResult(ORIGINAL, [])
+            score(original, [measured], measured, self.session.context.eval_data, settings)
+            cached = (key, measured, original.metrics)
             self._quick_reference = cached
-        return cached[1]
+        return cached[1], cached[2]
 
 
 def _violation(metrics: dict[str, Any], base: dict[str, Any], budgets: dict[str, Any]) -> float:
@@ -236,9 +239,10 @@ def search(request: SearchRequest, host: Any, progress: ProgressCallback) -> Rep
         if winner is not None and winner.artifact is not None:
             _copy_best(session.out, winner.artifact)
     if winner is None:
-        closest = min((t for t in searcher.trials[1:] if t.result is not None and t.state == "measured"),
-                      key=lambda t: t.violation, default=None)
-        name = closest.variant.name if closest is not None and closest.variant else "none measured"
+        closest = min((t for t in searcher.trials[1:] if t.state in ("measured", "stopped early")
+                       and t.violation > 0), key=lambda t: t.violation, default=None)
+        name = (f"{closest.variant.name} ({closest.state}, {closest.violation:.3f} outside)"
+                if closest is not None and closest.variant else "none: every trial failed or was skipped")
         raise BudgetError(f"no trial meets the budget; the closest is {name}")
     return report
 
