@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from fasttext_fixtures import FastTextFiles, ft  # noqa: F401 - ft is a fixture
 from search_backend import write_dial
 
 from compressor.cli import cli
@@ -155,3 +156,16 @@ def test_a_clearly_failing_variant_is_stopped_on_a_subset(dial_host, tmp_path: P
     stopped = [t for t in found if t["state"] == "stopped early"]
     assert stopped and all("first 400 examples" in t["reason"] for t in stopped)
     assert all(t["accuracy"] < 0.95 for t in stopped)
+
+
+def test_a_searched_technique_with_parameter_stages_is_one_step(
+    tmp_path: Path, ft: FastTextFiles  # noqa: F811
+) -> None:
+    """The fastText space: dsub, qnorm and cutoff candidates make one pq step per trial."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["search", str(ft.model), "--data", str(ft.test), "--train-data",
+                                      str(ft.train), "--max-accuracy-drop", "5", "--max-trials", "3",
+                                      "--min-seconds", "0", "-o", str(out)])
+    assert result.exit_code in (0, 6), result.output
+    names = [t["name"] for t in trials(out)[1:]]
+    assert names and all(name.count("pq") == 1 for name in names), names

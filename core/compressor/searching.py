@@ -271,7 +271,7 @@ def _valid_stages(session: Any, stages: list[Stage]) -> list[Stage]:
             except CompressorError as error:
                 session.progress(f"search: skipping '{step}': {error.message}", None)
         if len(options) > 1:
-            valid.append(Stage(stage.name, tuple(options)))
+            valid.append(Stage(stage.name, tuple(options), stage.technique))
     if not valid:
         raise UnsupportedError("nothing in the search space can run with this backend and data")
     return valid
