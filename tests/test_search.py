@@ -169,3 +169,20 @@ def test_a_searched_technique_with_parameter_stages_is_one_step(
     assert result.exit_code in (0, 6), result.output
     names = [t["name"] for t in trials(out)[1:]]
     assert names and all(name.count("pq") == 1 for name in names), names
+
+
+def test_validated_stages_keep_their_technique() -> None:
+    from compressor import search_space
+    from compressor.plugins import get_host
+    from compressor.searching import _valid_stages
+
+    class Accepting:
+        def progress(self, message: str, fraction: object) -> None:
+            return None
+
+        def validate(self, variants: list[Any]) -> list[Any]:
+            return variants
+
+    stages = _valid_stages(Accepting(), search_space.from_backend(get_host().backend("fasttext")))
+    combination = search_space.variant(tuple(len(stage.options) - 1 for stage in stages), stages)
+    assert combination is not None and len(combination.steps) == 1
