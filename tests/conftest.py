@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +15,40 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-@pytest.fixture
-def toy_host() -> Iterator[object]:
-    """The process-wide plugin host with the pure-Python ``toy`` backend registered."""
-    import toy_backend
+@contextmanager
+def registered(module_name: str, name: str) -> Iterator[object]:
+    """The process-wide plugin host with the test backend ``module_name`` registered as ``name``."""
+    import importlib
 
     from compressor.plugins import get_host
 
     host = get_host()
-    host.register(toy_backend, name="toy")
+    host.register(importlib.import_module(module_name), name=name)
     try:
         yield host
     finally:
-        host.unregister("toy")
+        host.unregister(name)
+
+
+@pytest.fixture
+def toy_host() -> Iterator[object]:
+    """The pure-Python ``toy`` backend (a linear classifier measured by its own hook)."""
+    with registered("toy_backend", "toy") as host:
+        yield host
+
+
+@pytest.fixture
+def dial_host() -> Iterator[object]:
+    """The NumPy ``dial`` backend of search_backend.py (measured by core through a runtime)."""
+    with registered("search_backend", "dial") as host:
+        yield host
+
+
+@pytest.fixture
+def heads_host() -> Iterator[object]:
+    """The NumPy multi-head ``heads`` backend of runtime_backend.py."""
+    with registered("runtime_backend", "heads") as host:
+        yield host
 
 
 @pytest.fixture

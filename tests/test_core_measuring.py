@@ -4,27 +4,11 @@ scalar and stateful inputs, batch-1 fidelity, memory at each batch, data errors 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from test_core_run import invoke
-
-
-@pytest.fixture
-def heads_host() -> Iterator[object]:
-    import runtime_backend
-
-    from compressor.plugins import get_host
-
-    host = get_host()
-    host.register(runtime_backend, name="heads")
-    try:
-        yield host
-    finally:
-        host.unregister("heads")
 
 
 def write_model(folder: Path, **flags: Any) -> dict[str, Path]:

@@ -4,10 +4,14 @@ shows a child's traceback with --debug wherever --debug is written."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import sys
 from collections import namedtuple
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import snapshot
@@ -120,26 +124,28 @@ def test_debug_is_accepted_before_and_after_the_subcommand(toy_host, tmp_path: P
     assert isinstance(result.exception, Exception) and "no such file" in str(result.exception)
 
 
+@contextmanager
+def measurer_plugin(host: Any, folder: Path, name: str, body: str,
+                    monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A module plugin with ``compressor_measure`` (so it reaches the measuring process)."""
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(f"from compressor import Measurement, hookimpl\n\n{body}")
+    monkeypatch.syspath_prepend(str(folder))
+    host.register(importlib.import_module(name), name=name)
+    try:
+        yield
+    finally:
+        host.unregister(name)
+        sys.modules.pop(name, None)
+
+
 def test_debug_shows_the_measuring_child_traceback(toy_host, toy_model, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "plugin"
-    folder.mkdir()
-    (folder / "exploding_measurer.py").write_text(
-        "from compressor import hookimpl\n\n"
-        "@hookimpl\n"
-        "def compressor_measure(artifact, data, settings):\n"
-        "    raise RuntimeError('boom from the child')\n"
-    )
-    monkeypatch.syspath_prepend(str(folder))
-    import exploding_measurer
-
-    toy_host.register(exploding_measurer, name="exploding")
-    try:
+    body = ("@hookimpl\ndef compressor_measure(artifact, data, settings):\n"
+            "    raise RuntimeError('boom from the child')\n")
+    with measurer_plugin(toy_host, tmp_path / "plugin", "exploding_measurer", body, monkeypatch):
         plain = invoke("run", toy_model["model"], "-q", "fp16", "-o", tmp_path / "a")
         debug = invoke("run", toy_model["model"], "-q", "fp16", "-o", tmp_path / "b", "--debug")
-    finally:
-        toy_host.unregister("exploding")
-        sys.modules.pop("exploding_measurer", None)
     assert plain.exit_code == 1 and plain.stderr.count("\n") == 1
     assert "boom from the child" in plain.stderr and "Traceback" not in plain.stderr
     assert "Traceback" in debug.stderr and "exploding_measurer.py" in debug.stderr
@@ -148,24 +154,11 @@ def test_debug_shows_the_measuring_child_traceback(toy_host, toy_model, tmp_path
 
 def test_fewer_predictions_than_examples_is_an_error_not_a_blank(toy_host, toy_model, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = tmp_path / "plugin"
-    folder.mkdir()
-    (folder / "short_measurer.py").write_text(
-        "from compressor import Measurement, hookimpl\n\n"
-        "@hookimpl(trylast=True)\n"
-        "def compressor_measure(artifact, data, settings):\n"
-        "    return Measurement(predictions=[0, 1, 2])\n"
-    )
-    monkeypatch.syspath_prepend(str(folder))
-    import short_measurer
-
-    toy_host.register(short_measurer, name="short")
-    try:
+    body = ("@hookimpl(trylast=True)\ndef compressor_measure(artifact, data, settings):\n"
+            "    return Measurement(predictions=[0, 1, 2])\n")
+    with measurer_plugin(toy_host, tmp_path / "plugin", "short_measurer", body, monkeypatch):
         result = invoke("run", toy_model["model"], "-q", "fp16", "--data", toy_model["eval"],
                         "-o", tmp_path / "out")
-    finally:
-        toy_host.unregister("short")
-        sys.modules.pop("short_measurer", None)
     assert result.exit_code == 1, result.output
     assert "returned 3 predictions for 200 evaluation examples" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import registered
 from search_backend import write_dial
 
 from compressor.cli import cli
@@ -17,20 +18,9 @@ from compressor.cli import cli
 def two_backends() -> Iterator[object]:
     """The dial backend, and a second one reading the same files (as onnx and tflite
     both read a PyTorch model): its runtime answers in float16."""
-    import search_backend
-
-    from compressor.plugins import get_host
-
-    host = get_host()
-    host.register(search_backend, name="dial")
-    import second_dial
-
-    host.register(second_dial, name="dial2")
-    try:
+    with registered("search_backend", "dial"), registered("second_dial", "dial2") as host:
         yield host
-    finally:
-        host.unregister("dial")
-        host.unregister("dial2")
+
 
 
 def test_one_comparison_against_one_original(two_backends, tmp_path: Path) -> None:

@@ -18,18 +18,6 @@ from compressor.ray_executor import MEASURE_RESOURCE
 ray = pytest.importorskip("ray", reason="the ray extra is not installed (CI installs it)")
 
 
-@pytest.fixture
-def dial_host() -> Iterator[object]:
-    import search_backend
-
-    from compressor.plugins import get_host
-
-    host = get_host()
-    host.register(search_backend, name="dial")
-    try:
-        yield host
-    finally:
-        host.unregister("dial")
 
 
 def invoke(*args: object) -> Any:

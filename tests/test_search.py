@@ -4,30 +4,14 @@ where it cannot win, the same trials for the same seed, a reproducing recipe, ex
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from click.testing import CliRunner
 from fasttext_fixtures import FastTextFiles, ft  # noqa: F401 - ft is a fixture
 from search_backend import write_dial
 
 from compressor.cli import cli
-
-
-@pytest.fixture
-def dial_host() -> Iterator[object]:
-    import search_backend
-
-    from compressor.plugins import get_host
-
-    host = get_host()
-    host.register(search_backend, name="dial")
-    try:
-        yield host
-    finally:
-        host.unregister("dial")
 
 
 def search(files: dict[str, Path], out: Path, *args: object) -> Any:

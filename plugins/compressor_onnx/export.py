@@ -25,6 +25,7 @@ from typing import Any
 
 from compressor import CompressionError, Context, UsageError
 from compressor.errors import first_line
+from compressor.memory import peak_rss_bytes
 from compressor_onnx.loading import ExportCache, Network
 from compressor_onnx.shapes import sample_from_data, sequence_axes, synthetic_inputs
 
@@ -58,18 +59,6 @@ def exported(network: Network, context: Context) -> Network:
     return dataclasses.replace(
         network, module=None, exported_program=None, graph=cache.graph, path=cache.path, export=cache
     )
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's resident high-water mark (``VmHWM``), None where /proc has none."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def export_graph(network: Network, context: Context) -> tuple[Any | None, Path | None]:
