@@ -10,8 +10,11 @@ from typing import Any
 
 from compressor.report import Report, VariantResult
 
-#: A variant this much slower than the original (batch-1 p50) is flagged.
+#: A variant this much slower than the original (batch-1 p50) is flagged...
 SLOWER_BY = 0.10
+#: ...when it is also slower than 90% of the original's calls and by more than this
+#: many milliseconds: below it, scheduling noise decides which of two runs wins.
+SLOWER_NOISE_MS = 0.05
 #: A variant agreeing with the original on fewer examples than this is flagged.
 MIN_AGREEMENT = 0.90
 #: A variant whose file and gzip size are both above this share of the original's compressed nothing.
@@ -41,7 +44,7 @@ def variant_warnings(variant: VariantResult, original: VariantResult) -> list[st
     found = []
     metrics, reference = variant.metrics, original.metrics
     p50, base = _p50(metrics), _p50(reference)
-    if p50 is not None and base and p50 > base * (1 + SLOWER_BY):
+    if p50 is not None and base and _clearly_slower(p50, base, _latency(reference).get("p90")):
         found.append(f"slower than the original: p50 {p50:.3g} ms vs {base:.3g} ms "
                      f"(+{100 * (p50 / base - 1):.0f}%)")
     agreement = metrics.get("agreement")
@@ -57,9 +60,18 @@ def variant_warnings(variant: VariantResult, original: VariantResult) -> list[st
     return found
 
 
-def _p50(metrics: dict[str, Any]) -> float | None:
+def _clearly_slower(p50: float, base: float, base_p90: Any) -> bool:
+    above_spread = not isinstance(base_p90, (int, float)) or p50 > base_p90
+    return p50 > base * (1 + SLOWER_BY) and p50 - base > SLOWER_NOISE_MS and above_spread
+
+
+def _latency(metrics: dict[str, Any]) -> dict[str, Any]:
     latency = metrics.get("latency_ms")
-    value = latency.get("p50") if isinstance(latency, dict) else None
+    return latency if isinstance(latency, dict) else {}
+
+
+def _p50(metrics: dict[str, Any]) -> float | None:
+    value = _latency(metrics).get("p50")
     return value if isinstance(value, float) else None
 
 
