@@ -32,10 +32,17 @@ _SUFFIXES = ("", "_quantized", "_scale", "_zero_point")
 
 
 def quantize_dynamic_int8(
-    model: Any, folder: Path, per_channel: bool, excluded_nodes: Iterable[str], op_types: Iterable[str]
+    model: Any, folder: Path, per_channel: bool, excluded_nodes: Iterable[str], op_types: Iterable[str],
+    convert_gemm: bool = True, reduce_range: bool = False,
 ) -> dict[str, Producer]:
-    """Rewrite ``model`` (a skeleton, in place); return producers of the new tensors' contents."""
+    """Rewrite ``model`` (a skeleton, in place); return producers of the new tensors' contents.
+
+    ``convert_gemm=False`` leaves Gemm nodes alone (the static transformer path
+    quantizes only embeddings here); ``reduce_range`` quantizes weights to 7 bits
+    as ONNX Runtime's ``quantize_dynamic(reduce_range=True)`` does.
+    """
     rewriter = _Rewriter(model, folder, per_channel, set(excluded_nodes), set(op_types))
+    rewriter.convert_gemm, rewriter.reduce_range = convert_gemm, reduce_range
     rewriter.run()
     return rewriter.producers
 
@@ -57,11 +64,13 @@ class _Rewriter:
         self.nodes: list[Any] = []
         self.node_names: set[str] = set()
         self.names = _tensor_names(self.graph)
+        self.convert_gemm, self.reduce_range = True, False
 
     def run(self) -> None:
         from onnxruntime.quantization.quant_utils import __producer__, __version__
 
-        for node in self._without_gemm(list(self.graph.node)):
+        nodes = list(self.graph.node)
+        for node in self._without_gemm(nodes) if self.convert_gemm else nodes:
             if self._quantizable(node, "MatMul") and self._float_weight(node.input[1]):
                 self._matmul(node)
             elif self._quantizable(node, "Gather") and self._float_weight(node.input[0]):
@@ -219,7 +228,7 @@ class _Rewriter:
         symmetric = qtype == TensorProto.INT8
 
         def quantized() -> Any:
-            values, scale, zero_point = quantize_array(self._read(name), qtype, symmetric, axis)
+            values, scale, zero_point = quantize_array(self._read(name), qtype, symmetric, axis, self.reduce_range)
             self.params[name] = (scale, zero_point)
             return values
 
@@ -235,13 +244,15 @@ class _Rewriter:
         return names
 
 
-def quantize_array(array: Any, qtype: int, symmetric: bool, axis: int | None) -> tuple[Any, Any, Any]:
+def quantize_array(
+    array: Any, qtype: int, symmetric: bool, axis: int | None, reduce_range: bool = False
+) -> tuple[Any, Any, Any]:
     """``(values, scale, zero_point)`` per tensor, or per slice along ``axis``, as ONNX Runtime computes them."""
     import numpy as np
     from onnx import helper
     from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
-    qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range=False, symmetric=symmetric)
+    qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range=reduce_range, symmetric=symmetric)
     if axis is None:
         minimums, maximums = np.array([array.min()]), np.array([array.max()])
     else:

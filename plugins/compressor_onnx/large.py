@@ -14,11 +14,20 @@ from typing import Any
 
 from compressor import CompressionError, Context, Step, UsageError
 from compressor.errors import first_line
-from compressor_onnx.external import Producer, is_external, load_skeleton, read_array, write_model
+from compressor_onnx.external import (
+    Producer,
+    is_external,
+    load_skeleton,
+    model_bytes,
+    read_array,
+    write_model,
+)
 
 #: fp16 conversion keeps these suffixed copies of an initializer (Cast outputs for
 #: float32-only ops); their shapes are the initializer's.
 _CAST_SUFFIXES = ("_cast_to_fp32", "_cast_to_bfloat16")
+#: Past this, ONNX Runtime's GPTQ must be given a path (protobuf's limit is 2 GiB).
+PROTOBUF_BYTES = 2_000_000_000
 
 
 def scratch_model(context: Context, stem: str) -> Path:
@@ -27,12 +36,29 @@ def scratch_model(context: Context, stem: str) -> Path:
     return folder / f"{stem}.onnx"
 
 
-def quantize_large(source: Path, step: Step, context: Context) -> Path:
-    """``quantize MODE`` on the model at ``source``; the result's path."""
+def quantize_large(source: Path, step: Step, context: Context) -> tuple[Path, list[str], dict[str, Any]]:
+    """``quantize MODE`` on the model at ``source``: the result's path, notes and metadata."""
+    from compressor_onnx.preprocess import constants_to_initializers, shrink_facts, weight_bytes
+    from compressor_onnx.quantization import mode_facts
+
+    skeleton = load_skeleton(source)
+    moved = constants_to_initializers(skeleton)
+    if moved:
+        # Later steps read the model by path (shape inference, ONNX Runtime): give them one without Constants.
+        converted = scratch_model(context, "constants")
+        _write(skeleton, converted, source.parent, {}, context)
+        source, skeleton = converted, load_skeleton(converted)
+    before = weight_bytes(skeleton)
+    path, notes, metadata = _quantize_large(source, skeleton, step, context)
+    shrink_notes, shrink_metadata = shrink_facts(before, weight_bytes(load_skeleton(path)), moved, step.mode)
+    return path, [*notes, *shrink_notes], {**metadata, **shrink_metadata, **mode_facts(step)}
+
+
+def _quantize_large(source: Path, skeleton: Any, step: Step, context: Context) -> tuple[Path, list[str], dict[str, Any]]:
     import onnx
 
     from compressor_onnx.export import strip_value_info
-    from compressor_onnx.quantization import parse_names, quantize_static_file
+    from compressor_onnx.quantization import parse_names, quantize_int8_file, resolve_reduce_range
 
     if step.mode == "fp16":
         target = scratch_model(context, "fp16")
@@ -40,25 +66,82 @@ def quantize_large(source: Path, step: Step, context: Context) -> Path:
             converted, producers = fp16_skeleton(source, target.parent)
         except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as error:
             raise CompressionError(f"fp16 conversion failed ({first_line(error)})") from None
-        return _write(converted, target, source.parent, producers, context)
-    skeleton = load_skeleton(source)
+        return _write(converted, target, source.parent, producers, context), [], {}
     excluded = parse_names(step.params.get("exclude_nodes"))
     unknown = sorted(set(excluded) - {node.name for node in skeleton.graph.node})
     if unknown:
         raise UsageError(f"exclude_nodes names nodes the graph does not have: {', '.join(unknown)}")
+    if step.mode == "int4":
+        path, notes = _int4(skeleton, source, step, context)
+        return path, notes, {}
     if step.mode == "dynamic":
-        return _dynamic(skeleton, source, step, excluded, context)
+        reduce_range = resolve_reduce_range(step)
+        return _dynamic(skeleton, source, step, excluded, context, reduce_range), [], {"reduce_range": reduce_range}
     # ONNX Runtime's static quantizer calibrates and quantizes from a file:
     # give it one data file in our own folder, value_info dropped as on the small path.
     target = scratch_model(context, "quantize-in")
     write_model(strip_value_info(skeleton), target, source.parent, progress=context.progress)
     output = target.with_name("quantize-out.onnx")
-    quantize_static_file(target, output, step, excluded, context)
+    notes, metadata = quantize_int8_file(target, output, step, excluded, context, skeleton)
     onnx.save_model(strip_value_info(load_skeleton(output)), str(output))
-    return output
+    return output, notes, metadata
 
 
-def _dynamic(skeleton: Any, source: Path, step: Step, excluded: list[str], context: Context) -> Path:
+def _int4(skeleton: Any, source: Path, step: Step, context: Context) -> tuple[Path, list[str]]:
+    from compressor_onnx.int4 import Int4Settings
+    from compressor_onnx.int4_stream import quantize_int4_stream
+
+    settings = Int4Settings.from_step(step)
+    if settings.algorithm == "gptq":
+        return _gptq(source, step, context)
+    try:
+        producers = quantize_int4_stream(skeleton, source.parent, settings)
+    except (ValueError, KeyError, IndexError, RuntimeError) as error:
+        raise CompressionError(f"int4 quantization failed ({first_line(error)})") from None
+    return _write(skeleton, scratch_model(context, "int4"), source.parent, producers, context), []
+
+
+def _gptq(source: Path, step: Step, context: Context) -> tuple[Path, list[str]]:
+    """GPTQ runs the whole model for each layer's inputs: ONNX Runtime's quantizer
+    loads it (weights included), then embeddings are quantized one at a time."""
+    import onnx
+
+    from compressor_onnx.export import strip_value_info
+    from compressor_onnx.int4 import Int4Settings, matmul_nbits, quantize_gathers, split_gemms
+
+    settings = Int4Settings.from_step(step)
+    copy = scratch_model(context, "gptq-in")
+    skeleton = strip_value_info(load_skeleton(source))
+    original = load_skeleton(source)  # read from: the writer repoints the skeleton's tensors
+    producers = split_gemms(skeleton, lambda name: _read(original, source.parent, name), settings)
+    write_model(skeleton, copy, source.parent, producers, context.progress)
+    quantized = copy.with_name("gptq-out.onnx")
+    samples = int(step.params.get("calibration_samples", 128))
+    # ONNX Runtime's GPTQ runs a session from the proto's bytes unless the model passes
+    # 2 GB, when it reads the path and writes a copy with external data itself.
+    written = load_skeleton(copy)
+    loaded = str(copy) if model_bytes(copy, written) > PROTOBUF_BYTES else onnx.load(str(copy))
+    model, notes = matmul_nbits(loaded, settings, context, samples, written)
+    try:
+        onnx.save_model(model, str(quantized), save_as_external_data=True, location=f"{quantized.name}.data")
+    except (ValueError, OSError) as error:
+        raise CompressionError(f"writing the GPTQ model failed ({first_line(error)})") from None
+    del model
+    result = load_skeleton(quantized)
+    gathers = {} if "Gather" in settings.excluded_ops else quantize_gathers(
+        result, lambda name: _read(result, quantized.parent, name), settings)
+    from compressor_onnx.int4 import drop_unused_initializers
+
+    drop_unused_initializers(result)
+    return _write(result, scratch_model(context, "int4"), quantized.parent, gathers, context), notes
+
+
+def _read(model: Any, folder: Path, name: str) -> Any:
+    return read_array(next(t for t in model.graph.initializer if t.name == name), folder)
+
+
+def _dynamic(skeleton: Any, source: Path, step: Step, excluded: list[str], context: Context,
+             reduce_range: bool) -> Path:
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     from compressor_onnx.int8_stream import quantize_dynamic_int8
@@ -67,7 +150,7 @@ def _dynamic(skeleton: Any, source: Path, step: Step, excluded: list[str], conte
     try:
         producers = quantize_dynamic_int8(
             skeleton, source.parent, bool(step.params.get("per_channel", True)), excluded,
-            op_types(IntegerOpsRegistry, step),
+            op_types(IntegerOpsRegistry, step), reduce_range=reduce_range,
         )
     except (ValueError, KeyError, IndexError) as error:
         raise CompressionError(f"dynamic quantization failed ({first_line(error)})") from None

@@ -10,7 +10,6 @@ they are given, so forks of one loaded model share its graph and its export.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,11 +27,18 @@ from compressor import (
     Technique,
     hookimpl,
 )
+from compressor_onnx.channels import STRUCTURES, Structure
 from compressor_onnx.loading import ExportCache, Network, is_transformers_folder
 
 NAME = "onnx"
 IDENTIFIED_SUFFIXES = (".onnx", ".pt2", ".pt", ".pth", ".safetensors", ".jit", ".ts", ".ptl")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+LOWRANK_PARAMS = {
+    "rank": Param(int, None, "rank kept in every factorized layer (or energy=)", minimum=1),
+    "energy": Param(float, None, "share of squared singular values kept, 0.01-1 (or rank=)", minimum=0.01, maximum=1),
+    "layers": Param(str, "", "comma-separated fnmatch patterns of node or weight names (default: all)"),
+    "min_size": Param(int, 4096, "leave weights with fewer elements alone", minimum=0),
+}
 
 
 def backend() -> Backend:
@@ -42,6 +48,19 @@ def backend() -> Backend:
         "calibration_samples": Param(int, 128, "calibration examples used", minimum=1),
         "exclude_nodes": Param(str, "", "comma-separated node names kept float"),
         "exclude_op_types": Param(str, "", "comma-separated op types kept float, e.g. Gather"),
+        "reduce_range": Param(str, "auto", "7-bit weights for int8 modes; auto: on x86 without VNNI/AMX",
+                              choices=("auto", "true", "false")),
+        "model_type": Param(str, "auto", "static int8/uint8: transformer path (auto: detected from the graph)",
+                            choices=("auto", "transformer", "generic")),
+        "alpha": Param(float, 0.8, "SmoothQuant strength of the transformer static path (0 = off)",
+                       minimum=0, maximum=1),
+        "block_size": Param(str, "32", "int4: weights per scale (a power of two)",
+                            choices=("16", "32", "64", "128", "256")),
+        "symmetric": Param(bool, False, "int4: symmetric blocks (no zero points)"),
+        "algorithm": Param(str, "rtn", "int4: rtn, hqq, or gptq (needs --calibration-data)",
+                           choices=("rtn", "hqq", "gptq")),
+        "accuracy_level": Param(int, 4, "int4: MatMulNBits compute (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)",
+                                minimum=0, maximum=4),
     }
     return Backend(
         name=NAME,
@@ -50,20 +69,32 @@ def backend() -> Backend:
         techniques={
             "quantize": Technique(
                 "quantize",
-                help="ONNX Runtime quantization: dynamic int8, static QDQ int8/uint8, fp16",
-                modes=("fp16", "dynamic", "int8", "uint8"),
+                help="ONNX Runtime quantization: dynamic int8, static QDQ int8/uint8, weight-only int4, fp16",
+                modes=("fp16", "dynamic", "int8", "uint8", "int4"),
                 params=quantize_params,
                 requires_data={"int8": "calibration", "uint8": "calibration"},
             ),
             "prune": Technique(
                 "prune",
-                help="per-layer magnitude pruning, made permanent (real zeros)",
+                help="per-layer magnitude pruning (real zeros), or whole output neurons/filters (structure=channel)",
                 params={
                     "sparsity": Param(
-                        float, None, "share of weights set to zero", minimum=0, maximum=0.99,
-                        required=True,
+                        float, None, "share of weights set to zero (channel: share of outputs removed)",
+                        minimum=0, maximum=0.99, required=True,
+                    ),
+                    "structure": Param(
+                        Structure, "unstructured", "unstructured: single weights; channel: whole outputs",
+                        choices=STRUCTURES,
                     ),
                 },
+                candidates=("prune 0.25 structure=channel", "prune 0.5 structure=channel",
+                            "prune 0.75 structure=channel"),
+            ),
+            "lowrank": Technique(
+                "lowrank",
+                help="MatMul/Gemm weights as two thin MatMuls from a truncated SVD",
+                params=LOWRANK_PARAMS,
+                candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
             ),
         },
         options={
@@ -120,13 +151,23 @@ def _format(network: Network) -> str:
 
 @hookimpl
 def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
-    if step.technique not in ("prune", "quantize"):
+    if step.technique not in ("prune", "quantize", "lowrank"):
         return None
     from compressor_onnx.export import exported
 
+    if step.technique == "quantize":
+        from compressor_onnx.quantization import check_quantize_step
+
+        check_quantize_step(step, context)
     network = exported(model.handle, context)
     notes, metadata = list(model.notes), {**model.metadata, **_export_facts(network)}
-    if step.technique == "prune":
+    if step.technique == "lowrank" or step.params.get("structure") == "channel":
+        from compressor_onnx.rewrite import apply_step
+
+        network, step_notes, step_metadata = apply_step(network, step, context)
+        notes += step_notes
+        metadata.update(step_metadata)
+    elif step.technique == "prune":
         sparsity = float(step.params["sparsity"])
         network, layers = _prune(network, sparsity, context)
         if layers == 0:
@@ -134,7 +175,11 @@ def compressor_compress(model: Model, step: Step, context: Context) -> Model | N
         notes.append(f"pruned {sparsity:g} of the weights of {layers} layers by magnitude, one-shot")
         metadata["pruned_layers"] = layers
     else:
-        network = _quantize(network, step, context)
+        from compressor_onnx.quantization import quantize_network
+
+        network, step_notes, step_metadata = quantize_network(network, step, context)
+        notes += step_notes
+        metadata.update(step_metadata)
         metadata["quantization"] = [*metadata.get("quantization", []), str(step)]
     return Model(NAME, model.source, _format(network), network, model.inputs, notes, metadata)
 
@@ -149,17 +194,6 @@ def _prune(network: Network, sparsity: float, context: Context) -> tuple[Network
 
     graph, layers = prune_graph(network.graph, sparsity)
     return dataclasses.replace(network, graph=graph), layers
-
-
-def _quantize(network: Network, step: Step, context: Context) -> Network:
-    if network.path is not None:
-        from compressor_onnx.large import quantize_large
-
-        return dataclasses.replace(network, path=quantize_large(network.path, step, context))
-    from compressor_onnx.quantization import quantize_graph
-
-    with tempfile.TemporaryDirectory(prefix="quantize-", dir=context.workdir) as folder:
-        return dataclasses.replace(network, graph=quantize_graph(network.graph, step, context, Path(folder)))
 
 
 def _export_facts(network: Network) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""ONNX Runtime quantization: dynamic int8, static QDQ int8/uint8 and fp16.
+"""ONNX Runtime quantization: dynamic int8, static QDQ int8/uint8 (transformer
+graphs: transformer_static.py), weight-only int4 (int4.py) and fp16.
 
 Defaults were chosen by measured accuracy (benchmarks/bench_onnx_minilm.py):
 per-channel weights keep all-MiniLM-L6-v2's sentence embeddings at ~0.994
@@ -7,7 +8,6 @@ cosine to float32, where ONNX Runtime's own per-tensor default gives ~0.96.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -49,36 +49,123 @@ def large_model_bytes() -> int:
 
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """ONNX Runtime's quantizer logs advice on the root logger; keep the CLI clean."""
-    logging.disable(logging.WARNING)
-    try:
+    """ONNX Runtime's quantizer logs advice on the root logger and its calibrators
+    print; keep the CLI clean."""
+    from compressor_onnx.int4 import quiet_ort
+
+    with quiet_ort():
         yield
-    finally:
-        logging.disable(logging.NOTSET)
 
 
-def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> Any:
-    """Apply ``quantize MODE`` to ``graph`` and return the new graph (``graph`` stays as it is)."""
+def check_quantize_step(step: Step, context: Context) -> None:
+    """Refuse parameters core's declaration cannot check, before any work (export included)."""
+    from compressor_onnx.int4 import check_int4
+
+    check_int4(step, context)
+
+
+def resolve_reduce_range(step: Step) -> bool:
+    """``reduce_range=auto``: 7-bit weights on x86 CPUs without VNNI or AMX, where ONNX
+    Runtime's u8 x s8 kernels (``vpmaddubsw``) can saturate 16-bit sums; off elsewhere."""
+    value = str(step.params.get("reduce_range", "auto")).lower()
+    if value != "auto":
+        return value == "true"
+    import platform
+
+    from compressor.environment import cpu_info
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False
+    return not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(cpu_info()["flags"])
+
+
+def static_model_type(step: Step, graph: Any) -> str:
+    """``transformer`` or ``generic``: the parameter, or what the graph looks like."""
+    from compressor_onnx.transformer_static import is_transformer
+
+    chosen = str(step.params.get("model_type", "auto"))
+    if chosen != "auto":
+        return chosen
+    return "transformer" if is_transformer(graph) else "generic"
+
+
+def quantize_network(network: Any, step: Step, context: Context) -> tuple[Any, list[str], dict[str, Any]]:
+    """``quantize MODE`` on a Network (in memory or on disk): the new Network, notes and metadata."""
+    import dataclasses
+    import tempfile
+
+    if network.path is not None:
+        from compressor_onnx.large import quantize_large
+
+        path, notes, metadata = quantize_large(network.path, step, context)
+        return dataclasses.replace(network, path=path), notes, metadata
+    with tempfile.TemporaryDirectory(prefix="quantize-", dir=context.workdir) as folder:
+        graph, notes, metadata = quantize_graph(network.graph, step, context, Path(folder))
+    return dataclasses.replace(network, graph=graph), notes, metadata
+
+
+def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> tuple[Any, list[str], dict[str, Any]]:
+    """Apply ``quantize MODE`` to ``graph`` (which stays as it is): the new graph, notes and metadata."""
     import onnx
+
+    from compressor_onnx.preprocess import constants_to_initializers, shrink_facts, weight_bytes
 
     original, graph = graph, onnx.ModelProto()
     graph.CopyFrom(original)
+    moved = constants_to_initializers(graph)
+    before = weight_bytes(graph)
+    notes: list[str] = []
+    metadata: dict[str, Any] = {}
     if step.mode == "fp16":
-        return to_fp16(graph)
-    excluded_nodes = parse_names(step.params.get("exclude_nodes"))
-    unknown = sorted(set(excluded_nodes) - {node.name for node in graph.graph.node})
-    if unknown:
-        raise UsageError(f"exclude_nodes names nodes the graph does not have: {', '.join(unknown)}")
-    source, target = workdir / "quantize-in.onnx", workdir / "quantize-out.onnx"
-    _save_for_quantizer(strip_value_info(graph), source)
-    if step.mode == "dynamic":
-        _quantize_dynamic(source, target, step, excluded_nodes)
+        result = to_fp16(graph)
     else:
-        quantize_static_file(source, target, step, excluded_nodes, context)
-    return strip_value_info(onnx.load(str(target)))
+        excluded_nodes = parse_names(step.params.get("exclude_nodes"))
+        unknown = sorted(set(excluded_nodes) - {node.name for node in graph.graph.node})
+        if unknown:
+            raise UsageError(f"exclude_nodes names nodes the graph does not have: {', '.join(unknown)}")
+        if step.mode == "int4":
+            from compressor_onnx.int4 import quantize_int4_graph
+
+            result, notes = quantize_int4_graph(strip_value_info(graph), step, context)
+            result = strip_value_info(result)
+        else:
+            source, target = workdir / "quantize-in.onnx", workdir / "quantize-out.onnx"
+            _save_for_quantizer(strip_value_info(graph), source)
+            notes, metadata = quantize_int8_file(source, target, step, excluded_nodes, context, graph)
+            result = strip_value_info(onnx.load(str(target)))
+    shrink_notes, shrink_metadata = shrink_facts(before, weight_bytes(result), moved, step.mode)
+    return result, [*notes, *shrink_notes], {**metadata, **shrink_metadata, **mode_facts(step)}
 
 
-def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: list[str]) -> None:
+def quantize_int8_file(
+    source: Path, target: Path, step: Step, excluded: list[str], context: Context, skeleton: Any
+) -> tuple[list[str], dict[str, Any]]:
+    """Dynamic or static (transformer or generic) int8 from ``source`` to ``target``."""
+    reduce_range = resolve_reduce_range(step)
+    if step.mode == "dynamic":
+        _quantize_dynamic(source, target, step, excluded, reduce_range)
+        return [], {"reduce_range": reduce_range}
+    model_type = static_model_type(step, skeleton)
+    if model_type == "transformer":
+        from compressor_onnx.transformer_static import quantize_transformer_file
+
+        notes, metadata = quantize_transformer_file(source, target, step, excluded, context, reduce_range)
+        return notes, {**metadata, "model_type": model_type, "reduce_range": reduce_range}
+    quantize_static_file(source, target, step, excluded, context, reduce_range)
+    return [], {"model_type": model_type, "reduce_range": reduce_range}
+
+
+def mode_facts(step: Step) -> dict[str, Any]:
+    if step.mode != "int4":
+        return {}
+    from compressor_onnx.int4 import Int4Settings
+
+    settings = Int4Settings.from_step(step)
+    return {"int4": {"block_size": settings.block_size, "symmetric": settings.symmetric,
+                     "algorithm": settings.algorithm, "accuracy_level": settings.accuracy_level}}
+
+
+def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: list[str], reduce_range: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
@@ -89,6 +176,7 @@ def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: li
                 target,
                 weight_type=QuantType.QInt8,
                 per_channel=bool(step.params.get("per_channel", True)),
+                reduce_range=reduce_range,
                 nodes_to_exclude=excluded_nodes,
                 op_types_to_quantize=op_types(IntegerOpsRegistry, step),
                 use_external_data_format=_is_large(source),
@@ -98,18 +186,14 @@ def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: li
 
 
 def quantize_static_file(
-    source: Path, target: Path, step: Step, excluded_nodes: list[str], context: Context
+    source: Path, target: Path, step: Step, excluded_nodes: list[str], context: Context, reduce_range: bool = False
 ) -> None:
+    """ONNX Runtime's ``quantize_static`` over the weighted ops, QDQ (the generic static path)."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     if context.calibration_data is None:
         raise UsageError(f"quantize {step.mode} needs --calibration-data")
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }
     activation = QuantType.QUInt8 if step.mode == "uint8" else QuantType.QInt8
     reader = calibration_reader(
         onnx.load(str(source), load_external_data=False),
@@ -126,7 +210,8 @@ def quantize_static_file(
                 activation_type=activation,
                 weight_type=QuantType.QInt8,
                 per_channel=bool(step.params.get("per_channel", True)),
-                calibrate_method=methods[step.params.get("calibration_method", "minmax")],
+                reduce_range=reduce_range,
+                calibrate_method=calibration_method(str(step.params.get("calibration_method", "minmax"))),
                 nodes_to_exclude=excluded_nodes,
                 op_types_to_quantize=op_types(STATIC_OPS, step),
                 use_external_data_format=_is_large(source),
@@ -135,6 +220,13 @@ def quantize_static_file(
         raise
     except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
         raise CompressionError(f"static {step.mode} quantization failed ({_describe(error)})") from None
+
+
+def calibration_method(name: str) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[name]
 
 
 def calibration_reader(graph: Any, dataset: Dataset, samples: int) -> Any:

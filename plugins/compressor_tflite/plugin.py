@@ -28,8 +28,10 @@ from compressor import (
 )
 from compressor_tflite import frameworks, loading
 from compressor_tflite.handle import TFLiteHandle
+from compressor_tflite.structure import STRUCTURES, Structure
 
 NAME = "tflite"
+LOWRANK = "lowrank"
 
 
 TECHNIQUES = {
@@ -61,7 +63,25 @@ TECHNIQUES = {
             "learning_rate": Param(float, 1e-3, "fine-tuning Adam learning rate", minimum=0),
             "begin_step": Param(int, 0, "training step where pruning starts", minimum=0),
             "frequency": Param(int, 10, "training steps between mask updates", minimum=1),
+            "structure": Param(Structure, "unstructured", "unstructured: single weights; channel: whole "
+                               "Dense units and Conv2D filters", choices=STRUCTURES),
         },
+        candidates=("prune 0.25 structure=channel", "prune 0.5 structure=channel", "prune 0.75 structure=channel"),
+    ),
+    LOWRANK: Technique(
+        LOWRANK,
+        help="Dense layers as two thin Dense layers from a truncated SVD, fine-tuned on --train-data",
+        params={
+            "rank": Param(int, None, "rank kept in every factorized layer (or energy=)", minimum=1),
+            "energy": Param(float, None, "share of squared singular values kept, 0.01-1 (or rank=)",
+                            minimum=0.01, maximum=1),
+            "layers": Param(str, "", "comma-separated fnmatch patterns of layer names (default: all)"),
+            "min_size": Param(int, 4096, "leave kernels with fewer weights alone", minimum=0),
+            "epochs": Param(int, 2, "fine-tuning epochs (0: none)", minimum=0),
+            "batch_size": Param(int, 32, "fine-tuning batch size", minimum=1),
+            "learning_rate": Param(float, 1e-3, "fine-tuning Adam learning rate", minimum=0),
+        },
+        candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
     ),
 }
 
@@ -114,9 +134,26 @@ def _compress(model: Model, step: Step, context: Context) -> Model | None:
         )
     if step.technique == QUANTIZE:
         return _quantize(model, step, context)
+    if step.technique == LOWRANK or (step.technique == PRUNE and step.params.get("structure") == "channel"):
+        return _restructure(model, step, context)
     if step.technique == PRUNE:
         return _prune(model, step, context)
     return None
+
+
+def _restructure(model: Model, step: Step, context: Context) -> Model:
+    from compressor_tflite.channels import prune_channels
+    from compressor_tflite.structure import lowrank
+
+    if model.handle.keras_model is None:
+        raise CompressionError(f"{step.technique} needs a Keras model; a plain TensorFlow SavedModel can only "
+                               "be quantized")
+    change = lowrank if step.technique == LOWRANK else prune_channels
+    result = change(model.handle.keras_model, with_defaults(step), model.inputs, context.train_data,
+                    context.seed, context.progress)
+    metadata = {**model.metadata, **result.metadata}
+    handle = TFLiteHandle(keras_model=result.model)
+    return Model(NAME, model.source, model.format, handle, model.inputs, [*model.notes, result.note], metadata)
 
 
 def _quantize(model: Model, step: Step, context: Context) -> Model:

@@ -95,35 +95,52 @@ def _fine_tune(
     epochs: int,
     progress: ProgressCallback,
 ) -> Any:
-    keras = frameworks.keras()
-    if train.labels is None:
-        raise InvalidInputError("fine-tuning needs labels: add an array 'y'", train.path)
     batch_size = int(params["batch_size"])
     total_steps = epochs * math.ceil(train.size / batch_size)
     schedule = _schedule(tfmot, params, total_steps)
     wrapped = _wrap(tfmot, model, schedule)
-    wrapped.compile(
+    fit(wrapped, model, params, inputs, train, epochs, progress, "fine-tuning the pruned model",
+        [tfmot.sparsity.keras.UpdatePruningStep()])
+    return wrapped
+
+
+def fit(
+    model: Any,
+    reference: Any,
+    params: Mapping[str, Any],
+    inputs: Sequence[TensorSpec],
+    train: Dataset,
+    epochs: int,
+    progress: ProgressCallback,
+    message: str,
+    callbacks: Sequence[Any] = (),
+) -> None:
+    """Train ``model`` on ``train`` for ``epochs`` (Adam at ``learning_rate``, ``batch_size``),
+    with the loss that fits ``reference``'s output (``model`` may wrap its layers)."""
+    keras = frameworks.keras()
+    if train.labels is None:
+        raise InvalidInputError("fine-tuning needs labels: add an array 'y'", train.path)
+    model.compile(
         optimizer=keras.optimizers.Adam(float(params["learning_rate"])),
-        loss=_loss(keras, model),
+        loss=_loss(keras, reference),
     )
     names = [spec.name for spec in inputs] or list(train.features)
     features = [train.features[name] for name in names]
     report_epoch = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: progress("fine-tuning the pruned model", (epoch + 1) / epochs)
+        on_epoch_end=lambda epoch, logs: progress(message, (epoch + 1) / epochs)
     )
     try:
-        wrapped.fit(
+        model.fit(
             features[0] if len(features) == 1 else features,
             train.labels,
-            batch_size=batch_size,
+            batch_size=int(params["batch_size"]),
             epochs=epochs,
-            callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), report_epoch],
+            callbacks=[*callbacks, report_epoch],
             verbose=0,
         )
     except (ValueError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CompressionError(f"fine-tuning failed: {first}") from None
-    return wrapped
 
 
 def _schedule(tfmot: Any, params: Mapping[str, Any], total_steps: int) -> Any:
