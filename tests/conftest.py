@@ -51,6 +51,15 @@ def heads_host() -> Iterator[object]:
         yield host
 
 
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """The trained digits MLP of onnx_fixtures (state_dict, ONNX, eval and calibration
+    data), trained once per session; tests must not change its files."""
+    from onnx_fixtures import make_digits_files
+
+    return make_digits_files(tmp_path_factory.mktemp("digits"))
+
+
 @pytest.fixture
 def toy_model(tmp_path: Path) -> dict[str, Path]:
     """A 16x4 toy classifier, labelled eval data and calibration data."""

@@ -170,3 +170,20 @@ def test_validated_stages_keep_their_technique() -> None:
     stages = _valid_stages(Accepting(), search_space.from_backend(get_host().backend("fasttext")))
     combination = search_space.variant(tuple(len(stage.options) - 1 for stage in stages), stages)
     assert combination is not None and len(combination.steps) == 1
+
+
+def test_the_onnx_backends_declared_space_finds_a_smaller_model(digits, tmp_path: Path) -> None:
+    """No --space: the stages come from the onnx backend's candidates (channel pruning,
+    lowrank, quantize), and the int8 step needing calibration data is dropped with a note."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["search", str(digits.onnx), "--data", str(digits.eval),
+                                      "--max-accuracy-drop", "1", "--max-trials", "4", "--min-seconds", "0",
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    summary = report["settings"]["search"]
+    assert summary["stages"]["quantize"] == ["none", "quantize fp16", "quantize dynamic", "quantize int4"]
+    assert summary["space_size"] == 4 * 4 * 4  # prune channel x lowrank x quantize fp16/dynamic/int4, each or none
+    winner = report["variants"][[t["name"] for t in trials(out)].index(summary["winner"])]
+    assert winner["metrics"]["size_bytes"] < report["variants"][0]["metrics"]["size_bytes"] / 3
+    assert (out / "best.onnx").is_file()

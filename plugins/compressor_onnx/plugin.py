@@ -73,6 +73,8 @@ def backend() -> Backend:
                 modes=("fp16", "dynamic", "int8", "uint8", "int4"),
                 params=quantize_params,
                 requires_data={"int8": "calibration", "uint8": "calibration"},
+                # Mildest first: search rules out what follows one that broke the budget.
+                candidates=("quantize fp16", "quantize dynamic", "quantize int8", "quantize int4"),
             ),
             "prune": Technique(
                 "prune",

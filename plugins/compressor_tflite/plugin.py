@@ -40,6 +40,7 @@ TECHNIQUES = {
         help="convert to TFLite with fp16 weights, int8 weights (dynamic), full integer (int8, uint8) "
              "or int16 activations with int8 weights (int16x8)",
         modes=("fp16", "dynamic", "int8", "uint8", "int16x8"),
+        candidates=("quantize fp16", "quantize dynamic", "quantize int8"),
         params={
             "allow_float_fallback": Param(
                 bool, False, "keep ops without integer kernels in float (int8/uint8/int16x8)"
