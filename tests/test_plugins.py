@@ -60,6 +60,7 @@ PLUGIN_IMPORTS = {
     "compressor_tflite": ("m.keras", ("tensorflow", "tf_keras", "keras", "tensorflow_model_optimization",
                                       "ai_edge_litert", "torch", "h5py")),
     "compressor_fasttext": ("x.bin", ("fasttext",)),
+    "compressor_torch": ("m.torch.json", ("torch", "torchao", "transformers", "safetensors")),
 }
 
 

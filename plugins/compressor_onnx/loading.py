@@ -3,7 +3,8 @@
 Formats: ``.onnx``; ``torch.export`` programs (``.pt2``); ``torch.save`` state
 dicts (``.pt``/``.pth``/``.bin``) and ``.safetensors`` built by ``--set
 model_factory``; TorchScript and fully pickled modules (only with ``--trust``);
-Hugging Face transformers folders (``config.json`` + safetensors).
+Hugging Face transformers folders (``config.json`` + safetensors); Keras files and
+SavedModel folders through tf2onnx (``from_keras.py``, only with ``--backend onnx``).
 """
 
 from __future__ import annotations
@@ -86,6 +87,10 @@ def is_transformers_folder(path: Path) -> bool:
 def load_network(path: Path, options: dict[str, Any], trust: bool) -> tuple[Network, tuple[TensorSpec, ...]]:
     """Read ``path`` into a Network and the TensorSpecs of its inputs."""
     declared = parse_input_shape(options["input_shape"]) if options.get("input_shape") else ()
+    from compressor_onnx import from_keras
+
+    if from_keras.reads(path):
+        return from_keras.load_keras_network(path, options, trust)
     if path.is_dir():
         if not is_transformers_folder(path):
             raise InvalidInputError(

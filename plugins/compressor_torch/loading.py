@@ -1,0 +1,193 @@
+"""Load PyTorch models for the torch backend into a :class:`TorchNet`.
+
+The onnx backend's loaders are reused as they are (``compressor_onnx.loading``):
+state dicts (``.pt``/``.pth``/``.bin``, ``.safetensors``) built by ``--set
+model_factory``, ``torch.export`` archives (``.pt2``, pickled entries refused
+without ``--trust``), transformers folders. Nothing is unpickled as code.
+Two more come from this backend's own artifacts: a ``.pt2`` it saved (its input
+and output names travel inside, ``extra/compressor.json``) and a
+``.safetensors`` with a ``.torch.json`` manifest next to it (``saving.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from compressor import InvalidInputError, TensorSpec, UnsupportedError
+from compressor.errors import first_line
+
+#: The JSON member this backend writes into the ``.pt2`` archives it saves.
+EXTRA_NAME = "compressor.json"
+MANIFEST_SUFFIX = ".torch.json"
+MANIFEST_FORMAT = "compressor-torch"
+#: The saved facts are a few KB; far larger is not an archive this backend wrote.
+MAX_FACTS_BYTES = 16 << 20
+#: Files of other frameworks, refused before any loader converts them.
+NOT_TORCH = (".onnx", ".keras", ".h5", ".hdf5", ".tflite")
+
+
+@dataclass
+class TorchNet:
+    """``Model.handle``: an eager module, and what it takes to feed, export and rebuild it."""
+
+    module: Any
+    input_names: tuple[str, ...] = ("x",)
+    #: Call the module with keyword inputs (transformers models).
+    keyword_inputs: bool = False
+    #: Example shapes (``compressor_onnx.shapes.SampleShape``) when no data gives examples.
+    sample_shapes: tuple[Any, ...] = ()
+    optional_inputs: frozenset[str] = frozenset()
+    #: Names of the flattened outputs when known (a reloaded artifact), else derived.
+    output_names: tuple[str, ...] = ()
+    #: How to build the module again from a state_dict: ``{"factory": "pkg.mod:fn"}``,
+    #: ``{"transformers": CLASS, "config": {...}}``, or ``{}`` (a .pt2 program).
+    recipe: dict[str, Any] = field(default_factory=dict)
+    #: Quantize modes applied, in order (``dynamic``, ``int8``, ``fp16``).
+    quantization: tuple[str, ...] = ()
+    #: The inputs as exported (float inputs cast to the module's dtype inside).
+    dtype: str = "float32"
+
+    def fork(self) -> TorchNet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
+            module = copy.deepcopy(self.module)
+        return replace(self, module=module, recipe=dict(self.recipe))
+
+
+def load_net(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchNet, tuple[TensorSpec, ...]]:
+    """Read ``path`` (anything the onnx backend reads but ONNX graphs) as an eager torch model."""
+    from compressor_onnx.loading import is_transformers_folder, load_network
+
+    suffix = path.suffix.lower()
+    if suffix in NOT_TORCH or (path.is_dir() and (path / "saved_model.pb").is_file()):
+        other = "onnx" if suffix == ".onnx" else "tflite"
+        raise UnsupportedError(f"not a PyTorch model; use --backend {other}", path)
+    if suffix == ".safetensors" and manifest_path(path).is_file():
+        from compressor_torch.saving import rebuild_from_manifest
+
+        return rebuild_from_manifest(path, manifest_path(path))
+    saved = read_extra(path) if suffix == ".pt2" else None
+    if saved is not None and set(saved.get("quantization", ())) & {"dynamic", "int8"}:
+        from compressor_torch.quantize import import_torchao
+
+        import_torchao()  # registers the torchao ops the program calls
+    network, specs = load_network(path, options, trust)
+    if network.module is None and network.exported_program is None:
+        raise UnsupportedError("not a PyTorch model (read as an ONNX graph); use --backend onnx", path)
+    recipe: dict[str, Any] = {}
+    if network.exported_program is not None:
+        module = network.exported_program.module()
+        if saved is not None:
+            net = TorchNet(module, tuple(saved["inputs"]), output_names=tuple(saved["outputs"]),
+                           quantization=tuple(saved.get("quantization", ())), dtype="float32")
+            return net, tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in saved["specs"])
+    else:
+        module = network.module
+        if path.is_dir() and is_transformers_folder(path):
+            recipe = transformers_recipe(module)
+        elif options.get("model_factory"):
+            recipe = {"factory": str(options["model_factory"])}
+    net = TorchNet(
+        module=module,
+        input_names=network.input_names,
+        keyword_inputs=network.keyword_inputs,
+        sample_shapes=network.sample_shapes,
+        optional_inputs=network.optional_inputs,
+        output_names=network.output_names,
+        recipe=recipe,
+    )
+    return net, specs
+
+
+def transformers_recipe(module: Any) -> dict[str, Any]:
+    return {"transformers": type(module).__name__, "config": module.config.to_dict()}
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(path.suffix) + MANIFEST_SUFFIX)
+
+
+def read_extra(path: Path) -> dict[str, Any] | None:
+    """This backend's facts in a ``.pt2`` it saved (plain JSON, nothing unpickled), else None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = [info for info in archive.infolist() if info.filename.endswith(f"/extra/{EXTRA_NAME}")]
+            if not infos:
+                return None
+            if infos[0].file_size > MAX_FACTS_BYTES:
+                raise ValueError(f"{infos[0].filename} declares {infos[0].file_size} bytes")
+            facts = json.loads(archive.read(infos[0]))
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, RecursionError) as error:
+        raise InvalidInputError(f"damaged .pt2 archive ({first_line(error)})", path) from None
+    if not isinstance(facts, dict) or facts.get("format") != MANIFEST_FORMAT:
+        return None
+    return checked_facts(facts, path)
+
+
+def checked_facts(facts: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``facts`` (a saved program's or a manifest's) if every field has the right type."""
+    def names(key: str) -> bool:
+        value = facts.get(key)
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+    def spec(item: Any) -> bool:
+        return (isinstance(item, dict) and isinstance(item.get("name"), str) and isinstance(item.get("dtype"), str)
+                and isinstance(item.get("shape"), list)
+                and all(dim is None or (isinstance(dim, int) and dim >= 0) for dim in item["shape"]))
+
+    wrong = [key for key in ("inputs", "outputs", "quantization") if not names(key)]
+    specs = facts.get("specs")
+    if not isinstance(specs, list) or not all(spec(item) for item in specs):
+        wrong.append("specs")
+    if facts.get("dtype", "float32") not in ("float32", "float16"):
+        wrong.append("dtype")
+    modes = facts.get("quantization")
+    if isinstance(modes, list) and (len(modes) > 1 or not set(modes) <= {"dynamic", "int8", "fp16"}):
+        wrong.append("quantization")
+    if wrong:
+        raise InvalidInputError(f"the saved model's facts are damaged ({', '.join(wrong)})", path)
+    return facts
+
+
+def build_transformers(recipe: dict[str, Any]) -> Any:
+    """A transformers model of the recipe's class and config, with random weights."""
+    import transformers
+
+    cls = getattr(transformers, str(recipe["transformers"]), None)
+    if not isinstance(cls, type) or not hasattr(cls, "config_class"):
+        raise InvalidInputError(f"unknown transformers class {recipe['transformers']!r} in the manifest")
+    config = cls.config_class.from_dict(dict(recipe["config"]))
+    return cls._from_config(config, attn_implementation="eager").eval()
+
+
+def build_from_recipe(recipe: dict[str, Any]) -> Any:
+    if "factory" in recipe:
+        # The structure only: the caller loads the saved weights into it.
+        return _factory_module(str(recipe["factory"]))
+    if "transformers" in recipe:
+        return build_transformers(recipe)
+    raise InvalidInputError("the manifest names no way to build the model (no factory, no transformers class)")
+
+
+def _factory_module(factory_name: str) -> Any:
+    import importlib
+
+    import torch
+
+    from compressor import UsageError
+
+    module_name, _, function_name = factory_name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise UsageError(f"cannot import model_factory {factory_name!r} ({error})") from None
+    module = factory()
+    if not isinstance(module, torch.nn.Module):
+        raise UsageError(f"model_factory {factory_name!r} returned {type(module).__name__}, not an nn.Module")
+    return module.eval()

@@ -1,0 +1,140 @@
+"""Hook implementations of the ``torch`` backend: stay in PyTorch.
+
+PyTorch models (the same inputs the onnx backend reads, loaded by its code)
+compressed with PyTorch's own tools (torchao quantization, magnitude pruning),
+saved as ``torch.export`` programs and measured by PyTorch on the CPU.
+
+The backend claims no file suffix of its own but its manifest's
+(``.torch.json``): the onnx backend already claims PyTorch files, so this one
+is chosen with ``--backend torch`` (or ``--backend onnx,torch`` to compare).
+Importing this module imports no framework; every hook imports what it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from compressor import (
+    Artifact,
+    Backend,
+    Context,
+    MeasureSettings,
+    Model,
+    Param,
+    Runtime,
+    Step,
+    Technique,
+    hookimpl,
+)
+
+NAME = "torch"
+
+
+def backend() -> Backend:
+    return Backend(
+        name=NAME,
+        description="PyTorch models compressed with PyTorch's own tools (torchao), run by PyTorch",
+        formats=(".pt", ".pth", ".bin", ".safetensors", ".pt2", "transformers folder",
+                 ".safetensors + .torch.json"),
+        techniques={
+            "quantize": Technique(
+                "quantize",
+                help="torchao: dynamic int8 (int8 weights and activations) or int8 weight-only "
+                     "nn.Linear; fp16 parameters",
+                modes=("fp16", "dynamic", "int8"),
+                candidates=("quantize fp16", "quantize int8", "quantize dynamic"),
+            ),
+            "prune": Technique(
+                "prune",
+                help="per-layer magnitude pruning of Linear/Conv weights, made permanent (real zeros)",
+                params={
+                    "sparsity": Param(float, None, "share of weights set to zero",
+                                      minimum=0, maximum=0.99, required=True),
+                },
+                candidates=("prune 0.25", "prune 0.5", "prune 0.75"),
+            ),
+        },
+        options={
+            "model_factory": Param(str, None, "package.module:function building the nn.Module for a state_dict"),
+            "input_shape": Param(str, None, "example input shapes, e.g. 1,64 or input_ids:1,128:int64;attention_mask:1,128:int64"),
+            "save_format": Param(str, "auto", "auto: torch.export .pt2, else safetensors + manifest",
+                                 choices=("auto", "pt2", "safetensors")),
+        },
+        extra="torch",
+        requires=("torch", "safetensors"),
+        runtime_imports=("torch", "torch._export.serde.serialize"),
+        distributions=("torch", "torchao", "transformers"),
+        default_variants=(("quantize dynamic",), ("quantize fp16",)),
+    )
+
+
+@hookimpl
+def compressor_backends() -> Iterator[Backend]:
+    yield backend()
+
+
+@hookimpl
+def compressor_identify(path: Path) -> str | None:
+    from compressor_torch.loading import MANIFEST_SUFFIX
+
+    return NAME if path.name.endswith(MANIFEST_SUFFIX) else None
+
+
+@hookimpl
+def compressor_load(path: Path, backend: str, context: Context) -> Model:
+    from compressor_torch.loading import MANIFEST_SUFFIX, load_net
+
+    if path.name.endswith(MANIFEST_SUFFIX):
+        path = path.with_name(path.name.removesuffix(MANIFEST_SUFFIX) + ".safetensors")
+    net, inputs = load_net(path, context.options, context.trust)
+    return Model(NAME, path, "torch", net, inputs, metadata={"quantization": list(net.quantization)}
+                 if net.quantization else {})
+
+
+@hookimpl
+def compressor_fork(model: Model, context: Context) -> Model:
+    return Model(NAME, model.source, model.format, model.handle.fork(), model.inputs,
+                 list(model.notes), dict(model.metadata))
+
+
+@hookimpl
+def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
+    from compressor import CompressionError
+    from compressor_torch.quantize import prune, quantize
+
+    net = model.handle
+    notes, metadata = list(model.notes), dict(model.metadata)
+    if step.technique == "prune":
+        sparsity = float(step.params["sparsity"])
+        net, layers = prune(net, sparsity)
+        notes.append(f"pruned {sparsity:g} of the weights of {layers} layers by magnitude, one-shot")
+        metadata["pruned_layers"] = layers
+    elif step.technique == "quantize":
+        if step.mode not in ("fp16", "dynamic", "int8"):
+            raise CompressionError(f"quantize {step.mode} is not a torch backend mode")
+        net, step_notes, step_metadata = quantize(net, str(step.mode))
+        notes += step_notes
+        metadata.update(step_metadata)
+        metadata["quantization"] = [*metadata.get("quantization", []), str(step)]
+    else:
+        return None
+    return Model(NAME, model.source, "torch", net, model.inputs, notes, metadata)
+
+
+@hookimpl
+def compressor_save(model: Model, destination: Path, context: Context) -> Artifact:
+    from compressor_torch.saving import SAVED_NOTE, save_net
+
+    artifact, facts, notes = save_net(model.handle, destination, context)
+    model.metadata.update(facts)
+    # The original is saved as it is, not a fork: its notes must not carry over into forks.
+    model.notes[:] = [note for note in model.notes if not note.startswith(SAVED_NOTE)] + notes
+    return artifact
+
+
+@hookimpl
+def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings) -> Runtime:
+    from compressor_torch.runtime import TorchRuntime
+
+    return TorchRuntime(artifact, settings)

@@ -1,0 +1,152 @@
+"""The torch backend's techniques, with PyTorch's own tools.
+
+* ``quantize dynamic``: int8 weights and int8 activations quantized at run time,
+  in every ``nn.Linear`` (torchao ``Int8DynamicActivationInt8WeightConfig``, the
+  successor of the deprecated ``torch.ao.quantization.quantize_dynamic``, whose
+  packed weights neither ``torch.export`` nor safetensors can hold).
+* ``quantize int8``: int8 weight-only ``nn.Linear`` (torchao ``Int8WeightOnlyConfig``).
+* ``quantize fp16``: every parameter and buffer in float16; float inputs are cast
+  inside the saved program and outputs come back as float32.
+* ``prune S``: per layer (``nn.Linear``, ``nn.Conv*``), the share ``S`` of weights
+  smallest in magnitude set to zero in place: permanent, no pruning masks left.
+
+int4 is not offered: torchao 0.18's packed int4 (``Int4WeightOnlyConfig``) needs
+the CUDA-only ``mslk`` kernels, and its CPU int4 (``IntxWeightOnlyConfig``) keeps
+one byte per weight, so it would lose int4's accuracy without int4's size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from compressor import CompressionError, UnsupportedError
+from compressor_torch.loading import TorchNet
+
+TORCHAO_MODES = ("dynamic", "int8")
+
+
+def import_torchao(mode: str = "dynamic") -> Any:
+    """``torchao.quantization`` (its start-up warnings are silenced in ``__init__``)."""
+    try:
+        import torchao.quantization as quantization
+    except ImportError:
+        raise UnsupportedError(
+            f"quantize {mode} on the torch backend needs torchao; install it with: "
+            "pip install 'compressor[torch]'"
+        ) from None
+    return quantization
+
+
+def torchao_config(mode: str) -> Any:
+    """The torchao config of a quantize mode (imports torchao)."""
+    quantization = import_torchao(mode)
+    if mode == "dynamic":
+        return quantization.Int8DynamicActivationInt8WeightConfig()
+    return quantization.Int8WeightOnlyConfig()
+
+
+def linear_filter() -> Callable[[Any, str], bool]:
+    import torch
+
+    def is_linear(module: Any, name: str) -> bool:
+        return type(module) is torch.nn.Linear
+
+    return is_linear
+
+
+def quantize(net: TorchNet, mode: str) -> tuple[TorchNet, list[str], dict[str, Any]]:
+    """``net`` quantized in place (it is the variant's own fork): notes and facts."""
+    if net.quantization:
+        raise CompressionError(
+            f"the model is already quantized ({', '.join(net.quantization)}); quantize once, last"
+        )
+    if mode == "fp16":
+        import torch
+
+        if isinstance(net.module, torch.fx.GraphModule):
+            raise CompressionError("quantize fp16: a .pt2 program checks the float32 dtypes it was "
+                                   "exported with; load the state_dict with --set model_factory")
+        net.module = net.module.half()
+        net.dtype = "float16"
+        notes = ["float16 parameters; float inputs cast to float16 inside the model, outputs back to float32"]
+        net.quantization = (mode,)
+        return net, notes, {}
+    linears = count_linears(net.module)
+    if linears == 0:
+        raise CompressionError(
+            f"quantize {mode}: no nn.Linear layers"
+            + (" (a .pt2 program keeps no modules; load the state_dict with --set model_factory)"
+               if not net.recipe else "")
+        )
+    import warnings
+
+    config = torchao_config(mode)
+    from torchao.quantization import quantize_
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            quantize_(net.module, config, filter_fn=linear_filter())
+        except Exception as error:  # noqa: BLE001 - torchao raises whatever a layer's shape triggers
+            from compressor.errors import first_line
+
+            raise CompressionError(f"torchao quantize {mode} failed ({type(error).__name__}: "
+                                   f"{first_line(error)})") from None
+    net.quantization = (mode,)
+    what = ("int8 weights and run-time int8 activations" if mode == "dynamic" else "int8 weights, float compute")
+    return net, [f"torchao: {what} in {linears} nn.Linear layers"], {"quantized_layers": linears}
+
+
+def count_linears(module: Any) -> int:
+    import torch
+
+    return sum(1 for layer in module.modules() if type(layer) is torch.nn.Linear)
+
+
+def prune(net: TorchNet, sparsity: float) -> tuple[TorchNet, int]:
+    """Zero the ``sparsity`` share of smallest-magnitude weights of every Linear/Conv, in place."""
+    import torch
+
+    if net.quantization:
+        raise CompressionError("prune after quantize: prune the float model first (put prune before quantize)")
+    weights = layer_weights(net.module)
+    if not weights:
+        raise CompressionError("no nn.Linear/Conv layers (or linear/convolution calls) to prune")
+    with torch.no_grad():
+        for weight in weights:
+            drop = int(round(sparsity * weight.numel()))
+            if drop > 0:
+                threshold = weight.abs().flatten().kthvalue(drop).values
+                weight.mul_((weight.abs() > threshold).to(weight.dtype))
+    return net, len(weights)
+
+
+def layer_weights(module: Any) -> list[Any]:
+    """The weights of Linear/Conv modules; in a module with none (a loaded ``.pt2``
+    program), the weights its linear and convolution calls read."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    found = [layer.weight for layer in module.modules() if isinstance(layer, kinds) and layer.weight is not None]
+    if found or not isinstance(module, torch.fx.GraphModule):
+        return found
+    aten = torch.ops.aten
+    calls = {aten.linear.default, aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+             aten.convolution.default}
+    seen: dict[int, Any] = {}
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target in calls and len(node.args) > 1:
+            source = node.args[1]
+            if getattr(source, "op", None) == "get_attr":
+                weight = _attribute(module, str(source.target))
+                if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+                    seen.setdefault(id(weight), weight)
+    return list(seen.values())
+
+
+def _attribute(module: Any, target: str) -> Any:
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
