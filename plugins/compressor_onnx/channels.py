@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compressor import CompressionError, UnsupportedError
+from compressor import CompressionError
 from compressor_onnx.external import Producer
 from compressor_onnx.rewrite import (
     GraphIndex,
@@ -39,19 +39,15 @@ ELEMENTWISE = frozenset({
 #: Ops that work on each channel of an NCHW tensor alone.
 PER_CHANNEL = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"})
 LAYERS = ("MatMul", "Gemm", "Conv")
-STRUCTURES = ("unstructured", "channel")
+#: ``head``: attention heads of transformers models, on the torch model (heads.py).
+STRUCTURES = ("unstructured", "channel", "head")
 
 
 class Structure(str):
-    """The type of ``prune structure=``: coercing ``head`` refuses it as unsupported, so core
-    stops the request while validating it, before any work."""
+    """The type of ``prune structure=``: any case and spacing of a name in STRUCTURES."""
 
     def __new__(cls, value: object) -> str:  # type: ignore[misc]
-        text = str(value).strip().lower()
-        if text == "head":
-            raise UnsupportedError("prune structure=head (attention heads) is not implemented yet; "
-                                   f"structure may be {' or '.join(STRUCTURES)}")
-        return text
+        return str(value).strip().lower()
 
 
 @dataclass

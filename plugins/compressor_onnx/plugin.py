@@ -39,6 +39,18 @@ LOWRANK_PARAMS = {
     "layers": Param(str, "", "comma-separated fnmatch patterns of node or weight names (default: all)"),
     "min_size": Param(int, 4096, "leave weights with fewer elements alone", minimum=0),
 }
+DISTILL_PARAMS = {
+    "student": Param(str, None, "package.module:function returning the student nn.Module (or layers=)"),
+    "layers": Param(int, None, "transformers teacher: a student of this many of its layers (or student=)",
+                    minimum=1),
+    "epochs": Param(int, 3, "passes over --train-data", minimum=1),
+    "temperature": Param(float, 2.0, "softening of teacher and student logits", minimum=0.05, maximum=100),
+    "alpha": Param(float, 0.5, "weight of the teacher loss; the rest: cross-entropy on labels y, when "
+                   "the train data has them", minimum=0, maximum=1),
+    "batch_size": Param(int, 32, "training batch size", minimum=1),
+    "learning_rate": Param(float, None, "AdamW learning rate (default 1e-3 with student=, 1e-4 with layers=)",
+                           minimum=1e-8, maximum=1),
+}
 
 
 def backend() -> Backend:
@@ -65,7 +77,8 @@ def backend() -> Backend:
     return Backend(
         name=NAME,
         description="PyTorch and ONNX models to (quantized) ONNX, run by ONNX Runtime",
-        formats=(*IDENTIFIED_SUFFIXES, ".bin", "transformers folder"),
+        formats=(*IDENTIFIED_SUFFIXES, ".bin", "transformers folder",
+                 "Keras (.keras, .h5, SavedModel folder) with --backend onnx"),
         techniques={
             "quantize": Technique(
                 "quantize",
@@ -78,14 +91,16 @@ def backend() -> Backend:
             ),
             "prune": Technique(
                 "prune",
-                help="per-layer magnitude pruning (real zeros), or whole output neurons/filters (structure=channel)",
+                help="per-layer magnitude pruning (real zeros), whole output neurons/filters (structure=channel), "
+                     "or transformers attention heads ranked on the data (structure=head)",
                 params={
                     "sparsity": Param(
-                        float, None, "share of weights set to zero (channel: share of outputs removed)",
+                        float, None, "share of weights set to zero (channel: of outputs, head: of heads removed)",
                         minimum=0, maximum=0.99, required=True,
                     ),
                     "structure": Param(
-                        Structure, "unstructured", "unstructured: single weights; channel: whole outputs",
+                        Structure, "unstructured", "unstructured: single weights; channel: whole outputs; "
+                        "head: attention heads",
                         choices=STRUCTURES,
                     ),
                 },
@@ -97,6 +112,14 @@ def backend() -> Backend:
                 help="MatMul/Gemm weights as two thin MatMuls from a truncated SVD",
                 params=LOWRANK_PARAMS,
                 candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
+            ),
+            "distill": Technique(
+                "distill",
+                help="train a smaller student (a factory's, or a transformers teacher's layers) to match "
+                     "the teacher on --train-data",
+                params=DISTILL_PARAMS,
+                # Keyed by the mode, None for a technique without modes: every distill step.
+                requires_data={None: "train"},  # type: ignore[dict-item]
             ),
         },
         options={
@@ -153,8 +176,10 @@ def _format(network: Network) -> str:
 
 @hookimpl
 def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
-    if step.technique not in ("prune", "quantize", "lowrank"):
+    if step.technique not in ("prune", "quantize", "lowrank", "distill"):
         return None
+    if step.technique == "distill" or step.params.get("structure") == "head":
+        return _torch_step(model, step, context)
     from compressor_onnx.export import exported
 
     if step.technique == "quantize":
@@ -184,6 +209,20 @@ def compressor_compress(model: Model, step: Step, context: Context) -> Model | N
         metadata.update(step_metadata)
         metadata["quantization"] = [*metadata.get("quantization", []), str(step)]
     return Model(NAME, model.source, _format(network), network, model.inputs, notes, metadata)
+
+
+def _torch_step(model: Model, step: Step, context: Context) -> Model:
+    """``distill`` and ``prune structure=head``: on the torch model, before export."""
+    if step.technique == "distill":
+        from compressor_onnx.distill import distill
+
+        network, notes, metadata = distill(model, step, context)
+    else:
+        from compressor_onnx.heads import prune_heads
+
+        network, notes, metadata = prune_heads(model, step, context)
+    return Model(NAME, model.source, _format(network), network, model.inputs,
+                 [*model.notes, *notes], {**model.metadata, **metadata})
 
 
 def _prune(network: Network, sparsity: float, context: Context) -> tuple[Network, int]:
