@@ -38,12 +38,22 @@ from compressor.models import (
     TensorSpec,
 )
 from compressor.runtime import Runtime
-from compressor.specs import PQ, PRUNE, QUANTIZE, QUANTIZE_MODES, Backend, Param, Technique
+from compressor.specs import (
+    EVERY_STEP,
+    PQ,
+    PRUNE,
+    QUANTIZE,
+    QUANTIZE_MODES,
+    Backend,
+    Param,
+    Technique,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PQ",
+    "EVERY_STEP",
     "PRUNE",
     "QUANTIZE",
     "QUANTIZE_MODES",

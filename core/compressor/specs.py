@@ -93,13 +93,18 @@ MEASURE_OPTION_FAMILIES = {"task.": "the task of one output", "batch_axis.": "an
                            "state.": "feed this output back as the named input"}
 
 
+#: The ``Technique.requires_data`` key of data that every step of the technique needs.
+EVERY_STEP = "*"
+
+
 @dataclass(frozen=True)
 class Technique:
     """A technique a backend supports, e.g. ``quantize`` with its modes.
 
-    ``requires_data`` names the data a step needs, keyed by a mode or by a
-    boolean parameter: ``{"int8": "calibration", "retrain": "train"}``. Core
-    refuses a step whose data is missing before any work starts.
+    ``requires_data`` names the data a step needs, keyed by a mode, by a
+    boolean parameter, or by :data:`EVERY_STEP` for a technique that always needs
+    it: ``{"int8": "calibration", "retrain": "train"}``, ``{EVERY_STEP: "train"}``.
+    Core refuses a step whose data is missing before any work starts.
     """
 
     name: str

@@ -9,7 +9,7 @@ from typing import Any
 from compressor.errors import UnsupportedError, UsageError
 from compressor.models import Context, MeasureSettings, Step
 from compressor.recipes import Variant
-from compressor.specs import MEASURE_OPTION_FAMILIES, MEASURE_OPTIONS, TASKS, Backend
+from compressor.specs import EVERY_STEP, MEASURE_OPTION_FAMILIES, MEASURE_OPTIONS, TASKS, Backend
 
 _DATA_FLAGS = {"calibration": "--calibration-data", "train": "--train-data", "eval": "--data"}
 
@@ -120,7 +120,7 @@ def check_data(backend: Backend, variants: Sequence[Variant], context: Context) 
         for step in variant.steps:
             technique = backend.techniques[step.technique]
             for trigger, purpose in technique.requires_data.items():
-                wanted = step.mode == trigger or step.params.get(trigger) is True
+                wanted = trigger == EVERY_STEP or step.mode == trigger or step.params.get(trigger) is True
                 if wanted and available.get(purpose) is None:
                     raise UsageError(
                         f"variant {variant.name!r}: '{step}' needs "

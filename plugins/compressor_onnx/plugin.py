@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from compressor import (
+    EVERY_STEP,
     Artifact,
     Backend,
     CompressionError,
@@ -118,8 +119,7 @@ def backend() -> Backend:
                 help="train a smaller student (a factory's, or a transformers teacher's layers) to match "
                      "the teacher on --train-data",
                 params=DISTILL_PARAMS,
-                # Keyed by the mode, None for a technique without modes: every distill step.
-                requires_data={None: "train"},  # type: ignore[dict-item]
+                requires_data={EVERY_STEP: "train"},
             ),
         },
         options={

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor import (
+    EVERY_STEP,
     PRUNE,
     QUANTIZE,
     Artifact,
@@ -26,12 +27,19 @@ from compressor import (
     Technique,
     hookimpl,
 )
-from compressor_tflite import frameworks, loading
+from compressor_tflite import frameworks, from_torch, loading
+from compressor_tflite.distill import StudentFactory, Width
 from compressor_tflite.handle import TFLiteHandle
 from compressor_tflite.structure import STRUCTURES, Structure
 
 NAME = "tflite"
 LOWRANK = "lowrank"
+QAT, DISTILL = "qat", "distill"
+#: Load options of a PyTorch model (converted by litert-torch; see from_torch.py), as on the onnx backend.
+TORCH_OPTIONS = {
+    "model_factory": Param(str, None, "PyTorch state_dict: package.module:function building the nn.Module"),
+    "input_shape": Param(str, None, "PyTorch: example input shapes, e.g. 1,64 (without a data file)"),
+}
 
 
 TECHNIQUES = {
@@ -84,6 +92,36 @@ TECHNIQUES = {
         },
         candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
     ),
+    QAT: Technique(
+        QAT,
+        help="quantization-aware training on --train-data (tensorflow-model-optimization), then full-integer "
+             "int8; keeps the zeros of a pruned model",
+        params={
+            "epochs": Param(int, 2, "training epochs with fake-quantized weights and activations", minimum=1),
+            "batch_size": Param(int, 32, "training batch size", minimum=1),
+            "learning_rate": Param(float, 1e-4, "Adam learning rate", minimum=0),
+        },
+        requires_data={EVERY_STEP: "train"},
+    ),
+    DISTILL: Technique(
+        DISTILL,
+        help="train a smaller student (a factory's, or the teacher's layers narrowed by width=) to match the "
+             "model on --train-data; the student replaces the model",
+        params={
+            "student": Param(StudentFactory, None, "package.module:function returning an uncompiled tf-keras "
+                             "model with the teacher's inputs and outputs (or width=)"),
+            "width": Param(Width, None, "derived student: this share (0-1) of every inner layer's units and "
+                           "filters, fresh weights (default 0.5 without student=)"),
+            "epochs": Param(int, 10, "training epochs", minimum=1),
+            "batch_size": Param(int, 32, "training batch size", minimum=1),
+            "learning_rate": Param(float, 1e-3, "Adam learning rate", minimum=0),
+            "temperature": Param(float, 2.0, "softening of teacher and student logits", minimum=0.05, maximum=100),
+            "alpha": Param(float, 0.5, "weight of the teacher-matching loss; the rest is cross-entropy on the "
+                           "labels y where the data has them (0: the student trained on labels alone)",
+                           minimum=0, maximum=1),
+        },
+        requires_data={EVERY_STEP: "train"},
+    ),
 }
 
 
@@ -92,7 +130,9 @@ def compressor_backends() -> Iterator[Backend]:
     yield Backend(
         name=NAME,
         description="Keras (.keras, .h5) and TensorFlow SavedModel to TensorFlow Lite",
-        formats=(".keras", ".h5", ".hdf5", "SavedModel folder", ".tflite"),
+        formats=(".keras", ".h5", ".hdf5", "SavedModel folder", ".tflite",
+                 "PyTorch (.pt, .pt2, .safetensors, transformers folder) with --backend tflite"),
+        options=TORCH_OPTIONS,
         techniques=TECHNIQUES,
         extra="tflite",
         requires=("tensorflow", "tf_keras", "tensorflow_model_optimization"),
@@ -115,13 +155,25 @@ def compressor_identify(path: Path) -> str | None:
 
 @hookimpl
 def compressor_load(path: Path, backend: str, context: Context) -> Model:
+    if from_torch.reads(path):
+        torch_handle, fmt, inputs = from_torch.load(path, context.options, context.trust)
+        return Model(NAME, path, fmt, torch_handle, inputs, source_bytes=torch_handle.network.source_bytes)
     with frameworks.private_tempdir():
         handle, fmt, inputs = loading.load(path, context.trust)
     return Model(NAME, path, fmt, handle, inputs)
 
 
 @hookimpl
+def compressor_fork(model: Model, context: Context) -> Model | None:
+    # A PyTorch source shares its conversion; Keras models are loaded again.
+    return from_torch.fork(model) if from_torch.is_torch_source(model.handle) else None
+
+
+@hookimpl
 def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
+    if from_torch.is_torch_source(model.handle):
+        with frameworks.private_tempdir():
+            return from_torch.quantize(model, step, with_defaults(step), context)
     with frameworks.private_tempdir():
         return _compress(model, step, context)
 
@@ -135,6 +187,8 @@ def _compress(model: Model, step: Step, context: Context) -> Model | None:
         )
     if step.technique == QUANTIZE:
         return _quantize(model, step, context)
+    if step.technique in (QAT, DISTILL):
+        return _train(model, step, context)
     if step.technique == LOWRANK or (step.technique == PRUNE and step.params.get("structure") == "channel"):
         return _restructure(model, step, context)
     if step.technique == PRUNE:
@@ -155,6 +209,29 @@ def _restructure(model: Model, step: Step, context: Context) -> Model:
     metadata = {**model.metadata, **result.metadata}
     handle = TFLiteHandle(keras_model=result.model)
     return Model(NAME, model.source, model.format, handle, model.inputs, [*model.notes, result.note], metadata)
+
+
+def _train(model: Model, step: Step, context: Context) -> Model:
+    """``qat`` and ``distill``: both train on --train-data (core made sure it was given)."""
+    from compressor_tflite.distill import distill
+    from compressor_tflite.qat import qat
+
+    keras_model, train = model.handle.keras_model, context.train_data
+    if keras_model is None:
+        raise CompressionError(f"{step.technique} needs a Keras model; a plain TensorFlow SavedModel can only "
+                               "be quantized")
+    if train is None:
+        raise CompressionError(f"{step.technique} needs --train-data")
+    params = with_defaults(step)
+    if step.technique == DISTILL:
+        result = distill(keras_model, params, model.inputs, train, context.seed, context.progress)
+        return Model(NAME, model.source, model.format, TFLiteHandle(keras_model=result.model), model.inputs,
+                     [*model.notes, result.note], {**model.metadata, **result.metadata})
+    done = qat(keras_model, params, model.inputs, train, context.calibration_data or train, context.seed,
+               context.progress)
+    metadata = {**model.metadata, **done.metadata, "quantization": "int8"}
+    return Model(NAME, model.source, "tflite", TFLiteHandle(flatbuffer=done.conversion.flatbuffer), model.inputs,
+                 [*model.notes, done.note], metadata)
 
 
 def _quantize(model: Model, step: Step, context: Context) -> Model:
@@ -198,6 +275,10 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
     handle: TFLiteHandle = model.handle
     if handle.converted:
         flatbuffer = handle.flatbuffer
+    elif from_torch.is_torch_source(handle):
+        with frameworks.private_tempdir():
+            flatbuffer = from_torch.float_flatbuffer(handle, context)
+        model.metadata.update(handle.conversion.metadata)
     else:
         with frameworks.private_tempdir():
             flatbuffer = convert(handle, None).flatbuffer

@@ -95,9 +95,8 @@ def _fine_tune(
     epochs: int,
     progress: ProgressCallback,
 ) -> Any:
-    batch_size = int(params["batch_size"])
-    total_steps = epochs * math.ceil(train.size / batch_size)
-    schedule = _schedule(tfmot, params, total_steps)
+    steps_per_epoch = math.ceil(train.size / int(params["batch_size"]))
+    schedule = _schedule(tfmot, params, epochs, steps_per_epoch)
     wrapped = _wrap(tfmot, model, schedule)
     fit(wrapped, model, params, inputs, train, epochs, progress, "fine-tuning the pruned model",
         [tfmot.sparsity.keras.UpdatePruningStep()])
@@ -143,18 +142,21 @@ def fit(
         raise CompressionError(f"fine-tuning failed: {first}") from None
 
 
-def _schedule(tfmot: Any, params: Mapping[str, Any], total_steps: int) -> Any:
-    """Polynomial decay from 0 to the target, ending on a pruning step before training ends
-    so the final masks reach the target."""
+def _schedule(tfmot: Any, params: Mapping[str, Any], epochs: int, steps_per_epoch: int) -> Any:
+    """Polynomial decay from 0 to the target that ends on a mask update before the last
+    epoch (before the last third of a single epoch), so the weights then fine-tune under
+    the final masks."""
     target = float(params["sparsity"])
     begin = int(params["begin_step"])
     frequency = int(params["frequency"])
+    total_steps = epochs * steps_per_epoch
     if begin >= total_steps:
         raise CompressionError(
             f"begin_step={begin} is not before the last training step ({total_steps}); "
             "lower it or raise epochs"
         )
-    end = begin + ((total_steps - 1 - begin) // frequency) * frequency
+    ramp = total_steps - steps_per_epoch if epochs >= 2 else (2 * total_steps) // 3
+    end = begin + (max(ramp - begin, 0) // frequency) * frequency
     if end <= begin:
         return tfmot.sparsity.keras.ConstantSparsity(target, begin_step=begin, frequency=frequency)
     return tfmot.sparsity.keras.PolynomialDecay(

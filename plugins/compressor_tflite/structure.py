@@ -31,8 +31,8 @@ class Structure(str):
     def __new__(cls, value: object) -> str:  # type: ignore[misc]
         text = str(value).strip().lower()
         if text == "head":
-            raise UnsupportedError("prune structure=head (attention heads) is not implemented yet; "
-                                   f"structure may be {' or '.join(STRUCTURES)}")
+            raise UnsupportedError("prune structure=head (attention heads of transformers models) is on "
+                                   f"the onnx backend; here structure may be {' or '.join(STRUCTURES)}")
         return text
 
 
