@@ -133,17 +133,9 @@ from litert-torch has a static batch of 1, so only batch-1 latency is measured f
 
 
 def cnn_case(work: Path) -> tuple[str, bool]:
-    from bench_tflite import digits_cnn
+    from bench_tflite import trained_digits_cnn
 
-    from compressor_tflite import frameworks
-    from compressor_tflite.samples import digits
-
-    keras = frameworks.keras()
-    keras.utils.set_random_seed(0)
-    train_x, train_y, test_x, test_y = digits()
-    model = digits_cnn(keras)
-    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy")
-    model.fit(train_x, train_y, epochs=30, batch_size=32, verbose=0)
+    model, train_x, train_y, test_x, test_y = trained_digits_cnn()
     model.save(work / "cnn.keras")
     np.savez(work / "cnn-eval.npz", image=test_x, y=test_y)
     np.savez(work / "cnn-calib.npz", image=train_x[:200])

@@ -61,6 +61,21 @@ def digits_cnn(keras: Any) -> Any:
     return keras.Model(inputs, layers.Dense(10, activation="softmax")(hidden), name="digits_cnn")
 
 
+def trained_digits_cnn(epochs: int = 30) -> tuple[Any, Any, Any, Any, Any]:
+    """``digits_cnn`` trained on the digits' training split (seed 0), with the split:
+    (model, train_x, train_y, test_x, test_y)."""
+    from compressor_tflite import frameworks
+    from compressor_tflite.samples import digits
+
+    keras = frameworks.keras()
+    keras.utils.set_random_seed(0)
+    train_x, train_y, test_x, test_y = digits()
+    model = digits_cnn(keras)
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy")
+    model.fit(train_x, train_y, epochs=epochs, batch_size=32, verbose=0)
+    return model, train_x, train_y, test_x, test_y
+
+
 def recurrent(keras: Any, name: str, cell: str) -> Any:
     layers = keras.layers
     inputs = keras.Input((8, 8), name="rows")

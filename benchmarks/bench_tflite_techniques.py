@@ -71,17 +71,9 @@ HEADER = ["variant", "steps", "KB", "gzip KB", "accuracy %", "drop pt", "agreeme
 
 
 def teacher(work: Path) -> dict[str, Path]:
-    from bench_tflite import digits_cnn
+    from bench_tflite import trained_digits_cnn
 
-    from compressor_tflite import frameworks
-    from compressor_tflite.samples import digits
-
-    keras = frameworks.keras()
-    keras.utils.set_random_seed(0)
-    train_x, train_y, test_x, test_y = digits()
-    model = digits_cnn(keras)
-    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="sparse_categorical_crossentropy")
-    model.fit(train_x, train_y, epochs=30, batch_size=32, verbose=0)
+    model, train_x, train_y, test_x, test_y = trained_digits_cnn()
     paths = {name: work / f"{name}.npz" for name in ("train", "transfer", "calibration", "eval")}
     paths["model"] = work / "cnn.keras"
     model.save(paths["model"])
