@@ -49,6 +49,37 @@ def fasttext_case() -> dict[str, Any]:
             "args": ["--data", str(DATA / "test.txt"), "--train-data", str(DATA / "train.txt")]}
 
 
+def digits_case() -> dict[str, Any]:
+    """The 64-512-512-10 MLP of bench_techniques, trained on the digits and exported to
+    ONNX: wide enough that channel pruning and int8 change its latency measurably."""
+    import numpy as np
+    import torch
+    from bench_techniques import wide_mlp
+
+    from compressor_onnx.samples import digits_split
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    split = digits_split()
+    model, evaluation, calibration = WORK / "digits-mlp.onnx", WORK / "digits-eval.npz", WORK / "digits-calib.npz"
+    if not model.exists():
+        torch.manual_seed(0)
+        module = wide_mlp()
+        optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+        x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
+        for _ in range(40):
+            for batch in torch.randperm(len(x)).split(64):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(module(x[batch]), y[batch]).backward()
+                optimizer.step()
+        torch.onnx.export(module.eval(), (x[:1],), str(model), input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    np.savez(evaluation, x=split.test_x, y=split.test_y)
+    np.savez(calibration, x=split.train_x[:256])
+    return {"name": "digits MLP 64-512-512-10 (onnx)", "model": model, "objective": "latency",
+            "budget": ["--max-accuracy-drop", "1"],
+            "args": ["--data", str(evaluation), "--calibration-data", str(calibration)]}
+
+
 def grid_recipe(case: dict[str, Any], path: Path) -> int:
     """Every configuration of the backend's space as a recipe; returns their number."""
     from compressor import search_space
@@ -109,10 +140,12 @@ def main() -> None:
     cases = []
     if "fasttext" in args.models:
         cases.append(fasttext_case())
+    if "digits" in args.models:
+        cases.append(digits_case())
     rows = [run_case(case) for case in cases]
     table = markdown_table(["model", "objective", "grid", "search trials", "search time", "grid time",
                             "search winner", "grid best", "winner / best", "floor"], rows)
-    text = (f"## Search against the full grid\n\n{machine(('fasttext-numpy2', 'optuna'))}\n\n"
+    text = (f"## Search against the full grid\n\n{machine(('fasttext-numpy2', 'onnxruntime', 'optuna'))}\n\n"
             "`python benchmarks/bench_search.py`: `compressor search --max-trials (grid / 2)` and "
             "`compressor run` of every configuration of the same space. Floor: the winner within "
             "10% of the grid's best within budget, measuring at most half the grid.\n\n" + table)
