@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import compressor_cli, machine, markdown_table, write_section  # noqa: E402
+from _common import compressor_cli, machine, markdown_table, train_classifier, write_section  # noqa: E402
 
 FACTORY = "bench_cross:digits_mlp"
 HIDDEN = 256
@@ -103,15 +103,8 @@ def mlp_case(work: Path) -> tuple[str, bool]:
 
     split = digits_split()
     torch.manual_seed(0)
-    module = digits_mlp()
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
-    x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
-    for _ in range(40):
-        for batch in torch.randperm(len(x)).split(64):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(module(x[batch]), y[batch]).backward()
-            optimizer.step()
-    torch.save(module.eval().state_dict(), work / "mlp.pt")
+    module = train_classifier(digits_mlp(), torch.from_numpy(split.train_x), torch.from_numpy(split.train_y))
+    torch.save(module.state_dict(), work / "mlp.pt")
     np.savez(work / "mlp-eval.npz", x=split.test_x, y=split.test_y)
     np.savez(work / "mlp-calib.npz", x=split.train_x[:200])
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}

@@ -31,7 +31,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import SHARED, compressor_cli, machine, markdown_table, write_section  # noqa: E402
+from _common import SHARED, compressor_cli, machine, markdown_table, train_classifier, write_section  # noqa: E402
 from bench_techniques import cpu_line  # noqa: E402
 
 MEASURE = ("--threads", "1", "--repeats", "3")
@@ -165,14 +165,8 @@ def mlp_case(work: Path) -> str:
     split = digits_split()
     x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
     torch.manual_seed(0)
-    model = teacher()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(40):
-        for batch in torch.randperm(len(x)).split(64):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    torch.save(model.eval().state_dict(), work / "teacher.pt")
+    model = train_classifier(teacher(), x, y)
+    torch.save(model.state_dict(), work / "teacher.pt")
     np.savez(work / "digits-eval.npz", x=split.test_x, y=split.test_y)
     options = ("--set", "model_factory=bench_onnx_techniques:teacher", "--data", str(work / "digits-eval.npz"))
     variants: dict[str, Any] = {}

@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import SHARED, compressor_cli, machine, markdown_table, write_section  # noqa: E402
+from _common import SHARED, compressor_cli, machine, markdown_table, train_classifier, write_section  # noqa: E402
 
 DATA = SHARED / "data" / "debian-descriptions"
 WORK = Path(os.environ.get("SEARCH_BENCH_DIR", Path(tempfile.gettempdir()) / "compressor-bench-search"))
@@ -63,15 +63,9 @@ def digits_case() -> dict[str, Any]:
     model, evaluation, calibration = WORK / "digits-mlp.onnx", WORK / "digits-eval.npz", WORK / "digits-calib.npz"
     if not model.exists():
         torch.manual_seed(0)
-        module = wide_mlp()
-        optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
-        x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
-        for _ in range(40):
-            for batch in torch.randperm(len(x)).split(64):
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(module(x[batch]), y[batch]).backward()
-                optimizer.step()
-        torch.onnx.export(module.eval(), (x[:1],), str(model), input_names=["x"], output_names=["logits"],
+        x = torch.from_numpy(split.train_x)
+        module = train_classifier(wide_mlp(), x, torch.from_numpy(split.train_y))
+        torch.onnx.export(module, (x[:1],), str(model), input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     np.savez(evaluation, x=split.test_x, y=split.test_y)
     np.savez(calibration, x=split.train_x[:256])

@@ -29,7 +29,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import SHARED, compressor_cli, machine, markdown_table, write_section  # noqa: E402
+from _common import SHARED, compressor_cli, machine, markdown_table, train_classifier, write_section  # noqa: E402
 
 FACTORY = "bench_techniques:wide_mlp"
 HIDDEN = 512
@@ -138,15 +138,8 @@ def mlp_case(work: Path) -> str:
 
     split = digits_split()
     torch.manual_seed(0)
-    module = wide_mlp()
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
-    x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
-    for _ in range(40):
-        for batch in torch.randperm(len(x)).split(64):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(module(x[batch]), y[batch]).backward()
-            optimizer.step()
-    torch.save(module.eval().state_dict(), work / "mlp.pt")
+    module = train_classifier(wide_mlp(), torch.from_numpy(split.train_x), torch.from_numpy(split.train_y))
+    torch.save(module.state_dict(), work / "mlp.pt")
     np.savez(work / "mlp-eval.npz", x=split.test_x, y=split.test_y)
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
     variants = run(work / "mlp.pt", MLP_RECIPE, work, "--set", f"model_factory={FACTORY}",
