@@ -9,10 +9,10 @@ within 10% of the grid's best, measuring at most half the grid's variants.
 * fastText on the Debian descriptions (a dim-16 bigram model of tens of MB):
   objective size, at most 0.5 pt precision@1 lost; the space is the backend's
   (dsub x qnorm x cutoff with retraining).
-* ``--models digits``: the digits MLP (onnx) and CNN (tflite), objective latency,
+* ``--models digits,cnn``: the digits MLP (onnx) and CNN (tflite), objective latency,
   at most 1 pt lost; the backends' declared spaces.
 
-Usage: python benchmarks/bench_search.py [--models fasttext,digits] [--no-write]
+Usage: python benchmarks/bench_search.py [--models fasttext,digits,cnn] [--no-write]
 """
 
 from __future__ import annotations
@@ -72,6 +72,26 @@ def digits_case() -> dict[str, Any]:
     return {"name": "digits MLP 64-512-512-10 (onnx)", "model": model, "objective": "latency",
             "budget": ["--max-accuracy-drop", "1"],
             "args": ["--data", str(evaluation), "--calibration-data", str(calibration)]}
+
+
+def cnn_case() -> dict[str, Any]:
+    """bench_tflite's digits CNN (151k parameters), trained; channel pruning and lowrank
+    fine-tune on the training split (--train-data), int8 calibrates on part of it."""
+    import numpy as np
+    from bench_tflite import trained_digits_cnn
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    model_path = WORK / "digits-cnn.keras"
+    model, train_x, train_y, test_x, test_y = trained_digits_cnn()
+    model.save(model_path)
+    paths = {name: WORK / f"cnn-{name}.npz" for name in ("train", "eval", "calib")}
+    np.savez(paths["train"], image=train_x, y=train_y)
+    np.savez(paths["eval"], image=test_x, y=test_y)
+    np.savez(paths["calib"], image=train_x[:200])
+    return {"name": "digits CNN, 151k parameters (tflite)", "model": model_path, "objective": "latency",
+            "budget": ["--max-accuracy-drop", "1"],
+            "args": ["--data", str(paths["eval"]), "--train-data", str(paths["train"]),
+                     "--calibration-data", str(paths["calib"])]}
 
 
 def grid_recipe(case: dict[str, Any], path: Path) -> int:
@@ -136,6 +156,8 @@ def main() -> None:
         cases.append(fasttext_case())
     if "digits" in args.models:
         cases.append(digits_case())
+    if "cnn" in args.models:
+        cases.append(cnn_case())
     rows = [run_case(case) for case in cases]
     table = markdown_table(["model", "objective", "grid", "search trials", "search time", "grid time",
                             "search winner", "grid best", "winner / best", "floor"], rows)
