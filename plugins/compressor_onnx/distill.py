@@ -23,11 +23,11 @@ The loss matches the teacher's first output:
 from __future__ import annotations
 
 import copy
-import importlib
 import time
 from typing import Any
 
 from compressor import Context, Dataset, Model, Step, UsageError
+from compressor.factories import import_factory
 from compressor_onnx.heads import (
     batches,
     call,
@@ -55,7 +55,7 @@ def distill(model: Model, step: Step, context: Context) -> tuple[Network, list[s
     if dataset is None:
         raise UsageError(f"'{step}' trains the student: pass --train-data")
     input_names(check_torch(model, step), dataset)
-    factory = import_factory(str(factory_name)) if factory_name is not None else None
+    factory = import_factory(factory_name, "distill student") if factory_name is not None else None
     network, teacher, _ = torch_model(model, step, context)
     teacher.eval()
     with torch.random.fork_rng():
@@ -88,16 +88,6 @@ def distill(model: Model, step: Step, context: Context) -> tuple[Network, list[s
         "seconds": round(time.perf_counter() - started, 3),
     }}
     return with_module(network, student), [note], metadata
-
-
-def import_factory(name: str) -> Any:
-    module_name, _, function_name = name.partition(":")
-    if not module_name or not function_name:
-        raise UsageError(f"distill student={name!r} is not 'package.module:function'")
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise UsageError(f"cannot import distill student {name!r} ({error})") from None
 
 
 def build_student(factory: Any, name: str) -> Any:

@@ -9,12 +9,12 @@ SavedModel folders through tf2onnx (``from_keras.py``, only with ``--backend onn
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 from compressor import InvalidInputError, TensorSpec, UnsafeInputError, UsageError
+from compressor.factories import import_factory
 from compressor_onnx.safety import TRUST_HINT, check_external_data, safe_torch_load, torch_file_kind
 from compressor_onnx.shapes import SampleShape, graph_input_specs, parse_input_shape
 
@@ -244,14 +244,7 @@ def build_from_factory(path: Path, state_dict: dict[str, Any], options: dict[str
             "--set model_factory=package.module:function",
             path,
         )
-    module_name, _, function_name = str(factory_name).partition(":")
-    if not module_name or not function_name:
-        raise UsageError(f"model_factory {factory_name!r} is not 'package.module:function'")
-    try:
-        factory = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as error:
-        raise UsageError(f"cannot import model_factory {factory_name!r} ({error})") from None
-    module = factory()
+    module = import_factory(factory_name, "model_factory")()
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"model_factory {factory_name!r} returned {type(module).__name__}, not an nn.Module")
     expected = set(module.state_dict())

@@ -13,13 +13,13 @@ examples, so its logits are computed once, up front.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from compressor import CompressionError, Dataset, TensorSpec, UsageError
+from compressor.factories import import_factory
 from compressor.models import ProgressCallback
 from compressor_tflite import frameworks
 from compressor_tflite.structure import LayerGraph, Restructured
@@ -37,17 +37,9 @@ class StudentFactory(str):
 
     def __new__(cls, value: object) -> str:  # type: ignore[misc]
         text = str(value).strip()
-        module_name, _, function_name = text.partition(":")
-        if not module_name or not function_name:
-            raise UsageError(f"student {text!r} is not 'package.module:function'")
         # A factory module importing TensorFlow must get tf-keras, as the backend does.
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-        try:
-            factory = getattr(importlib.import_module(module_name), function_name)
-        except Exception as error:  # noqa: BLE001 - the module's own code may raise anything
-            raise UsageError(f"cannot import student {text!r} ({type(error).__name__}: {error})") from None
-        if not callable(factory):
-            raise UsageError(f"student {text!r} is a {type(factory).__name__}, not a function")
+        import_factory(text, "student")
         return super().__new__(cls, text)
 
 
@@ -93,9 +85,9 @@ def distill(teacher: Any, params: Mapping[str, Any], inputs: Sequence[TensorSpec
 
 
 def _from_factory(keras: Any, name: str, teacher: Any) -> Any:
-    module_name, _, function_name = name.partition(":")
+    factory = import_factory(name, "student")
     try:
-        student = getattr(importlib.import_module(module_name), function_name)()
+        student = factory()
     except Exception as error:  # noqa: BLE001 - the factory is the user's code
         raise UsageError(f"student {name!r} failed: {type(error).__name__}: {str(error)[:200]}") from None
     if not isinstance(student, keras.Model):

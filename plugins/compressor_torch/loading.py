@@ -21,6 +21,7 @@ from typing import Any
 
 from compressor import InvalidInputError, TensorSpec, UnsupportedError
 from compressor.errors import first_line
+from compressor.factories import import_factory
 
 #: The JSON member this backend writes into the ``.pt2`` archives it saves.
 EXTRA_NAME = "compressor.json"
@@ -176,18 +177,11 @@ def build_from_recipe(recipe: dict[str, Any]) -> Any:
 
 
 def _factory_module(factory_name: str) -> Any:
-    import importlib
-
     import torch
 
     from compressor import UsageError
 
-    module_name, _, function_name = factory_name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise UsageError(f"cannot import model_factory {factory_name!r} ({error})") from None
-    module = factory()
+    module = import_factory(factory_name, "model_factory")()
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"model_factory {factory_name!r} returned {type(module).__name__}, not an nn.Module")
     return module.eval()

@@ -1,0 +1,25 @@
+"""Resolving the user's ``package.module:function`` names (``model_factory=``, ``student=``)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from compressor.errors import UsageError
+
+
+def import_factory(name: object, what: str) -> Callable[..., Any]:
+    """The function ``name`` ("package.module:function") names; ``what`` ("model_factory",
+    "student") names the setting in the one-line UsageError when it cannot be had."""
+    text = str(name).strip()
+    module_name, _, function_name = text.partition(":")
+    if not module_name or not function_name:
+        raise UsageError(f"{what} {text!r} is not 'package.module:function'")
+    try:
+        found = getattr(importlib.import_module(module_name), function_name)
+    except Exception as error:  # noqa: BLE001 - importing runs the user's module, which may raise anything
+        raise UsageError(f"cannot import {what} {text!r} ({type(error).__name__}: {error})") from None
+    if not callable(found):
+        raise UsageError(f"{what} {text!r} is a {type(found).__name__}, not a function")
+    return found
