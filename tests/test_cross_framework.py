@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import snapshot
 
 from compressor.cli import cli
 
@@ -39,6 +41,32 @@ class TwoHead(torch.nn.Module):
 
 def build():
     return TwoHead()
+
+
+class Median(torch.nn.Module):
+    """An op litert-torch has no lowering for (aten.median.dim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.linear(x) - torch.median(x, dim=1, keepdim=True).values
+
+
+class Branch(Median):
+    """Control flow on the input's values, which torch.export (inside litert-torch) cannot trace."""
+
+    def forward(self, x):
+        return self.linear(x) if x.sum() > 0 else -self.linear(x)
+
+
+def median():
+    return Median()
+
+
+def branch():
+    return Branch()
 '''
 
 
@@ -152,6 +180,68 @@ def test_what_litert_cannot_do_for_pytorch_is_refused(torch_files: dict[str, Any
 def test_a_state_dict_without_its_factory_is_refused_on_tflite(torch_files: dict[str, Any], tmp_path: Path) -> None:
     result = invoke("run", torch_files["model"], "--backend", "tflite", "-q", "dynamic", "-o", tmp_path / "out")
     assert result.exit_code == 2 and "--set model_factory=" in result.stderr
+
+
+@pytest.fixture
+def private_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def check_refused(model: Path, message: str, out: Path, scratch: Path, *args: object) -> str:
+    """A conversion the converter refuses: exit 7 in one line naming the file and the converter's
+    reason, no traceback, nothing at ``out`` or in $TMPDIR, the input folder unchanged."""
+    before = snapshot(model.parent)
+    result = invoke("run", model, *args, "-o", out)
+    assert result.exit_code == 7, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and f"{model}: " in lines[0], result.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists() and list(scratch.iterdir()) == []
+    assert snapshot(model.parent) == before
+    return lines[0]
+
+
+@pytest.mark.parametrize(("factory", "reason"), [
+    ("median", "(RuntimeError: Lowering not found: aten.median.dim)"),
+    ("branch", "(GuardOnDataDependentSymNode: Could not guard on data-dependent expression"),
+])
+def test_a_pytorch_model_litert_cannot_convert_is_one_line(torch_files: dict[str, Any], tmp_path: Path,
+                                                          private_tmpdir: Path, factory: str, reason: str) -> None:
+    import cross_twohead
+    import torch
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    model = inputs / f"{factory}.pt"
+    torch.save(getattr(cross_twohead, factory)().state_dict(), model)
+    np.savez(inputs / "eval.npz", x=torch_files["x"][:4])
+    line = check_refused(model, f"litert-torch cannot convert this model {reason}", tmp_path / "out",
+                         private_tmpdir, "--set", f"model_factory=cross_twohead:{factory}", "--backend", "tflite",
+                         "-q", "dynamic", "--data", inputs / "eval.npz")
+    assert line.endswith("; use --backend onnx or torch")
+
+
+def test_a_keras_model_tf2onnx_cannot_convert_is_one_line(tmp_path: Path, private_tmpdir: Path) -> None:
+    """tf2onnx has no handler for Bucketize (Keras' Discretization layer); its Python API
+    only logs that and leaves the TensorFlow op in the graph."""
+    from compressor_tflite import frameworks
+
+    keras = frameworks.keras()
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    x = keras.Input((8,), name="x")
+    bins = keras.layers.Discretization(bin_boundaries=[0.25, 0.5, 0.75], name="bins")(x)
+    hidden = keras.layers.Flatten()(keras.layers.Embedding(4, 2)(bins))
+    model = inputs / "bucketize.keras"
+    keras.Model(x, keras.layers.Dense(3)(hidden)).save(model)
+    check_refused(model, "tf2onnx cannot convert this model (TensorFlow op not supported: Bucketize (at "
+                  "model/bins/Bucketize)); use --backend tflite", tmp_path / "out", private_tmpdir,
+                  "--backend", "onnx", "-q", "dynamic")
 
 
 def _keras_model(folder: Path, lambda_layer: bool = False) -> tuple[Path, np.ndarray, np.ndarray]:

@@ -41,6 +41,7 @@ def load_keras_network(path: Path, options: dict[str, Any], trust: bool) -> tupl
     with frameworks.private_tempdir():
         handle, _, inputs = loading.load(path, trust)
         graph = _convert(handle, inputs, opset, path)
+    _refuse_unconverted(graph, path)
     _check(graph, path)
     network = Network(graph=graph, input_names=tuple(item.name for item in graph.graph.input),
                       source_bytes=_size(path))
@@ -70,10 +71,25 @@ def _convert(handle: Any, inputs: tuple[TensorSpec, ...], opset: int, path: Path
                 )
     except Exception as error:  # noqa: BLE001 - tf2onnx raises anything TensorFlow can
         raise CompressionError(
-            f"tf2onnx cannot convert {path.name} ({type(error).__name__}: {_summary(error)}); "
-            "use --backend tflite"
+            f"tf2onnx cannot convert this model ({type(error).__name__}: {_summary(error)}); use --backend tflite",
+            path,
         ) from None
     return graph
+
+
+def _refuse_unconverted(graph: Any, path: Path) -> None:
+    """tf2onnx's Python API logs the ops it has no handler for and leaves them in the graph
+    under their TensorFlow names; refuse them here, as its command line would."""
+    import onnx
+
+    left = [node for node in graph.graph.node
+            if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type)]
+    if left:
+        ops = ", ".join(dict.fromkeys(f"{node.op_type} (at {node.name})" for node in left))
+        raise CompressionError(
+            f"tf2onnx cannot convert this model (TensorFlow op not supported: {_clip(ops)}); use --backend tflite",
+            path,
+        )
 
 
 def _check(graph: Any, path: Path) -> None:
@@ -100,5 +116,8 @@ def _size(path: Path) -> int:
 
 
 def _summary(error: BaseException) -> str:
-    line = first_line(error) or type(error).__name__
+    return _clip(first_line(error) or type(error).__name__)
+
+
+def _clip(line: str) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
