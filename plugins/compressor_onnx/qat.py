@@ -1,0 +1,421 @@
+"""``qat``: quantization-aware training of the torch model, exported as a QDQ int8 graph.
+
+Every ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` is wrapped so that it computes
+with fake-quantized tensors, the layout ONNX Runtime's own static ``quantize int8``
+writes: weights int8, symmetric, one scale per output channel (max |w| / 127,
+recomputed at every step); the layer's input and output int8 per tensor,
+asymmetric, over a range first measured on the train data, then followed by an
+exponential moving average of each batch's min and max. The model is trained
+with AdamW on the task loss (cross-entropy on labels ``y``; without labels, the
+float model's outputs are matched as ``distill`` does), then exported: torch's
+ONNX exporter writes each fake quantization as QuantizeLinear + DequantizeLinear,
+and each weight's QuantizeLinear is then folded into an int8 initializer (biases
+of Gemm and Conv into int32 ones), so the file holds int8 weights and ONNX
+Runtime runs the layers in int8. Transformers models work the same way on their
+Linear layers; attention's own matmuls, embeddings and normalizations stay float.
+
+After an unstructured ``prune`` (a graph step) the pruned weights are put back into
+the torch model, and a model with at least ``SPARSE`` zeros keeps them through
+training. The result is an int8 graph: later graph steps are to be refused
+(:func:`refuse_after_qat`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Any
+
+from compressor import CompressionError, Context, Dataset, Model, Step, UsageError
+from compressor_onnx.distill import _hidden_loss, _logits_loss, output_kind
+from compressor_onnx.heads import batches, call, check_torch, input_names, torch_model, with_module
+from compressor_onnx.loading import Network
+
+#: Examples whose activations set the first quantization ranges.
+RANGE_EXAMPLES = 256
+#: Weight of each training batch in the moving min/max of activation ranges.
+RANGE_MOMENTUM = 0.01
+INT8_MIN, INT8_MAX = -128, 127
+#: From this share of zeros in its Linear/Conv weights (a pruned model) the zeros are kept
+#: through training, as the tflite backend's prune-preserving QAT does.
+SPARSE = 0.2
+
+
+def qat(model: Model, step: Step, context: Context) -> tuple[Network, list[str], dict[str, Any]]:
+    """The model trained with fake quantization and exported as QDQ int8: the new
+    Network (an ONNX graph), notes and metadata."""
+    import torch
+
+    dataset = context.train_data
+    if dataset is None:
+        raise UsageError(f"'{step}' trains the model: pass --train-data")
+    network, original, carried = trainable_model(model, step, context)
+    input_names(network, dataset)
+    if isinstance(original, torch.jit.ScriptModule):
+        raise UsageError(f"'{step}' cannot train a TorchScript model; give its state_dict and model_factory")
+    original.eval()
+    student = copy.deepcopy(original)
+    layers = wrap_layers(student)
+    if not layers:
+        raise UsageError(f"'{step}': {model.source.name} has no nn.Linear or nn.Conv1d/2d layer to quantize")
+    weights = [layer.layer.weight for layer in layers]
+    before = sparsity(weights)
+    masks = [(weight, weight.detach() != 0) for weight in weights] if before >= SPARSE else []
+    params = step.params
+    rate = float(params["learning_rate"])
+    started = time.perf_counter()
+    with torch.random.fork_rng():
+        torch.manual_seed(context.seed)
+        kind = output_kind(network, original, student, dataset, context, step)
+        observe_ranges(network, student, dataset, layers)
+        losses = train(network, original, student, dataset, params, kind, rate, context, masks)
+    for layer in layers:
+        layer.freeze()
+    trained = time.perf_counter() - started
+    context.progress("exporting the int8 graph", None)
+    graph = export_int8(network, student, context)
+    labelled = kind == "logits" and dataset.labels is not None
+    how = "cross-entropy on the labels" if labelled else "the float model's outputs (no labels y)" \
+        if kind == "logits" else "the float model's hidden states"
+    note = (f"quantization-aware training: {params['epochs']} epoch(s) on {dataset.size} examples of "
+            f"{dataset.path.name} against {how}, loss {losses[0]:.4g} -> {losses[-1]:.4g}; exported as QDQ "
+            f"int8 ({len(layers)} layers: int8 per-channel weights, int8 activations)")
+    facts: dict[str, Any] = {
+        "epochs": int(params["epochs"]), "labels": labelled, "layers": len(layers),
+        "epoch_losses": [round(value, 6) for value in losses], "learning_rate": rate, "seconds": round(trained, 3)}
+    if carried:
+        note += f"; started from the {carried} weights of the edited graph"
+        facts["weights_from_graph"] = carried
+    if masks:
+        after = sparsity(weights)
+        note += f"; zeros kept through training: {before:.1%} -> {after:.1%} of the weights"
+        facts.update(sparsity_before=round(before, 4), sparsity_after=round(after, 4))
+    metadata = {"qat": facts, "quantization": [*model.metadata.get("quantization", []), str(step)]}
+    return dataclasses.replace(network, module=None, exported_program=None, export=None, graph=graph,
+                               path=None), [note], metadata
+
+
+def trainable_model(model: Model, step: Step, context: Context) -> tuple[Network, Any, int]:
+    """The Network and torch model to train, and how many weights came from the graph:
+    a graph that ``prune`` (unstructured) edited after export goes back into the torch
+    model it was exported from."""
+    network: Network = model.handle
+    if network.is_torch:
+        torch_network, module, _ = torch_model(model, step, context)
+        return torch_network, module, 0
+    if model.metadata.get("quantization"):
+        raise UsageError(f"'{step}' cannot follow '{model.metadata['quantization'][-1]}': the model is quantized "
+                         "already; qat replaces quantize")
+    if network.export is None:
+        check_torch(model, step)  # refuses: the model was read as an ONNX graph
+    if network.graph is None:
+        raise UsageError(f"'{step}' after a graph step needs the graph in memory; {model.source.name} is past "
+                         "the large-model threshold")
+    from compressor_onnx.export import exported
+    from compressor_onnx.loading import load_network
+
+    fresh, _ = load_network(model.source, context.options, context.trust)
+    module = fresh.module if fresh.module is not None else fresh.exported_program.module()
+    torch_network = with_module(network, module)
+    reference = exported(torch_network, context).graph
+    return torch_network, module, carry_weights(reference, network.graph, module, step)
+
+
+def carry_weights(reference: Any, edited: Any, module: Any, step: Step) -> int:
+    """Copy into ``module`` the weights of ``edited`` that differ from ``reference``, the
+    export of ``module`` (same initializer names); each is found among the parameters by
+    its value in ``reference``, transposed for a MatMul. The number copied."""
+    import numpy as np
+    import torch
+    from onnx import numpy_helper
+
+    before = {tensor.name: numpy_helper.to_array(tensor) for tensor in reference.graph.initializer}
+    after = {tensor.name: numpy_helper.to_array(tensor) for tensor in edited.graph.initializer}
+    if before.keys() != after.keys() or any(before[name].shape != after[name].shape for name in before):
+        raise UsageError(f"'{step}' follows of the graph steps only an unstructured prune of the loaded model "
+                         "(lowrank and prune structure=channel change its shapes, a torch step before the "
+                         "graph step replaced the model): put qat before them")
+    changed = [name for name in before if not np.array_equal(before[name], after[name])]
+    by_value: dict[bytes, list[tuple[Any, bool]]] = {}
+    for parameter in module.parameters():
+        values = parameter.detach().cpu().numpy()
+        by_value.setdefault(_key(values), []).append((parameter, False))
+        if values.ndim == 2:
+            by_value.setdefault(_key(values.T), []).append((parameter, True))
+    with torch.no_grad():
+        for name in changed:
+            found = by_value.get(_key(before[name]), [])
+            if len(found) != 1:
+                raise UsageError(f"'{step}': weight {name} of the edited graph is not one parameter of the torch "
+                                 "model (folded at export?); put qat before the graph steps")
+            parameter, transposed = found[0]
+            parameter.copy_(torch.tensor(after[name].T if transposed else after[name]))
+    return len(changed)
+
+
+def _key(array: Any) -> bytes:
+    import hashlib
+
+    import numpy as np
+
+    contiguous = np.ascontiguousarray(array)
+    return repr((contiguous.shape, contiguous.dtype.str)).encode() + hashlib.blake2b(
+        contiguous.tobytes(), digest_size=16).digest()
+
+
+def sparsity(weights: list[Any]) -> float:
+    """The share of exact zeros in ``weights``."""
+    total = sum(weight.numel() for weight in weights)
+    return sum(int((weight == 0).sum()) for weight in weights) / total if total else 0.0
+
+
+def wrap_layers(module: Any) -> list[Any]:
+    """Replace the Linear and Conv1d/2d layers of ``module`` in place by fake-quantized
+    ones; the wrappers, in module order."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+    targets = [(name, layer) for name, layer in module.named_modules() if isinstance(layer, kinds)]
+    wrapped = []
+    for name, layer in targets:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        wrapper = fake_quantized(layer)
+        setattr(parent, attribute, wrapper)
+        wrapped.append(wrapper)
+    return wrapped
+
+
+def fake_quantized(layer: Any) -> Any:
+    """``layer`` computing with int8-rounded weights, input and output."""
+    import torch
+
+    class FakeQuantized(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = layer
+            channels = layer.weight.shape[0]
+            self.register_buffer("weight_scale", torch.ones(channels))
+            self.register_buffer("weight_zero_point", torch.zeros(channels, dtype=torch.int32))
+            # Rows: input, output; columns: min, max. Empty until measured.
+            self.register_buffer("ranges", torch.zeros(2, 2))
+            self.observing, self.observed, self.frozen = False, False, False
+
+        def forward(self, inputs: Any) -> Any:
+            weight = self.layer.weight
+            scale = self.weight_scale if self.frozen else channel_scales(weight)
+            weight = torch.fake_quantize_per_channel_affine(weight, scale, self.weight_zero_point, 0, INT8_MIN,
+                                                            INT8_MAX)
+            inputs = self._activation(inputs, 0)
+            if isinstance(self.layer, torch.nn.Linear):
+                outputs = torch.nn.functional.linear(inputs, weight, self.layer.bias)
+            else:
+                outputs = self.layer._conv_forward(inputs, weight, self.layer.bias)
+            return self._activation(outputs, 1)
+
+        def _activation(self, tensor: Any, row: int) -> Any:
+            if self.observing:
+                bounds = torch.stack([tensor.detach().min(), tensor.detach().max()])
+                if self.observed:
+                    bounds = torch.stack([bounds[0].minimum(self.ranges[row, 0]), bounds[1].maximum(self.ranges[row, 1])])
+                self.ranges[row] = bounds
+                return tensor
+            if self.training and not self.frozen:
+                with torch.no_grad():
+                    bounds = torch.stack([tensor.min(), tensor.max()])
+                    self.ranges[row] += RANGE_MOMENTUM * (bounds - self.ranges[row])
+            scale, zero_point = self.frozen_ranges[row] if self.frozen else activation_parameters(self.ranges[row])
+            return torch.fake_quantize_per_tensor_affine(tensor, scale, zero_point, INT8_MIN, INT8_MAX)
+
+        def freeze(self) -> None:
+            """Fix the weight scales as constants for the export."""
+            self.weight_scale = channel_scales(self.layer.weight)
+            # Plain tensors, so the exporter writes them as constants, not as the arithmetic that made them.
+            self.frozen_ranges = [activation_parameters(bounds) for bounds in self.ranges]
+            self.frozen = True
+
+    return FakeQuantized()
+
+
+def channel_scales(weight: Any) -> Any:
+    """Symmetric int8 scales of ``weight``, one per output channel (its first axis)."""
+    return (weight.detach().abs().amax(dim=tuple(range(1, weight.ndim))) / 127).clamp_min(1e-8)
+
+
+def activation_parameters(bounds: Any) -> tuple[Any, Any]:
+    """Scale (float) and zero point (int32) of asymmetric int8 over ``bounds`` (min, max),
+    widened to hold 0 as ONNX Runtime's calibration does."""
+    import torch
+
+    low, high = bounds[0].clamp(max=0), bounds[1].clamp(min=0)
+    scale = ((high - low) / (INT8_MAX - INT8_MIN)).clamp_min(1e-8)
+    zero_point = (INT8_MIN - torch.round(low / scale)).clamp(INT8_MIN, INT8_MAX).to(torch.int32)
+    return scale.reshape(()), zero_point.reshape(())
+
+
+def observe_ranges(network: Network, student: Any, dataset: Dataset, layers: list[Any]) -> None:
+    """Each layer's input and output min/max over the first examples, as a start."""
+    import torch
+
+    for layer in layers:
+        layer.observing = True
+    student.eval()
+    try:
+        with torch.no_grad():
+            for batch, _ in batches(network, dataset, 32, range(min(dataset.size, RANGE_EXAMPLES))):
+                call(network, student, batch)
+                for layer in layers:
+                    layer.observed = True
+    finally:
+        for layer in layers:
+            layer.observing = False
+
+
+def train(network: Network, original: Any, student: Any, dataset: Dataset, params: dict[str, Any], kind: str,
+          rate: float, context: Context, masks: list[tuple[Any, Any]]) -> list[float]:
+    """AdamW on the task loss through the fake quantization, ``masks`` (weight, where it may be
+    nonzero) applied after every step; the mean loss of each epoch."""
+    import numpy as np
+    import torch
+
+    optimizer = torch.optim.AdamW(student.parameters(), lr=rate)
+    rng = np.random.default_rng(context.seed)
+    epochs, size = int(params["epochs"]), int(params["batch_size"])
+    steps_per_epoch = -(-dataset.size // size)
+    student.train()
+    losses = []
+    for epoch in range(epochs):
+        total = 0.0
+        for number, (batch, labels) in enumerate(batches(network, dataset, size, rng.permutation(dataset.size))):
+            _, output = call(network, student, batch)
+            if kind == "logits" and labels is not None and len(labels) == len(output):
+                loss = torch.nn.functional.cross_entropy(output.reshape(len(labels), -1), labels)
+            else:
+                with torch.no_grad():
+                    _, target = call(network, original, batch)
+                loss = (_logits_loss(output, target, None, 1.0, 1.0) if kind == "logits"
+                        else _hidden_loss(output, target, batch.get("attention_mask")))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for weight, mask in masks:
+                    weight.mul_(mask)
+            total += loss.item() * len(output)
+            context.progress("quantization-aware training",
+                             (epoch * steps_per_epoch + number + 1) / (epochs * steps_per_epoch))
+        losses.append(total / dataset.size)
+    student.eval()
+    return losses
+
+
+def export_int8(network: Network, student: Any, context: Context) -> Any:
+    """The fake-quantized ``student`` exported, its weights folded into int8 initializers."""
+    from compressor_onnx.export import exported
+
+    done = exported(with_module(network, student), context)
+    if done.graph is None:
+        raise CompressionError("qat: the exported model is past the large-model threshold; "
+                               "its int8 weights are only folded in memory")
+    return fold_weights(done.graph)
+
+
+def fold_weights(graph: Any) -> Any:
+    """``graph`` with every QuantizeLinear of a constant (a weight) replaced by the int8
+    tensor it computes, weight transposes folded into the int8 tensors, and the float
+    biases of Gemm and Conv with quantized inputs made int32 (as ONNX Runtime's quantizer
+    writes them); float weights no node reads any more are dropped."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from compressor_onnx.preprocess import constants_to_initializers
+
+    constants_to_initializers(graph)
+    nodes = graph.graph.node
+    values = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.graph.initializer}
+    for node in nodes:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:  # the exporter's shared zero points
+            values[node.output[0]] = values[node.input[0]]
+    added: dict[str, Any] = {}
+    renamed: dict[str, str] = {}
+    removed: set[int] = set()
+    bias_nodes: list[Any] = []
+    for index, node in enumerate(nodes):
+        if node.op_type != "QuantizeLinear" or not all(name in values for name in node.input[:3]):
+            continue
+        weight, scale, zero_point = (values[name] for name in node.input[:3])
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1)
+        shape = [1] * weight.ndim
+        if scale.ndim:
+            shape[axis] = -1
+        info = np.iinfo(zero_point.dtype)
+        rounded = np.round(weight / scale.reshape(shape)) + zero_point.reshape(shape).astype(np.int32)
+        name = f"{node.input[0]}_quantized"
+        added[name] = np.clip(rounded, info.min, info.max).astype(zero_point.dtype)
+        renamed[node.output[0]] = name
+        removed.add(index)
+    for node in nodes:
+        for position, name in enumerate(node.input):
+            if name in renamed:
+                node.input[position] = renamed[name]
+    consumers: dict[str, list[Any]] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producers = {output: node for node in nodes for output in node.output}
+    for index, node in enumerate(nodes):
+        source = producers.get(node.input[0]) if node.op_type == "Transpose" else None
+        if source is None or source.op_type != "DequantizeLinear" or source.input[0] not in added \
+                or len(consumers.get(source.output[0], [])) != 1:
+            continue
+        perm = next(list(attribute.ints) for attribute in node.attribute if attribute.name == "perm")
+        quantized = source.input[0]
+        added[quantized] = np.transpose(added[quantized], perm)
+        axis = next((attribute for attribute in source.attribute if attribute.name == "axis"), None)
+        if axis is not None:
+            axis.i = perm.index(axis.i if axis.i >= 0 else axis.i + len(perm))
+        source.output[0] = node.output[0]
+        removed.add(index)
+    for node in nodes:
+        if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2] in values:
+            bias_name = node.input[2]
+            scales = [_dequantized_scale(producers.get(name), values) for name in node.input[:2]]
+            if any(scale is None for scale in scales) or len(consumers[bias_name]) != 1:
+                continue
+            bias_scale = (scales[0] * scales[1]).astype(np.float32).reshape(-1) * np.ones(len(values[bias_name]),
+                                                                                         np.float32)
+            quantized = f"{bias_name}_quantized"
+            added[quantized] = np.round(values[bias_name] / bias_scale).astype(np.int32)
+            added[f"{quantized}_scale"] = bias_scale
+            added[f"{quantized}_zero_point"] = np.zeros(len(bias_scale), np.int32)
+            bias_nodes.append(helper.make_node("DequantizeLinear", [quantized, f"{quantized}_scale",
+                                                               f"{quantized}_zero_point"],
+                                          [f"{bias_name}_dequantized"], name=f"{bias_name}_DequantizeLinear",
+                                          axis=0))
+            node.input[2] = f"{bias_name}_dequantized"
+    # The new DequantizeLinear nodes read initializers only: first is a topological order.
+    kept = [*bias_nodes, *(node for index, node in enumerate(nodes) if index not in removed)]
+    del nodes[:]
+    nodes.extend(kept)
+    graph.graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in added.items())
+    used = {name for node in nodes for name in node.input} | {output.name for output in graph.graph.output}
+    unused = [tensor for tensor in graph.graph.initializer if tensor.name not in used]
+    for tensor in unused:
+        graph.graph.initializer.remove(tensor)
+    return graph
+
+
+def _dequantized_scale(node: Any, values: dict[str, Any]) -> Any | None:
+    """The scale of a DequantizeLinear node (None for any other producer)."""
+    if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in values:
+        return None
+    return values[node.input[1]]
+
+
+def refuse_after_qat(model: Model, step: Step) -> None:
+    """Refuse a graph step (quantize, prune, lowrank) on a model that ``qat`` made int8."""
+    if "qat" in model.metadata:
+        raise UsageError(f"'{step}' cannot follow qat: the model is an int8 graph already; put it before qat")
