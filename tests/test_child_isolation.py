@@ -89,5 +89,16 @@ def test_the_child_command_drops_the_working_directory(tmp_path: Path) -> None:
 def test_import_path_leaves_out_the_working_directory(tmp_path: Path, entry: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", f"{entry}{os.pathsep}/somewhere/else")
     monkeypatch.setattr(sys, "path", [entry, str(tmp_path), "/somewhere/else"])
     assert import_path() == "/somewhere/else"
+
+
+def test_import_path_keeps_the_working_directory_the_user_names(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PYTHONPATH=$PWD compressor run model.pt --backend torch --set model_factory=mine:build``:
+    the measuring child rebuilds the model, so it must import ``mine`` from there too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(sys, "path", ["", str(tmp_path), "/somewhere/else"])
+    assert import_path() == f"{tmp_path}{os.pathsep}/somewhere/else"

@@ -246,9 +246,9 @@ def scale_model(digits: DigitsFiles) -> Path:
     ("onnx", ["qat"], True, "needs the PyTorch or transformers model; digits.onnx is read as an ONNX graph"),
     ("scale", ["qat"], True, "scale.pt has no nn.Linear or nn.Conv1d/2d layer to quantize"),
     ("mlp", ["quantize dynamic", "qat"], True, "'qat' cannot follow 'quantize dynamic': the model is quantized"),
-    ("mlp", ["lowrank rank=8 epochs=0", "qat"], True, "'qat' follows of the graph steps only an unstructured prune"),
-    pytest.param("mlp", ["qat epochs=1", "quantize dynamic"], True, "cannot follow qat",
-                 marks=pytest.mark.xfail(reason="plugin.py is to call compressor_onnx.qat.refuse_after_qat")),
+    ("mlp", ["lowrank rank=8 epochs=0", "qat"], True, "'qat' can follow only an unstructured prune among the graph steps"),
+    ("mlp", ["qat epochs=1", "quantize dynamic"], True, "'quantize dynamic' cannot follow qat"),
+    ("mlp", ["qat epochs=1", "prune 0.5"], True, "'prune 0.5' cannot follow qat"),
 ])
 def test_bad_requests_exit_2_with_one_line(digits: DigitsFiles, scale_model: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch, model: str, steps: list[str],

@@ -5,7 +5,8 @@
 run inside the child. Children are started with ``-c`` and a bootstrap that
 drops that entry before anything is imported (plus ``-P`` where Python has it),
 and with ``PYTHONPATH`` rebuilt from the parent's ``sys.path`` minus the
-working directory, so plugins registered in-process still reach them.
+working directory (kept only where the user's ``PYTHONPATH`` names it by its
+absolute path), so plugins registered in-process still reach them.
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ def python_command(module: str, arguments: Sequence[str] = ()) -> list[str]:
 
 
 def import_path(cwd: str | None = None) -> str:
-    """The parent's ``sys.path`` as ``PYTHONPATH``, without the working directory."""
+    """The parent's ``sys.path`` as ``PYTHONPATH``, without the working directory, unless
+    the user's own ``PYTHONPATH`` names it by its absolute path (a model factory kept
+    there must import in the child too)."""
     here = os.path.realpath(cwd or os.getcwd())
+    named = {os.path.realpath(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+             if os.path.isabs(entry)}
     kept = [
         entry for entry in sys.path
-        if entry and entry != "." and os.path.realpath(entry) != here
+        if entry and entry != "." and (os.path.realpath(entry) != here or here in named)
     ]
     return os.pathsep.join(dict.fromkeys(kept))
 

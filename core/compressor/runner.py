@@ -161,7 +161,7 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
             results.append(result)
             artifacts.append(artifact)
         if artifacts[0] is None:
-            raise CompressionError(f"could not convert the original model: {results[0].error}")
+            raise CompressionError(f"could not convert the original model: {results[0].error}", request.model)
         measured = measure_variants(
             host, results, artifacts, session.request.data, session.context.eval_data,
             session.original.inputs if session.original else (), session.request.measure,

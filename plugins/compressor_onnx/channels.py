@@ -56,6 +56,8 @@ class ChannelResult:
     pruned: list[dict[str, Any]] = field(default_factory=list)
     #: {"layer", "reason"} per weighted layer whose outputs were not pruned.
     not_pruned: list[dict[str, Any]] = field(default_factory=list)
+    #: Weight initializer name -> {axis: indices kept} (biases left out), for fine-tuning.
+    kept: dict[str, dict[int, Any]] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"pruned": self.pruned, "not_pruned": self.not_pruned}
@@ -63,8 +65,8 @@ class ChannelResult:
     def note(self, ratio: float) -> str:
         before = sum(entry["channels"] for entry in self.pruned)
         after = sum(entry["kept"] for entry in self.pruned)
-        text = (f"channel pruning {ratio:g}: {len(self.pruned)} layer(s) narrowed by L2 norm, one-shot "
-                f"(no fine-tuning on this backend), {before} -> {after} outputs")
+        text = (f"channel pruning {ratio:g}: {len(self.pruned)} layer(s) narrowed by L2 norm, "
+                f"{before} -> {after} outputs")
         if self.not_pruned:
             text += (f"; {len(self.not_pruned)} not pruned: "
                      + "; ".join(f"{e['layer']} ({e['reason']})" for e in self.not_pruned[:3])
@@ -113,6 +115,7 @@ def channel_edit(model: Any, folder: Path, ratio: float) -> tuple[dict[str, Prod
         norms = _norms(read_array(weight, folder), axis, slices.get(weight.name, {}))
         kept = np.sort(np.argsort(-norms, kind="stable")[: chain.width - removed])
         slices.setdefault(weight.name, {})[axis] = kept
+        result.kept.setdefault(weight.name, {})[axis] = kept
         if chain.bias is not None:
             bias_node, position = chain.bias
             bias = _constant(index, bias_node.input[position])
@@ -129,6 +132,7 @@ def channel_edit(model: Any, folder: Path, ratio: float) -> tuple[dict[str, Prod
         rows = kept if chain.spread == 1 else (
             (np.arange(chain.spread)[None, :] + kept[:, None] * chain.spread).reshape(-1))
         slices.setdefault(next_weight.name, {})[_input_axis(chain.next_layer)] = rows
+        result.kept.setdefault(next_weight.name, {})[_input_axis(chain.next_layer)] = rows
         result.pruned.append({"layer": label(node), "next": label(chain.next_layer),
                               "channels": chain.width, "kept": int(len(kept))})
     if not result.pruned:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from typing import Any
 
 from compressor import Context, Dataset, Model, Step, UsageError
@@ -64,7 +65,7 @@ def distill(model: Model, step: Step, context: Context) -> tuple[Network, list[s
             student, picked = build_student(factory, str(factory_name)), None
         else:
             student, picked = layer_student(teacher, int(layers), model, step)
-        kind = _check_outputs(network, teacher, student, dataset, context, step)
+        kind = output_kind(network, teacher, student, dataset, context, step)
         rate = float(params.get("learning_rate") or (FACTORY_RATE if factory is not None else LAYERS_RATE))
         started = time.perf_counter()
         losses = train(network, teacher, student, dataset, params, kind, rate, context)
@@ -143,8 +144,8 @@ def parameters(module: Any) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def _check_outputs(network: Network, teacher: Any, student: Any, dataset: Dataset, context: Context,
-                   step: Step) -> str:
+def output_kind(network: Network, teacher: Any, student: Any, dataset: Dataset, context: Context,
+                step: Step) -> str:
     """``logits`` or ``hidden``: how the outputs are matched; refuses a student whose
     first output does not have the teacher's shape."""
     import torch
@@ -175,8 +176,10 @@ def _check_outputs(network: Network, teacher: Any, student: Any, dataset: Datase
 
 
 def train(network: Network, teacher: Any, student: Any, dataset: Dataset, params: dict[str, Any],
-          kind: str, rate: float, context: Context) -> list[float]:
-    """AdamW on the distillation loss; the mean loss of each epoch."""
+          kind: str, rate: float, context: Context, after_step: Callable[[], None] | None = None,
+          stage: str = "distilling") -> list[float]:
+    """AdamW on the distillation loss; the mean loss of each epoch. ``after_step`` runs
+    after every optimizer step (fine-tuning keeps pruned weights at zero with it)."""
     import numpy as np
     import torch
 
@@ -194,19 +197,21 @@ def train(network: Network, teacher: Any, student: Any, dataset: Dataset, params
                 _, target = call(network, teacher, batch)
             _, output = call(network, student, batch)
             if kind == "logits":
-                loss = _logits_loss(output, target, labels, temperature, alpha)
+                loss = logits_loss(output, target, labels, temperature, alpha)
             else:
-                loss = _hidden_loss(output, target, batch.get("attention_mask"))
+                loss = hidden_loss(output, target, batch.get("attention_mask"))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             total += loss.item() * len(target)
-            context.progress("distilling", (epoch * steps_per_epoch + number + 1) / (epochs * steps_per_epoch))
+            context.progress(stage, (epoch * steps_per_epoch + number + 1) / (epochs * steps_per_epoch))
         losses.append(total / dataset.size)
     return losses
 
 
-def _logits_loss(output: Any, target: Any, labels: Any, temperature: float, alpha: float) -> Any:
+def logits_loss(output: Any, target: Any, labels: Any, temperature: float, alpha: float) -> Any:
     import torch.nn.functional as functional
 
     classes = output.shape[-1]
@@ -219,7 +224,7 @@ def _logits_loss(output: Any, target: Any, labels: Any, temperature: float, alph
     return alpha * soft + (1 - alpha) * functional.cross_entropy(student, labels)
 
 
-def _hidden_loss(output: Any, target: Any, mask: Any) -> Any:
+def hidden_loss(output: Any, target: Any, mask: Any) -> Any:
     import torch.nn.functional as functional
 
     if output.ndim != 3 or mask is None or mask.shape != output.shape[:2]:

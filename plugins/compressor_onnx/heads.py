@@ -222,7 +222,7 @@ def prune_heads(model: Model, step: Step, context: Context) -> tuple[Network, li
     after = [block.heads for block in blocks]
     note = (f"head pruning {ratio:g}: {sum(counts) - sum(after)} of {sum(counts)} attention heads removed "
             f"({method} of {dataset.path.name}), "
-            f"heads per layer {'/'.join(map(str, after))}; one-shot, no fine-tuning")
+            f"heads per layer {'/'.join(map(str, after))}")
     metadata = {"head_pruning": {
         "method": method, "heads_before": sum(counts), "heads_after": sum(after),
         "layers": [{"layer": block.name, "heads": count, "removed": heads,

@@ -83,6 +83,8 @@ class LowRankResult:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
+    #: Weight initializer name -> rank, for fine-tuning.
+    ranks: dict[str, int] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"factorized": self.factorized, "skipped": self.skipped,
@@ -136,6 +138,7 @@ def lowrank_edit(model: Any, folder: Path, request: LowRankRequest) -> tuple[dic
             continue
         plans.append(_Plan(node, tensor, transposed, rank))
         result.factorized.append({"layer": label(node), "shape": [n, m], "rank": rank})
+        result.ranks[tensor.name] = rank
         result.params_before += n * m
         result.params_after += rank * (n + m)
     if not plans:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from compressor import (
     EVERY_STEP,
@@ -34,11 +35,19 @@ from compressor_onnx.loading import ExportCache, Network, is_transformers_folder
 NAME = "onnx"
 IDENTIFIED_SUFFIXES = (".onnx", ".pt2", ".pt", ".pth", ".safetensors", ".jit", ".ts", ".ptl")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+#: Fine-tuning after prune and lowrank, on the torch model, when --train-data is given.
+FINE_TUNING_PARAMS = {
+    "epochs": Param(int, 2, "fine-tuning epochs on --train-data (0: one-shot)", minimum=0),
+    "batch_size": Param(int, 32, "fine-tuning batch size", minimum=1),
+    "learning_rate": Param(float, None, "fine-tuning AdamW learning rate (default 1e-3, transformers 5e-5)",
+                           minimum=1e-8, maximum=1),
+}
 LOWRANK_PARAMS = {
     "rank": Param(int, None, "rank kept in every factorized layer (or energy=)", minimum=1),
     "energy": Param(float, None, "share of squared singular values kept, 0.01-1 (or rank=)", minimum=0.01, maximum=1),
     "layers": Param(str, "", "comma-separated fnmatch patterns of node or weight names (default: all)"),
     "min_size": Param(int, 4096, "leave weights with fewer elements alone", minimum=0),
+    **FINE_TUNING_PARAMS,
 }
 DISTILL_PARAMS = {
     "student": Param(str, None, "package.module:function returning the student nn.Module (or layers=)"),
@@ -51,6 +60,11 @@ DISTILL_PARAMS = {
     "batch_size": Param(int, 32, "training batch size", minimum=1),
     "learning_rate": Param(float, None, "AdamW learning rate (default 1e-3 with student=, 1e-4 with layers=)",
                            minimum=1e-8, maximum=1),
+}
+QAT_PARAMS = {
+    "epochs": Param(int, 2, "training epochs with fake-quantized weights and activations", minimum=1),
+    "batch_size": Param(int, 32, "training batch size", minimum=1),
+    "learning_rate": Param(float, 1e-4, "AdamW learning rate", minimum=1e-8, maximum=1),
 }
 
 
@@ -93,7 +107,8 @@ def backend() -> Backend:
             "prune": Technique(
                 "prune",
                 help="per-layer magnitude pruning (real zeros), whole output neurons/filters (structure=channel), "
-                     "or transformers attention heads ranked on the data (structure=head)",
+                     "or transformers attention heads ranked on the data (structure=head); fine-tuned on "
+                     "--train-data",
                 params={
                     "sparsity": Param(
                         float, None, "share of weights set to zero (channel: of outputs, head: of heads removed)",
@@ -104,13 +119,14 @@ def backend() -> Backend:
                         "head: attention heads",
                         choices=STRUCTURES,
                     ),
+                    **FINE_TUNING_PARAMS,
                 },
                 candidates=("prune 0.25 structure=channel", "prune 0.5 structure=channel",
                             "prune 0.75 structure=channel"),
             ),
             "lowrank": Technique(
                 "lowrank",
-                help="MatMul/Gemm weights as two thin MatMuls from a truncated SVD",
+                help="MatMul/Gemm weights as two thin MatMuls from a truncated SVD; fine-tuned on --train-data",
                 params=LOWRANK_PARAMS,
                 candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
             ),
@@ -119,6 +135,13 @@ def backend() -> Backend:
                 help="train a smaller student (a factory's, or a transformers teacher's layers) to match "
                      "the teacher on --train-data",
                 params=DISTILL_PARAMS,
+                requires_data={EVERY_STEP: "train"},
+            ),
+            "qat": Technique(
+                "qat",
+                help="quantization-aware training of the torch model on --train-data, exported as a QDQ "
+                     "int8 graph",
+                params=QAT_PARAMS,
                 requires_data={EVERY_STEP: "train"},
             ),
         },
@@ -176,11 +199,14 @@ def _format(network: Network) -> str:
 
 @hookimpl
 def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
-    if step.technique not in ("prune", "quantize", "lowrank", "distill"):
+    if step.technique not in ("prune", "quantize", "lowrank", "distill", "qat"):
         return None
-    if step.technique == "distill" or step.params.get("structure") == "head":
+    if step.technique in ("distill", "qat") or step.params.get("structure") == "head":
         return _torch_step(model, step, context)
     from compressor_onnx.export import exported
+    from compressor_onnx.qat import refuse_after_qat
+
+    refuse_after_qat(model, step)
 
     if step.technique == "quantize":
         from compressor_onnx.quantization import check_quantize_step
@@ -188,41 +214,69 @@ def compressor_compress(model: Model, step: Step, context: Context) -> Model | N
         check_quantize_step(step, context)
     network = exported(model.handle, context)
     notes, metadata = list(model.notes), {**model.metadata, **_export_facts(network)}
-    if step.technique == "lowrank" or step.params.get("structure") == "channel":
-        from compressor_onnx.rewrite import apply_step
+    if step.technique == "quantize":
+        from compressor_onnx.quantization import quantize_network
 
-        network, step_notes, step_metadata = apply_step(network, step, context)
-        notes += step_notes
-        metadata.update(step_metadata)
-    elif step.technique == "prune":
+        network, step_notes, step_metadata = quantize_network(network, step, context)
+        metadata["quantization"] = [*metadata.get("quantization", []), str(step)]
+    else:
+        network, step_notes, step_metadata = _edit(model, network, step, context)
+    notes += step_notes
+    metadata.update(step_metadata)
+    return Model(NAME, model.source, _format(network), network, model.inputs, notes, metadata)
+
+
+def _edit(model: Model, original: Network, step: Step, context: Context) -> tuple[Network, list[str], dict]:
+    """``lowrank`` or ``prune`` (unstructured or channel) on the exported graph, then
+    fine-tuned on the torch model when there is train data."""
+    from compressor_onnx.finetune import fine_tuning_wanted, finetune_graph_edit, one_shot_note
+
+    def edit(network: Network) -> tuple[Network, list[str], dict[str, Any], Any]:
+        if step.technique == "lowrank" or step.params.get("structure") == "channel":
+            from compressor_onnx.rewrite import apply_step
+
+            return apply_step(network, step, context)
         sparsity = float(step.params["sparsity"])
         network, layers = _prune(network, sparsity, context)
         if layers == 0:
             raise CompressionError("no Linear/Conv (MatMul/Gemm/Conv) weights to prune")
-        notes.append(f"pruned {sparsity:g} of the weights of {layers} layers by magnitude, one-shot")
-        metadata["pruned_layers"] = layers
-    else:
-        from compressor_onnx.quantization import quantize_network
+        return (network, [f"pruned {sparsity:g} of the weights of {layers} layers by magnitude"],
+                {"pruned_layers": layers}, None)
 
-        network, step_notes, step_metadata = quantize_network(network, step, context)
-        notes += step_notes
-        metadata.update(step_metadata)
-        metadata["quantization"] = [*metadata.get("quantization", []), str(step)]
-    return Model(NAME, model.source, _format(network), network, model.inputs, notes, metadata)
+    edited, notes, metadata, result = edit(original)
+    if not fine_tuning_wanted(step, context):
+        return edited, [*notes, one_shot_note(step, context)], metadata
+    edited, more_notes, more_metadata = finetune_graph_edit(
+        model, original, edited, result, step, context, redo=lambda network: edit(network)[0])
+    return edited, [*notes, *more_notes], {**metadata, **more_metadata}
 
 
 def _torch_step(model: Model, step: Step, context: Context) -> Model:
-    """``distill`` and ``prune structure=head``: on the torch model, before export."""
+    """``distill``, ``qat`` and ``prune structure=head``: on the torch model, before export."""
     if step.technique == "distill":
         from compressor_onnx.distill import distill
 
         network, notes, metadata = distill(model, step, context)
-    else:
-        from compressor_onnx.heads import prune_heads
+    elif step.technique == "qat":
+        from compressor_onnx.qat import qat
 
-        network, notes, metadata = prune_heads(model, step, context)
+        network, notes, metadata = qat(model, step, context)
+    else:
+        network, notes, metadata = _prune_heads(model, step, context)
     return Model(NAME, model.source, _format(network), network, model.inputs,
                  [*model.notes, *notes], {**model.metadata, **metadata})
+
+
+def _prune_heads(model: Model, step: Step, context: Context) -> tuple[Network, list[str], dict]:
+    from compressor_onnx.finetune import fine_tuning_wanted, one_shot_note, train_student
+    from compressor_onnx.heads import prune_heads, torch_model
+
+    network, notes, metadata = prune_heads(model, step, context)
+    if not fine_tuning_wanted(step, context):
+        return network, [*notes, one_shot_note(step, context)], metadata
+    _, teacher, _ = torch_model(model, step, context)
+    more_notes, more_metadata = train_student(network, teacher, network.module, step, context)
+    return network, [*notes, *more_notes], {**metadata, **more_metadata}
 
 
 def _prune(network: Network, sparsity: float, context: Context) -> tuple[Network, int]:

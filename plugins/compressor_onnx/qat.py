@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from compressor import CompressionError, Context, Dataset, Model, Step, UsageError
-from compressor_onnx.distill import _hidden_loss, _logits_loss, output_kind
+from compressor_onnx.distill import hidden_loss, logits_loss, output_kind
 from compressor_onnx.heads import batches, call, check_torch, input_names, torch_model, with_module
 from compressor_onnx.loading import Network
 
@@ -133,35 +133,22 @@ def carry_weights(reference: Any, edited: Any, module: Any, step: Step) -> int:
     before = {tensor.name: numpy_helper.to_array(tensor) for tensor in reference.graph.initializer}
     after = {tensor.name: numpy_helper.to_array(tensor) for tensor in edited.graph.initializer}
     if before.keys() != after.keys() or any(before[name].shape != after[name].shape for name in before):
-        raise UsageError(f"'{step}' follows of the graph steps only an unstructured prune of the loaded model "
-                         "(lowrank and prune structure=channel change its shapes, a torch step before the "
-                         "graph step replaced the model): put qat before them")
-    changed = [name for name in before if not np.array_equal(before[name], after[name])]
-    by_value: dict[bytes, list[tuple[Any, bool]]] = {}
-    for parameter in module.parameters():
-        values = parameter.detach().cpu().numpy()
-        by_value.setdefault(_key(values), []).append((parameter, False))
-        if values.ndim == 2:
-            by_value.setdefault(_key(values.T), []).append((parameter, True))
+        raise UsageError(f"'{step}' can follow only an unstructured prune among the graph steps (lowrank and "
+                         "prune structure=channel change the shapes, a torch step before them replaced the "
+                         "model): put qat before them")
+    from compressor_onnx.finetune import locate_parameters
+
+    changed = {name: before[name] for name in before if not np.array_equal(before[name], after[name])}
+    located = locate_parameters(module, changed)
+    missing = [name for name in changed if name not in located]
+    if missing:
+        raise UsageError(f"'{step}': weight {missing[0]} of the edited graph is not one parameter of the torch "
+                         "model (folded at export?); put qat before the graph steps")
+    parameters = dict(module.named_parameters())
     with torch.no_grad():
-        for name in changed:
-            found = by_value.get(_key(before[name]), [])
-            if len(found) != 1:
-                raise UsageError(f"'{step}': weight {name} of the edited graph is not one parameter of the torch "
-                                 "model (folded at export?); put qat before the graph steps")
-            parameter, transposed = found[0]
-            parameter.copy_(torch.tensor(after[name].T if transposed else after[name]))
+        for name, (parameter_name, transposed) in located.items():
+            parameters[parameter_name].copy_(torch.tensor(after[name].T if transposed else after[name]))
     return len(changed)
-
-
-def _key(array: Any) -> bytes:
-    import hashlib
-
-    import numpy as np
-
-    contiguous = np.ascontiguousarray(array)
-    return repr((contiguous.shape, contiguous.dtype.str)).encode() + hashlib.blake2b(
-        contiguous.tobytes(), digest_size=16).digest()
 
 
 def sparsity(weights: list[Any]) -> float:
@@ -294,8 +281,8 @@ def train(network: Network, original: Any, student: Any, dataset: Dataset, param
             else:
                 with torch.no_grad():
                     _, target = call(network, original, batch)
-                loss = (_logits_loss(output, target, None, 1.0, 1.0) if kind == "logits"
-                        else _hidden_loss(output, target, batch.get("attention_mask")))
+                loss = (logits_loss(output, target, None, 1.0, 1.0) if kind == "logits"
+                        else hidden_loss(output, target, batch.get("attention_mask")))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

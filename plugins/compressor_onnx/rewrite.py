@@ -27,22 +27,22 @@ Edit = Callable[[Any, Path], tuple[dict[str, Producer], Any]]
 FLOAT_TYPES = (1, 10, 11)
 
 
-def apply_step(network: Network, step: Step, context: Context) -> tuple[Network, list[str], dict[str, Any]]:
+def apply_step(network: Network, step: Step, context: Context) -> tuple[Network, list[str], dict[str, Any], Any]:
     """Run ``lowrank`` or ``prune structure=channel`` on an exported network: the new
-    network, the notes and the metadata for the report."""
+    network, the notes and the metadata for the report, and the edit's result."""
     if step.technique == "lowrank":
         from compressor_onnx.lowrank import lowrank_edit, lowrank_request
 
         request = lowrank_request(step.params)
         network, result = rewrite_network(network, lambda model, folder: lowrank_edit(model, folder, request),
                                           context, "lowrank")
-        return network, [result.note(request)], {"lowrank": result.to_json()}
+        return network, [result.note(request)], {"lowrank": result.to_json()}, result
     from compressor_onnx.channels import channel_edit
 
     ratio = float(step.params["sparsity"])
     network, result = rewrite_network(network, lambda model, folder: channel_edit(model, folder, ratio),
                                       context, "channels")
-    return network, [result.note(ratio)], {"channel_pruning": result.to_json()}
+    return network, [result.note(ratio)], {"channel_pruning": result.to_json()}, result
 
 
 def rewrite_network(network: Network, edit: Edit, context: Context, stem: str) -> tuple[Network, Any]:

@@ -66,8 +66,6 @@ class _Conversion:
 
     flatbuffer: bytes | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
-    #: The model file, named by the one-line error when the converter refuses it.
-    source: Path | None = None
 
 
 @dataclass
@@ -89,7 +87,7 @@ def load(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchSource,
     from compressor_onnx.loading import load_network
 
     network, inputs = load_network(path, options, trust)
-    return TorchSource(network=network, conversion=_Conversion(source=path)), FORMAT, inputs
+    return TorchSource(network=network), FORMAT, inputs
 
 
 def fork(model: Model) -> Model:
@@ -123,7 +121,7 @@ def float_flatbuffer(handle: TorchSource, context: Context) -> bytes:
         # JAX (imported by litert-torch) warns at every fork, also at subprocess's fork+exec.
         warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
         started = time.perf_counter()
-        conversion.flatbuffer = _convert(handle.network, context, conversion.source)
+        conversion.flatbuffer = _convert(handle.network, context)
         conversion.metadata = {"converter": _converter_version(),
                                "convert_seconds": round(time.perf_counter() - started, 3)}
     return conversion.flatbuffer
@@ -172,7 +170,7 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _convert(network: Any, context: Context, source: Path | None) -> bytes:
+def _convert(network: Any, context: Context) -> bytes:
     import torch
 
     from compressor_onnx.export import example_inputs
@@ -194,7 +192,7 @@ def _convert(network: Any, context: Context, source: Path | None) -> bytes:
     except Exception as error:  # noqa: BLE001 - the converter raises anything the model's code can
         raise CompressionError(
             f"litert-torch cannot convert this model ({type(error).__name__}: {_summary(error)}); "
-            "use --backend onnx or torch", source
+            "use --backend onnx or torch"
         ) from None
 
 

@@ -1,0 +1,234 @@
+"""Fine-tuning of the torch model after ``prune`` (unstructured, ``structure=channel``,
+``structure=head``) and ``lowrank``, when ``--train-data`` is given.
+
+Graph edits (unstructured and channel pruning, lowrank) are made on the exported
+graph as in one-shot mode, and decide what goes. The torch model is then brought to
+the edited graph's function:
+
+* pruning: every weight the edit zeroed or sliced is found in the torch model by
+  value (an exported Linear/Conv weight is the parameter itself, or its transpose
+  for a MatMul) and masked; the masks are applied again after every optimizer step.
+  A removed channel's inputs of the next layer are masked too, so the masked model
+  computes exactly what the pruned graph computes;
+* lowrank: each factorized weight's ``nn.Linear`` becomes two Linear layers holding
+  the same truncated-SVD factors.
+
+It is trained on the train data against the unedited model with distill's loss (KL
+on softened logits, plus cross-entropy on labels ``y`` when the data has them;
+hidden-state matching for encoders), exported again, and the edit made again: the
+masked weights are zeros, the smallest there are, so the same weights and channels
+go. Head pruning is a torch step already: its pruned module is trained the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+from compressor import Context, Model, Step
+from compressor_onnx.loading import Network
+
+PLAIN_RATE, TRANSFORMERS_RATE = 1e-3, 5e-5
+LOSS_SETTINGS = {"temperature": 2.0, "alpha": 0.5}
+#: The edit made again on the fine-tuned model's export.
+Redo = Callable[[Network], Network]
+
+
+def fine_tuning_wanted(step: Step, context: Context) -> bool:
+    return context.train_data is not None and int(step.params.get("epochs") or 0) > 0
+
+
+def one_shot_note(step: Step, context: Context) -> str:
+    if context.train_data is None:
+        return "one-shot, no fine-tuning (no --train-data)"
+    return "one-shot, no fine-tuning (epochs=0)"
+
+
+def finetune_graph_edit(model: Model, original: Network, edited: Network, result: Any, step: Step,
+                        context: Context, redo: Redo) -> tuple[Network, list[str], dict[str, Any]]:
+    """``edited`` (the edit of ``original``, the export of ``model``) made again on a
+    fine-tuned torch model; or ``edited`` and a note saying why it was not fine-tuned."""
+    if not model.handle.is_torch:
+        return edited, [f"not fine-tuned: {model.source.name} is read as an ONNX graph, not a torch model "
+                        "(one-shot)"], {}
+    if original.graph is None or edited.graph is None:
+        return edited, ["not fine-tuned: the model is past the large-model threshold (one-shot)"], {}
+    import torch
+
+    from compressor_onnx.export import exported
+    from compressor_onnx.heads import torch_model, with_module
+
+    network, teacher, _ = torch_model(model, step, context)
+    student = copy.deepcopy(teacher)
+    changes = _graph_changes(original.graph, edited.graph, result, step)
+    located = locate_parameters(student, {name: array for name, (array, _) in changes.items()})
+    missing = [name for name in changes if name not in located]
+    if missing:
+        return edited, [f"not fine-tuned: weight(s) {', '.join(missing[:3])} of the exported graph are not "
+                        "parameters of the torch model (folded at export, e.g. a BatchNorm into its Conv): "
+                        "one-shot"], {}
+    if step.technique == "lowrank":
+        outside = [name for name, (parameter, _) in located.items() if _linear_owner(student, parameter) is None]
+        if outside:
+            return edited, [f"not fine-tuned: weight(s) {', '.join(outside[:3])} of the exported graph are not "
+                            "the weight of an nn.Linear layer in the torch model: one-shot"], {}
+        factorized = _factorize(student, {located[name]: int(rank) for name, (_, rank) in changes.items()})
+        after_step, facts = None, {"factorized_linear_layers": factorized}
+    else:
+        masks = _masks(student, {located[name]: mask for name, (_, mask) in changes.items()})
+
+        def after_step() -> None:
+            with torch.no_grad():
+                for parameter, mask in masks:
+                    parameter.mul_(mask)
+
+        after_step()
+        facts = {"masked_parameters": len(masks)}
+    notes, metadata = train_student(network, teacher, student, step, context, after_step)
+    metadata["fine_tuning"].update(facts)
+    tuned = exported(with_module(network, student), context)
+    return (tuned if step.technique == "lowrank" else redo(tuned)), notes, metadata
+
+
+def train_student(network: Network, teacher: Any, student: Any, step: Step, context: Context,
+                  after_step: Callable[[], None] | None = None) -> tuple[list[str], dict[str, Any]]:
+    """Train ``student`` (the edited model) to match ``teacher`` (the unedited one) on the
+    train data, in place: the note and metadata."""
+    import torch
+
+    from compressor_onnx.distill import output_kind, train
+    from compressor_onnx.heads import is_transformers
+
+    dataset = context.train_data
+    assert dataset is not None
+    teacher.eval()
+    kind = output_kind(network, teacher, student, dataset, context, step)
+    rate = float(step.params.get("learning_rate") or (TRANSFORMERS_RATE if is_transformers(teacher) else PLAIN_RATE))
+    settings = {"epochs": int(step.params["epochs"]), "batch_size": int(step.params.get("batch_size") or 32),
+                **LOSS_SETTINGS}
+    started = time.perf_counter()
+    with torch.random.fork_rng():
+        torch.manual_seed(context.seed)
+        losses = train(network, teacher, student, dataset, settings, kind, rate, context, after_step,
+                       stage="fine-tuning")
+    student.eval()
+    if kind != "logits":
+        loss = "MSE + cosine on hidden states"
+    else:
+        loss = "KL on softened logits" + (" + cross-entropy on labels" if dataset.labels is not None else "")
+    note = (f"fine-tuned {settings['epochs']} epoch(s) on {dataset.size} examples of {dataset.path.name} "
+            f"against the unedited model ({loss}); loss {losses[0]:.4g} -> {losses[-1]:.4g}")
+    return [note], {"fine_tuning": {
+        "epochs": settings["epochs"], "examples": dataset.size, "loss": loss, "learning_rate": rate,
+        "epoch_losses": [round(value, 6) for value in losses],
+        "seconds": round(time.perf_counter() - started, 3),
+    }}
+
+
+def _graph_changes(original: Any, edited: Any, result: Any, step: Step) -> dict[str, tuple[Any, Any]]:
+    """Weight initializer name -> (its array in ``original``, what the edit did): a keep
+    mask in the graph's layout (pruning) or the rank (lowrank)."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    before = {tensor.name: tensor for tensor in original.graph.initializer}
+    if step.technique == "lowrank":
+        return {name: (numpy_helper.to_array(before[name]), rank) for name, rank in result.ranks.items()}
+    if step.params.get("structure") == "channel":
+        changes = {}
+        for name, axes in result.kept.items():
+            array = numpy_helper.to_array(before[name])
+            keep = np.ones(array.shape, dtype=bool)
+            for axis, kept in axes.items():
+                along = np.zeros(array.shape[axis], dtype=bool)
+                along[kept] = True
+                keep &= along.reshape([-1 if index == axis else 1 for index in range(array.ndim)])
+            changes[name] = (array, keep)
+        return changes
+    after = {tensor.name: tensor for tensor in edited.graph.initializer}
+    changes = {}
+    for name, tensor in after.items():
+        if name in before and before[name].data_type == tensor.data_type and before[name] is not tensor:
+            array, pruned = numpy_helper.to_array(before[name]), numpy_helper.to_array(tensor)
+            if array.shape == pruned.shape and not np.array_equal(array, pruned):
+                changes[name] = (array, pruned != 0)
+    return changes
+
+
+def _key(array: Any) -> tuple[tuple[int, ...], str, bytes]:
+    import hashlib
+
+    import numpy as np
+
+    contiguous = np.ascontiguousarray(array)
+    return tuple(contiguous.shape), contiguous.dtype.str, hashlib.blake2b(contiguous.tobytes(), digest_size=16).digest()
+
+
+def locate_parameters(module: Any, arrays: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    """Initializer name -> (parameter name, whether the initializer is its transpose),
+    for the arrays equal to exactly one parameter of ``module``."""
+    found: dict[Any, list[tuple[str, bool]]] = {}
+    for name, parameter in module.named_parameters():
+        values = parameter.detach().cpu().numpy()
+        found.setdefault(_key(values), []).append((name, False))
+        if values.ndim == 2:
+            found.setdefault(_key(values.T), []).append((name, True))
+    located = {}
+    for name, array in arrays.items():
+        matches = found.get(_key(array), [])
+        if len(matches) == 1:
+            located[name] = matches[0]
+    return located
+
+
+def _masks(module: Any, keeps: dict[tuple[str, bool], Any]) -> list[tuple[Any, Any]]:
+    """(parameter, float mask in its layout) for every located keep mask."""
+    import numpy as np
+    import torch
+
+    parameters = dict(module.named_parameters())
+    masks = []
+    for (name, transposed), keep in keeps.items():
+        parameter = parameters[name]
+        layout = np.ascontiguousarray(keep.T if transposed else keep)
+        masks.append((parameter, torch.from_numpy(layout).to(parameter.dtype)))
+    return masks
+
+
+def _linear_owner(module: Any, parameter: str) -> tuple[Any, str] | None:
+    """The nn.Linear whose weight ``parameter`` is, and its name (not the root module)."""
+    import torch
+
+    owner_name, _, attribute = parameter.rpartition(".")
+    if not owner_name or attribute != "weight":
+        return None
+    owner = module.get_submodule(owner_name)
+    return (owner, owner_name) if isinstance(owner, torch.nn.Linear) else None
+
+
+def _factorize(module: Any, ranks: dict[tuple[str, bool], int]) -> list[str]:
+    """Replace each located weight's nn.Linear by two Linear layers of its rank: their names."""
+    import torch
+
+    from compressor_onnx.lowrank import factors
+
+    replaced = []
+    for (name, _), rank in ranks.items():
+        found = _linear_owner(module, name)
+        assert found is not None
+        owner, owner_name = found
+        first, second = factors(owner.weight.detach().cpu().numpy().T, rank)
+        down = torch.nn.Linear(owner.in_features, rank, bias=False)
+        up = torch.nn.Linear(rank, owner.out_features, bias=owner.bias is not None)
+        with torch.no_grad():
+            down.weight.copy_(torch.from_numpy(first.T.copy()))
+            up.weight.copy_(torch.from_numpy(second.T.copy()))
+            if owner.bias is not None:
+                up.bias.copy_(owner.bias)
+        parent_name, _, child = owner_name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, torch.nn.Sequential(down, up).to(owner.weight.dtype))
+        replaced.append(owner_name)
+    return replaced

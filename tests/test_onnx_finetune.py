@@ -1,0 +1,103 @@
+"""Fine-tuning on the onnx backend after ``prune`` (unstructured, channel, head) and
+``lowrank`` of a torch model, with real torch, onnx and ONNX Runtime: the saved graph
+keeps the edit's shapes and zeros, and training on ``--train-data`` wins back what the
+one-shot edit lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from test_onnx_techniques import compress, tiny_bert
+
+from compressor_onnx.pruning import sparsity_of
+from compressor_onnx.samples import digits_split
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    split = digits_split()
+    path = tmp_path_factory.mktemp("train") / "train.npz"
+    np.savez(path, x=split.train_x, y=split.train_y)
+    return path
+
+
+def accuracy(path: Path) -> float:
+    import onnxruntime as ort
+
+    split = digits_split()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: split.test_x})[0]
+    return float((logits.argmax(1) == split.test_y).mean())
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def tuned_and_one_shot(digits: Any, train_data: Path, step: str, folder: Path) -> tuple[Any, Path, Any, Path]:
+    options = {"model_factory": "compressor_onnx.samples:build_digits_mlp"}
+    for name in ("tuned", "once"):
+        (folder / name).mkdir()
+    tuned, tuned_path = compress(digits.state_dict, [f"{step} epochs=4"], folder / "tuned", options,
+                                 train=train_data)
+    once, once_path = compress(digits.state_dict, [f"{step} epochs=0"], folder / "once", options,
+                               train=train_data)
+    return tuned, tuned_path, once, once_path
+
+
+def test_channel_pruning_is_fine_tuned_on_the_pruned_structure(digits: Any, train_data: Path,
+                                                                tmp_path: Path) -> None:
+    tuned, tuned_path, once, once_path = tuned_and_one_shot(
+        digits, train_data, "prune 0.75 structure=channel", tmp_path)
+    # The same 48 of 64 hidden neurons went in both: the fine-tuned model's masked rows
+    # were zeros, so the edit made again on its export removed exactly them.
+    assert sorted(w.shape for w in weights(tuned_path).values()) == sorted(w.shape for w in weights(once_path).values())
+    assert (64, 16) in {w.shape for w in weights(tuned_path).values()} | {w.shape[::-1] for w in weights(tuned_path).values()}
+    one_shot, fine_tuned = accuracy(once_path), accuracy(tuned_path)
+    assert one_shot < digits.accuracy - 0.05  # the one-shot edit really hurts this model...
+    assert fine_tuned >= digits.accuracy - 0.02  # ...and training on the pruned structure wins it back
+    assert tuned.metadata["fine_tuning"]["masked_parameters"] == 2
+    losses = tuned.metadata["fine_tuning"]["epoch_losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert any("fine-tuned 4 epoch(s) on 1347 examples of train.npz" in note for note in tuned.notes)
+    assert "fine_tuning" not in once.metadata and "one-shot, no fine-tuning (epochs=0)" in once.notes
+
+
+def test_unstructured_pruning_keeps_its_zeros_through_fine_tuning(digits: Any, train_data: Path,
+                                                                   tmp_path: Path) -> None:
+    tuned, tuned_path, _, once_path = tuned_and_one_shot(digits, train_data, "prune 0.9", tmp_path)
+    assert sparsity_of(onnx.load(str(tuned_path))) == pytest.approx(0.9, abs=0.002)
+    assert accuracy(tuned_path) > accuracy(once_path) + 0.1  # measured: 72.9% one-shot, 89.6% tuned
+
+
+def test_lowrank_is_fine_tuned_as_two_linear_layers(digits: Any, train_data: Path, tmp_path: Path) -> None:
+    tuned, tuned_path, _, once_path = tuned_and_one_shot(digits, train_data, "lowrank rank=4", tmp_path)
+    # The exporter writes the factors as MatMul or Gemm weights, transposed or not.
+    shapes = sorted(tuple(sorted(w.shape)) for w in weights(tuned_path).values() if w.ndim == 2)
+    assert shapes == sorted(tuple(sorted(w.shape)) for w in weights(once_path).values() if w.ndim == 2)
+    assert shapes == [(4, 64), (4, 64), (10, 64)]
+    assert tuned.metadata["fine_tuning"]["factorized_linear_layers"] == ["0"]
+    assert accuracy(tuned_path) > accuracy(once_path)
+
+
+def test_an_onnx_graph_is_not_fine_tuned_and_says_so(digits: Any, train_data: Path, tmp_path: Path) -> None:
+    model, path = compress(digits.onnx, ["prune 0.5 structure=channel"], tmp_path, train=train_data)
+    assert "fine_tuning" not in model.metadata
+    assert any(note.startswith("not fine-tuned: digits.onnx is read as an ONNX graph") for note in model.notes)
+    assert accuracy(path) > 0.5
+
+
+def test_head_pruning_is_fine_tuned_with_labels(tmp_path: Path) -> None:
+    folder, data, _ = tiny_bert(tmp_path / "bert", classifier=True)
+    (tmp_path / "out").mkdir()
+    model, path = compress(folder, ["prune 0.5 structure=head epochs=3 learning_rate=0.001"], tmp_path / "out",
+                           calibration=data, train=data)
+    facts = model.metadata["fine_tuning"]
+    assert facts["loss"] == "KL on softened logits + cross-entropy on labels"
+    assert facts["epoch_losses"][-1] < facts["epoch_losses"][0]
+    assert onnx.load(str(path)).graph.output[0].name == "logits"
