@@ -168,6 +168,37 @@ def test_head_pruning_of_a_classifier_ranks_by_gradient(tmp_path: Path) -> None:
     np.testing.assert_allclose(run_onnx(saved, arrays), logits, atol=1e-4)
 
 
+def test_head_pruning_of_distilbert_layout(tmp_path: Path) -> None:
+    """DistilBERT's q_lin/k_lin/v_lin/out_lin attention: the dead heads go, the outputs stay."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=120, dim=HIDDEN, n_layers=2, n_heads=HEADS, hidden_dim=64,
+                                           max_position_embeddings=64)
+    model = transformers.DistilBertModel(config).eval()
+    with torch.no_grad():
+        for index, heads in DEAD.items():
+            value = model.transformer.layer[index].attention.v_lin
+            for head in heads:
+                value.weight[head * SIZE:(head + 1) * SIZE] = 0
+                value.bias[head * SIZE:(head + 1) * SIZE] = 0
+    folder = tmp_path / "distilbert"
+    model.save_pretrained(folder, safe_serialization=True)
+    rng = np.random.default_rng(0)
+    mask = (np.arange(12)[None, :] < rng.integers(4, 13, size=16)[:, None]).astype(np.int64)
+    arrays = {"input_ids": np.where(mask == 1, rng.integers(5, 120, size=(16, 12)), 0).astype(np.int64),
+              "attention_mask": mask}
+    np.savez(tmp_path / "tokens.npz", **arrays)
+    pruned, saved = compress(folder, ["prune 0.5 structure=head"], tmp_path, eval=tmp_path / "tokens.npz")
+    facts = pruned.metadata["head_pruning"]
+    assert [layer["removed"] for layer in facts["layers"]] == [list(DEAD[0]), list(DEAD[1])]
+    assert matrices(saved).count([HIDDEN, HIDDEN // 2]) == 6 and matrices(saved).count([HIDDEN // 2, HIDDEN]) == 2
+    with torch.no_grad():
+        expected = model(**{k: torch.from_numpy(v) for k, v in arrays.items()}).last_hidden_state.numpy()
+    np.testing.assert_allclose(run_onnx(saved, arrays), expected, atol=1e-4)
+
+
 def write_mlp(folder: Path) -> tuple[Path, Path, Path]:
     """A 64-64-10 MLP state_dict (compressor_onnx.samples' factory), labelled and
     unlabelled training data, and the students' factory module on the path."""

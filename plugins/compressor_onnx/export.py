@@ -142,8 +142,11 @@ def _run_exporter(
 ) -> None:
     import torch
 
+    from compressor.native import native_output_silenced
+
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # The exporter prints its whole IR graph to stdout, from C++, when it fails.
+        with warnings.catch_warnings(), torch.no_grad(), native_output_silenced(stderr=False):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper,

@@ -8,7 +8,6 @@ set before its first import, so every TensorFlow import goes through here.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,15 +24,10 @@ def _prepare_environment() -> None:
 def native_stderr_silenced() -> Iterator[None]:
     """Hide what C++ code writes to file descriptor 2 (absl start-up lines, converter
     progress) while the block runs; Python errors still arrive as exceptions."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    from compressor.native import native_output_silenced
+
+    with native_output_silenced(stdout=False):
+        yield
 
 
 @contextmanager
