@@ -12,7 +12,7 @@ when ``r * (n + m) >= n * m`` (no parameters saved).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,17 +122,10 @@ def lowrank_edit(model: Any, folder: Path, request: LowRankRequest) -> tuple[dic
             continue
         transposed = node.op_type == "Gemm" and bool(attribute(node, "transB", 0))
         n, m = (tensor.dims[1], tensor.dims[0]) if transposed else (tensor.dims[0], tensor.dims[1])
-        skip = _reason_to_skip(node, tensor, index, n * m, request)
+        skip = _reason_to_skip(node, tensor, index)
         rank = 0
         if skip is None:
-            if request.rank is not None:
-                rank = request.rank
-            else:
-                import numpy as np
-
-                singular = np.linalg.svd(read_array(tensor, folder).astype(np.float32), compute_uv=False)
-                rank = rank_for_energy(singular, float(request.energy or 1.0))
-            skip = _no_saving(rank, n, m)
+            rank, skip = plan_rank(request, n, m, lambda tensor=tensor: read_array(tensor, folder))
         if skip is not None:
             result.skipped.append({"layer": label(node), "shape": [n, m], "reason": skip})
             continue
@@ -142,11 +135,11 @@ def lowrank_edit(model: Any, folder: Path, request: LowRankRequest) -> tuple[dic
         result.params_before += n * m
         result.params_after += rank * (n + m)
     if not plans:
-        raise CompressionError(_nothing_done(request, result))
+        raise CompressionError(nothing_done(request, result))
     return _rewrite(model, plans, folder), result
 
 
-def _reason_to_skip(node: Any, tensor: Any, index: GraphIndex, size: int, request: LowRankRequest) -> str | None:
+def _reason_to_skip(node: Any, tensor: Any, index: GraphIndex) -> str | None:
     from compressor_onnx.rewrite import FLOAT_TYPES
 
     if tensor.data_type not in FLOAT_TYPES:
@@ -155,11 +148,25 @@ def _reason_to_skip(node: Any, tensor: Any, index: GraphIndex, size: int, reques
         return "weight is shared with another node"
     if node.op_type == "Gemm" and attribute(node, "transA", 0):
         return "Gemm with transA"
-    if size < request.min_size:
-        return f"{size} weights, under min_size={request.min_size}"
-    if request.rank is not None and request.rank >= min(tensor.dims):
-        return f"rank {request.rank} is not below the matrix's ({min(tensor.dims)})"
     return None
+
+
+def plan_rank(request: LowRankRequest, n: int, m: int, weights: Callable[[], Any]) -> tuple[int, str | None]:
+    """The rank of an n x m weight (``weights()`` reads it, for energy=) and None, or why
+    the layer is left alone: too small, rank not below the matrix's, no parameters saved.
+    Shared by the onnx graph edit and the torch backend's nn.Linear factorization."""
+    if n * m < request.min_size:
+        return 0, f"{n * m} weights, under min_size={request.min_size}"
+    if request.rank is not None and request.rank >= min(n, m):
+        return 0, f"rank {request.rank} is not below the matrix's ({min(n, m)})"
+    if request.rank is not None:
+        rank = request.rank
+    else:
+        import numpy as np
+
+        singular = np.linalg.svd(np.asarray(weights()).astype(np.float32), compute_uv=False)
+        rank = rank_for_energy(singular, float(request.energy or 1.0))
+    return rank, _no_saving(rank, n, m)
 
 
 def _no_saving(rank: int, n: int, m: int) -> str | None:
@@ -168,10 +175,11 @@ def _no_saving(rank: int, n: int, m: int) -> str | None:
     return None
 
 
-def _nothing_done(request: LowRankRequest, result: LowRankResult) -> str:
+def nothing_done(request: LowRankRequest, result: LowRankResult,
+                 layers: str = "MatMul/Gemm with a constant 2-D weight") -> str:
     if not result.skipped:
         where = f" matching layers={','.join(request.patterns)}" if request.patterns else ""
-        return f"lowrank found no MatMul/Gemm with a constant 2-D weight{where}"
+        return f"lowrank found no {layers}{where}"
     reasons = sorted({entry["reason"].split(" (")[0].split(",")[0] for entry in result.skipped})
     return (f"lowrank {request.describe()} factorized none of {len(result.skipped)} layer(s): "
             f"{'; '.join(reasons[:3])}")

@@ -1,7 +1,9 @@
 """Hook implementations of the ``torch`` backend: stay in PyTorch.
 
 PyTorch models (the same inputs the onnx backend reads, loaded by its code)
-compressed with PyTorch's own tools (torchao quantization, magnitude pruning),
+compressed with PyTorch's own tools (torchao quantization, magnitude pruning) and
+the structured techniques the onnx backend runs on torch models (``structured.py``:
+lowrank, channel and head pruning, distillation, fine-tuning),
 saved as ``torch.export`` programs and measured by PyTorch on the CPU.
 
 The backend claims no file suffix of its own but its manifest's
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from compressor import (
+    EVERY_STEP,
     Artifact,
     Backend,
     Context,
@@ -27,6 +30,10 @@ from compressor import (
     Technique,
     hookimpl,
 )
+from compressor_onnx.channels import STRUCTURES, Structure
+
+# The onnx backend's parameters of the techniques both backends offer: one vocabulary.
+from compressor_onnx.plugin import DISTILL_PARAMS, FINE_TUNING_PARAMS, LOWRANK_PARAMS
 
 NAME = "torch"
 
@@ -47,12 +54,35 @@ def backend() -> Backend:
             ),
             "prune": Technique(
                 "prune",
-                help="per-layer magnitude pruning of Linear/Conv weights, made permanent (real zeros)",
+                help="per-layer magnitude pruning of Linear/Conv weights, made permanent (real zeros); whole "
+                     "output neurons/filters (structure=channel) or transformers attention heads ranked on "
+                     "the data (structure=head), the modules really sliced; fine-tuned on --train-data",
                 params={
-                    "sparsity": Param(float, None, "share of weights set to zero",
-                                      minimum=0, maximum=0.99, required=True),
+                    "sparsity": Param(
+                        float, None, "share of weights set to zero (channel: of outputs, head: of heads removed)",
+                        minimum=0, maximum=0.99, required=True,
+                    ),
+                    "structure": Param(
+                        Structure, "unstructured", "unstructured: single weights; channel: whole outputs; "
+                        "head: attention heads",
+                        choices=STRUCTURES,
+                    ),
+                    **FINE_TUNING_PARAMS,
                 },
                 candidates=("prune 0.25", "prune 0.5", "prune 0.75"),
+            ),
+            "lowrank": Technique(
+                "lowrank",
+                help="nn.Linear layers as two thin Linear layers from a truncated SVD; fine-tuned on --train-data",
+                params=LOWRANK_PARAMS,
+                candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
+            ),
+            "distill": Technique(
+                "distill",
+                help="train a smaller student (a factory's, or a transformers teacher's layers) to match "
+                     "the teacher on --train-data",
+                params=DISTILL_PARAMS,
+                requires_data={EVERY_STEP: "train"},
             ),
         },
         options={
@@ -101,15 +131,16 @@ def compressor_fork(model: Model, context: Context) -> Model:
 @hookimpl
 def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
     from compressor import CompressionError
-    from compressor_torch.quantize import prune, quantize
+    from compressor_torch.quantize import quantize
 
     net = model.handle
     notes, metadata = list(model.notes), dict(model.metadata)
-    if step.technique == "prune":
-        sparsity = float(step.params["sparsity"])
-        net, layers = prune(net, sparsity)
-        notes.append(f"pruned {sparsity:g} of the weights of {layers} layers by magnitude, one-shot")
-        metadata["pruned_layers"] = layers
+    if step.technique in ("prune", "lowrank", "distill"):
+        from compressor_torch.structured import apply
+
+        net, step_notes, step_metadata = apply(model, step, context)
+        notes += step_notes
+        metadata.update(step_metadata)
     elif step.technique == "quantize":
         if step.mode not in ("fp16", "dynamic", "int8"):
             raise CompressionError(f"quantize {step.mode} is not a torch backend mode")
