@@ -101,3 +101,47 @@ def test_head_pruning_is_fine_tuned_with_labels(tmp_path: Path) -> None:
     assert facts["loss"] == "KL on softened logits + cross-entropy on labels"
     assert facts["epoch_losses"][-1] < facts["epoch_losses"][0]
     assert onnx.load(str(path)).graph.output[0].name == "logits"
+
+
+BN_CNN = """
+import torch
+
+def build():
+    return torch.nn.Sequential(
+        torch.nn.Unflatten(1, (1, 8, 8)), torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(512, 10))
+"""
+
+
+def test_a_batch_norm_the_export_folds_is_folded_for_fine_tuning(train_data: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exporter folds the BatchNorm into its Conv, so the graph's conv weight is no
+    parameter of the module: the BatchNorm is folded in the torch model as well."""
+    import torch
+
+    (tmp_path / "bn_cnn.py").write_text(BN_CNN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import bn_cnn
+
+    split = digits_split()
+    torch.manual_seed(0)
+    module = bn_cnn.build()
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+    x, y = torch.from_numpy(split.train_x), torch.from_numpy(split.train_y)
+    for _ in range(4):
+        for start in range(0, len(x), 64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(module(x[start:start + 64]), y[start:start + 64]).backward()
+            optimizer.step()
+    torch.save(module.state_dict(), tmp_path / "cnn.pt")
+    options = {"model_factory": "bn_cnn:build"}
+    for name in ("tuned", "once"):
+        (tmp_path / name).mkdir()
+    tuned, tuned_path = compress(tmp_path / "cnn.pt", ["prune 0.5 structure=channel epochs=2"], tmp_path / "tuned",
+                                 options, train=train_data)
+    _, once_path = compress(tmp_path / "cnn.pt", ["prune 0.5 structure=channel epochs=0"], tmp_path / "once",
+                            options, train=train_data)
+    assert tuned.metadata["fine_tuning"]["batch_norms_folded"] == 1
+    assert {w.shape for w in weights(tuned_path).values()} >= {(8, 1, 3, 3), (16, 8, 3, 3)}
+    assert accuracy(tuned_path) > accuracy(once_path) + 0.05

@@ -243,13 +243,14 @@ def files(tmp_path_factory: pytest.TempPathFactory, digits: Any, train_data: Pat
     ("mlp", ["distill layers=1"], ["--train-data"], "layers= needs a transformers teacher"),
     ("mlp", ["distill student=students_torch:small"], [], "needs --train-data on backend 'torch'"),
     ("bert", ["prune 0.5 structure=head"], [], "ranks heads on data: pass --data or --calibration-data"),
-    ("cnn", ["prune 0.5 structure=channel"], ["--data"], "are not parameters of the torch model (folded at "
+    # Without data the folded BatchNorm cannot be checked against the module's outputs.
+    ("cnn", ["prune 0.5 structure=channel"], [], "are not parameters of the torch model (folded at "
      "export, e.g. a BatchNorm into its Conv); use --backend onnx"),
 ])
 def test_bad_requests_exit_2_with_one_line(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, kind: str,
                                            steps: list[str], extra: list[str], message: str) -> None:
     monkeypatch.syspath_prepend(str(files["train"].parent))
-    options = {"mlp": ["--set", f"model_factory={FACTORY}"], "cnn": ["--set", "model_factory=students_torch:conv_bn"],
+    options = {"mlp": ["--set", f"model_factory={FACTORY}"], "cnn": ["--set", "model_factory=students_torch:conv_bn", "--set", "input_shape=1,1,8,8"],
                "bert": []}[kind.removesuffix("-safetensors")]
     if kind == "mlp-safetensors":
         options += ["--set", "save_format=safetensors"]
@@ -261,3 +262,16 @@ def test_bad_requests_exit_2_with_one_line(files: dict[str, Path], monkeypatch: 
     assert code == 2, output
     assert message in output and len(output.strip().splitlines()) == 1, output
     assert not out.exists()
+
+
+def test_channel_pruning_folds_a_batch_norm_the_export_folds(files: dict[str, Path],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(files["train"].parent))
+    out = files["folder"] / "out-bn"
+    code, output = invoke("run", files["cnn"], "--backend", "torch", "--set", "model_factory=students_torch:conv_bn",
+                          "--recipe", recipe(files["folder"], v=["prune 0.5 structure=channel"]),
+                          "--data", files["cnn-data"], "-o", out, *FAST)
+    assert code == 0, output
+    variant = next(v for v in json.loads((out / "report.json").read_text())["variants"] if v["name"] == "v")
+    assert variant["metadata"]["channel_pruning"]["batch_norms_folded"] == 1
+    assert variant["metadata"]["channel_pruning"]["sliced_modules"] == ["0", "3", "6"]

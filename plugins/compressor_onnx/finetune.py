@@ -63,8 +63,16 @@ def finetune_graph_edit(model: Model, original: Network, edited: Network, result
     network, teacher, _ = torch_model(model, step, context)
     student = copy.deepcopy(teacher)
     changes = _graph_changes(original.graph, edited.graph, result, step)
-    located = locate_parameters(student, {name: array for name, (array, _) in changes.items()})
+    arrays = {name: array for name, (array, _) in changes.items()}
+    located = locate_parameters(student, arrays)
     missing = [name for name in changes if name not in located]
+    folded = 0
+    if missing:
+        # The exporter folds each BatchNorm into the Conv before it: fold them here too.
+        student, folded = folded_batch_norms(network, student, context)
+        if folded:
+            located.update(locate_parameters(student, {name: arrays[name] for name in missing}, close=True))
+            missing = [name for name in changes if name not in located]
     if missing:
         return edited, [f"not fine-tuned: weight(s) {', '.join(missing[:3])} of the exported graph are not "
                         "parameters of the torch model (folded at export, e.g. a BatchNorm into its Conv): "
@@ -74,7 +82,7 @@ def finetune_graph_edit(model: Model, original: Network, edited: Network, result
         if outside:
             return edited, [f"not fine-tuned: weight(s) {', '.join(outside[:3])} of the exported graph are not "
                             "the weight of an nn.Linear layer in the torch model: one-shot"], {}
-        factorized = _factorize(student, {located[name]: int(rank) for name, (_, rank) in changes.items()})
+        factorized = factorize_linears(student, {located[name]: int(rank) for name, (_, rank) in changes.items()})
         after_step, facts = None, {"factorized_linear_layers": factorized}
     else:
         masks = _masks(student, {located[name]: mask for name, (_, mask) in changes.items()})
@@ -87,7 +95,7 @@ def finetune_graph_edit(model: Model, original: Network, edited: Network, result
         after_step()
         facts = {"masked_parameters": len(masks)}
     notes, metadata = train_student(network, teacher, student, step, context, after_step)
-    metadata["fine_tuning"].update(facts)
+    metadata["fine_tuning"].update(facts, batch_norms_folded=folded)
     tuned = exported(with_module(network, student), context)
     return (tuned if step.technique == "lowrank" else redo(tuned)), notes, metadata
 
@@ -166,9 +174,11 @@ def _key(array: Any) -> tuple[tuple[int, ...], str, bytes]:
     return tuple(contiguous.shape), contiguous.dtype.str, hashlib.blake2b(contiguous.tobytes(), digest_size=16).digest()
 
 
-def locate_parameters(module: Any, arrays: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+def locate_parameters(module: Any, arrays: dict[str, Any], close: bool = False) -> dict[str, tuple[str, bool]]:
     """Initializer name -> (parameter name, whether the initializer is its transpose),
-    for the arrays equal to exactly one parameter of ``module``."""
+    for the arrays equal (``close``: within float rounding) to exactly one parameter of ``module``."""
+    if close:
+        return _locate_close(module, arrays)
     found: dict[Any, list[tuple[str, bool]]] = {}
     for name, parameter in module.named_parameters():
         values = parameter.detach().cpu().numpy()
@@ -181,6 +191,58 @@ def locate_parameters(module: Any, arrays: dict[str, Any]) -> dict[str, tuple[st
         if len(matches) == 1:
             located[name] = matches[0]
     return located
+
+
+def _locate_close(module: Any, arrays: dict[str, Any]) -> dict[str, tuple[str, bool]]:
+    import numpy as np
+
+    candidates = []
+    for name, parameter in module.named_parameters():
+        values = parameter.detach().cpu().numpy()
+        candidates.append((name, False, values))
+        if values.ndim == 2:
+            candidates.append((name, True, values.T))
+    located = {}
+    for name, array in arrays.items():
+        scale = float(np.abs(array).max()) if array.size else 0.0
+        matches = [(parameter, transposed) for parameter, transposed, values in candidates
+                   if values.shape == array.shape and np.allclose(values, array, rtol=1e-4, atol=1e-6 * scale)]
+        if len(matches) == 1:
+            located[name] = matches[0]
+    return located
+
+
+def folded_batch_norms(network: Network, module: Any, context: Context) -> tuple[Any, int]:
+    """``module`` with each BatchNorm registered right after a Conv of the same width
+    folded into it, as the ONNX exporter does, and the count; ``module`` as it was (and
+    0) when there are none or the folded model does not compute the same outputs (the
+    modules were registered in another order than they run)."""
+    import torch
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    from compressor_onnx.heads import batches, call, data_for
+
+    folded_module, folded = copy.deepcopy(module).eval(), 0
+    for parent in list(folded_module.modules()):
+        children = list(parent.named_children())
+        for (name, layer), (norm_name, norm) in zip(children, children[1:]):
+            if (isinstance(layer, torch.nn.modules.conv._ConvNd) and not layer.transposed
+                    and isinstance(norm, torch.nn.modules.batchnorm._BatchNorm) and norm.running_mean is not None
+                    and norm.num_features == layer.out_channels):
+                setattr(parent, name, fuse_conv_bn_eval(layer, norm))
+                setattr(parent, norm_name, torch.nn.Identity())
+                folded += 1
+    dataset = data_for(context, "train", "calibration", "eval")
+    if not folded or dataset is None:
+        return module, 0
+    batch, _ = next(batches(network, dataset, min(8, dataset.size)))
+    with torch.no_grad():
+        _, expected = call(network, module.eval(), batch)
+        _, got = call(network, folded_module, batch)
+    scale = float(expected.abs().max()) or 1.0
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * scale):
+        return module, 0
+    return folded_module, folded
 
 
 def _masks(module: Any, keeps: dict[tuple[str, bool], Any]) -> list[tuple[Any, Any]]:
@@ -208,7 +270,7 @@ def _linear_owner(module: Any, parameter: str) -> tuple[Any, str] | None:
     return (owner, owner_name) if isinstance(owner, torch.nn.Linear) else None
 
 
-def _factorize(module: Any, ranks: dict[tuple[str, bool], int]) -> list[str]:
+def factorize_linears(module: Any, ranks: dict[tuple[str, bool], int]) -> list[str]:
     """Replace each located weight's nn.Linear by two Linear layers of its rank: their names."""
     import torch
 

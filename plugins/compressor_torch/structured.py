@@ -9,7 +9,7 @@ holds it (:func:`as_network`), and keeps the result a PyTorch model:
 * ``lowrank``: every matching ``nn.Linear`` replaced by two Linear layers holding
   the truncated-SVD factors of its weight (``compressor_onnx.lowrank``: the same
   request, ranks, skip rules, factors and report as the onnx graph edit;
-  ``finetune._factorize`` builds the layers);
+  ``finetune.factorize_linears`` builds the layers);
 * ``prune structure=head``: ``compressor_onnx.heads.prune_heads``;
 * ``prune structure=channel``: the onnx backend's chain analysis
   (``compressor_onnx.channels``) on the module's ONNX export decides which
@@ -162,7 +162,7 @@ def _view(model: Model) -> Model:
 # --- lowrank ----------------------------------------------------------------------------------------
 
 def _lowrank(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet, list[str], dict[str, Any]]:
-    from compressor_onnx.finetune import _factorize, fine_tuning_wanted
+    from compressor_onnx.finetune import factorize_linears, fine_tuning_wanted
     from compressor_onnx.lowrank import lowrank_request, nothing_done
 
     request = lowrank_request(step.params)
@@ -170,7 +170,7 @@ def _lowrank(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet, lis
     if not ranks:
         raise CompressionError(nothing_done(request, result, "nn.Linear layer"))
     teacher = copy.deepcopy(net.module) if fine_tuning_wanted(step, context) else None
-    factorized = _factorize(net.module, ranks)
+    factorized = factorize_linears(net.module, ranks)
     notes = [result.note(request)]
     metadata: dict[str, Any] = {"lowrank": result.to_json()}
     more_notes, more_metadata = _fine_tuned(net, teacher, net.module, step, context)
@@ -182,7 +182,7 @@ def _lowrank(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet, lis
 
 def plan_lowrank(module: Any, request: Any) -> tuple[Any, dict[tuple[str, bool], int]]:
     """The lowrank result (factorized and skipped layers) of ``module``'s nn.Linear layers,
-    and the rank of each weight to factorize, keyed as ``finetune._factorize`` takes them."""
+    and the rank of each weight to factorize, keyed as ``finetune.factorize_linears`` takes them."""
     import torch
 
     from compressor_onnx.lowrank import LowRankResult, matches, plan_rank
@@ -221,7 +221,7 @@ def _channels(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet, li
     from onnx import numpy_helper
 
     from compressor_onnx.export import exported
-    from compressor_onnx.finetune import fine_tuning_wanted, locate_parameters
+    from compressor_onnx.finetune import fine_tuning_wanted, folded_batch_norms, locate_parameters
     from compressor_onnx.rewrite import apply_step
 
     context.progress("exporting to find prunable channels", None)
@@ -233,6 +233,13 @@ def _channels(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet, li
     arrays = {name: numpy_helper.to_array(initializers[name]) for name in result.kept}
     located = locate_parameters(net.module, arrays)
     missing = [name for name in arrays if name not in located]
+    if missing:
+        # The exporter folded a BatchNorm into the Conv before it: do the same to the module.
+        net.module, folded = folded_batch_norms(as_network(net), net.module, context)
+        if folded:
+            located.update(locate_parameters(net.module, {name: arrays[name] for name in missing}, close=True))
+            missing = [name for name in arrays if name not in located]
+            metadata["channel_pruning"]["batch_norms_folded"] = folded
     if missing:
         raise UsageError(f"'{step}': weight(s) {', '.join(missing[:3])} of the exported graph are not parameters "
                          "of the torch model (folded at export, e.g. a BatchNorm into its Conv); use --backend onnx")
