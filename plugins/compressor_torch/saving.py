@@ -16,8 +16,11 @@ and then loads the saved tensors, strictly.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +194,7 @@ def export_program(net: TorchNet, names: tuple[str, ...], outputs: tuple[str, ..
     auto = torch.export.Dim.AUTO
     dynamic = tuple({axis: auto for axis in _dynamic_axes(examples[name])} for name in names)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _export_logs_silenced():
             warnings.simplefilter("ignore")
             program = torch.export.export(wrap(net), tensors, dynamic_shapes=(dynamic,), strict=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises anything a model's code can
@@ -279,3 +282,17 @@ def rebuild_from_manifest(weights: Path, manifest: Path) -> tuple[TorchNet, tupl
                    quantization=quantization, dtype=str(facts.get("dtype", "float32")))
     specs = tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in facts["specs"])
     return net, specs
+
+
+@contextlib.contextmanager
+def _export_logs_silenced() -> Iterator[None]:
+    """torch.export logs the traced graph (and guard failures) on the way to an error it
+    raises anyway, and a failed export falls back to safetensors: keep the CLI clean."""
+    from compressor.native import native_output_silenced
+
+    logging.disable(logging.CRITICAL)
+    try:
+        with native_output_silenced():
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
