@@ -178,3 +178,26 @@ def measure_here(artifact: Any, data: Any, settings: Any) -> Measured:
     runtime = plugin.compressor_open_runtime(artifact, settings)
     measured = measure_runtime(runtime, data, settings)
     return Measured(measured.metrics, measured.outputs, measured.kept)
+
+
+def compress_with(plugin: Any, name: str, path: Path, steps: list[str], folder: Path,
+                  options: dict[str, Any] | None = None, **data: Path) -> tuple[Any, Any]:
+    """Load ``path`` with backend ``name`` (its plugin module) like the CLI does, fork,
+    apply ``steps`` (recipe strings), save into ``folder``: the model and the Artifact.
+    ``data``: ``train=``, ``calibration=``, ``eval=`` .npz files."""
+    from compressor import Context
+    from compressor.builtin import read_npz
+    from compressor.recipes import parse_step
+    from compressor.validation import validate_step
+
+    backend = plugin.backend()
+    folder.mkdir(parents=True, exist_ok=True)
+    context = Context(options={**{k: p.default for k, p in backend.options.items()}, **(options or {})},
+                      workdir=folder)
+    model = plugin.compressor_load(path, name, context)
+    for purpose, file in data.items():
+        setattr(context, f"{purpose}_data", read_npz(file, model.inputs))
+    model = plugin.compressor_fork(model, context)
+    for text in steps:
+        model = plugin.compressor_compress(model, validate_step(backend, parse_step(text)), context)
+    return model, plugin.compressor_save(model, folder / "saved", context)

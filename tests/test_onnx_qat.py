@@ -14,13 +14,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
-from onnx_fixtures import FACTORY, DigitsFiles, make_digits_files
+from onnx_fixtures import FACTORY, DigitsFiles, compress_with, make_digits_files
 
-from compressor import Context, Model, Step
-from compressor.builtin import read_npz
+from compressor import Model
 from compressor.cli import cli
-from compressor.recipes import parse_step
-from compressor.validation import validate_step
 from compressor_onnx import plugin
 
 FAST = ["--min-seconds", "0"]
@@ -69,17 +66,8 @@ def invoke(*args: object) -> tuple[int, str]:
 
 def compress(path: Path, steps: list[str], folder: Path, factory: str = FACTORY, **data: Path) -> tuple[Model, Path]:
     """Load ``path`` like the CLI does, apply ``steps``, save: the model and the saved file."""
-    backend = plugin.backend()
-    options = {**{k: p.default for k, p in backend.options.items()}, "model_factory": factory}
-    context = Context(options=options, workdir=folder)
-    model = plugin.compressor_load(path, "onnx", context)
-    for purpose, file in data.items():
-        setattr(context, f"{purpose}_data", read_npz(file, model.inputs))
-    model = plugin.compressor_fork(model, context)
-    for text in steps:
-        step: Step = validate_step(backend, parse_step(text))
-        model = plugin.compressor_compress(model, step, context)
-    return model, plugin.compressor_save(model, folder / "saved", context).path
+    model, artifact = compress_with(plugin, "onnx", path, steps, folder, {"model_factory": factory}, **data)
+    return model, artifact.path
 
 
 def accuracy(path: Path, digits: DigitsFiles) -> float:

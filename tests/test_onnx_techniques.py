@@ -14,12 +14,10 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from onnx_fixtures import compress_with
 
-from compressor import Context, Model, Step
-from compressor.builtin import read_npz
+from compressor import Model
 from compressor.cli import cli
-from compressor.recipes import parse_step
-from compressor.validation import validate_step
 from compressor_onnx import plugin
 
 FAST = ["--min-seconds", "0"]
@@ -62,17 +60,8 @@ def recipe(folder: Path, **steps: list[str]) -> Path:
 def compress(path: Path, steps: list[str], folder: Path, options: dict[str, Any] | None = None,
              **data: Path) -> tuple[Model, Path]:
     """Load ``path`` like the CLI does, apply ``steps``, save: the model and the saved file."""
-    backend = plugin.backend()
-    context = Context(options={**{k: p.default for k, p in backend.options.items()}, **(options or {})},
-                      workdir=folder)
-    model = plugin.compressor_load(path, "onnx", context)
-    for purpose, file in data.items():
-        setattr(context, f"{purpose}_data", read_npz(file, model.inputs))
-    model = plugin.compressor_fork(model, context)
-    for text in steps:
-        step: Step = validate_step(backend, parse_step(text))
-        model = plugin.compressor_compress(model, step, context)
-    return model, plugin.compressor_save(model, folder / "saved", context).path
+    model, artifact = compress_with(plugin, "onnx", path, steps, folder, options, **data)
+    return model, artifact.path
 
 
 def tiny_bert(folder: Path, classifier: bool = False) -> tuple[Path, Path, dict[str, np.ndarray]]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from onnx_fixtures import compress_with
 from test_onnx_techniques import (
     HIDDEN,
     STUDENT,
@@ -24,10 +25,7 @@ from test_onnx_techniques import (
 )
 from test_onnx_techniques import compress as onnx_compress
 
-from compressor import Artifact, Context, MeasureSettings, Model, Step
-from compressor.builtin import read_npz
-from compressor.recipes import parse_step
-from compressor.validation import validate_step
+from compressor import Artifact, MeasureSettings, Model
 from compressor_onnx.samples import FACTORY, digits_split
 from compressor_torch import plugin
 
@@ -54,18 +52,7 @@ def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def compress(path: Path, steps: list[str], folder: Path, options: dict[str, Any] | None = None,
              **data: Path) -> tuple[Model, Artifact]:
     """Load ``path`` like the CLI does, apply ``steps``, save: the model and the artifact."""
-    backend = plugin.backend()
-    folder.mkdir(parents=True, exist_ok=True)
-    context = Context(options={**{k: p.default for k, p in backend.options.items()}, **(options or {})},
-                      workdir=folder)
-    model = plugin.compressor_load(path, "torch", context)
-    for purpose, file in data.items():
-        setattr(context, f"{purpose}_data", read_npz(file, model.inputs))
-    model = plugin.compressor_fork(model, context)
-    for text in steps:
-        step: Step = validate_step(backend, parse_step(text))
-        model = plugin.compressor_compress(model, step, context)
-    return model, plugin.compressor_save(model, folder / "saved", context)
+    return compress_with(plugin, "torch", path, steps, folder, options, **data)
 
 
 def digits_model(digits: Any, steps: list[str], folder: Path, **data: Path) -> tuple[Model, Artifact]:

@@ -175,37 +175,54 @@ def output_kind(network: Network, teacher: Any, student: Any, dataset: Dataset, 
     return kind
 
 
+#: The loss of one batch: (inputs by name, labels or None, the student's first output) -> loss.
+LossOf = Callable[[dict[str, Any], Any, Any], Any]
+
+
 def train(network: Network, teacher: Any, student: Any, dataset: Dataset, params: dict[str, Any],
           kind: str, rate: float, context: Context, after_step: Callable[[], None] | None = None,
           stage: str = "distilling") -> list[float]:
     """AdamW on the distillation loss; the mean loss of each epoch. ``after_step`` runs
     after every optimizer step (fine-tuning keeps pruned weights at zero with it)."""
+    import torch
+
+    temperature, alpha = float(params["temperature"]), float(params["alpha"])
+
+    def loss_of(batch: dict[str, Any], labels: Any, output: Any) -> Any:
+        with torch.no_grad():
+            _, target = call(network, teacher, batch)
+        if kind == "logits":
+            return logits_loss(output, target, labels, temperature, alpha)
+        return hidden_loss(output, target, batch.get("attention_mask"))
+
+    return train_loop(network, student, dataset, params, rate, context, loss_of, after_step, stage)
+
+
+def train_loop(network: Network, student: Any, dataset: Dataset, params: dict[str, Any], rate: float,
+               context: Context, loss_of: LossOf, after_step: Callable[[], None] | None = None,
+               stage: str = "training") -> list[float]:
+    """AdamW on ``loss_of`` over shuffled batches of ``dataset`` (``params``: epochs and
+    batch_size); the mean loss of each epoch."""
     import numpy as np
     import torch
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=rate)
     rng = np.random.default_rng(context.seed)
     epochs, size = int(params["epochs"]), int(params["batch_size"])
-    temperature, alpha = float(params["temperature"]), float(params["alpha"])
     steps_per_epoch = -(-dataset.size // size)
     student.train()
     losses = []
     for epoch in range(epochs):
         total = 0.0
         for number, (batch, labels) in enumerate(batches(network, dataset, size, rng.permutation(dataset.size))):
-            with torch.no_grad():
-                _, target = call(network, teacher, batch)
             _, output = call(network, student, batch)
-            if kind == "logits":
-                loss = logits_loss(output, target, labels, temperature, alpha)
-            else:
-                loss = hidden_loss(output, target, batch.get("attention_mask"))
+            loss = loss_of(batch, labels, output)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if after_step is not None:
                 after_step()
-            total += loss.item() * len(target)
+            total += loss.item() * len(output)
             context.progress(stage, (epoch * steps_per_epoch + number + 1) / (epochs * steps_per_epoch))
         losses.append(total / dataset.size)
     return losses

@@ -61,6 +61,21 @@ DISTILL_PARAMS = {
     "learning_rate": Param(float, None, "AdamW learning rate (default 1e-3 with student=, 1e-4 with layers=)",
                            minimum=1e-8, maximum=1),
 }
+PRUNE_PARAMS = {
+    "sparsity": Param(float, None, "share of weights set to zero (channel: of outputs, head: of heads removed)",
+                      minimum=0, maximum=0.99, required=True),
+    "structure": Param(Structure, "unstructured", "unstructured: single weights; channel: whole outputs; "
+                       "head: attention heads", choices=STRUCTURES),
+    **FINE_TUNING_PARAMS,
+}
+#: The same on the torch backend: one vocabulary.
+DISTILL = Technique(
+    "distill",
+    help="train a smaller student (a factory's, or a transformers teacher's layers) to match the teacher on "
+         "--train-data",
+    params=DISTILL_PARAMS,
+    requires_data={EVERY_STEP: "train"},
+)
 QAT_PARAMS = {
     "epochs": Param(int, 2, "training epochs with fake-quantized weights and activations", minimum=1),
     "batch_size": Param(int, 32, "training batch size", minimum=1),
@@ -109,18 +124,7 @@ def backend() -> Backend:
                 help="per-layer magnitude pruning (real zeros), whole output neurons/filters (structure=channel), "
                      "or transformers attention heads ranked on the data (structure=head); fine-tuned on "
                      "--train-data",
-                params={
-                    "sparsity": Param(
-                        float, None, "share of weights set to zero (channel: of outputs, head: of heads removed)",
-                        minimum=0, maximum=0.99, required=True,
-                    ),
-                    "structure": Param(
-                        Structure, "unstructured", "unstructured: single weights; channel: whole outputs; "
-                        "head: attention heads",
-                        choices=STRUCTURES,
-                    ),
-                    **FINE_TUNING_PARAMS,
-                },
+                params=PRUNE_PARAMS,
                 candidates=("prune 0.25 structure=channel", "prune 0.5 structure=channel",
                             "prune 0.75 structure=channel"),
             ),
@@ -130,13 +134,7 @@ def backend() -> Backend:
                 params=LOWRANK_PARAMS,
                 candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
             ),
-            "distill": Technique(
-                "distill",
-                help="train a smaller student (a factory's, or a transformers teacher's layers) to match "
-                     "the teacher on --train-data",
-                params=DISTILL_PARAMS,
-                requires_data={EVERY_STEP: "train"},
-            ),
+            "distill": DISTILL,
             "qat": Technique(
                 "qat",
                 help="quantization-aware training of the torch model on --train-data, exported as a QDQ "

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from compressor import CompressionError, Context, Dataset, Model, Step, UsageError
-from compressor_onnx.distill import hidden_loss, logits_loss, output_kind
+from compressor_onnx.distill import hidden_loss, logits_loss, output_kind, train_loop
 from compressor_onnx.heads import batches, call, check_torch, input_names, torch_model, with_module
 from compressor_onnx.loading import Network
 
@@ -263,36 +263,23 @@ def train(network: Network, original: Any, student: Any, dataset: Dataset, param
           rate: float, context: Context, masks: list[tuple[Any, Any]]) -> list[float]:
     """AdamW on the task loss through the fake quantization, ``masks`` (weight, where it may be
     nonzero) applied after every step; the mean loss of each epoch."""
-    import numpy as np
     import torch
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=rate)
-    rng = np.random.default_rng(context.seed)
-    epochs, size = int(params["epochs"]), int(params["batch_size"])
-    steps_per_epoch = -(-dataset.size // size)
-    student.train()
-    losses = []
-    for epoch in range(epochs):
-        total = 0.0
-        for number, (batch, labels) in enumerate(batches(network, dataset, size, rng.permutation(dataset.size))):
-            _, output = call(network, student, batch)
-            if kind == "logits" and labels is not None and len(labels) == len(output):
-                loss = torch.nn.functional.cross_entropy(output.reshape(len(labels), -1), labels)
-            else:
-                with torch.no_grad():
-                    _, target = call(network, original, batch)
-                loss = (logits_loss(output, target, None, 1.0, 1.0) if kind == "logits"
-                        else hidden_loss(output, target, batch.get("attention_mask")))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                for weight, mask in masks:
-                    weight.mul_(mask)
-            total += loss.item() * len(output)
-            context.progress("quantization-aware training",
-                             (epoch * steps_per_epoch + number + 1) / (epochs * steps_per_epoch))
-        losses.append(total / dataset.size)
+    def loss_of(batch: dict[str, Any], labels: Any, output: Any) -> Any:
+        if kind == "logits" and labels is not None and len(labels) == len(output):
+            return torch.nn.functional.cross_entropy(output.reshape(len(labels), -1), labels)
+        with torch.no_grad():
+            _, target = call(network, original, batch)
+        return (logits_loss(output, target, None, 1.0, 1.0) if kind == "logits"
+                else hidden_loss(output, target, batch.get("attention_mask")))
+
+    def keep_zeros() -> None:
+        with torch.no_grad():
+            for weight, mask in masks:
+                weight.mul_(mask)
+
+    losses = train_loop(network, student, dataset, params, rate, context, loss_of, keep_zeros,
+                        "quantization-aware training")
     student.eval()
     return losses
 

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from compressor import (
-    EVERY_STEP,
     Artifact,
     Backend,
     Context,
@@ -30,10 +29,9 @@ from compressor import (
     Technique,
     hookimpl,
 )
-from compressor_onnx.channels import STRUCTURES, Structure
 
-# The onnx backend's parameters of the techniques both backends offer: one vocabulary.
-from compressor_onnx.plugin import DISTILL_PARAMS, FINE_TUNING_PARAMS, LOWRANK_PARAMS
+# The onnx backend's declarations of the techniques both backends offer: one vocabulary.
+from compressor_onnx.plugin import DISTILL, LOWRANK_PARAMS, PRUNE_PARAMS
 
 NAME = "torch"
 
@@ -57,18 +55,7 @@ def backend() -> Backend:
                 help="per-layer magnitude pruning of Linear/Conv weights, made permanent (real zeros); whole "
                      "output neurons/filters (structure=channel) or transformers attention heads ranked on "
                      "the data (structure=head), the modules really sliced; fine-tuned on --train-data",
-                params={
-                    "sparsity": Param(
-                        float, None, "share of weights set to zero (channel: of outputs, head: of heads removed)",
-                        minimum=0, maximum=0.99, required=True,
-                    ),
-                    "structure": Param(
-                        Structure, "unstructured", "unstructured: single weights; channel: whole outputs; "
-                        "head: attention heads",
-                        choices=STRUCTURES,
-                    ),
-                    **FINE_TUNING_PARAMS,
-                },
+                params=PRUNE_PARAMS,
                 candidates=("prune 0.25", "prune 0.5", "prune 0.75"),
             ),
             "lowrank": Technique(
@@ -77,13 +64,7 @@ def backend() -> Backend:
                 params=LOWRANK_PARAMS,
                 candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
             ),
-            "distill": Technique(
-                "distill",
-                help="train a smaller student (a factory's, or a transformers teacher's layers) to match "
-                     "the teacher on --train-data",
-                params=DISTILL_PARAMS,
-                requires_data={EVERY_STEP: "train"},
-            ),
+            "distill": DISTILL,
         },
         options={
             "model_factory": Param(str, None, "package.module:function building the nn.Module for a state_dict"),
