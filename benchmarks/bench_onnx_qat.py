@@ -40,9 +40,9 @@ VARIANTS = {
     "qat epochs=5": ["qat epochs=5"],
 }
 PRUNED = {
-    "prune 0.75, quantize int8": ["prune 0.75 epochs=0", "quantize int8"],
+    "prune 0.75 epochs=0, quantize int8": ["prune 0.75 epochs=0", "quantize int8"],
     "prune 0.75 epochs=5, quantize int8": ["prune 0.75 epochs=5", "quantize int8"],
-    "prune 0.75, qat epochs=5": ["prune 0.75 epochs=0", "qat epochs=5"],
+    "prune 0.75 epochs=0, qat epochs=5": ["prune 0.75 epochs=0", "qat epochs=5"],
 }
 
 
