@@ -145,3 +145,66 @@ def test_a_batch_norm_the_export_folds_is_folded_for_fine_tuning(train_data: Pat
     assert tuned.metadata["fine_tuning"]["batch_norms_folded"] == 1
     assert {w.shape for w in weights(tuned_path).values()} >= {(8, 1, 3, 3), (16, 8, 3, 3)}
     assert accuracy(tuned_path) > accuracy(once_path) + 0.05
+
+
+TWO_HEADS = """
+import torch
+
+class TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
+                                         torch.nn.ReLU())
+        self.classes = torch.nn.Linear(64, 10)
+        self.quadrants = torch.nn.Linear(64, 4)
+
+    def forward(self, x):
+        hidden = self.trunk(x)
+        return self.classes(hidden), self.quadrants(hidden)
+
+def build():
+    return TwoHeads()
+"""
+
+
+def test_fine_tuning_trains_every_output_of_a_two_head_model(train_data: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A detector-like module (class scores and a regression head): fine-tuning after
+    pruning matches the second output to the unpruned model's too, not only the first."""
+    import onnxruntime as ort
+    import torch
+
+    (tmp_path / "two_heads.py").write_text(TWO_HEADS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import two_heads
+
+    split = digits_split()
+    x = torch.from_numpy(split.train_x)
+    quadrants = x.reshape(-1, 4, 2, 4, 2).mean(dim=(2, 4)).reshape(-1, 16)[:, [0, 3, 12, 15]] * 10
+    torch.manual_seed(0)
+    module = two_heads.build()
+    optimizer = torch.optim.Adam(module.parameters(), lr=3e-3)
+    for _ in range(15):
+        for start in range(0, len(x), 64):
+            classes, regressed = module(x[start:start + 64])
+            loss = (torch.nn.functional.cross_entropy(classes, torch.from_numpy(split.train_y[start:start + 64]))
+                    + torch.nn.functional.mse_loss(regressed, quadrants[start:start + 64]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    torch.save(module.state_dict(), tmp_path / "two.pt")
+    with torch.no_grad():
+        expected = module.eval()(torch.from_numpy(split.test_x))[1].numpy()
+
+    def second_head_error(epochs: int) -> float:
+        folder = tmp_path / f"e{epochs}"
+        folder.mkdir()
+        _, path = compress(tmp_path / "two.pt", [f"prune 0.75 structure=channel epochs={epochs}"], folder,
+                           {"model_factory": "two_heads:build"}, train=train_data)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {session.get_inputs()[0].name: split.test_x})
+        assert len(outputs) == 2
+        return float(((outputs[1] - expected) ** 2).mean() / expected.var())
+
+    one_shot, tuned = second_head_error(0), second_head_error(4)
+    assert tuned < one_shot / 3, (one_shot, tuned)

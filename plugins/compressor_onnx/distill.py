@@ -18,6 +18,9 @@ The loss matches the teacher's first output:
 * hidden states (encoders such as MiniLM, whose mean-pooled output is the
   sentence embedding): MSE plus cosine distance per (unpadded) token, as
   DistilBERT's cosine loss on hidden states; labels are not used.
+
+Further outputs (a detector's boxes beside its scores) are matched too where the
+student gives them in the teacher's shape (:func:`other_outputs_loss`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from compressor.factories import import_factory
 from compressor_onnx.heads import (
     batches,
     call,
+    call_all,
     check_torch,
     input_names,
     is_transformers,
@@ -175,8 +179,9 @@ def output_kind(network: Network, teacher: Any, student: Any, dataset: Dataset, 
     return kind
 
 
-#: The loss of one batch: (inputs by name, labels or None, the student's first output) -> loss.
-LossOf = Callable[[dict[str, Any], Any, Any], Any]
+#: The loss of one batch: (inputs by name, labels or None, the student's outputs, named,
+#: the first first) -> loss.
+LossOf = Callable[[dict[str, Any], Any, list[tuple[str, Any]]], Any]
 
 
 def train(network: Network, teacher: Any, student: Any, dataset: Dataset, params: dict[str, Any],
@@ -188,12 +193,15 @@ def train(network: Network, teacher: Any, student: Any, dataset: Dataset, params
 
     temperature, alpha = float(params["temperature"]), float(params["alpha"])
 
-    def loss_of(batch: dict[str, Any], labels: Any, output: Any) -> Any:
+    def loss_of(batch: dict[str, Any], labels: Any, outputs: list[tuple[str, Any]]) -> Any:
         with torch.no_grad():
-            _, target = call(network, teacher, batch)
+            targets = call_all(network, teacher, batch)
+        output, target = outputs[0][1], targets[0][1]
         if kind == "logits":
-            return logits_loss(output, target, labels, temperature, alpha)
-        return hidden_loss(output, target, batch.get("attention_mask"))
+            loss = logits_loss(output, target, labels, temperature, alpha)
+        else:
+            loss = hidden_loss(output, target, batch.get("attention_mask"))
+        return loss + other_outputs_loss(outputs, targets)
 
     return train_loop(network, student, dataset, params, rate, context, loss_of, after_step, stage)
 
@@ -215,17 +223,29 @@ def train_loop(network: Network, student: Any, dataset: Dataset, params: dict[st
     for epoch in range(epochs):
         total = 0.0
         for number, (batch, labels) in enumerate(batches(network, dataset, size, rng.permutation(dataset.size))):
-            _, output = call(network, student, batch)
-            loss = loss_of(batch, labels, output)
+            outputs = call_all(network, student, batch)
+            loss = loss_of(batch, labels, outputs)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if after_step is not None:
                 after_step()
-            total += loss.item() * len(output)
+            total += loss.item() * len(outputs[0][1])
             context.progress(stage, (epoch * steps_per_epoch + number + 1) / (epochs * steps_per_epoch))
         losses.append(total / dataset.size)
     return losses
+
+
+def other_outputs_loss(outputs: list[tuple[str, Any]], targets: list[tuple[str, Any]]) -> Any:
+    """The outputs after the first (a detector's boxes beside its scores, a second head)
+    matched to the teacher's by mean squared error over the target's variance, so each
+    weighs about as much whatever its scale; 0 for a single-output model. Outputs of
+    another shape (a student with fewer or other outputs) or not floating point are left out."""
+    loss: Any = 0.0
+    for (_, output), (_, target) in zip(outputs[1:], targets[1:]):
+        if output.shape == target.shape and output.is_floating_point() and target.numel() > 1:
+            loss = loss + ((output - target) ** 2).mean() / (target.var(unbiased=False) + 1e-6)
+    return loss
 
 
 def logits_loss(output: Any, target: Any, labels: Any, temperature: float, alpha: float) -> Any:

@@ -127,13 +127,18 @@ def batches(network: Network, dataset: Dataset, size: int, order: Any = None) ->
 def call(network: Network, module: Any, batch: dict[str, Any]) -> tuple[str, Any]:
     """Run ``module`` on ``batch``: the name and tensor of its first output (``logits``,
     ``last_hidden_state``, or ``output`` for a plain module)."""
+    return call_all(network, module, batch)[0]
+
+
+def call_all(network: Network, module: Any, batch: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Run ``module`` on ``batch``: the name and tensor of every output, the first first."""
     from compressor_onnx.outputs import flatten_outputs
 
     result = module(**batch) if network.keyword_inputs else module(*batch.values())
     outputs = flatten_outputs(result)
     if not outputs:
         raise CompressionError("the model returned no tensor")
-    return outputs[0]
+    return list(outputs)
 
 
 def data_for(context: Context, *purposes: str) -> Dataset | None:

@@ -28,8 +28,22 @@ import time
 from typing import Any
 
 from compressor import CompressionError, Context, Dataset, Model, Step, UsageError
-from compressor_onnx.distill import hidden_loss, logits_loss, output_kind, train_loop
-from compressor_onnx.heads import batches, call, check_torch, input_names, torch_model, with_module
+from compressor_onnx.distill import (
+    hidden_loss,
+    logits_loss,
+    other_outputs_loss,
+    output_kind,
+    train_loop,
+)
+from compressor_onnx.heads import (
+    batches,
+    call,
+    call_all,
+    check_torch,
+    input_names,
+    torch_model,
+    with_module,
+)
 from compressor_onnx.loading import Network
 
 #: Examples whose activations set the first quantization ranges.
@@ -265,13 +279,19 @@ def train(network: Network, original: Any, student: Any, dataset: Dataset, param
     nonzero) applied after every step; the mean loss of each epoch."""
     import torch
 
-    def loss_of(batch: dict[str, Any], labels: Any, output: Any) -> Any:
-        if kind == "logits" and labels is not None and len(labels) == len(output):
-            return torch.nn.functional.cross_entropy(output.reshape(len(labels), -1), labels)
-        with torch.no_grad():
-            _, target = call(network, original, batch)
-        return (logits_loss(output, target, None, 1.0, 1.0) if kind == "logits"
-                else hidden_loss(output, target, batch.get("attention_mask")))
+    def loss_of(batch: dict[str, Any], labels: Any, outputs: list[tuple[str, Any]]) -> Any:
+        output = outputs[0][1]
+        supervised = kind == "logits" and labels is not None and len(labels) == len(output)
+        targets: list[tuple[str, Any]] = []
+        if len(outputs) > 1 or not supervised:
+            with torch.no_grad():
+                targets = call_all(network, original, batch)
+        extra = other_outputs_loss(outputs, targets) if targets else 0.0
+        if supervised:
+            return torch.nn.functional.cross_entropy(output.reshape(len(labels), -1), labels) + extra
+        target = targets[0][1]
+        return extra + (logits_loss(output, target, None, 1.0, 1.0) if kind == "logits"
+                        else hidden_loss(output, target, batch.get("attention_mask")))
 
     def keep_zeros() -> None:
         with torch.no_grad():
