@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,15 +83,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, ft: FastTextFiles) -> Corpu
     np.savez(npz, not_an_input=np.zeros((2, 3), np.float32))
     text.write_text("no label on this line\n")
     return Corpus({suffix: path.read_bytes() for suffix, path in paths.items()}, npz, text)
-
-
-@pytest.fixture
-def private_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setenv("TMPDIR", str(folder))
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    yield folder
 
 
 def mutate_bytes(data: bytes, draw: st.DataObject, what: str) -> tuple[str, bytes]:

@@ -7,7 +7,6 @@ import json
 import struct
 import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -253,15 +252,6 @@ def test_real_subprocess_without_legacy_keras_variable(files: KerasFiles, tmp_pa
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return dense_model_files(tmp_path_factory.mktemp("dense"))
-
-
-@pytest.fixture
-def private_tmpdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setenv("TMPDIR", str(folder))
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def check_refused(model: Path, code: int, message: str, out: Path, scratch: Path) -> None:
