@@ -156,3 +156,46 @@ def test_bad_requests_stop_before_work(files: dict[str, Path], tmp_path: Path, s
     assert code == 2, output
     assert message in output and len(output.strip().splitlines()) == 1, output
     assert not (tmp_path / "out").exists()
+
+
+def test_fine_tuning_without_labels_matches_every_output_of_a_two_head_model(tmp_path: Path) -> None:
+    """A detector-like Keras model (class scores and a regression head) fine-tuned after
+    channel pruning on unlabelled data: both outputs are matched to the unpruned model's."""
+    from compressor_tflite.samples import digits
+
+    keras = frameworks.keras()
+    keras.utils.set_random_seed(0)
+    train_x, train_y, test_x, _ = digits()
+    flat, flat_test = train_x.reshape(len(train_x), -1), test_x.reshape(len(test_x), -1)
+    quadrants = train_x.reshape(-1, 2, 4, 2, 4).mean(axis=(2, 4)).reshape(-1, 4) * 10
+    inputs = keras.Input((64,), name="x")
+    hidden = keras.layers.Dense(64, activation="relu")(inputs)
+    hidden = keras.layers.Dense(64, activation="relu")(hidden)
+    model = keras.Model(inputs, [keras.layers.Dense(10, name="classes")(hidden),
+                                 keras.layers.Dense(4, name="quadrants")(hidden)])
+    model.compile(optimizer="adam", loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True), "mse"])
+    model.fit(flat, [train_y, quadrants], epochs=10, batch_size=32, verbose=0)
+    model.save(tmp_path / "two.keras")
+    expected = model.predict(flat_test, verbose=0)[1]
+    np.savez(tmp_path / "unlabelled.npz", x=flat[:600])
+    np.savez(tmp_path / "eval.npz", x=flat_test[:200])
+
+    def second_head_error(epochs: int) -> float:
+        recipe = tmp_path / f"r{epochs}.toml"
+        recipe.write_text(f'[variants.v]\nsteps = ["prune 0.75 structure=channel epochs={epochs}"]\n')
+        out = tmp_path / f"out{epochs}"
+        code, output = invoke("run", tmp_path / "two.keras", "--recipe", recipe, "--train-data",
+                              tmp_path / "unlabelled.npz", "--data", tmp_path / "eval.npz", "-o", out, *FAST)
+        assert code == 0, output
+        variant = next(v for v in json.loads((out / "report.json").read_text())["variants"] if v["name"] == "v")
+        loaded = interpreter(out / variant["artifact"])
+        head = next(d["index"] for d in loaded.get_output_details() if d["shape"][-1] == 4)
+        got = []
+        for row in flat_test.astype(np.float32):
+            loaded.set_tensor(loaded.get_input_details()[0]["index"], row[None])
+            loaded.invoke()
+            got.append(loaded.get_tensor(head)[0])
+        return float(((np.array(got) - expected) ** 2).mean() / expected.var())
+
+    one_shot, tuned = second_head_error(0), second_head_error(3)
+    assert tuned < one_shot / 2, (one_shot, tuned)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor import CompressionError, Dataset, InvalidInputError, TensorSpec
+from compressor import CompressionError, Dataset, TensorSpec
 from compressor.models import ProgressCallback
 from compressor_tflite import frameworks
 
@@ -114,24 +114,26 @@ def fit(
     message: str,
     callbacks: Sequence[Any] = (),
 ) -> None:
-    """Train ``model`` on ``train`` for ``epochs`` (Adam at ``learning_rate``, ``batch_size``),
-    with the loss that fits ``reference``'s output (``model`` may wrap its layers)."""
+    """Train ``model`` on ``train`` for ``epochs`` (Adam at ``learning_rate``, ``batch_size``)
+    (``model`` may wrap its layers): a single-output classifier on the labels ``y`` with the
+    loss that fits ``reference``'s output; without labels, or with several outputs, every
+    output matched to ``reference``'s (the unedited model's) predictions."""
     keras = frameworks.keras()
-    if train.labels is None:
-        raise InvalidInputError("fine-tuning needs labels: add an array 'y'", train.path)
-    model.compile(
-        optimizer=keras.optimizers.Adam(float(params["learning_rate"])),
-        loss=_loss(keras, reference),
-    )
     names = [spec.name for spec in inputs] or list(train.features)
     features = [train.features[name] for name in names]
+    x = features[0] if len(features) == 1 else features
+    if train.labels is not None and len(reference.outputs) == 1:
+        loss, targets = _loss(keras, reference), train.labels
+    else:
+        loss, targets = _matching(reference, x)
+    model.compile(optimizer=keras.optimizers.Adam(float(params["learning_rate"])), loss=loss)
     report_epoch = keras.callbacks.LambdaCallback(
         on_epoch_end=lambda epoch, logs: progress(message, (epoch + 1) / epochs)
     )
     try:
         model.fit(
-            features[0] if len(features) == 1 else features,
-            train.labels,
+            x,
+            targets,
             batch_size=int(params["batch_size"]),
             epochs=epochs,
             callbacks=[*callbacks, report_epoch],
@@ -168,9 +170,25 @@ def _schedule(tfmot: Any, params: Mapping[str, Any], epochs: int, steps_per_epoc
     )
 
 
+def _matching(reference: Any, x: Any) -> tuple[Any, Any]:
+    """The losses and targets that match every output to ``reference``'s predictions:
+    mean squared error over the prediction's variance, so each output weighs about the
+    same whatever its scale (a detector's boxes beside its scores)."""
+    import numpy as np
+
+    tf = frameworks.tensorflow()
+    predicted = reference.predict(x, batch_size=256, verbose=0)
+    targets = [np.asarray(array, dtype=np.float32) for array in
+               (predicted if isinstance(predicted, (list, tuple)) else [predicted])]
+
+    def scaled(variance: float) -> Any:
+        return lambda target, output: tf.reduce_mean(tf.square(target - output)) / variance
+
+    losses = [scaled(float(np.var(target)) + 1e-6) for target in targets]
+    return (losses, targets) if len(targets) > 1 else (losses[0], targets[0])
+
+
 def _loss(keras: Any, model: Any) -> Any:
-    if len(model.outputs) != 1:
-        raise CompressionError("fine-tuning supports single-output classifiers only")
     if model.outputs[0].shape[-1] == 1:
         return keras.losses.BinaryCrossentropy(from_logits=not _ends_in(keras, model, "sigmoid"))
     return keras.losses.SparseCategoricalCrossentropy(
