@@ -208,3 +208,47 @@ def test_fine_tuning_trains_every_output_of_a_two_head_model(train_data: Path, t
 
     one_shot, tuned = second_head_error(0), second_head_error(4)
     assert tuned < one_shot / 3, (one_shot, tuned)
+
+
+STATEFUL = """
+import torch
+
+class Cell(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid = torch.nn.Linear(16 + 32, 64), torch.nn.Linear(64, 64)
+        self.out, self.state = torch.nn.Linear(64, 8), torch.nn.Linear(64, 32)
+
+    def forward(self, x, h):
+        z = torch.relu(self.mid(torch.relu(self.inp(torch.cat([x, h], dim=1)))))
+        return self.out(z), torch.tanh(self.state(z))
+
+def build():
+    return Cell()
+"""
+
+
+def test_a_stateful_module_is_fine_tuned_on_its_named_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """forward(x, h) -> (y, h'): without declared inputs, one line says how to declare them;
+    declared, both inputs are fed by name and both outputs trained."""
+    import torch
+
+    from compressor import UsageError
+
+    (tmp_path / "stateful.py").write_text(STATEFUL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import stateful
+
+    torch.manual_seed(0)
+    torch.save(stateful.build().state_dict(), tmp_path / "cell.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.standard_normal((256, 16)).astype(np.float32),
+             h=rng.standard_normal((256, 32)).astype(np.float32))
+    options = {"model_factory": "stateful:build"}
+    with pytest.raises(UsageError, match=r"forward\(\) takes 2 inputs \(x, h\): declare them with --set input_shape="):
+        compress(tmp_path / "cell.pt", ["prune 0.5 structure=channel"], tmp_path / "a", options)
+    model, path = compress(tmp_path / "cell.pt", ["prune 0.5 structure=channel epochs=2"], tmp_path / "b",
+                           {**options, "input_shape": "x:1,16;h:1,32"}, train=tmp_path / "train.npz")
+    assert model.metadata["fine_tuning"]["examples"] == 256
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["x", "h"]
+    assert len(onnx.load(str(path)).graph.output) == 2

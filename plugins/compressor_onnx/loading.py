@@ -106,14 +106,23 @@ def load_network(path: Path, options: dict[str, Any], trust: bool) -> tuple[Netw
         return load_exported_program(path, trust)
     if suffix == ".safetensors":
         module = build_from_factory(path, load_safetensors(path), options)
-        return _module_network(module, declared)
+        return _module_network(module, declared, path)
     if suffix in TORCH_SUFFIXES:
-        return _module_network(load_torch_file(path, options, trust), declared)
+        return _module_network(load_torch_file(path, options, trust), declared, path)
     raise InvalidInputError(f"unsupported file type {suffix!r} for the onnx backend", path)
 
 
-def _module_network(module: Any, declared: tuple[SampleShape, ...]) -> tuple[Network, tuple[TensorSpec, ...]]:
-    names = tuple(sample.name for sample in declared) or ("x",)
+def _module_network(module: Any, declared: tuple[SampleShape, ...],
+                    path: Path) -> tuple[Network, tuple[TensorSpec, ...]]:
+    names = tuple(sample.name for sample in declared)
+    if not names:
+        wanted = forward_input_names(module)
+        if len(wanted) > 1:
+            example = ";".join(f"{name}:1,16" for name in wanted)
+            raise UsageError(f"the model's forward() takes {len(wanted)} inputs ({', '.join(wanted)}): declare "
+                             f"them with --set input_shape='{example}' (your shapes; data files then hold an "
+                             "array named after each)", path)
+        names = ("x",)
     network = Network(module=module.eval(), input_names=names, sample_shapes=declared)
     return network, tuple(sample.spec for sample in declared)
 
@@ -275,3 +284,21 @@ def _shape_problem(error: RuntimeError) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     mismatches = [line for line in lines if line.startswith("size mismatch")]
     return "; ".join(mismatches[:10]) if mismatches else (lines[0][:200] if lines else type(error).__name__)
+
+
+def forward_input_names(module: Any) -> tuple[str, ...]:
+    """A plain module's ``forward`` required positional arguments by name where there are
+    several (``forward(self, x, state)``: a stateful model's ``x`` and ``state``), else ``x``."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a TorchScript or C++ forward
+        return ("x",)
+    names = []
+    for parameter in parameters:
+        if (parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+                or parameter.default is not parameter.empty):
+            break
+        names.append(parameter.name)
+    return tuple(names) if len(names) >= 2 else ("x",)
