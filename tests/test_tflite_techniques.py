@@ -199,3 +199,15 @@ def test_fine_tuning_without_labels_matches_every_output_of_a_two_head_model(tmp
 
     one_shot, tuned = second_head_error(0), second_head_error(3)
     assert tuned < one_shot / 2, (one_shot, tuned)
+    # qat on the same model: both outputs trained against the float model, full integer.
+    recipe = tmp_path / "qat.toml"
+    recipe.write_text('[variants.q]\nsteps = ["qat epochs=1"]\n')
+    code, output = invoke("run", tmp_path / "two.keras", "--recipe", recipe, "--train-data",
+                          tmp_path / "unlabelled.npz", "--calibration-data", tmp_path / "unlabelled.npz",
+                          "--data", tmp_path / "eval.npz", "-o", tmp_path / "qat", *FAST)
+    assert code == 0, output
+    variant = next(v for v in json.loads((tmp_path / "qat" / "report.json").read_text())["variants"]
+                   if v["name"] == "q")
+    assert "against the float model's outputs, then int8" in variant["notes"][-1]
+    assert float_ops((tmp_path / "qat" / variant["artifact"]).read_bytes()) == []
+    assert len(variant["metrics"]["outputs"]) == 2

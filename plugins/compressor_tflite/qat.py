@@ -45,9 +45,10 @@ def qat(model: Any, params: Mapping[str, Any], inputs: Sequence[TensorSpec], tra
     quantized = _quantize_model(model, preserve)
     epochs = int(params["epochs"])
     message = "quantization-aware training"
-    if train.labels is not None:
+    if train.labels is not None or len(model.outputs) > 1:
+        # fit matches every output of a multi-output model to the float model's.
         fit(quantized, model, params, inputs, train, epochs, progress, message)
-        how = "labels"
+        how = "labels" if len(model.outputs) == 1 else "the float model's outputs"
     else:
         match(quantized, model, params, inputs, train, epochs, 1.0, 1.0, progress, message)
         how = "the float model's outputs (no labels y)"
