@@ -211,3 +211,13 @@ def test_fine_tuning_without_labels_matches_every_output_of_a_two_head_model(tmp
     assert "against the float model's outputs, then int8" in variant["notes"][-1]
     assert float_ops((tmp_path / "qat" / variant["artifact"]).read_bytes()) == []
     assert len(variant["metrics"]["outputs"]) == 2
+    # distill into a half-width student: both outputs distilled.
+    recipe.write_text('[variants.d]\nsteps = ["distill width=0.5 epochs=2"]\n')
+    code, output = invoke("run", tmp_path / "two.keras", "--recipe", recipe, "--train-data",
+                          tmp_path / "unlabelled.npz", "--data", tmp_path / "eval.npz", "-o", tmp_path / "d", *FAST)
+    assert code == 0, output
+    variant = next(v for v in json.loads((tmp_path / "d" / "report.json").read_text())["variants"]
+                   if v["name"] == "d")
+    assert "each of the 2 outputs matched to the teacher's" in variant["notes"][-1]
+    assert variant["metadata"]["distillation"]["parameters_student"] < variant["metadata"]["distillation"][
+        "parameters_teacher"] / 2

@@ -70,12 +70,22 @@ def distill(teacher: Any, params: Mapping[str, Any], inputs: Sequence[TensorSpec
         width = float(width) if width is not None else DEFAULT_WIDTH
         student, described = derived_student(teacher, width), f"width={width:g}"
     epochs, temperature, alpha = int(params["epochs"]), float(params["temperature"]), float(params["alpha"])
-    labelled = train.labels is not None
-    match(student, teacher, params, inputs, train, epochs, temperature, alpha, progress,
-          "distilling the student")
+    several = len(teacher.outputs) > 1
+    labelled = train.labels is not None and not several
+    if several:
+        from compressor_tflite.pruning import fit
+
+        fit(student, teacher, params, inputs, train, epochs, progress, "distilling the student")
+    else:
+        match(student, teacher, params, inputs, train, epochs, temperature, alpha, progress,
+              "distilling the student")
     before, after = teacher.count_params(), student.count_params()
-    loss = (f"{alpha:g} x soft loss (T={temperature:g}) + {1 - alpha:g} x label cross-entropy" if labelled
-            else f"soft loss only (T={temperature:g}; {train.path.name} has no labels y)")
+    if several:
+        loss = f"each of the {len(teacher.outputs)} outputs matched to the teacher's (MSE over its variance)"
+    elif labelled:
+        loss = f"{alpha:g} x soft loss (T={temperature:g}) + {1 - alpha:g} x label cross-entropy"
+    else:
+        loss = f"soft loss only (T={temperature:g}; {train.path.name} has no labels y)"
     note = (f"distilled into {described}: parameters {before:,} -> {after:,}, {epochs} epoch(s) on "
             f"{train.path.name}, {loss}")
     metadata = {"student": str(factory) if factory is not None else f"width={width:g}",
