@@ -76,6 +76,12 @@ DISTILL = Technique(
     params=DISTILL_PARAMS,
     requires_data={EVERY_STEP: "train"},
 )
+def lowrank_technique(what: str) -> Technique:
+    """``lowrank`` as the onnx and torch backends declare it; ``what`` says what it factorizes."""
+    return Technique("lowrank", help=f"{what}; fine-tuned on --train-data", params=LOWRANK_PARAMS,
+                     candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"))
+
+
 QAT_PARAMS = {
     "epochs": Param(int, 2, "training epochs with fake-quantized weights and activations", minimum=1),
     "batch_size": Param(int, 32, "training batch size", minimum=1),
@@ -128,12 +134,7 @@ def backend() -> Backend:
                 candidates=("prune 0.25 structure=channel", "prune 0.5 structure=channel",
                             "prune 0.75 structure=channel"),
             ),
-            "lowrank": Technique(
-                "lowrank",
-                help="MatMul/Gemm weights as two thin MatMuls from a truncated SVD; fine-tuned on --train-data",
-                params=LOWRANK_PARAMS,
-                candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
-            ),
+            "lowrank": lowrank_technique("MatMul/Gemm weights as two thin MatMuls from a truncated SVD"),
             "distill": DISTILL,
             "qat": Technique(
                 "qat",

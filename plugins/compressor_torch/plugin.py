@@ -31,7 +31,7 @@ from compressor import (
 )
 
 # The onnx backend's declarations of the techniques both backends offer: one vocabulary.
-from compressor_onnx.plugin import DISTILL, LOWRANK_PARAMS, PRUNE_PARAMS
+from compressor_onnx.plugin import DISTILL, PRUNE_PARAMS, lowrank_technique
 
 NAME = "torch"
 
@@ -58,12 +58,7 @@ def backend() -> Backend:
                 params=PRUNE_PARAMS,
                 candidates=("prune 0.25", "prune 0.5", "prune 0.75"),
             ),
-            "lowrank": Technique(
-                "lowrank",
-                help="nn.Linear layers as two thin Linear layers from a truncated SVD; fine-tuned on --train-data",
-                params=LOWRANK_PARAMS,
-                candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"),
-            ),
+            "lowrank": lowrank_technique("nn.Linear layers as two thin Linear layers from a truncated SVD"),
             "distill": DISTILL,
         },
         options={
