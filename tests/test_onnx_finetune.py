@@ -252,3 +252,22 @@ def test_a_stateful_module_is_fine_tuned_on_its_named_inputs(tmp_path: Path, mon
     assert model.metadata["fine_tuning"]["examples"] == 256
     assert [i.name for i in onnx.load(str(path)).graph.input] == ["x", "h"]
     assert len(onnx.load(str(path)).graph.output) == 2
+
+
+def test_a_torch_export_program_is_fine_tuned_and_keeps_its_output_names(digits: Any, train_data: Path,
+                                                                        tmp_path: Path) -> None:
+    """A .pt2's module cannot switch to training mode; it is trained as exported (eval), and
+    the re-exported graph keeps the program's output name, so every output is compared."""
+    import torch
+
+    program = torch.export.export(digits.module.eval(), (torch.zeros(2, 64),),
+                                  dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    torch.export.save(program, tmp_path / "mlp.pt2")
+    names = list(program.graph_signature.user_outputs)
+    tuned, tuned_path = compress(tmp_path / "mlp.pt2", ["prune 0.75 structure=channel epochs=4"], tmp_path / "t",
+                                 train=train_data)
+    _, once_path = compress(tmp_path / "mlp.pt2", ["prune 0.75 structure=channel epochs=0"], tmp_path / "o")
+    assert [output.name for output in onnx.load(str(tuned_path)).graph.output] == names
+    assert [output.name for output in onnx.load(str(once_path)).graph.output] == names
+    assert "fine_tuning" in tuned.metadata
+    assert accuracy(tuned_path) > accuracy(once_path) + 0.05

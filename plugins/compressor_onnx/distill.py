@@ -39,6 +39,7 @@ from compressor_onnx.heads import (
     check_torch,
     input_names,
     is_transformers,
+    set_mode,
     torch_model,
     with_module,
 )
@@ -62,7 +63,7 @@ def distill(model: Model, step: Step, context: Context) -> tuple[Network, list[s
     input_names(check_torch(model, step), dataset)
     factory = import_factory(factory_name, "distill student") if factory_name is not None else None
     network, teacher, _ = torch_model(model, step, context)
-    teacher.eval()
+    set_mode(teacher, False)
     with torch.random.fork_rng():
         torch.manual_seed(context.seed)
         if factory is not None:
@@ -73,7 +74,7 @@ def distill(model: Model, step: Step, context: Context) -> tuple[Network, list[s
         rate = float(params.get("learning_rate") or (FACTORY_RATE if factory is not None else LAYERS_RATE))
         started = time.perf_counter()
         losses = train(network, teacher, student, dataset, params, kind, rate, context)
-    student.eval()
+    set_mode(student, False)
     before, after = parameters(teacher), parameters(student)
     if kind != "logits":
         loss = "MSE + cosine on hidden states"
@@ -155,7 +156,7 @@ def output_kind(network: Network, teacher: Any, student: Any, dataset: Dataset, 
     import torch
 
     batch, _ = next(batches(network, dataset, min(2, dataset.size)))
-    student.eval()
+    set_mode(student, False)
     with torch.no_grad():
         name, expected = call(network, teacher, batch)
         try:
@@ -218,7 +219,7 @@ def train_loop(network: Network, student: Any, dataset: Dataset, params: dict[st
     rng = np.random.default_rng(context.seed)
     epochs, size = int(params["epochs"]), int(params["batch_size"])
     steps_per_epoch = -(-dataset.size // size)
-    student.train()
+    set_mode(student, True)
     losses = []
     for epoch in range(epochs):
         total = 0.0

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from compressor import Context, Model, Step
+from compressor_onnx.heads import set_mode
 from compressor_onnx.loading import Network
 
 PLAIN_RATE, TRANSFORMERS_RATE = 1e-3, 5e-5
@@ -61,7 +63,9 @@ def finetune_graph_edit(model: Model, original: Network, edited: Network, result
     from compressor_onnx.heads import torch_model, with_module
 
     network, teacher, _ = torch_model(model, step, context)
-    student = copy.deepcopy(teacher)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's pytree deprecations, copying a .pt2's module
+        student = copy.deepcopy(teacher)
     changes = _graph_changes(original.graph, edited.graph, result, step)
     arrays = {name: array for name, (array, _) in changes.items()}
     located = locate_parameters(student, arrays)
@@ -111,7 +115,7 @@ def train_student(network: Network, teacher: Any, student: Any, step: Step, cont
 
     dataset = context.train_data
     assert dataset is not None
-    teacher.eval()
+    set_mode(teacher, False)
     kind = output_kind(network, teacher, student, dataset, context, step)
     rate = float(step.params.get("learning_rate") or (TRANSFORMERS_RATE if is_transformers(teacher) else PLAIN_RATE))
     settings = {"epochs": int(step.params["epochs"]), "batch_size": int(step.params.get("batch_size") or 32),
@@ -121,7 +125,7 @@ def train_student(network: Network, teacher: Any, student: Any, step: Step, cont
         torch.manual_seed(context.seed)
         losses = train(network, teacher, student, dataset, settings, kind, rate, context, after_step,
                        stage="fine-tuning")
-    student.eval()
+    set_mode(student, False)
     if kind != "logits":
         loss = "MSE + cosine on hidden states"
     else:
@@ -222,7 +226,7 @@ def folded_batch_norms(network: Network, module: Any, context: Context) -> tuple
 
     from compressor_onnx.heads import batches, call, data_for
 
-    folded_module, folded = copy.deepcopy(module).eval(), 0
+    folded_module, folded = set_mode(copy.deepcopy(module), False), 0
     for parent in list(folded_module.modules()):
         children = list(parent.named_children())
         for (name, layer), (norm_name, norm) in zip(children, children[1:]):
@@ -237,7 +241,7 @@ def folded_batch_norms(network: Network, module: Any, context: Context) -> tuple
         return module, 0
     batch, _ = next(batches(network, dataset, min(8, dataset.size)))
     with torch.no_grad():
-        _, expected = call(network, module.eval(), batch)
+        _, expected = call(network, set_mode(module, False), batch)
         _, got = call(network, folded_module, batch)
     scale = float(expected.abs().max()) or 1.0
     if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4 * scale):

@@ -25,6 +25,7 @@ inserted in front of each output projection to score heads:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from collections.abc import Iterator
@@ -73,9 +74,17 @@ def check_torch(model: Model, step: Step) -> Network:
     return network
 
 
+def set_mode(module: Any, training: bool) -> Any:
+    """``module`` in training or eval mode; a ``torch.export`` program's module cannot switch
+    (it keeps the mode it was exported in, eval) and is left as it is."""
+    with contextlib.suppress(NotImplementedError):
+        module.train(training)
+    return module
+
+
 def with_module(network: Network, module: Any) -> Network:
     """A Network holding ``module``, to be exported afresh by the next graph step."""
-    return dataclasses.replace(network, module=module.eval(), exported_program=None, export=None,
+    return dataclasses.replace(network, module=set_mode(module, False), exported_program=None, export=None,
                                graph=None, path=None)
 
 
@@ -215,7 +224,7 @@ def prune_heads(model: Model, step: Step, context: Context) -> tuple[Network, li
     if not fresh:
         module = copy.deepcopy(module)
         blocks = find_attention(module)
-    module.eval()
+    set_mode(module, False)
     context.progress("scoring attention heads", None)
     with torch.random.fork_rng():
         torch.manual_seed(context.seed)

@@ -201,7 +201,10 @@ def load_exported_program(path: Path, trust: bool) -> tuple[Network, tuple[Tenso
         SampleShape(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
         for name, tensor in zip(names, examples)
     )
-    network = Network(input_names=names, sample_shapes=shapes, exported_program=program)
+    # The program's own output names, kept when a torch step's module is exported again.
+    outputs = tuple(str(name) for name in program.graph_signature.user_outputs)
+    network = Network(input_names=names, output_names=outputs if all(outputs) else (), sample_shapes=shapes,
+                      exported_program=program)
     return network, tuple(sample.spec for sample in shapes)
 
 

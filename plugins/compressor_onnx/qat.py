@@ -41,6 +41,7 @@ from compressor_onnx.heads import (
     call_all,
     check_torch,
     input_names,
+    set_mode,
     torch_model,
     with_module,
 )
@@ -68,7 +69,7 @@ def qat(model: Model, step: Step, context: Context) -> tuple[Network, list[str],
     input_names(network, dataset)
     if isinstance(original, torch.jit.ScriptModule):
         raise UsageError(f"'{step}' cannot train a TorchScript model; give its state_dict and model_factory")
-    original.eval()
+    set_mode(original, False)
     student = copy.deepcopy(original)
     layers = wrap_layers(student)
     if not layers:
@@ -261,7 +262,7 @@ def observe_ranges(network: Network, student: Any, dataset: Dataset, layers: lis
 
     for layer in layers:
         layer.observing = True
-    student.eval()
+    set_mode(student, False)
     try:
         with torch.no_grad():
             for batch, _ in batches(network, dataset, 32, range(min(dataset.size, RANGE_EXAMPLES))):
@@ -300,7 +301,7 @@ def train(network: Network, original: Any, student: Any, dataset: Dataset, param
 
     losses = train_loop(network, student, dataset, params, rate, context, loss_of, keep_zeros,
                         "quantization-aware training")
-    student.eval()
+    set_mode(student, False)
     return losses
 
 
