@@ -32,7 +32,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import SHARED, compressor_cli, machine, markdown_table, train_classifier, write_section  # noqa: E402
-from bench_techniques import cpu_line  # noqa: E402
+from bench_techniques import cpu_line, speed  # noqa: E402
 
 MEASURE = ("--threads", "1", "--repeats", "3")
 #: Training and head scoring single-threaded, as measuring is: the VM has 2 shared cores.
@@ -98,10 +98,6 @@ def run(model: Path, recipe_text: str, work: Path, *args: str, tag: str = "") ->
     print(f"{model.name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
     report = json.loads((out / "report.json").read_text())
     return {variant["name"]: variant for variant in report["variants"]}
-
-
-def speed(base: dict[str, Any], metrics: dict[str, Any], key: str = "p50") -> float:
-    return base["latency_ms"][key] / metrics["latency_ms"][key]
 
 
 def tokenize(folder: Path, texts: list[str], target: Path, length: int) -> None:

@@ -159,14 +159,11 @@ def _graph_changes(original: Any, edited: Any, result: Any, step: Step) -> dict[
                 keep &= along.reshape([-1 if index == axis else 1 for index in range(array.ndim)])
             changes[name] = (array, keep)
         return changes
+    from compressor_onnx.pruning import prunable_weights
+
     after = {tensor.name: tensor for tensor in edited.graph.initializer}
-    changes = {}
-    for name, tensor in after.items():
-        if name in before and before[name].data_type == tensor.data_type and before[name] is not tensor:
-            array, pruned = numpy_helper.to_array(before[name]), numpy_helper.to_array(tensor)
-            if array.shape == pruned.shape and not np.array_equal(array, pruned):
-                changes[name] = (array, pruned != 0)
-    return changes
+    return {name: (numpy_helper.to_array(before[name]), numpy_helper.to_array(after[name]) != 0)
+            for name in prunable_weights(original, float(step.params["sparsity"]))}
 
 
 def _key(array: Any) -> tuple[tuple[int, ...], str, bytes]:

@@ -268,12 +268,15 @@ def _torch_step(model: Model, step: Step, context: Context) -> Model:
 
 def _prune_heads(model: Model, step: Step, context: Context) -> tuple[Network, list[str], dict]:
     from compressor_onnx.finetune import fine_tuning_wanted, one_shot_note, train_student
-    from compressor_onnx.heads import prune_heads, torch_model
+    from compressor_onnx.heads import prune_heads, torch_model, with_module
 
-    network, notes, metadata = prune_heads(model, step, context)
     if not fine_tuning_wanted(step, context):
+        network, notes, metadata = prune_heads(model, step, context)
         return network, [*notes, one_shot_note(step, context)], metadata
+    # The unpruned model is the teacher: read it at most once; prune_heads edits a copy of a held module.
     _, teacher, _ = torch_model(model, step, context)
+    held = Model(NAME, model.source, model.format, with_module(model.handle, teacher), model.inputs)
+    network, notes, metadata = prune_heads(held, step, context)
     more_notes, more_metadata = train_student(network, teacher, network.module, step, context)
     return network, [*notes, *more_notes], {**metadata, **more_metadata}
 
