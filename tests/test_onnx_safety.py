@@ -152,3 +152,21 @@ def test_cli_exit_code_4_for_a_corrupt_model(tmp_path: Path) -> None:
     assert "broken.onnx" in result.output
     assert not (tmp_path / "out").exists()
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("factory", ["json:loads", "test_onnx_safety:raising_factory"])
+def test_a_factory_that_raises_is_a_usage_error_naming_it(tmp_path: Path, factory: str) -> None:
+    from compressor import UsageError
+
+    path = tmp_path / "weights.pt"
+    torch.save(torch.nn.Linear(4, 2).state_dict(), path)
+    with pytest.raises(UsageError) as caught:
+        load(path, model_factory=factory)
+    message = str(caught.value)
+    assert caught.value.exit_code == 2 and "\n" not in message
+    assert f"model_factory {factory!r} raised" in message
+    assert ("TypeError" if factory == "json:loads" else "RuntimeError: no weights today") in message
+
+
+def raising_factory() -> torch.nn.Module:
+    raise RuntimeError("no weights today\nsecond line")

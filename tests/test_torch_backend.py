@@ -225,3 +225,146 @@ def test_identifying_claims_only_the_manifest_and_imports_no_framework(tmp_path:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split("\n")[:2] == [str([None] * 6 + ["torch"]), "[]"]
+
+
+MARKER_VARIABLE = "COMPRESSOR_TEST_FACTORY_MARKER"
+MARKING_FACTORY = "test_torch_backend:marking_heads"
+
+
+def marking_heads() -> Any:
+    """:func:`two_heads`, leaving a file behind: proof that a factory ran."""
+    import os
+
+    Path(os.environ[MARKER_VARIABLE]).write_text("ran")
+    return two_heads()
+
+
+def _saved_as_safetensors(heads: dict[str, Any], folder: Path, factory: str) -> Path:
+    """The two-head MLP saved as safetensors, its manifest naming ``factory``."""
+    model, context = _load(heads["model"], save_format="safetensors")
+    context.eval_data = _dataset(heads)
+    artifact = _hook("compressor_save")(model=model, destination=folder / "m", context=context)
+    manifest = json.loads(artifact.side_files[0].read_text())
+    manifest["recipe"] = {"factory": factory}
+    artifact.side_files[0].write_text(json.dumps(manifest))
+    return artifact.path
+
+
+def test_a_factory_a_manifest_names_runs_only_once_the_user_names_it(
+        heads: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_VARIABLE, str(marker))
+    weights = _saved_as_safetensors(heads, tmp_path, MARKING_FACTORY)
+    result = _run(str(weights), "--backend", "torch", "-q", "dynamic", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 3, result.output
+    assert not marker.exists()  # the file's factory was never imported, let alone called
+    (line,) = result.stderr.strip().splitlines()
+    assert "m.torch.json" in line and f"--set model_factory={MARKING_FACTORY}" in line and "--trust" in line
+    assert not (tmp_path / "out").exists()
+    # The user naming the same factory confirms it; --trust accepts the file's word.
+    x = heads["x"][:5]
+    for options, trust in (({"model_factory": MARKING_FACTORY}, False), ({}, True)):
+        marker.unlink(missing_ok=True)
+        model = _hook("compressor_load")(path=weights, backend="torch", context=Context(options=options, trust=trust))
+        assert marker.exists() and model.handle.recipe == {"factory": MARKING_FACTORY}
+        import torch
+
+        with torch.inference_mode():
+            np.testing.assert_allclose(model.handle.module(torch.from_numpy(x))[0].numpy(),
+                                       heads["module"](torch.from_numpy(x))[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_users_own_factory_wins_over_the_manifests(
+        heads: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "marker"
+    monkeypatch.setenv(MARKER_VARIABLE, str(marker))
+    weights = _saved_as_safetensors(heads, tmp_path, MARKING_FACTORY)
+    model, _ = _load(weights)  # model_factory=FACTORY, not the manifest's
+    assert model.handle.recipe == {"factory": FACTORY} and not marker.exists()
+
+
+@pytest.mark.parametrize("factory,error", [("json:loads", "TypeError"), ("math:sqrt", "TypeError"),
+                                           ("json:no_such_function", None)])
+def test_a_factory_that_raises_is_exit_2_naming_it(heads: dict[str, Any], tmp_path: Path, factory: str,
+                                                   error: str | None) -> None:
+    result = _run(str(heads["model"]), "--backend", "torch", "--set", f"model_factory={factory}",
+                  "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert repr(factory) in line and (error is None or f"raised {error}" in line)
+
+
+@pytest.fixture(scope="module")
+def bert_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT saved by this backend as safetensors + a manifest naming its class and config."""
+    from onnx_fixtures import make_tiny_bert
+
+    folder = tmp_path_factory.mktemp("bert-manifest")
+    bert = make_tiny_bert(folder / "bert")
+    context = Context(options={"save_format": "safetensors"})
+    model = _hook("compressor_load")(path=bert.folder, backend="torch", context=context)
+    data = dict(np.load(bert.eval))
+    context.eval_data = Dataset(path=bert.eval, features=data, labels=None, size=len(data["input_ids"]))
+    artifact = _hook("compressor_save")(model=model, destination=folder / "bert", context=context)
+    return artifact.path
+
+
+def _with_config(weights: Path, folder: Path, **config: Any) -> Path:
+    import shutil
+
+    from compressor_torch.loading import manifest_path
+
+    folder.mkdir()
+    copy = folder / weights.name
+    shutil.copy(weights, copy)
+    manifest = json.loads(manifest_path(weights).read_text())
+    manifest["recipe"]["config"].update(config)
+    manifest_path(copy).write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_manifest_config_far_larger_than_its_weights_is_refused_before_building(
+        bert_manifest: Path, tmp_path: Path) -> None:
+    from compressor_torch.loading import manifest_path
+
+    assert json.loads(manifest_path(bert_manifest).read_text())["recipe"]["transformers"] == "BertModel"
+    reloaded = _hook("compressor_load")(path=bert_manifest, backend="torch", context=Context())
+    assert reloaded.handle.recipe["transformers"] == "BertModel"  # a transformers class needs no confirming
+    # 10^9 tokens x 32 wide: 32 G parameters, 128 GB to allocate, for a file of a few hundred KB.
+    huge = _with_config(bert_manifest, tmp_path / "huge", vocab_size=10**9)
+    result = _run(str(huge), "--backend", "torch", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 4, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "bert.safetensors" in line and "32,000," in line and "not this file's model" in line
+
+
+def test_a_manifest_model_larger_than_memory_is_exit_2(
+        bert_manifest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from compressor import UsageError
+    from compressor_torch import loading
+
+    monkeypatch.setattr(loading, "available_memory", lambda: 10_000)
+    with pytest.raises(UsageError, match=r"needs .* of memory, 0\.0 MB available"):
+        _hook("compressor_load")(path=bert_manifest, backend="torch", context=Context())
+
+
+def test_a_saved_program_carries_none_of_the_users_data(heads: dict[str, Any], tmp_path: Path) -> None:
+    import zipfile
+
+    model, context = _load(heads["model"])
+    x = heads["x"]
+    context.eval_data = _dataset(heads)  # the export's example rows come from here
+    artifact = _hook("compressor_save")(model=model, destination=tmp_path / "saved", context=context)
+    archive = artifact.path.read_bytes()
+    for row in x[:4]:
+        assert row.tobytes() not in archive
+        assert row[:4].tobytes() not in archive  # not even 16 bytes of it
+    with zipfile.ZipFile(artifact.path) as opened:
+        samples = [info for info in opened.infolist() if "sample_inputs" in info.filename]
+    assert samples and all(info.file_size < 2048 for info in samples)
+    got = _outputs_of(artifact, x[:6])  # and it still loads and runs
+    import torch
+
+    with torch.inference_mode():
+        want = heads["module"](torch.from_numpy(x[:6]))
+    np.testing.assert_allclose(got["output_0"], want[0].numpy(), rtol=1e-5, atol=1e-5)

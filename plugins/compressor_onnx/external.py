@@ -5,13 +5,17 @@ small tensors and references (location, offset, length) to the big ones. Big
 tensors are read with plain file reads, never a memory map (touched mapped pages
 count in the process's RSS until unmapped), and written one by one into a single
 ``<model>.onnx.data`` next to the new ``.onnx``. Only models whose external data
-``check_external_data`` accepted (or that compressor wrote itself) get here.
+``check_external_data`` accepted (or that compressor wrote itself) get here, and
+every read opens its file through ``safety.open_external`` and reads that
+descriptor: a file swapped for a symlink after the load's check is refused (exit
+3), one cut short is exit 4, never read past or followed.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -84,14 +88,28 @@ def read_array(tensor: Any, folder: Path) -> Any:
     import numpy as np
     from onnx import helper, numpy_helper
 
+    from compressor_onnx.safety import read_into
+
     if not is_external(tensor):
         return numpy_helper.to_array(tensor)
     location, offset, length = external_reference(tensor)
     dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    with open(folder / location, "rb") as stream:
-        stream.seek(offset)
-        array = np.fromfile(stream, dtype=dtype, count=length // dtype.itemsize)
+    array = np.empty(length // dtype.itemsize, dtype=dtype)
+    with _opened(folder, location) as descriptor:
+        read_into(descriptor, memoryview(array.view(np.uint8)), offset, location, folder / location)
     return array.reshape(tuple(tensor.dims))
+
+
+@contextmanager
+def _opened(folder: Path, location: str) -> Iterator[int]:
+    """A descriptor of ``location`` in ``folder``, checked as opened (``safety.open_external``)."""
+    from compressor_onnx.safety import open_external
+
+    descriptor = open_external(folder, location)
+    try:
+        yield descriptor
+    finally:
+        os.close(descriptor)
 
 
 class DataWriter:
@@ -136,8 +154,8 @@ class DataWriter:
             _clear_data(tensor)
             self._place(tensor, length)
             self._stream.flush()
-            with open(folder / location, "rb") as source:
-                _copy_range(source, self._stream, offset, length)
+            with _opened(folder, location) as source:
+                _copy_range(source, self._stream, offset, length, folder / location)
         elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EMBED_BYTES:
             data = tensor.raw_data
             tensor.ClearField("raw_data")
@@ -214,13 +232,17 @@ def _clear_data(tensor: Any) -> None:
     tensor.data_location = TensorProto.DEFAULT
 
 
-def _copy_range(source: Any, target: Any, offset: int, length: int) -> None:
-    """Copy ``length`` bytes from ``offset`` of ``source`` to the end of ``target`` (in the kernel when it can)."""
+def _copy_range(source: int, target: Any, offset: int, length: int, where: Path) -> None:
+    """Copy ``length`` bytes from ``offset`` of the opened ``source`` to the end of ``target``
+    (in the kernel when it can); a source that ends early (cut short after it was
+    checked) is exit 4."""
+    from compressor import InvalidInputError
+
     remaining = length
     position = offset
     try:
         while remaining:
-            copied = os.copy_file_range(source.fileno(), target.fileno(), min(remaining, 1 << 30), position)
+            copied = os.copy_file_range(source, target.fileno(), min(remaining, 1 << 30), position)
             if copied == 0:
                 break
             remaining -= copied
@@ -229,11 +251,12 @@ def _copy_range(source: Any, target: Any, offset: int, length: int) -> None:
         pass
     if remaining:
         target.seek(0, os.SEEK_END)
-        source.seek(position)
         while remaining:
-            chunk = source.read(min(remaining, _COPY_CHUNK))
+            chunk = os.pread(source, min(remaining, _COPY_CHUNK), position)
             if not chunk:
-                raise OSError(f"external data ends {remaining} bytes early")
+                raise InvalidInputError(f"external data ends {remaining} bytes early, at {position} bytes "
+                                        "(cut short after it was checked?)", where)
             target.write(chunk)
             remaining -= len(chunk)
+            position += len(chunk)
     target.seek(0, os.SEEK_END)

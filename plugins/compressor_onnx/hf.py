@@ -12,6 +12,9 @@ class their config names: an encoder, a classifier, a causal language model.
 * Safetensors only, no remote code, no key-value cache in the export, and a
   checkpoint that lacks weights of the model is refused (random weights would
   be compressed and measured without a word).
+* Refused before transformers reads anything: a class mapped to the folder's own
+  code (``auto_map``, exit 3), a shard index naming files outside the folder
+  (exit 3), a config nested past the recursion limit (exit 4).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compressor import InvalidInputError, TensorSpec
+from compressor import InvalidInputError, TensorSpec, UnsafeInputError
 from compressor.errors import first_line
 from compressor_onnx.loading import Network
 from compressor_onnx.shapes import SampleShape
@@ -33,19 +36,71 @@ HF_SAMPLE_SHAPE = (1, 16)
 MAX_NAMED = 10
 
 
+def read_json(path: Path, name: str) -> Any:
+    """``name`` in the folder, parsed; unreadable or nested past Python's recursion limit
+    (a few thousand levels, no real config) is exit 4."""
+    try:
+        return json.loads((path / name).read_text(encoding="utf-8"))
+    except RecursionError:
+        raise InvalidInputError(f"has a {name} nested too deeply to read", path) from None
+    except (OSError, ValueError) as error:
+        raise InvalidInputError(f"has an unreadable {name} ({first_line(error)})", path) from None
+
+
+def refuse_custom_code(path: Path, config: Any) -> None:
+    """A config whose classes are not built into transformers but mapped to code
+    shipped in the folder (``auto_map``): refused, exit 3, never loaded."""
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if auto_map:
+        named = ", ".join(sorted(str(key) for key in auto_map)) if isinstance(auto_map, dict) else "classes"
+        raise UnsafeInputError(
+            f"config.json maps {named[:200]} to code shipped in the folder (auto_map): compressor never runs a "
+            "model folder's own code (trust_remote_code); use a model transformers has built in", path)
+
+
+def check_shards(path: Path) -> None:
+    """Refuse (exit 3) a shard index naming files outside the folder, which transformers
+    would open wherever they are."""
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        facts = read_json(path, index.name) if index.is_file() else {}
+        weight_map = facts.get("weight_map") if isinstance(facts, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InvalidInputError(f"{index.name} has no weight_map of tensor names to files", path)
+        for shard in sorted({str(value) for value in weight_map.values()}):
+            if not _inside(path, shard):
+                raise UnsafeInputError(f"{index.name} points at {shard[:120]!r}, outside the model's folder; "
+                                       "shards must sit in the folder itself", path)
+
+
+def _inside(folder: Path, name: str) -> bool:
+    """A shard named by a plain file name in ``folder``: no separators, ``..`` or
+    absolute paths, and (symlinks resolved) still in the folder, or in the Hugging
+    Face cache's ``blobs`` of the same repository when the folder is a cache snapshot."""
+    if not name or name != Path(name).name or name in (".", "..") or "\\" in name:
+        return False
+    target = folder / name
+    if not target.is_symlink():
+        return True
+    resolved, root = target.resolve(), folder.resolve()
+    snapshots = root.parent
+    if snapshots.name == "snapshots" and snapshots.parent.name.startswith("models--"):
+        root = snapshots.parent
+    return resolved.is_relative_to(root)
+
+
 def model_class(path: Path) -> tuple[Any, str]:
     """The transformers class for the folder's config, and its name."""
     import transformers
 
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise InvalidInputError(f"has an unreadable config.json ({first_line(error)})", path) from None
+    config = read_json(path, "config.json")
+    check_shards(path)
     architectures = config.get("architectures") if isinstance(config, dict) else None
     for name in architectures if isinstance(architectures, list) else []:
         found = getattr(transformers, str(name), None)
         if isinstance(found, type) and hasattr(found, "from_pretrained"):
             return found, str(name)
+    # AutoModel would follow auto_map; a built-in class above never does.
+    refuse_custom_code(path, config)
     return transformers.AutoModel, "AutoModel"
 
 
@@ -56,6 +111,8 @@ def tokenizer_inputs(path: Path) -> tuple[str, ...] | None:
     config_file = path / "tokenizer_config.json"
     try:
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except RecursionError:
+        raise InvalidInputError(f"has a {config_file.name} nested too deeply to read", path) from None
     except (OSError, ValueError):
         return None
     names = config.get("model_input_names") if isinstance(config, dict) else None

@@ -15,7 +15,13 @@ from typing import Any, NoReturn
 
 from compressor import InvalidInputError, TensorSpec, UnsafeInputError, UsageError
 from compressor.factories import import_factory
-from compressor_onnx.safety import TRUST_HINT, check_external_data, safe_torch_load, torch_file_kind
+from compressor_onnx.safety import (
+    TRUST_HINT,
+    check_external_data,
+    load_external_data,
+    safe_torch_load,
+    torch_file_kind,
+)
 from compressor_onnx.shapes import SampleShape, graph_input_specs, parse_input_shape
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ts", ".jit", ".ptl")
@@ -164,11 +170,11 @@ def _parse_onnx(path: Path) -> Any:
 
 
 def _with_external_data(graph: Any, path: Path) -> Any:
-    import onnx
-
+    """The graph with its external tensors read in, each file opened once and checked as
+    opened (``safety.load_external_data``), never by onnx following names itself."""
     try:
-        onnx.load_external_data_for_model(graph, str(path.parent))
-    except (ValueError, OSError, RuntimeError) as error:
+        load_external_data(graph, path)
+    except (ValueError, OSError) as error:
         _invalid(error, path)
     _check_onnx(graph, path)
     return graph

@@ -8,6 +8,7 @@ suffix, and its Keras config must not hold Lambda layers or custom classes
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -168,6 +169,7 @@ def _load_keras(path: Path, trust: bool) -> Any:
 
 
 def _load_saved_model(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple[TensorSpec, ...]]:
+    check_assets(path)
     _check_fingerprint(path)
     metadata = path / "keras_metadata.pb"
     if metadata.is_file():
@@ -198,6 +200,44 @@ def _load_saved_model(path: Path, trust: bool) -> tuple[TFLiteHandle, str, tuple
         for name, spec in sorted(specs.items())
     )
     return TFLiteHandle(saved_model_dir=path), SAVED_MODEL, inputs
+
+
+def asset_names(path: Path) -> list[str]:
+    """The file names a SavedModel's graphs give their assets (``asset_file_def``, and the
+    TF1 ``saved_model_assets`` collection), read from ``saved_model.pb`` without loading it."""
+    frameworks.tensorflow()
+    from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    try:
+        saved.ParseFromString((path / "saved_model.pb").read_bytes())
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError, OSError
+        raise InvalidInputError(f"has a damaged saved_model.pb ({first_line(error)})", path) from None
+    names = []
+    for graph in saved.meta_graphs:
+        names += [asset.filename for asset in graph.asset_file_def]
+        collection = graph.collection_def.get("saved_model_assets")
+        for packed in collection.any_list.value if collection is not None else ():
+            asset = meta_graph_pb2.AssetFileDef()
+            if packed.Unpack(asset):
+                names.append(asset.filename)
+    return names
+
+
+def check_assets(path: Path) -> None:
+    """Refuse (exit 3) an asset named outside the SavedModel's ``assets`` folder: TensorFlow
+    joins the name to that folder and reads whatever it leads to while loading (a
+    lookup table's vocabulary), so ``../../outside`` or an absolute name, or a symlink
+    leaving the folder, would load another file's contents into the model."""
+    assets = path / "assets"
+    root = Path(os.path.realpath(assets))
+    for name in asset_names(path):
+        shown = name[:120]
+        if not name or os.path.isabs(name) or ".." in Path(name).parts:
+            raise UnsafeInputError(f"names the asset {shown!r}, outside its assets folder; "
+                                   "a SavedModel's assets must sit in it", path)
+        if not Path(os.path.realpath(assets / name)).is_relative_to(root):
+            raise UnsafeInputError(f"asset {shown!r} leads outside its assets folder (through a symlink)", path)
 
 
 def _check_fingerprint(path: Path) -> None:

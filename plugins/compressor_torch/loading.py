@@ -6,20 +6,24 @@ model_factory``, ``torch.export`` archives (``.pt2``, pickled entries refused
 without ``--trust``), transformers folders. Nothing is unpickled as code.
 Two more come from this backend's own artifacts: a ``.pt2`` it saved (its input
 and output names travel inside, ``extra/compressor.json``) and a
-``.safetensors`` with a ``.torch.json`` manifest next to it (``saving.py``).
+``.safetensors`` with a ``.torch.json`` manifest next to it (``saving.py``): a
+factory the manifest names runs only once the user confirms it
+(:func:`confirmed_recipe`), a transformers config only if its size fits the weights
+and the memory (:func:`check_model_size`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from compressor import InvalidInputError, TensorSpec, UnsupportedError
+from compressor import InvalidInputError, TensorSpec, UnsafeInputError, UnsupportedError, UsageError
 from compressor.errors import first_line
 from compressor.factories import import_factory
 
@@ -70,9 +74,9 @@ def load_net(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchNet
         other = "onnx" if suffix == ".onnx" else "tflite"
         raise UnsupportedError(f"not a PyTorch model; use --backend {other}", path)
     if suffix == ".safetensors" and manifest_path(path).is_file():
-        from compressor_torch.saving import rebuild_from_manifest
+        from compressor_torch.saving import load_from_manifest
 
-        return rebuild_from_manifest(path, manifest_path(path))
+        return load_from_manifest(path, manifest_path(path), options, trust)
     saved = read_extra(path) if suffix == ".pt2" else None
     if saved is not None and set(saved.get("quantization", ())) & {"dynamic", "int8"}:
         from compressor_torch.quantize import import_torchao
@@ -156,30 +160,115 @@ def checked_facts(facts: dict[str, Any], path: Path) -> dict[str, Any]:
     return facts
 
 
-def build_transformers(recipe: dict[str, Any]) -> Any:
-    """A transformers model of the recipe's class and config, with random weights."""
+def build_transformers(recipe: dict[str, Any], weights: Path | None = None) -> Any:
+    """A transformers model of the recipe's class and config, with random weights.
+
+    The config is a model file's word: before anything is allocated the model is
+    built on the meta device and its parameters counted, then refused if the
+    weights file cannot hold them (exit 4) or the machine cannot (exit 2)."""
+    import torch
     import transformers
 
     cls = getattr(transformers, str(recipe["transformers"]), None)
-    if not isinstance(cls, type) or not hasattr(cls, "config_class"):
-        raise InvalidInputError(f"unknown transformers class {recipe['transformers']!r} in the manifest")
-    config = cls.config_class.from_dict(dict(recipe["config"]))
-    return cls._from_config(config, attn_implementation="eager").eval()
+    if not isinstance(cls, type) or not hasattr(cls, "config_class") or not hasattr(cls, "_from_config"):
+        raise InvalidInputError(f"unknown transformers class {recipe['transformers']!r} in the manifest", weights)
+    try:
+        config = cls.config_class.from_dict(dict(recipe["config"]))
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            skeleton = cls._from_config(config, attn_implementation="eager")
+    except Exception as error:  # noqa: BLE001 - transformers validates configs with any exception type
+        raise InvalidInputError(f"the manifest's {recipe['transformers']} config cannot build a model "
+                                f"({type(error).__name__}: {first_line(error)})", weights) from None
+    parameters = sum(parameter.numel() for parameter in skeleton.parameters())
+    del skeleton
+    check_model_size(parameters, str(recipe["transformers"]), weights)
+    try:
+        return cls._from_config(config, attn_implementation="eager").eval()
+    except (MemoryError, RuntimeError) as error:
+        raise UsageError(f"not enough memory to build the manifest's {recipe['transformers']} "
+                         f"({_gigabytes(parameters * 4)}: {first_line(error)})", weights) from None
 
 
-def build_from_recipe(recipe: dict[str, Any]) -> Any:
+#: What one parameter takes once built (the config's float32).
+_BUILT_BYTES = 4
+
+
+def check_model_size(parameters: int, what: str, weights: Path | None) -> None:
+    """Refuse a model of ``parameters`` the weights file cannot hold (every parameter is
+    loaded from it, strictly, at one byte or more) or this machine's memory cannot."""
+    if weights is not None:
+        stored = stored_values(weights)
+        if parameters > stored:
+            raise InvalidInputError(
+                f"the manifest's config builds a {what} of {parameters:,} parameters "
+                f"({_gigabytes(parameters * _BUILT_BYTES)}), but the weights hold {stored:,} values: "
+                "not this file's model", weights)
+    available = available_memory()
+    if available is not None and parameters * _BUILT_BYTES > available:
+        raise UsageError(f"building the manifest's {what} needs {_gigabytes(parameters * _BUILT_BYTES)} "
+                         f"of memory, {_gigabytes(available)} available", weights)
+
+
+def stored_values(weights: Path) -> int:
+    """How many values the safetensors file holds, from its header (nothing loaded)."""
+    import math
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as opened:
+            return sum(math.prod(opened.get_slice(key).get_shape()) for key in opened.keys())  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InvalidInputError(f"not a readable safetensors file ({first_line(error)})", weights) from None
+
+
+def available_memory() -> int | None:
+    """Memory the kernel says can be had without swapping (``MemAvailable``), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _gigabytes(size: int) -> str:
+    return f"{size / 1e9:,.1f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def build_from_recipe(recipe: dict[str, Any], weights: Path | None = None) -> Any:
+    """The module's structure (the caller loads the saved weights into it). A factory
+    recipe runs the factory: callers confirm it first (:func:`confirmed_recipe`)."""
     if "factory" in recipe:
-        # The structure only: the caller loads the saved weights into it.
         return _factory_module(str(recipe["factory"]))
     if "transformers" in recipe:
-        return build_transformers(recipe)
+        return build_transformers(recipe, weights)
     raise InvalidInputError("the manifest names no way to build the model (no factory, no transformers class)")
+
+
+def confirmed_recipe(recipe: dict[str, Any], manifest: Path, model_factory: object, trust: bool) -> dict[str, Any]:
+    """The recipe to build from: a factory a manifest names is code chosen by a model
+    file, so it runs only when the user names it too (``--set model_factory``) or
+    passes ``--trust``; the user's own ``model_factory`` always wins over it. A
+    transformers recipe names no code and needs no confirming."""
+    if "factory" not in recipe:
+        return recipe
+    if model_factory:
+        return {"factory": str(model_factory).strip()}
+    if not trust:
+        named = str(recipe["factory"])
+        shown = named if re.fullmatch(r"[\w.]{1,200}:[\w.]{1,200}", named) else "<that name>"
+        raise UnsafeInputError(
+            f"names the factory {named[:200]!r} to build the model, and a model file does not choose the code "
+            f"compressor runs: confirm it with --set model_factory={shown} (or pass --trust)", manifest)
+    return recipe
 
 
 def _factory_module(factory_name: str) -> Any:
     import torch
-
-    from compressor import UsageError
 
     module = import_factory(factory_name, "model_factory")()
     if not isinstance(module, torch.nn.Module):

@@ -39,6 +39,7 @@ from compressor_torch.loading import (
     TorchNet,
     build_from_recipe,
     checked_facts,
+    confirmed_recipe,
     manifest_path,
 )
 
@@ -201,6 +202,7 @@ def export_program(net: TorchNet, names: tuple[str, ...], outputs: tuple[str, ..
         raise CompressionError(f"torch.export failed ({type(error).__name__}: {first_line(error)})") from None
     specs = _specs(names, examples, program)
     extra = json.dumps(_facts(net, names, outputs, specs))
+    program.example_inputs = (tuple(_stand_in(tensor) for tensor in tensors), {})
     try:
         torch.export.save(program, str(path), extra_files={EXTRA_NAME: extra})
     except Exception as error:  # noqa: BLE001 - serialization fails on types it cannot write
@@ -211,6 +213,15 @@ def export_program(net: TorchNet, names: tuple[str, ...], outputs: tuple[str, ..
         path.unlink(missing_ok=True)
         raise CompressionError(f"the exported program would hold pickled objects ({pickled[0]})")
     return path
+
+
+def _stand_in(tensor: Any) -> Any:
+    """Zeros of ``tensor``'s shape and dtype over a one-value storage: ``torch.export.save``
+    stores the program's example inputs, which were the user's data rows (hundreds of
+    KB of them in a deployable file); loaders read only their shapes and dtypes."""
+    import torch
+
+    return torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
 
 
 def _dynamic_axes(array: Any) -> tuple[int, ...]:
@@ -252,14 +263,28 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return checked_facts(facts, path)
 
 
-def rebuild_from_manifest(weights: Path, manifest: Path) -> tuple[TorchNet, tuple[TensorSpec, ...]]:
+def load_from_manifest(weights: Path, manifest: Path, options: dict[str, Any],
+                       trust: bool) -> tuple[TorchNet, tuple[TensorSpec, ...]]:
+    """A user's safetensors + manifest: a factory the manifest names is only a hint,
+    built only once the user confirmed it (``confirmed_recipe``)."""
+    facts = read_manifest(manifest)
+    recipe = confirmed_recipe(facts["recipe"], manifest, options.get("model_factory"), trust)
+    return rebuild_from_manifest(weights, manifest, {**facts, "recipe": recipe})
+
+
+def rebuild_from_manifest(weights: Path, manifest: Path,
+                          facts: dict[str, Any] | None = None) -> tuple[TorchNet, tuple[TensorSpec, ...]]:
     """The saved module: its structure built and quantized as the manifest says, then
-    the saved tensors loaded into it (strictly)."""
+    the saved tensors loaded into it (strictly).
+
+    Without ``facts`` the manifest's recipe is followed as it is: for artifacts this
+    run saved itself (the measuring child), whose factory the user confirmed when the
+    model was loaded. A user's file goes through :func:`load_from_manifest`."""
     from compressor_onnx.loading import load_safetensors
     from compressor_torch.quantize import linear_filter, torchao_config
 
-    facts = read_manifest(manifest)
-    module = build_from_recipe(facts["recipe"])
+    facts = facts if facts is not None else read_manifest(manifest)
+    module = build_from_recipe(facts["recipe"], weights)
     quantization = tuple(facts.get("quantization") or ())
     if "fp16" in quantization:
         module = module.half()
