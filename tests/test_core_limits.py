@@ -80,7 +80,7 @@ def test_max_variants_lifts_the_limit(toy_host, toy_model, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("recipe_text, message", [
-    ('[variants."a\\n"]\nsteps = ["quantize fp16"]\n', "must be letters"),
+    ('[variants."a\\n"]\nsteps = ["quantize fp16"]\n', "must be one file name"),
     ('[variants."a.b"]\nsteps = ["quantize fp16"]\n[variants.a_b]\nsteps = ["quantize dynamic"]\n',
      "would both be saved as a_b"),
     ("x = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),

@@ -104,7 +104,9 @@ def _settings(threads: int, max_examples: int | None, min_seconds: float) -> Mea
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Make and measure here, or on Ray (needs compressor[ray]).")
 @click.option("--ray-address", metavar="ADDRESS",
-              help="An existing Ray cluster (auto, ray://host:10001); default: start a local one.")
+              help="An existing Ray cluster (auto, host:6379, ray://host:10001); default: start a local one.")
+@click.option("--ray-timeout", type=FiniteFloatRange(0, 3600, min_open=True), default=30, show_default=True,
+              metavar="SECONDS", help="Give up reaching --ray-address after this long (exit 2).")
 @click.option("--no-space-check", is_flag=True,
               help="Start even if the artifacts look too big for the free disk space.")
 @click.option("--min-cosine", type=FiniteFloatRange(-1, 1), metavar="C",
@@ -116,7 +118,8 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
         pq: bool, set_pairs: tuple[str, ...], recipe: Path | None, max_variants: int,
         data: Path | None,
         train_data: Path | None, calibration_data: Path | None, force: bool, trust: bool,
-        max_accuracy_drop: float | None, executor: str, ray_address: str | None, no_space_check: bool,
+        max_accuracy_drop: float | None, executor: str, ray_address: str | None, ray_timeout: float,
+        no_space_check: bool,
         min_cosine: float | None,
         min_agreement: float | None,
         threads: int, repeats: int, max_examples: int | None, min_seconds: float) -> None:
@@ -140,6 +143,7 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
         measure=_settings(threads, max_examples, min_seconds), repeats=repeats,
         max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
         check_space=not no_space_check, executor=executor, ray_address=ray_address,
+        ray_timeout=ray_timeout,
     )
     _run_and_print(request, out)
 

@@ -39,6 +39,9 @@ class CompressorGroup(click.Group):
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
         except KeyboardInterrupt as error:
+            if TERMINATION["signal"] is not None and not isinstance(error, Terminated):
+                # Ray turns the Terminated raised while it waits into a bare KeyboardInterrupt.
+                error = Terminated(TERMINATION["signal"])
             click.echo(f"error: {str(error) or 'interrupted'}", err=True)
             ctx.exit(getattr(error, "exit_code", 130))
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -132,9 +135,14 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + signal_number
 
 
+#: The termination signal received (SIGTERM, SIGHUP), if any.
+TERMINATION: dict[str, int | None] = {"signal": None}
+
+
 def _terminate(signal_number: int, frame: object) -> None:
     import signal
 
+    TERMINATION["signal"] = signal_number
     for name in ("SIGTERM", "SIGHUP"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)  # a second one must not cut the cleanup short
     raise Terminated(signal_number)

@@ -65,17 +65,9 @@ def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSet
     feeds = {name: array for name, array in examples.arrays.items() if examples.axes[name] == 0}
     positions = {spec.name: index for index, spec in enumerate(runtime.outputs)}
     by_name = {spec.name: spec for spec in runtime.outputs}
-    for name in wanted:  # in the order asked for: the first is the headline
-        spec, position = by_name[name], positions[name]
-        if spec.name in examples.state or spec.name not in records:
-            continue
-        stacked = records[spec.name]
-        if stacked is None:
-            measured.outputs[spec.name] = {"task": None, "reason": "its shape changes from example to example"}
-            continue
-        task, reason = tasks.detect(spec, stacked, runtime.inputs, options, position)
-        measured.outputs[spec.name] = {"task": task, "reason": reason, "shape": list(stacked.shape[1:])}
-        measured.kept[spec.name] = tasks.keep(task, stacked, feeds)
+    # In the order asked for; every output's task is decided with the others in view.
+    compared = [by_name[name] for name in wanted if name not in examples.state and name in records]
+    measured.outputs, measured.kept = tasks.examine(compared, records, runtime.inputs, options, feeds, positions)
     return measured
 
 

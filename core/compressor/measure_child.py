@@ -143,25 +143,48 @@ def _measure_by_runtime(host: Any, artifact: Artifact, data: Any, settings: Meas
     return measured
 
 
+#: The exit status of a measuring process that could not write its results into its
+#: scratch folder ($TMPDIR full or read-only): the parent reports that, not a crash.
+SCRATCH_FAILED = 75
+
+
 def main(argv: Sequence[str]) -> int:
     exchange = Path(argv[0])
     try:
-        _run(exchange)
-    except errors.CompressorError as error:
-        failure = {"type": type(error).__name__, "message": error.message,
-                   "path": str(error.path) if error.path else None}
-        (exchange / "result.json").write_text(json.dumps({"error": failure}))
-    except ModuleNotFoundError as error:
-        failure = {"type": "UnsupportedError", "message": f"missing module {error.name!r}", "path": None}
-        (exchange / "result.json").write_text(json.dumps({"error": failure}))
-    except Exception as error:  # noqa: BLE001 - reported to the parent, traceback on stderr
-        import traceback
-
-        traceback.print_exc()
-        failure = {"type": "CompressorError", "path": None,
-                   "message": f"measuring failed: {type(error).__name__}: {error}"}
-        (exchange / "result.json").write_text(json.dumps({"error": failure}))
+        try:
+            _run(exchange)
+        except errors.CompressorError as error:
+            _report(exchange, type(error).__name__, error.message, str(error.path) if error.path else None)
+        except ModuleNotFoundError as error:
+            _report(exchange, "UnsupportedError", f"missing module {error.name!r}")
+        except OSError as error:
+            if error.errno in errors.RESOURCE_ERRNOS and _in_folder(error, exchange):
+                raise
+            _report_unexpected(exchange, error)
+        except Exception as error:  # noqa: BLE001 - reported to the parent, traceback on stderr
+            _report_unexpected(exchange, error)
+    except OSError as error:
+        if error.errno not in errors.RESOURCE_ERRNOS:
+            raise
+        print(errors.os_problem(error), file=sys.stderr)
+        return SCRATCH_FAILED
     return 0
+
+
+def _in_folder(error: OSError, folder: Path) -> bool:
+    return error.filename is None or str(error.filename).startswith(str(folder))
+
+
+def _report(exchange: Path, kind: str, message: str, path: str | None = None) -> None:
+    failure = {"type": kind, "message": message, "path": path}
+    (exchange / "result.json").write_text(json.dumps({"error": failure}))
+
+
+def _report_unexpected(exchange: Path, error: Exception) -> None:
+    import traceback
+
+    traceback.print_exc()
+    _report(exchange, "CompressorError", f"measuring failed: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":

@@ -18,15 +18,13 @@ the run, or an existing cluster (``--ray-address auto`` or ``ray://host:10001``)
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from compressor import scratch
 from compressor.errors import CompressorError, UnsupportedError, first_line
 from compressor.models import Artifact
 from compressor.recipes import Variant
@@ -54,35 +52,49 @@ def _ray() -> Any:
 
 
 class RayExecutor:
-    """Ray started (or joined) for one run or search; ``close`` shuts a local one down."""
+    """Ray started (or joined) for one run or search; ``close`` shuts a local one down.
 
-    def __init__(self, address: str | None, threads: int, extra_modules: Sequence[str]) -> None:
+    ``timeout``: seconds to reach a cluster at ``address`` (``--ray-timeout``, default
+    :data:`compressor.ray_cluster.DEFAULT_TIMEOUT`); see :mod:`compressor.ray_cluster`."""
+
+    def __init__(self, address: str | None, threads: int, extra_modules: Sequence[str],
+                 timeout: float | None = None) -> None:
         ray = _ray()
+        from compressor import ray_cluster
         from compressor.children import import_path
 
         self.ray, self.threads, self.extra_modules = ray, threads, list(extra_modules)
-        self._temp: str | None = None
+        self._local: ray_cluster.LocalRay | None = None
+        self._joined = False
+        if ray.is_initialized():  # the caller's own Ray: used as it is, left running
+            return
         runtime_env = {"env_vars": {"PYTHONPATH": import_path(), "ORT_DISABLE_TELEMETRY": "1",
                                     "TF_CPP_MIN_LOG_LEVEL": "2"}}
-        self.started = not ray.is_initialized() and address is None
-        if ray.is_initialized():
-            return
-        if address is None:
-            # A short private folder: Ray's socket paths must stay under 108 bytes.
-            self._temp = tempfile.mkdtemp(prefix=f"cray{os.getpid()}-", dir="/tmp")
-            ray.init(resources={MEASURE_RESOURCE: 1}, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, runtime_env=runtime_env, _temp_dir=self._temp)
-        else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=runtime_env)
+        self._local = ray_cluster.init(
+            ray, address, ray_cluster.DEFAULT_TIMEOUT if timeout is None else timeout,
+            {"log_to_driver": False, "configure_logging": False, "runtime_env": runtime_env},
+            {"resources": {MEASURE_RESOURCE: 1}, "include_dashboard": False})
+        self._joined = self._local is None
         if not any(node.get("Resources", {}).get(MEASURE_RESOURCE) for node in ray.nodes()):
+            self.close()
             raise UnsupportedError(f"no Ray node offers the resource {MEASURE_RESOURCE!r}; start the nodes "
                                    f"with --resources '{{\"{MEASURE_RESOURCE}\": 1}}'")
 
+    @property
+    def started(self) -> bool:
+        """Whether this run started the Ray it uses (and stops it in :meth:`close`)."""
+        return self._local is not None
+
     def close(self) -> None:
-        if self.started:
-            self.ray.shutdown()
-        if self._temp is not None:
-            shutil.rmtree(self._temp, ignore_errors=True)
+        from compressor import ray_cluster
+
+        local, self._local = self._local, None
+        if local is not None:
+            ray_cluster.stop(self.ray, local)
+        elif self._joined:  # leave the cluster, which runs on
+            self._joined = False
+            with ray_cluster.quiet_ray():
+                self.ray.shutdown()
 
     def make(self, request: Any, variants: Sequence[Variant]) -> list[Made | CompressorError]:
         """Every variant made on the cluster, in parallel."""
@@ -150,17 +162,16 @@ def _make_remote(request: Any, variant: Variant, modules: Sequence[str]) -> Made
     from compressor.session import Session
 
     host = _register(modules)
-    folder = tempfile.mkdtemp(prefix="compressor-ray-make-")
-    try:
-        local = replace(request, out=Path(folder) / "out", force=True, check_space=False)
+    with scratch.scratch_folder(scratch.RAY_MAKE) as folder:
+        local = replace(request, out=folder / "out", force=True, check_space=False)
         with Session(local, host, lambda message, fraction: None) as session:
-            result, artifact = session.make(session.validate([variant])[0])
+            # Validated by the driver already: validating again would spell out defaults
+            # (``bits=8``) that a local run leaves implicit, so the steps would differ.
+            result, artifact = session.make(variant)
             if artifact is None:
                 raise CompressorError(result.error or "compression failed")
             files = {path.name: path.read_bytes() for path in artifact.files}
             return Made(result, files, artifact.backend, artifact.format, artifact.path.name, _node())
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _measure_remote(request: Any, made: Made, inputs: Sequence[Any], modules: Sequence[str]) -> Any:
@@ -169,8 +180,7 @@ def _measure_remote(request: Any, made: Made, inputs: Sequence[Any], modules: Se
     from compressor.evaluation import measure_one
 
     host = _register(modules)
-    folder = Path(tempfile.mkdtemp(prefix="compressor-ray-measure-"))
-    try:
+    with scratch.scratch_folder(scratch.RAY_MEASURE) as folder:
         artifact = stage(made, folder / "artifact")
         started = time.time()
         measured = measure_one(host, artifact, request.data, inputs, request.measure)
@@ -179,8 +189,6 @@ def _measure_remote(request: Any, made: Made, inputs: Sequence[Any], modules: Se
         # Wall-clock times, to check that one node never measured two artifacts at once.
         measured.metrics["measured_between"] = [started, time.time()]
         return measured
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def made_from(result: VariantResult, artifact: Artifact) -> Made:
@@ -196,7 +204,8 @@ def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tupl
     from compressor.recipes import ORIGINAL
 
     request = session.request
-    executor = RayExecutor(request.ray_address, request.measure.threads, session.host.extra_modules)
+    executor = RayExecutor(request.ray_address, request.measure.threads, session.host.extra_modules,
+                           getattr(request, "ray_timeout", None))
     try:
         original, original_artifact = session.make(Variant(ORIGINAL, ()))
         if original_artifact is None:

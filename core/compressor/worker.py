@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from compressor import errors, scratch
-from compressor.children import child_environment, python_command
-from compressor.measure_child import without_address_randomization
+from compressor.children import child_environment, parent_death_hook, python_command
+from compressor.measure_child import SCRATCH_FAILED, without_address_randomization
 from compressor.models import Artifact, MeasureSettings, TensorSpec
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -47,72 +47,108 @@ def measure_isolated(
     plugin: str | None = None,
 ) -> IsolatedResult:
     """Measure ``artifact`` in a child process and return what it found."""
+    try:
+        with scratch.scratch_folder(scratch.MEASURE) as exchange:
+            return _measure_in(exchange, artifact, data_path, inputs, settings, plugin_modules, plugin)
+    except OSError as error:
+        if error.errno not in errors.RESOURCE_ERRNOS:
+            raise
+        raise scratch.tmpdir_error(scratch.scratch_root(), error) from None
+
+
+def _measure_in(exchange: Path, artifact: Artifact, data_path: Path | None, inputs: Sequence[TensorSpec],
+                settings: MeasureSettings, plugin_modules: Sequence[str], plugin: str | None) -> IsolatedResult:
     import numpy as np
 
-    with scratch.scratch_folder(scratch.MEASURE) as exchange:
-        request = {
-            "artifact": artifact.to_json(),
-            "data": str(data_path) if data_path else None,
-            "inputs": [spec.to_json() for spec in inputs],
-            "settings": settings.to_json(),
-            "plugin_modules": list(plugin_modules),
-            "plugin": plugin,
-        }
-        (exchange / "request.json").write_text(json.dumps(request))
-        environment = child_environment({name: str(settings.threads) for name in _THREAD_VARIABLES})
-        environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        # The same hash seed and address layout in every repeat: per-process
-        # layout luck otherwise moves microsecond latencies by tens of percent.
-        environment["PYTHONHASHSEED"] = "0"
-        started = time.perf_counter()
-        with open(exchange / "stderr.txt", "wb") as stderr:
-            process = subprocess.Popen(
-                python_command("compressor.measure_child", [str(exchange)]),
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                env=environment,
-                preexec_fn=without_address_randomization,
-            )
-            try:
-                _, status, usage = os.wait4(process.pid, 0)
-            except BaseException:
-                # Interrupted (Ctrl-C, SIGTERM): the child must not outlive the run.
-                process.kill()
-                process.wait()
-                raise
-            process.returncode = os.waitstatus_to_exitcode(status)
-        wall_seconds = time.perf_counter() - started
-        result_file = exchange / "result.json"
-        child_output = (exchange / "stderr.txt").read_text(errors="replace").strip()
-        if not result_file.exists():
-            tail = child_output.splitlines()[-3:]
-            error: errors.CompressorError = errors.InvalidInputError(
-                f"the runtime crashed while measuring (exit {process.returncode})"
-                + (f": {' | '.join(tail)}" if tail else ""),
-                artifact.path,
-            )
-            error.child_output = child_output
-            raise error
-        result = json.loads(result_file.read_text())
-        if "error" in result:
-            failure = result["error"]
-            error_class = getattr(errors, failure["type"], errors.CompressorError)
-            error = error_class(failure["message"], failure.get("path"))
-            error.child_output = child_output
-            raise error
-        metrics = result["metrics"]
-        # The child's own high-water mark when it could read it: ru_maxrss of a
-        # forked child starts from the parent's RSS, so it is only a fallback.
-        metrics.setdefault("peak_rss_bytes", usage.ru_maxrss * 1024)
-        metrics["measure_seconds"] = round(wall_seconds, 3)
-        predictions = outputs = None
-        if (exchange / "predictions.npy").exists():
-            predictions = np.load(exchange / "predictions.npy", allow_pickle=False)
-        if (exchange / "outputs.npy").exists():
-            outputs = np.load(exchange / "outputs.npy", allow_pickle=False)
-        info = result.get("outputs", {})
-        return IsolatedResult(metrics, predictions, outputs, info, _read_kept(exchange, info))
+    request = {
+        "artifact": artifact.to_json(),
+        "data": str(data_path) if data_path else None,
+        "inputs": [spec.to_json() for spec in inputs],
+        "settings": settings.to_json(),
+        "plugin_modules": list(plugin_modules),
+        "plugin": plugin,
+    }
+    (exchange / "request.json").write_text(json.dumps(request))
+    environment = child_environment({name: str(settings.threads) for name in _THREAD_VARIABLES})
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The same hash seed and address layout in every repeat: per-process
+    # layout luck otherwise moves microsecond latencies by tens of percent.
+    environment["PYTHONHASHSEED"] = "0"
+    started = time.perf_counter()
+    with open(exchange / "stderr.txt", "wb") as stderr:
+        process = subprocess.Popen(
+            python_command("compressor.measure_child", [str(exchange)]),
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            env=environment,
+            preexec_fn=_child_setup(),
+        )
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM): the child must not outlive the run.
+            process.kill()
+            process.wait()
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+    wall_seconds = time.perf_counter() - started
+    result_file = exchange / "result.json"
+    child_output = (exchange / "stderr.txt").read_text(errors="replace").strip()
+    if process.returncode == SCRATCH_FAILED:
+        problem = child_output.splitlines()[-1] if child_output else _scratch_problem(exchange)
+        raise errors.UsageError(f"cannot write scratch files in TMPDIR ({exchange.parent}): {problem} "
+                                "(while measuring); point TMPDIR at a writable folder with free space")
+    if not result_file.exists():
+        tail = child_output.splitlines()[-3:]
+        error: errors.CompressorError = errors.InvalidInputError(
+            f"the runtime crashed while measuring (exit {process.returncode})"
+            + (f": {' | '.join(tail)}" if tail else ""),
+            artifact.path,
+        )
+        error.child_output = child_output
+        raise error
+    result = json.loads(result_file.read_text())
+    if "error" in result:
+        failure = result["error"]
+        error_class = getattr(errors, failure["type"], errors.CompressorError)
+        error = error_class(failure["message"], failure.get("path"))
+        error.child_output = child_output
+        raise error
+    metrics = result["metrics"]
+    # The child's own high-water mark when it could read it: ru_maxrss of a
+    # forked child starts from the parent's RSS, so it is only a fallback.
+    metrics.setdefault("peak_rss_bytes", usage.ru_maxrss * 1024)
+    metrics["measure_seconds"] = round(wall_seconds, 3)
+    predictions = outputs = None
+    if (exchange / "predictions.npy").exists():
+        predictions = np.load(exchange / "predictions.npy", allow_pickle=False)
+    if (exchange / "outputs.npy").exists():
+        outputs = np.load(exchange / "outputs.npy", allow_pickle=False)
+    info = result.get("outputs", {})
+    return IsolatedResult(metrics, predictions, outputs, info, _read_kept(exchange, info))
+
+
+def _scratch_problem(folder: Path) -> str:
+    """Why a child could not write into ``folder``, when it could not say so itself."""
+    try:
+        if os.statvfs(folder).f_bavail == 0:
+            return "No space left on device"
+    except OSError:
+        pass
+    return "Read-only file system" if not os.access(folder, os.W_OK) else "a write failed"
+
+
+def _child_setup() -> Any:
+    """What the measuring child does before exec: no address randomization, and death with
+    this process (a SIGKILLed run must not leave it measuring)."""
+    die_with_parent = parent_death_hook()
+
+    def in_child() -> None:
+        without_address_randomization()
+        die_with_parent()
+
+    return in_child
 
 
 def _read_kept(exchange: Path, info: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
