@@ -91,7 +91,7 @@ def test_budget_failure_exits_6_and_marks_the_variant(toy_host, toy_model, tmp_p
         (["-q", "int4"], 5, "supports: fp16, dynamic, int8"),
         (["--pq"], 5, "supports: quantize, prune"),
         (["-q", "int8"], 2, "needs --calibration-data"),
-        (["-q", "fp16", "--set", "colour=red"], 2, "bits, eval_batch, outputs, scale"),
+        (["-q", "fp16", "--set", "colour=red"], 2, "bits, ctc_blank, eval_batch, label_output, objectness, outputs, scale"),
         (["-q", "fp16", "--set", "bits=eight"], 2, "not a valid int"),
         (["-q", "fp16", "--backend", "nope"], 5, "available:"),
     ],

@@ -284,3 +284,37 @@ def test_importing_report_modules_imports_no_matplotlib_or_numpy() -> None:
             "print(sorted(m for m in ('matplotlib', 'numpy') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_html_rounds_cosine_and_never_shows_an_unknown_count_of_changed_inputs() -> None:
+    report = fasttext_report()
+    pq = report.variants[1]
+    for key in ("changed_count", "changed_examples", "confusion"):
+        pq.metrics.pop(key, None)
+    pq.metrics.update(agreement=0.99, cosine={"mean": 0.9937693871192321, "min": 0.9012345678})
+    document = render_html(report)
+    parse_html(document)
+    assert "(? inputs changed)" not in document and "0.9937693871192321" not in document
+    assert "cosine similarity mean 0.9938, min 0.9012" in document
+
+
+def test_html_gives_each_output_its_task_evidence_and_headline() -> None:
+    report = onnx_report()
+    dynamic = report.variants[2]
+    dynamic.metrics["outputs"] = {
+        "prob": {"task": "map", "reason": "[N, 2, 55, 75]: class probabilities over 2 channels (axis 1)",
+                 "shape": [2, 55, 75], "agreement": 0.9971, "pixel_agreement": 0.9971,
+                 "headline_metric": "pixel_agreement", "foreground_iou": 0.9612},
+        "reg": {"task": "regression", "reason": "[N, 4, 55, 75] beside 'prob'", "shape": [4, 55, 75],
+                "relative_error": {"mean": 0.0123456, "max": 0.0456789},
+                "cosine": {"mean": 0.99991234, "min": 0.9981},
+                "nonfinite": {"examples": 3, "share": 0.015, "original_examples": 0, "new_examples": 3}},
+    }
+    document = render_html(report)
+    parse_html(document)
+    section = document[document.index("<h3>dynamic</h3>"):document.index("<h3>int8</h3>")]
+    assert "<code>--set task.prob=TASK</code> to change" in section
+    assert "px 99.71%" in section and "share of pixels whose decision is the original&#x27;s" in section
+    assert "foreground IoU 96.12%" in section
+    assert "relative error mean 0.0123, max 0.0457" in section and "cosine mean 0.9999, min 0.9981" in section
+    assert "NaN or Inf in 3 examples (1.50%)" in section

@@ -32,6 +32,7 @@ def apply_cautions(report: Report) -> None:
     for variant in report.variants[1:]:
         if variant.error is None:
             variant.warnings = variant_warnings(variant, original)
+    original.warnings.extend(nonfinite_warnings(original.metrics, of_original=True))
     if not any(_fidelity(v.metrics) for v in report.variants):
         original.warnings.append("no evaluation data: how faithful the variants are was not measured "
                                  "(pass --data)")
@@ -47,6 +48,7 @@ def variant_warnings(variant: VariantResult, original: VariantResult) -> list[st
     if p50 is not None and base and _clearly_slower(p50, base, _latency(reference).get("p90")):
         found.append(f"slower than the original: p50 {p50:.3g} ms vs {base:.3g} ms "
                      f"(+{100 * (p50 / base - 1):.0f}%)")
+    found.extend(nonfinite_warnings(metrics))
     agreement = metrics.get("agreement")
     if isinstance(agreement, float) and agreement < MIN_AGREEMENT:
         kind = metrics.get("agreement_kind", "top-1")
@@ -57,6 +59,29 @@ def variant_warnings(variant: VariantResult, original: VariantResult) -> list[st
             and size >= NOT_SMALLER * base_size and gzip >= NOT_SMALLER * base_gzip):
         found.append(f"nothing was compressed: {size / base_size:.2f}x the original's size "
                      f"(gzip {gzip / base_gzip:.2f}x)")
+    return found
+
+
+def nonfinite_warnings(metrics: dict[str, Any], of_original: bool = False) -> list[str]:
+    """One warning per output holding NaN or Inf, with how many examples (such an example
+    counts as changed, and the variant fails every fidelity budget; see evaluation)."""
+    found = []
+    for name, counts in (metrics.get("nonfinite") or {}).items():
+        if not isinstance(counts, dict) or not counts.get("examples"):
+            continue
+        examples, share = counts["examples"], float(counts.get("share") or 0)
+        total = round(examples / share) if share else examples
+        before = counts.get("original_examples", 0)
+        if of_original:
+            where = "in the original itself"
+        elif counts.get("new_examples") == 0 and before:
+            where = "as the original's does"
+        elif before:
+            where = f"the original's for {before}"
+        else:
+            where = "where the original's never does"
+        found.append(f"output {name} holds NaN or Inf for {examples} of {total} examples "
+                     f"({100 * share:.1f}%), {where}")
     return found
 
 

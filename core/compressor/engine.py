@@ -8,8 +8,9 @@ The same for every backend, in this order:
    default, ``--set eval_batch=N``), all outputs kept; a stateful model
    (``--set state.OUT=IN``) runs example by example with its state carried;
    ``peak_rss_bytes`` is read here, so it is the memory at that batch;
-4. throughput at ``settings.batch_size`` (``latency_batch_ms``) and the peak
-   memory at that batch (``peak_rss_batch_bytes``), when the model takes it;
+4. throughput at ``settings.batch_size`` (``latency_batch_ms``), at fewer rows
+   where that would not fit the batch timing's time budget, and the peak memory at
+   that batch (``peak_rss_batch_bytes``), when the model takes it;
 5. each output's task is detected (``compressor.tasks``) and what the parent
    needs to compare it is kept.
 """
@@ -23,7 +24,7 @@ from typing import Any
 from compressor import tasks
 from compressor.errors import CompressorError, InvalidInputError
 from compressor.feeding import Examples, examples_from_data, state_links, synthetic_examples
-from compressor.measuring import time_calls
+from compressor.measuring import time_batch, time_calls
 from compressor.memory import peak_rss_bytes
 from compressor.models import Dataset, MeasureSettings
 from compressor.runtime import Runtime
@@ -133,22 +134,20 @@ def _run_all(runtime: Runtime, examples: Examples, batch: int, fixed: int | None
 
 def _time_batch(runtime: Runtime, examples: Examples, settings: MeasureSettings,
                 metrics: dict[str, Any]) -> None:
-    """Throughput at ``settings.batch_size`` (examples repeated to fill it) and the memory it takes."""
-    size = max(1, settings.batch_size)
+    """Throughput at ``settings.batch_size`` (examples repeated to fill it), or at fewer rows
+    where that batch would not fit the time budget (``compressor.measuring.time_batch``),
+    and the memory it takes."""
     import numpy as np
 
-    order = np.resize(np.arange(examples.count), size)
-    batch = {}
-    for name, array in examples.arrays.items():
-        axis = examples.axes[name]
-        batch[name] = array if axis is None else np.ascontiguousarray(np.take(array, order, axis=axis))
-    try:
-        runtime.run(batch)
-    except Exception as error:  # noqa: BLE001 - a model exported for one batch size refuses others
-        from compressor.errors import first_line
+    def call_at(rows: int) -> Any:
+        order = np.resize(np.arange(examples.count), rows)
+        batch = {}
+        for name, array in examples.arrays.items():
+            axis = examples.axes[name]
+            batch[name] = array if axis is None else np.ascontiguousarray(np.take(array, order, axis=axis))
+        return lambda: runtime.run(batch)
 
-        metrics["batch_note"] = f"not timed at batch {size}: {first_line(error, 120)}"
-        return
-    metrics["latency_batch_ms"] = time_calls(lambda: runtime.run(batch), settings, size)
-    metrics["batch_size"] = size
-    metrics["peak_rss_batch_bytes"] = peak_rss_bytes()
+    timing = time_batch(call_at, settings, metrics["latency_ms"]["p50"])
+    metrics.update(timing)
+    if "latency_batch_ms" in timing:
+        metrics["peak_rss_batch_bytes"] = peak_rss_bytes()

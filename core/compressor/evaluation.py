@@ -43,13 +43,16 @@ def measure_variants(
     The original failing to measure stops the run; a variant failing is that
     variant's error (its artifact is dropped), and the others go on."""
     runs: list[list[Any]] = [[] for _ in results]
+    variant_settings = settings
     for repeat in range(repeats):
         for index, artifact in enumerate(artifacts):
             if artifact is None:
                 continue
             progress(f"measuring {results[index].name} ({repeat + 1}/{repeats})", None)
             try:
-                runs[index].append(measure_one(host, artifact, data_path, inputs, settings))
+                runs[index].append(measure_one(host, artifact, data_path, inputs, variant_settings))
+                if index == 0 and repeat == 0:
+                    variant_settings = with_original_tasks(settings, runs[0][0])
             except CompressorError as error:
                 if index == 0:
                     raise _named_for_the_user(error, artifact, results[0].name, source) from None
@@ -63,6 +66,20 @@ def measure_variants(
         if measured:
             score(result, measured, reference, eval_data, settings)
     return [measured[0] if measured else None for measured in runs]
+
+
+def with_original_tasks(settings: MeasureSettings, reference: Any) -> MeasureSettings:
+    """``settings`` for measuring variants: each output compared as the original's was
+    decided (its task, axes, thresholds), whatever the variant's values look like."""
+    from dataclasses import replace
+
+    from compressor.tasks import DECIDED_OPTION
+
+    decided = {name: {key: info[key] for key in ("task", "reason", "params", "shape") if key in info}
+               for name, info in (getattr(reference, "output_info", None) or {}).items() if info.get("task")}
+    if not decided:
+        return settings
+    return replace(settings, options={**settings.options, DECIDED_OPTION: decided})
 
 
 def check_reference(reference: Any, eval_data: Dataset | None, settings: MeasureSettings, data_path: Path) -> None:
@@ -104,42 +121,33 @@ def score(result: VariantResult, measured: list[Any], reference: Any | None, eva
     result.metrics = {**result.metrics, **metrics}
 
 
-#: Metrics of the compared (first) output that also appear at the top of a variant's metrics.
-HEADLINE_KEYS = ("agreement", "agreement_kind", "accuracy", "cosine", "changed_count", "changed_examples",
-                 "confusion", "sequence_agreement", "relative_error", "max_abs_error", "perplexity",
-                 "perplexity_original", "iou")
+#: Metrics of the compared output (the labels' output, else the first with a headline figure) that
+#: also appear at the top of a variant's metrics; ``agreement`` there is the worst headline figure.
+HEADLINE_KEYS = ("agreement", "agreement_kind", "agreement_output", "headline_metric", "accuracy", "cosine",
+                 "changed_count", "changed_examples", "confusion", "sequence_agreement", "relative_error",
+                 "max_abs_error", "perplexity", "perplexity_original", "iou", "abs_error", "exact_match",
+                 "char_error_rate", "pixel_agreement", "f1", "detection_f1", "recall", "precision")
 
 
 def compare_outputs(reference: Any, variant: Any, labels: Any | None) -> dict[str, Any]:
-    """Every output of ``variant`` against the original's, by its task; the first
-    compared output's metrics also become the variant's headline metrics."""
-    from compressor.comparing import compare_output
+    """Every output of ``variant`` against the original's, by its task (see
+    :func:`compressor.output_comparison.compare_outputs`)."""
+    from compressor.output_comparison import compare_outputs as compare_all
 
-    outputs: dict[str, Any] = {}
-    for name, info in reference.output_info.items():
-        task = info.get("task")
-        if task is None or name not in reference.kept or name not in variant.kept:
-            outputs[name] = {**info, "compared": False}
-            continue
-        outputs[name] = {**info, **compare_output(task, reference.kept[name], variant.kept[name], labels)}
-    compared = [name for name, entry in outputs.items() if entry.get("compared", True)]
-    headline: dict[str, Any] = {"outputs": outputs}
-    if compared:
-        first = outputs[compared[0]]
-        headline.update({key: first[key] for key in HEADLINE_KEYS if key in first})
-        headline["compared_output"] = compared[0]
-        headline["task"] = first["task"]
-    return headline
+    return compare_all(reference, variant, labels, HEADLINE_KEYS)
 
 
 def _check_label_range(reference: Any, labels: Any, data_path: Path) -> None:
     """Integer labels must name one of a classifier's outputs, or accuracy means nothing."""
     import numpy as np
 
+    from compressor.tasks import label_output
+
     outputs, flat = reference.outputs, fidelity.flat_labels(labels)
-    first = next(iter(reference.output_info.items()), (None, {}))
-    if first[1].get("task") == "classifier" and "scores" in reference.kept.get(first[0], {}):
-        outputs = reference.kept[first[0]]["scores"]
+    labelled = label_output(reference.output_info, labels=flat) if reference.output_info else None
+    info = reference.output_info.get(labelled, {}) if labelled else {}
+    if info.get("task") == "classifier" and "scores" in reference.kept.get(labelled, {}):
+        outputs = reference.kept[labelled]["scores"]
     elif reference.predictions is None:
         return
     if outputs is None or flat is None or flat.dtype.kind not in "iu":
@@ -213,4 +221,20 @@ def budget_failures(metrics: dict[str, Any], base: dict[str, Any], budgets: dict
     budgeted = any(limit is not None for limit in (drop_limit, agreement_limit, cosine_limit))
     if budgeted and not any(key in metrics for key in ("accuracy", "agreement", "cosine")):
         failures.append("budget set but no accuracy/agreement measured (pass --data)")
+    if budgeted:
+        failures.extend(_unfit_outputs(metrics))
+    return failures
+
+
+def _unfit_outputs(metrics: dict[str, Any]) -> list[str]:
+    """A variant whose outputs hold NaN or Inf where the original's do not, or whose outputs
+    could not be compared, cannot pass a fidelity budget whatever its other figures."""
+    failures = []
+    for name, counts in (metrics.get("nonfinite") or {}).items():
+        if isinstance(counts, dict) and counts.get("new_examples"):
+            failures.append(f"output {name} holds NaN or Inf for {counts['new_examples']} examples where the "
+                            "original's does not")
+    for name, entry in (metrics.get("outputs") or {}).items():
+        if isinstance(entry, dict) and entry.get("error"):
+            failures.append(f"output {name} could not be compared: {entry['error']}")
     return failures

@@ -11,6 +11,7 @@ from html import escape
 from typing import Any
 
 from compressor.charts import LATENCY, SIZE, front_names, quality_measure, report_charts
+from compressor.html_outputs import digits, outputs_table
 from compressor.report import COLUMNS, Report, VariantResult, noise_note, rows
 
 READ_BEFORE_DEPLOYING = (
@@ -142,8 +143,9 @@ def _table(report: Report) -> str:
             ("failed", bool(variant.error)),
         ) if flag]
         if variant.error:
+            # The page wraps long text: the whole message, not the table's cut one.
             cells = (f"<td>{escape(row[0])}</td><td>{escape(row[1])}</td>"
-                     f'<td colspan="{len(COLUMNS) - 2}">{escape(row[2])}</td>')
+                     f'<td colspan="{len(COLUMNS) - 2}">FAILED: {escape(variant.error)}</td>')
         else:
             cells = "".join(
                 f'<td class="num">{escape(cell)}</td>' if index >= 2 else f"<td>{escape(cell)}</td>"
@@ -158,9 +160,11 @@ def _table(report: Report) -> str:
         *body,
         "</tbody></table>",
         f'<p class="muted">"smaller" is relative to <b>{baseline}</b>. Bold: on the size Pareto '
-        "front. ! and red: outside the budget. p50 and p99 are latency percentiles for one example "
-        "(batch 1); peak RAM is the measuring process's peak resident memory, runtime "
-        "included.</p>",
+        "front. ! and red: outside the budget. ? : worse than it looks (see the warnings above), never "
+        "a best trade-off. FAILED and yellow: the variant could not be made or measured. p50 and p99 "
+        "are latency percentiles for one example (batch 1); peak RAM is the measuring process's peak "
+        "resident memory, runtime included. agreement: each output's headline figure against the "
+        "original (what each is: under Fidelity).</p>",
     ])
 
 
@@ -216,25 +220,38 @@ def _variant_fidelity(variant: VariantResult, original: VariantResult) -> str:
         if isinstance(base, (int, float)):
             change = f" ({100 * (accuracy - base):+.2f} pt vs {escape(original.name)})"
         facts.append(f"accuracy {_percent(accuracy)}{change}")
-    if isinstance(metrics.get("agreement"), (int, float)):
-        facts.append(f"agreement with {escape(original.name)} {_percent(metrics['agreement'])}"
-                     f" ({escape(str(metrics.get('changed_count', '?')))} inputs changed)")
-    cosine = metrics.get("cosine")
-    if isinstance(cosine, Mapping):
-        facts.append(f"cosine similarity mean {_text(cosine.get('mean'))}, min {_text(cosine.get('min'))}")
+    outputs = metrics.get("outputs")
+    if not isinstance(outputs, Mapping) or not outputs:
+        facts += _overall_facts(metrics, original.name)
     parts = [f"<article><h3>{escape(variant.name)}</h3>",
              f'<p class="muted">{escape(" > ".join(variant.steps))}</p>']
-    if not facts:
+    table = outputs_table(outputs, original.name) if isinstance(outputs, Mapping) and outputs else ""
+    if not facts and not table:
         parts.append('<p class="muted">Nothing to compare: pass --data to measure accuracy and '
                      "agreement.</p></article>")
         return "\n".join(parts)
-    parts.append(f"<p>{'; '.join(facts)}.</p>")
-    if metrics.get("changed_count") == 0:
+    if facts:
+        parts.append(f"<p>{'; '.join(facts)}.</p>")
+    parts.append(table)
+    if metrics.get("changed_count") == 0 and metrics.get("task") in (None, "classifier", "probability"):
         parts.append(f"<p>Every top prediction matches {escape(original.name)}.</p>")
     parts.append(_confusion(metrics.get("confusion")))
     parts.append(_changed(metrics.get("changed_examples"), metrics.get("changed_count")))
     parts.append("</article>")
     return "\n".join(part for part in parts if part)
+
+
+def _overall_facts(metrics: Mapping[str, Any], original: str) -> list[str]:
+    """Agreement and cosine of a backend that compares its outputs itself (no per-output entries)."""
+    facts = []
+    if isinstance(metrics.get("agreement"), (int, float)):
+        changed = metrics.get("changed_count")
+        counted = f" ({changed} inputs changed)" if isinstance(changed, int) else ""
+        facts.append(f"agreement with {escape(original)} {_percent(metrics['agreement'])}{counted}")
+    cosine = metrics.get("cosine")
+    if isinstance(cosine, Mapping) and isinstance(cosine.get("mean"), (int, float)):
+        facts.append(f"cosine similarity mean {digits(cosine['mean'])}, min {digits(cosine.get('min'))}")
+    return facts
 
 
 def _confusion(confusion: Any) -> str:

@@ -153,7 +153,10 @@ COLUMNS = (
 
 
 def rows(report: Report) -> list[list[str]]:
-    """One row of display strings per variant, in :data:`COLUMNS` order."""
+    """One row of display strings per variant, in :data:`COLUMNS` order; a FAILED
+    variant's message is cut short (in full in :func:`legend_lines`)."""
+    from compressor.headlines import agreement_cell, failed_cell
+
     baseline = report.variants[0].metrics.get("size_bytes") if report.variants else None
     table = []
     for variant in report.variants:
@@ -161,14 +164,10 @@ def rows(report: Report) -> list[list[str]]:
         latency = metrics.get("latency_ms") or {}
         size = metrics.get("size_bytes")
         ratio = f"{baseline / size:.1f}x" if baseline and size else "-"
-        agreement = metrics.get("agreement")
-        if agreement is None and metrics.get("cosine"):
-            agreement_text = f"cos {metrics['cosine']['mean']:.4f}"
-        else:
-            agreement_text = _percent(agreement)
+        agreement_text = agreement_cell(metrics)
         name = variant.name + (" !" if variant.budget_failures else "") + (" ?" if variant.warnings else "")
         if variant.error:
-            table.append([name, " > ".join(variant.steps), f"FAILED: {variant.error}"] + [""] * 8)
+            table.append([name, " > ".join(variant.steps), failed_cell(variant.error)] + [""] * 8)
             continue
         table.append([
             name,
@@ -189,7 +188,9 @@ def rows(report: Report) -> list[list[str]]:
 def render_table(report: Report) -> str:
     """A plain-text table for the terminal."""
     table = [list(COLUMNS), *rows(report)]
-    widths = [max(len(row[i]) for row in table if i < len(row)) for i in range(len(COLUMNS))]
+    # A FAILED row's message spans the columns after the steps: it does not widen them.
+    widths = [max(len(row[i]) for row in table if i < 2 or not row[2].startswith("FAILED"))
+              for i in range(len(COLUMNS))]
     lines = []
     for index, row in enumerate(table):
         if len(row) > 3 and row[2].startswith("FAILED"):
@@ -206,8 +207,16 @@ def render_table(report: Report) -> str:
 NOISY_SPREAD = 0.05
 
 
+def legend_lines(report: Report) -> list[str]:
+    """What the table's markers and figures mean, each output's task, failed variants in full."""
+    from compressor.headlines import legend
+
+    failed = [f"FAILED {variant.name}: {variant.error}" for variant in report.variants if variant.error]
+    return legend(report) + failed
+
+
 def _footer(report: Report) -> list[str]:
-    lines = []
+    lines = legend_lines(report)
     for variant in report.variants:
         for failure in variant.budget_failures:
             lines.append(f"! {variant.name}: {failure}")
@@ -257,10 +266,12 @@ def render_markdown(report: Report) -> str:
     for variant in report.variants[1:]:
         changed = variant.metrics.get("changed_examples")
         if changed:
+            output = variant.metrics.get("compared_output")
             lines += [
                 "",
-                f"## {variant.name}: first inputs whose prediction changed "
-                f"({variant.metrics.get('changed_count', len(changed))} in all)",
+                f"## {variant.name}: first inputs whose prediction changed"
+                + (f" (output {output}, " if output else " (")
+                + f"{variant.metrics.get('changed_count', len(changed))} in all)",
                 "",
                 "| input | original | compressed | label |",
                 "|---|---|---|---|",

@@ -77,8 +77,12 @@ def to_rows(report: Report) -> list[dict[str, Any]]:
             "peak_rss_bytes": metrics.get("peak_rss_bytes"),
             "accuracy": metrics.get("accuracy"),
             "agreement": metrics.get("agreement"),
+            "agreement_output": metrics.get("agreement_output"),
+            "agreement_kind": metrics.get("agreement_kind"),
             "cosine": (metrics.get("cosine") or {}).get("mean"),
             "task": metrics.get("task"),
+            "nonfinite_examples": sum(counts.get("examples", 0) for counts in (metrics.get("nonfinite") or {}).values()
+                                      if isinstance(counts, dict)) or None,
             "warnings": "; ".join(variant.warnings),
             "budget_failures": "; ".join(variant.budget_failures),
             "error": variant.error,

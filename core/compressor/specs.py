@@ -26,7 +26,8 @@ QUANTIZE_MODES = ("fp16", "dynamic", "int8", "uint8", "int16x8", "int4")
 POSITIONAL_PARAM = {QUANTIZE: "mode", PRUNE: "sparsity"}
 
 #: What an output is, for comparing it (``compressor.tasks``).
-TASKS = ("classifier", "embedding", "language-model", "sequence", "regression", "detection")
+TASKS = ("classifier", "probability", "multi-label", "embedding", "language-model", "ctc", "sequence", "map",
+         "detection", "regression", "state")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -180,8 +181,11 @@ class Backend:
         for module, allowed in self.providers.items():
             found = _providing_distribution(module)
             if found is not None and found not in allowed:
-                return (f"the module {module!r} comes from {found}, not {' or '.join(allowed)} "
-                        f"(pip uninstall {found}; {self.install_hint()})")
+                # An allowed distribution still installed had its files overwritten: reinstall it.
+                overwritten = next((name for name in allowed if _installed(name)), None)
+                fix = (f"pip uninstall -y {found} && pip install --force-reinstall --no-deps {overwritten}"
+                       if overwritten else f"pip uninstall {found}; {self.install_hint()}")
+                return f"the module {module!r} comes from {found}, not {' or '.join(allowed)} ({fix})"
         if deep:
             for module in (*self.requires, *self.runtime_imports):
                 try:
@@ -211,6 +215,11 @@ MEASURE_OPTIONS.update({
     "outputs": Param(str, None, "comma-separated outputs to compare (default: all)"),
     "task": Param(str, None, "what every output is", choices=TASKS),
     "eval_batch": Param(int, 1, "batch size for computing fidelity", minimum=1, maximum=4096),
+    "batch_seconds": Param(float, None, "time budget of the batch timing (default 30 s)", minimum=0, maximum=3600),
+    "label_output": Param(str, None, "the output the labels belong to (default: the first classifier)"),
+    "ctc_blank": Param(int, None, "the blank class of CTC outputs (default: inferred, else 0)", minimum=0),
+    "score_threshold": Param(float, None, "detections: the least score kept (default 0.25)", minimum=0),
+    "objectness": Param(bool, None, "anchor heads: whether an objectness score precedes the classes"),
 })
 
 
@@ -228,12 +237,43 @@ def _providing_distribution(module: str) -> str | None:
     if spec is None or not spec.origin:
         return None
     origin = Path(spec.origin).resolve()
-    for name in metadata.packages_distributions().get(module.split(".")[0], []):
-        try:
-            files = metadata.distribution(name).files or []
-        except metadata.PackageNotFoundError:
+    # How a RECORD names the file: ``fasttext/__init__.py`` for a package, ``six.py`` for a module.
+    tail = origin.name if spec.submodule_search_locations is None else f"{origin.parent.name}/{origin.name}"
+    overwritten = None
+    for distribution in metadata.distributions():
+        if tail not in (distribution.read_text("RECORD") or ""):
+            continue  # cheap: most distributions never name the file
+        entry = next((file for file in distribution.files or []
+                      if Path(distribution.locate_file(file)).resolve() == origin), None)
+        if entry is None:
             continue
-        distribution = metadata.distribution(name)
-        if any(Path(distribution.locate_file(file)).resolve() == origin for file in files):
-            return str(distribution.metadata["Name"])
-    return None
+        name = distribution.metadata["Name"]
+        if entry.hash is None or _recorded(origin, entry.hash):
+            return str(name)
+        # Two distributions install this file (fasttext-numpy2 and fasttext-predict both write
+        # fasttext/__init__.py): the one whose recorded hash matches wrote it last.
+        overwritten = overwritten or str(name)
+    return overwritten
+
+
+def _recorded(path: Any, recorded: Any) -> bool:
+    """Whether ``path`` holds what a RECORD hash (``sha256``, urlsafe base64) says; True
+    when the hash cannot be checked."""
+    import base64
+    import hashlib
+
+    try:
+        digest = hashlib.new(recorded.mode, path.read_bytes()).digest()
+    except (ValueError, OSError):
+        return True
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode() == recorded.value
+
+
+def _installed(distribution: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
