@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -145,3 +146,24 @@ def test_a_variant_that_fails_is_reported_and_the_others_kept(toy_host, toy_mode
     variants = json.loads((tmp_path / "out" / "report.json").read_text())["variants"]
     assert variants[2]["error"] == "op Foo cannot be quantized"
     assert (tmp_path / "out" / "fp16.toy").exists() and not (tmp_path / "out" / "dynamic.toy").exists()
+
+
+@pytest.mark.parametrize("number", [errno.EFBIG, errno.ENAMETOOLONG])
+def test_file_size_limits_and_overlong_names_are_one_line_exit_2(toy_host, toy_model, tmp_path: Path,
+                                                                 number: int) -> None:
+    """What the OS says when a save hits ``ulimit -f`` or a name the filesystem refuses."""
+
+    class FailingSave:
+        @hookimpl(tryfirst=True)
+        def compressor_save(self, model, destination, context):
+            raise OSError(number, os.strerror(number), str(destination))
+
+    toy_host.register(FailingSave(), name="failing-save")
+    try:
+        result = invoke("run", toy_model["model"], "-q", "fp16", "-o", tmp_path / "out")
+    finally:
+        toy_host.unregister("failing-save")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and os.strerror(number) in lines[0] and "unexpected" not in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,17 @@ from hypothesis import strategies as st
 
 from compressor.errors import UsageError
 from compressor.models import Step
-from compressor.recipes import load_recipe, parse_recipe, parse_step, variants_from_flags
+from compressor.recipes import (
+    RESERVED_STEMS,
+    Variant,
+    check_name,
+    load_recipe,
+    parse_recipe,
+    parse_step,
+    recipe_text,
+    variant_name,
+    variants_from_flags,
+)
 
 
 def test_step_strings_fill_the_positional_parameter() -> None:
@@ -119,3 +129,49 @@ def test_the_recipe_parser_never_crashes_on_arbitrary_text(text: str) -> None:
         return
     with contextlib.suppress(UsageError):
         parse_recipe(document)
+
+
+@pytest.mark.parametrize("name", ["/abs/victim", "../x", "a/b", "a\\b", "..", ".hidden", "-x", "", "x" * 81,
+                                  "a b", "best", "report", "recipe", "CON", "nul", "Com1", "original"])
+def test_a_variant_name_must_be_one_safe_file_name(name: str) -> None:
+    with pytest.raises(UsageError, match="variant name"):
+        check_name(name)
+    with pytest.raises(UsageError, match="variant name"):
+        parse_recipe({"variants": {name: {"steps": ["quantize fp16"]}}})
+
+
+def test_names_made_from_steps_are_always_valid_and_distinct() -> None:
+    long_a = [Step("prune", {"sparsity": "0.5", "note": "a" * 300})]
+    long_b = [Step("prune", {"sparsity": "0.5", "note": "a" * 299 + "b"})]
+    names = [variant_name(steps) for steps in (long_a, long_b, [Step("_x", {})], [Step("best", {})])]
+    assert all(check_name(name) == name for name in names)
+    assert len(set(names)) == 4 and all(len(name) <= 80 for name in names)
+    assert names[0].startswith("prune0.5-note") and variant_name([Step("quantize", {"mode": "int8"})]) == "int8"
+
+
+def test_doubled_braces_are_literal_in_recipes() -> None:
+    variants = parse_recipe({"variants": {"a": {"steps": ["pq note={{x}}", {"technique": "pq", "n": "}}{{"}]}}})
+    assert variants[0].steps == (Step("pq", {"note": "{x}"}), Step("pq", {"n": "}{"}))
+
+
+_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+_scalar = st.one_of(_text, st.booleans(), st.integers(-(2**63), 2**63 - 1),
+                    st.floats(allow_nan=False), st.sampled_from(["mm two", "0.5", "{s}", 'a"b', "x=y", ""]))
+_param_values = st.one_of(_scalar, st.lists(_scalar, max_size=3))
+
+
+@given(st.lists(st.tuples(
+    st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,20}", fullmatch=True),
+    st.lists(st.tuples(st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True),
+                       st.dictionaries(_text.filter(lambda key: key != "technique"), _param_values, max_size=3)),
+             min_size=1, max_size=3)),
+    min_size=1, max_size=3, unique_by=lambda variant: variant[0].replace(".", "_")))
+def test_every_recipe_written_reads_back_as_the_same_variants(rows: list) -> None:
+    """What search writes as recipe.toml: any steps, any parameter values, read back unchanged."""
+    import tomllib
+
+    variants = [Variant(name, tuple(Step(technique, params) for technique, params in steps))
+                for name, steps in rows if name.replace(".", "_").lower() not in RESERVED_STEMS]
+    if not variants:
+        return
+    assert parse_recipe(tomllib.loads(recipe_text(variants, "a comment\nwith\x00odd\tcharacters"))) == variants

@@ -25,7 +25,7 @@ from typing import Any, Union
 
 from compressor.errors import UsageError
 from compressor.models import MeasureSettings, ProgressCallback
-from compressor.recipes import Variant, load_recipe, parse_step, unique, variant_name
+from compressor.recipes import Variant, check_name, load_recipe, parse_step, unique, variant_name
 from compressor.report import Report
 
 PathLike = Union[str, "os.PathLike[str]"]  # noqa: UP007 - a string forward reference
@@ -126,9 +126,11 @@ def search(
     Raises BudgetError when no trial meets the budget. ``run_options`` as for :func:`run`."""
     from compressor.plugins import get_host
     from compressor.runner import RunRequest
-    from compressor.searching import SearchRequest
+    from compressor.searching import SearchRequest, check_limits
     from compressor.searching import search as run_search
 
+    time_budget = time_budget_minutes * 60 if time_budget_minutes is not None else None
+    check_limits(max_trials, time_budget)
     scratch = tempfile.TemporaryDirectory(prefix="compressor-api-") if out is None else None
     target = Path(scratch.name) / "out" if scratch is not None else Path(out)  # type: ignore[arg-type]
     settings = run_options.pop("settings", None)
@@ -143,8 +145,7 @@ def search(
     )
     try:
         report = run_search(
-            SearchRequest(request, objective, max_trials, time_budget_minutes * 60 if time_budget_minutes else None,
-                          seed, Path(space) if space is not None else None),
+            SearchRequest(request, objective, max_trials, time_budget, seed, Path(space) if space is not None else None),
             get_host(), _silent)
     except BaseException:
         if scratch is not None:
@@ -161,7 +162,8 @@ def parse_variants(variants: VariantsLike | None) -> list[Variant]:
     if isinstance(variants, str):
         variants = [variants]
     if isinstance(variants, Mapping):
-        return [Variant(str(name), _steps(steps)) for name, steps in variants.items()]
+        # A name becomes a file name in the output folder: one safe component, as in recipes.
+        return [Variant(check_name(name), _steps(steps)) for name, steps in variants.items()]
     parsed = []
     for item in variants:
         steps = _steps(item)

@@ -24,9 +24,21 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-#: OS errors that are the machine's state, not a bug: reported in one line, exit 2.
+#: OS errors that are the machine's state or a name the user chose, not a bug: reported in
+#: one line, exit 2. EFBIG is a file size limit (``ulimit -f``); ENAMETOOLONG a path or name
+#: longer than the filesystem allows.
 RESOURCE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
-                             errno.EMFILE, errno.ENFILE})
+                             errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.ENAMETOOLONG})
+_ERRNO_HINTS = {errno.EFBIG: "a file size limit (ulimit -f) was reached",
+                errno.ENAMETOOLONG: "a file name or path is longer than the filesystem allows"}
+
+
+def os_problem(error: OSError) -> str:
+    """An OS error as a short phrase for a one-line message: the system's text plus, for
+    the less familiar ones, what it usually means."""
+    text = error.strerror or type(error).__name__
+    hint = _ERRNO_HINTS.get(error.errno or 0)
+    return f"{text} ({hint})" if hint else text
 
 
 class CompressorError(Exception):

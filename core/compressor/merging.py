@@ -195,12 +195,8 @@ def write_reports(report: Report, output: OutputFolder) -> list[str]:
     }
     output.prepare()
     try:
-        output.publish([], texts)
-        png = output.path / "report.png"
-        if write_png(report, png):
-            return [*texts, png.name]
-        png.unlink(missing_ok=True)  # a stale chart from an earlier --force run would mislead
-        return list(texts)
+        # All or nothing; a stale chart from an earlier --force run is removed, it would mislead.
+        return output.publish([], texts, chart=lambda path: write_png(report, path))
     except BaseException:
         output.abort()
         raise

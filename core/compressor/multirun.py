@@ -2,7 +2,9 @@
 backends, and one comparison against one original.
 
 Each backend runs as ``compressor run`` would, into ``--out/<backend>/`` (its own
-artifacts and reports, compared with its own original). Then ``--out`` gets the
+artifacts and reports, compared with its own original); every run is made in
+``--out``'s staging folder first and the whole set is published at the end, all
+or nothing. Then ``--out`` gets the
 merged report, variants named ``<backend>:<variant>``, where every variant is
 compared with **one** reference: the ``torch`` backend's original when it is
 among them (the model as trained), else the first backend's. The comparison
@@ -13,9 +15,9 @@ differently.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from compressor.errors import UsageError
@@ -28,9 +30,10 @@ PREFERRED_REFERENCE = "torch"
 
 
 def run_many(request: Any, backends: Sequence[str], host: Any, progress: ProgressCallback) -> Report:
+    from compressor.charts import write_png
     from compressor.evaluation import HEADLINE_KEYS, budget_failures, compare_outputs
     from compressor.merging import merge_reports
-    from compressor.runner import render_reports, run, write_chart
+    from compressor.runner import render_reports, run
 
     if len(set(backends)) != len(backends):
         raise UsageError(f"--backend names a backend twice: {', '.join(backends)}")
@@ -40,14 +43,13 @@ def run_many(request: Any, backends: Sequence[str], host: Any, progress: Progres
     outer.check()
     outer.prepare()
     reports: list[Report] = []
-    written = []
+    staged: dict[str, Path] = {}
     try:
         for name in backends:
             progress(f"backend {name}", None)
-            target = outer.path / name
-            written.append(target)
-            reports.append(run(replace(request, backend=name, out=target, force=True), host, progress))
-        merged = merge_reports([outer.path / name for name in backends])
+            staged[name] = outer.staging_folder(name)
+            reports.append(run(replace(request, backend=name, out=staged[name], force=False), host, progress))
+        merged = _relocated(merge_reports(list(staged.values())), staged, outer.path)
         reference_index = backends.index(PREFERRED_REFERENCE) if PREFERRED_REFERENCE in backends else 0
         reference = reports[reference_index].measured[0]  # type: ignore[attr-defined]
         labels = _labels(reports[reference_index])
@@ -64,16 +66,34 @@ def run_many(request: Any, backends: Sequence[str], host: Any, progress: Progres
             variant.metrics["reference"] = reference_name
             variant.budget_failures = budget_failures(variant.metrics, base, merged.budgets)
         merged.settings["reference"] = reference_name
-        outer.publish([], render_reports(merged))
+        without_chart = [f"{name}/report.png" for name, folder in staged.items()
+                         if not (folder / "report.png").exists()]
+        outer.publish([], render_reports(merged), chart=lambda path: write_png(merged, path),
+                      trees=staged, stale=without_chart)
     except BaseException:
-        for folder in written:
-            shutil.rmtree(folder, ignore_errors=True)
         outer.abort()
         raise
     finally:
         outer.close()
-    write_chart(merged, outer.path / "report.png")
     return merged
+
+
+def _relocated(report: Report, staged: dict[str, Path], out: Path) -> Report:
+    """The merged report's paths (artifacts, source reports) where they will be after publishing."""
+    moves = {str(folder): str(out / name) for name, folder in staged.items()}
+
+    def moved(path: str) -> str:
+        for old, new in moves.items():
+            if path == old or path.startswith(old + "/"):
+                return new + path[len(old):]
+        return path
+
+    for variant in report.variants:
+        variant.artifact = moved(variant.artifact) if variant.artifact else variant.artifact
+        source = variant.metadata.get("source")
+        if isinstance(source, dict) and isinstance(source.get("report"), str):
+            source["report"] = moved(source["report"])
+    return report
 
 
 def _labels(report: Report) -> Any | None:

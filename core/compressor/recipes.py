@@ -13,13 +13,18 @@ its steps::
     sweep = { sparsity = [0.1, 0.5, 0.8] }   # -> sparse-0.1, sparse-0.5, sparse-0.8
 
 A step is a string (``technique [value] [key=value ...]``) or a table
-(``{ technique = "pq", dsub = 2 }``).
+(``{ technique = "pq", dsub = 2 }``). ``{{`` and ``}}`` in a step are literal braces.
+
+A variant's name is one file-name component: its artifact is saved as
+:func:`file_stem` plus the backend's suffix, inside ``--out`` and nowhere else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+import numbers
 import re
 import shlex
 import sys
@@ -40,8 +45,16 @@ else:  # pragma: no cover
 ORIGINAL = "original"
 #: ``compressor run`` refuses recipes that expand to more variants (``--max-variants``).
 MAX_VARIANTS = 1000
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: Longest variant name: its file name (plus a suffix) stays far below every filesystem's limit.
+MAX_NAME = 80
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
+#: File stems compressor writes itself (``report.json``, ``best.onnx``, ``recipe.toml``) and
+#: device names Windows reserves whatever the suffix: no variant is saved under one of these.
+RESERVED_STEMS = frozenset({ORIGINAL, "best", "report", "recipe", "con", "prn", "aux", "nul",
+                            *(f"com{n}" for n in range(1, 10)), *(f"lpt{n}" for n in range(1, 10))})
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 _RECIPE_KEYS = {"description", "variants"}
 _VARIANT_KEYS = {"steps", "sweep"}
 
@@ -89,18 +102,39 @@ def step_from_table(table: Mapping[str, Any]) -> Step:
     return Step(technique.lower(), params)
 
 
-def check_name(name: str) -> str:
+def check_name(name: object) -> str:
+    """``name`` if it can name a variant: one safe file-name component (letters, digits,
+    '.', '_', '-', starting with a letter or digit, at most :data:`MAX_NAME` characters:
+    never a path, ``..`` or an absolute name) and no name compressor keeps for itself."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else repr(name[:57] + "...")
         raise UsageError(
-            f"variant name {name!r} must be letters, digits, '.', '_' or '-' (at most 80)"
+            f"variant name {shown} must be one file name of letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit, at most {MAX_NAME} characters"
         )
     if name == ORIGINAL:
         raise UsageError(f"variant name {ORIGINAL!r} is reserved for the unmodified model")
+    if file_stem(name).lower() in RESERVED_STEMS:
+        raise UsageError(f"variant name {name!r} is reserved: compressor writes {file_stem(name)}.* "
+                         "itself, or the name is a device name on Windows; choose another")
     return name
 
 
+def is_valid_name(name: object) -> bool:
+    """One safe file-name component of at most :data:`MAX_NAME` characters (``original`` included)."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
 def variant_name(steps: Sequence[Step]) -> str:
-    return "-".join(step.slug for step in steps) or "copy"
+    """A name made from the steps (``prune0.5-int8``), always a valid variant name: a name
+    too long or otherwise unusable keeps its start and gets a short hash of the whole, so
+    different steps keep different names."""
+    wanted = "-".join(step.slug for step in steps) or "copy"
+    trimmed = wanted.lstrip("._-") or "copy"
+    if _NAME.fullmatch(trimmed) and file_stem(trimmed).lower() not in RESERVED_STEMS:
+        return trimmed
+    digest = hashlib.sha256(wanted.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{trimmed[:MAX_NAME - 9]}-{digest}"
 
 
 def variants_from_strings(rows: Iterable[Sequence[str]]) -> list[Variant]:
@@ -109,7 +143,10 @@ def variants_from_strings(rows: Iterable[Sequence[str]]) -> list[Variant]:
 
 
 def file_stem(name: str) -> str:
-    """The file name a variant's artifact gets (dots would read as a suffix)."""
+    """The file name a variant's artifact gets before the backend's suffix: dots become
+    underscores (``prune0.5`` -> ``prune0_5.onnx``), because backends add their suffix with
+    ``Path.with_suffix``, which would otherwise cut the name at its last dot. The report's
+    ``artifact`` field names each variant's file."""
     return name.replace(".", "_")
 
 
@@ -241,6 +278,8 @@ def _format(value: Any) -> str:
 def _substitute(name: str, raw: Any, values: Mapping[str, Any]) -> Step:
     def fill(text: str) -> str:
         def replace(match: re.Match[str]) -> str:
+            if match.group(1) is None:  # {{ or }}: a literal brace
+                return match.group(0)[0]
             if match.group(1) not in values:
                 raise UsageError(f"variants.{name}: {{{match.group(1)}}} has no sweep values")
             return _format(values[match.group(1)])
@@ -254,3 +293,81 @@ def _substitute(name: str, raw: Any, values: Mapping[str, Any]) -> Step:
             {k: fill(v) if isinstance(v, str) else v for k, v in raw.items()}
         )
     raise UsageError(f"variants.{name}: a step must be a string or a table, not {raw!r}")
+
+
+# ------------------------------------------------------------------ writing recipes
+
+
+def recipe_text(variants: Sequence[Variant], comment: str = "") -> str:
+    """A recipe that :func:`load_recipe` reads back as exactly ``variants`` (same names, same
+    steps, same parameter values and types). A step is written as its string when that string
+    parses back to the same step, else as a table; every string is TOML-quoted."""
+    lines = [f"# {_comment_safe(line)}".rstrip() for line in comment.splitlines()]
+    for variant in variants:
+        steps = ", ".join(_step_toml(step) for step in variant.steps)
+        lines += ["", f"[variants.{_toml_key(check_name(variant.name))}]", f"steps = [{steps}]"]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _step_toml(step: Step) -> str:
+    text = str(step)
+    try:
+        same = parse_step(text) == Step(step.technique, dict(step.params))
+    except UsageError:
+        same = False
+    if same:
+        return toml_value(_literal_braces(text))
+    if "technique" in step.params:
+        raise UsageError(f"step '{step}' has a parameter named 'technique' and cannot be written to a recipe")
+    table = {"technique": step.technique, **step.params}
+    return toml_value({key: _literal_braces(value) if isinstance(value, str) else value
+                       for key, value in table.items()})
+
+
+def _literal_braces(text: str) -> str:
+    """Braces doubled, so that loading the recipe does not read ``{name}`` as a sweep value."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def toml_value(value: Any) -> str:
+    """``value`` as TOML (strings, booleans, integers, floats, lists and tables of them)."""
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        if math.isnan(number):
+            return "nan"
+        return repr(number) if math.isfinite(number) else ("inf" if number > 0 else "-inf")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(str(key))} = {toml_value(item)}" for key, item in value.items()) + " }"
+    raise UsageError(f"cannot write {type(value).__name__} value {value!r} to a TOML recipe")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    escaped = []
+    for character in text:
+        code = ord(character)
+        if character in _TOML_ESCAPES:
+            escaped.append(_TOML_ESCAPES[character])
+        elif code < 0x20 or code == 0x7F:
+            escaped.append(f"\\u{code:04X}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise UsageError(f"{text!r} holds a lone surrogate, which TOML cannot hold")
+        else:
+            escaped.append(character)
+    return '"' + "".join(escaped) + '"'
+
+
+def _comment_safe(line: str) -> str:
+    return "".join(c if c == "\t" or (ord(c) >= 0x20 and ord(c) != 0x7F and not 0xD800 <= ord(c) <= 0xDFFF)
+                   else "?" for c in line)

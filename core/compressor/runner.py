@@ -47,6 +47,8 @@ class RunRequest:
     #: Where variants are made and measured: ``local``, or ``ray`` (a local Ray, or ``ray_address``).
     executor: str = "local"
     ray_address: str | None = None
+    #: Seconds to reach ``ray_address`` (None: ``compressor.ray_cluster.DEFAULT_TIMEOUT``).
+    ray_timeout: float | None = None
 
 
 def _no_progress(message: str, fraction: float | None) -> None:
@@ -137,6 +139,7 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
 
     backend = resolve_backend(host, request.model, request.backend) if request.model.exists() else None
     wanted = list(request.variants)
+    defaulted = not wanted
     if not wanted and backend is not None and not request.original_only:
         wanted = variants_from_strings(backend.default_variants)
     if request.original_only:
@@ -150,14 +153,20 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
             results, artifacts = run_on_ray(session, session.variants, progress)
             report = session.report(results, executor="ray")
             session.publish(report, [artifact for artifact in artifacts if artifact is not None])
-            write_chart(report, session.out / "report.png")
             return report
         results: list[VariantResult] = []
         artifacts: list[Artifact | None] = []
         everything = [Variant(ORIGINAL, ()), *session.variants]
         for index, variant in enumerate(everything):
             progress(f"[{index + 1}/{len(everything)}] {variant.name}", None)
-            result, artifact = session.make(variant)
+            try:
+                result, artifact = session.make(variant)
+            except UnsupportedError as error:
+                if not defaulted or not results:
+                    raise
+                # A default variant this model cannot take (pq on an .ftz, quantized already): said, not run.
+                results[0].notes.append(f"default variant '{variant.name}' not made: {error.message}")
+                continue
             results.append(result)
             artifacts.append(artifact)
         if artifacts[0] is None:
@@ -172,16 +181,7 @@ def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_
         report.measured = measured  # type: ignore[attr-defined]
         report.eval_data = session.context.eval_data  # type: ignore[attr-defined]
         session.publish(report, [artifact for artifact in artifacts if artifact is not None])
-    write_chart(report, session.out / "report.png")
     return report
-
-
-def write_chart(report: Report, path: Path) -> None:
-    """The main chart as PNG when matplotlib is installed; never a stale one."""
-    from compressor.charts import write_png
-
-    if not write_png(report, path):
-        path.unlink(missing_ok=True)
 
 
 def render_reports(report: Report) -> dict[str, str]:

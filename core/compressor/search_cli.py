@@ -29,7 +29,7 @@ _path = click.Path(path_type=Path)
 @click.option("--max-trials", type=click.IntRange(1, 10_000), default=20, show_default=True,
               help="Try at most this many configurations.")
 @click.option("--time-budget", type=FiniteFloatRange(0, min_open=True), metavar="MIN",
-              help="Start no trial after this many minutes.")
+              help="Stop after this many minutes (the trial under way is stopped).")
 @click.option("--seed", type=int, default=0, show_default=True, help="The same seed gives the same trials.")
 @click.option("--space", type=_path, help="A recipe with a [search.stages] table (default: the backend's).")
 @click.option("--train-data", type=_path, help="Training data, for steps that fine-tune or retrain.")

@@ -10,15 +10,17 @@ and the objective, and skips work that cannot win:
 3. for ``--objective size``, a variant whose file is not smaller than the best
    one within budget is not measured (size is known before measuring);
 4. with more than :data:`SUBSET_FROM` evaluation examples, a variant is first
-   measured on a subset, and stopped there when it is clearly outside the
-   budget (by :data:`CLEARLY_OUT`).
+   measured on the first half of them (at least :data:`SUBSET_FROM`), and stopped
+   there only when it would miss the budget even if every example not yet seen
+   agreed (:func:`compressor.search_limits.certain_violation`).
 
 The search starts with each stage's options alone, mildest first, so the
 first step that breaks the budget rules out everything stricter in its stage;
 then Optuna's TPE sampler (seeded: the same seed gives the same trials) learns
 from each measured trial, with the budget as a constraint, and proposes the
 combinations. The search stops after ``--max-trials``
-tries, ``--time-budget`` minutes, or when every configuration is tried or
+tries, ``--time-budget`` minutes (the trial under way is stopped, see
+:mod:`compressor.search_limits`), or when every configuration is tried or
 ruled out.
 """
 
@@ -35,13 +37,14 @@ from compressor.evaluation import budget_failures, check_reference, measure_one,
 from compressor.models import Artifact, ProgressCallback
 from compressor.recipes import ORIGINAL, Variant
 from compressor.report import Report, VariantResult
+from compressor.search_limits import TimeUp, certain_violation, check_limits, deadline
 from compressor.search_space import Config, Stage
 from compressor.selection import objective_value
 
-#: Evaluation sets larger than this are first measured on a subset of this size.
+__all__ = ["SearchRequest", "check_limits", "search"]
+
+#: Evaluation sets larger than this are first measured on their first half (at least this many).
 SUBSET_FROM = 400
-#: How far outside the budget the subset must be to stop early (agreement, cosine; accuracy in pt x 0.01).
-CLEARLY_OUT = 0.05
 #: Consecutive proposals of configurations already tried before the space counts as exhausted.
 MAX_REPEATS = 25
 
@@ -83,6 +86,11 @@ class Searcher:
     executor: Any = None
     trials: list[Trial] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def deadline(self) -> float | None:
+        budget = self.request.time_budget_seconds
+        return None if budget is None else self.started + budget
 
     @property
     def budgets(self) -> dict[str, Any]:
@@ -132,16 +140,17 @@ class Searcher:
         settings = session.request.measure
         data = session.context.eval_data
         if data is not None and data.size > SUBSET_FROM and not settings.max_examples:
-            quick = replace(settings, max_examples=SUBSET_FROM, min_seconds=min(settings.min_seconds, 0.1))
+            seen = max(SUBSET_FROM, data.size // 2)
+            quick = replace(settings, max_examples=seen, min_seconds=min(settings.min_seconds, 0.1))
             measured = self._measure(artifact, quick)
             probe = VariantResult(result.name, result.steps)
-            reference, subset_base = self.reference_for(quick)
+            reference, _ = self.reference_for(quick)
             score(probe, [measured], reference, data, quick)
-            # Against the original on the same examples: the first ones may not be typical.
-            margin = _violation(probe.metrics, subset_base, self.budgets)
-            if margin > CLEARLY_OUT:
+            margin = certain_violation(probe.metrics, seen, data.size, self.base, self.budgets)
+            if margin > 0:
                 trial.state = "stopped early"
-                trial.reason = f"clearly outside the budget on the first {SUBSET_FROM} examples"
+                trial.reason = (f"outside the budget on the first {seen} of {data.size} examples by more "
+                                f"than the other {data.size - seen} could make up")
                 trial.violation = margin
                 result.metrics.update(probe.metrics)
                 return
@@ -165,14 +174,23 @@ class Searcher:
         return measure_one(session.host, artifact, session.request.data, original.inputs, settings)
 
     def evaluate_batch(self, trials: list[Trial]) -> None:
-        """Make and measure several trials; on Ray in parallel (no subset early stop there)."""
+        """Make and measure several trials; on Ray in parallel (no subset early stop there, and
+        the time budget is checked between batches). A trial the time budget stops is marked so."""
         if self.executor is None or len(trials) == 1:
             for trial in trials:
-                self.evaluate(trial)
+                try:
+                    with deadline(self.deadline if self.executor is None else None):
+                        self.evaluate(trial)
+                except TimeUp:
+                    trial.state, trial.reason = "stopped", "the time budget ran out during this trial"
+                    trial.value, trial.violation = None, 0.0
             return
         from compressor.ray_executor import evaluate_trials
 
         evaluate_trials(self, trials)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def reference_for(self, settings: Any) -> tuple[Any, dict[str, Any]]:
         """The original measured on a subset as a trial is, and its metrics (cached)."""
@@ -207,16 +225,22 @@ def _violation(metrics: dict[str, Any], base: dict[str, Any], budgets: dict[str,
 def search(request: SearchRequest, host: Any, progress: ProgressCallback) -> Report:
     """Run the search; the report has the original and every trial, the winner named in
     ``settings["search"]``. Raises BudgetError (exit 6) when no trial meets the budget."""
+    from compressor.search_results import check_best_names, no_winner, publish
+
+    started = time.monotonic()
+    check_limits(request.max_trials, request.time_budget_seconds)
     try:
         import optuna
     except ModuleNotFoundError:
         raise UnsupportedError("compressor search needs Optuna: pip install 'compressor[search]'") from None
     from compressor.session import Session
 
-    with Session(request.run, host, progress) as session:
+    opened = Session(request.run, host, progress)
+    check_best_names(opened.out, opened.backend.formats)
+    with opened as session:
         stages = _valid_stages(session, search_space.from_recipe(request.space) if request.space
                                else search_space.from_backend(session.backend))
-        searcher = Searcher(session, request, stages, progress)
+        searcher = Searcher(session, request, stages, progress, started=started)
         if request.run.executor == "ray":
             from compressor.ray_executor import RayExecutor
 
@@ -224,6 +248,7 @@ def search(request: SearchRequest, host: Any, progress: ProgressCallback) -> Rep
                                             host.extra_modules)
             session._stack.callback(searcher.executor.close)
         _measure_original(searcher)
+        check_best_names(session.out, [searcher.trials[0].artifact.path.suffix])
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.TPESampler(
             seed=request.seed, n_startup_trials=min(5, max(1, request.max_trials // 4)))
@@ -231,19 +256,9 @@ def search(request: SearchRequest, host: Any, progress: ProgressCallback) -> Rep
         for config in _one_at_a_time(searcher.stages):
             study.enqueue_trial({stage.name: index for stage, index in zip(searcher.stages, config)})
         _loop(searcher, study, optuna)
-        report = _report(searcher)
-        winner = searcher.best()
-        kept = [t.artifact for t in searcher.trials if t.artifact is not None and _keep(t, winner)]
-        texts = {"recipe.toml": _recipe(winner)} if winner is not None and winner.variant else {}
-        session.publish(report, kept, texts)
-        if winner is not None and winner.artifact is not None:
-            _copy_best(session.out, winner.artifact)
-    if winner is None:
-        closest = min((t for t in searcher.trials[1:] if t.state in ("measured", "stopped early")
-                       and t.violation > 0), key=lambda t: t.violation, default=None)
-        name = (f"{closest.variant.name} ({closest.state}, {closest.violation:.3f} outside)"
-                if closest is not None and closest.variant else "none: every trial failed or was skipped")
-        raise BudgetError(f"no trial meets the budget; the closest is {name}")
+        report = publish(searcher)
+    if searcher.best() is None:
+        raise BudgetError(no_winner(searcher))
     return report
 
 
@@ -300,8 +315,7 @@ def _loop(searcher: Searcher, study: Any, optuna: Any) -> None:
     total = search_space.size(stages)
     batch_size = max(1, searcher.executor.measuring_slots) if searcher.executor is not None else 1
     while searcher.made() < request.max_trials and len(seen) < total:
-        elapsed = time.monotonic() - searcher.started
-        if request.time_budget_seconds is not None and elapsed > request.time_budget_seconds:
+        if searcher.out_of_time():
             break
         batch: list[tuple[Any, Trial]] = []
         while len(batch) < min(batch_size, request.max_trials - searcher.made()) and len(seen) < total:
@@ -358,46 +372,4 @@ def _progress(searcher: Searcher, trial: Trial) -> None:
     searcher.progress(f"trial {searcher.made() + 1} of at most {searcher.request.max_trials}: "
                       f"{trial.variant.name if trial.variant else ORIGINAL}; {best_text}; {elapsed:.0f} s", None)
 
-
-def _keep(trial: Trial, winner: Trial | None) -> bool:
-    """Artifacts kept in --out: the original, the winner and every measured trial within budget."""
-    return trial.number == 0 or trial is winner or (trial.state == "measured" and trial.violation <= 0)
-
-
-def _report(searcher: Searcher) -> Report:
-    results = []
-    winner = searcher.best()
-    for trial in searcher.trials:
-        result = trial.result or VariantResult(trial.variant.name if trial.variant else ORIGINAL,
-                                               [str(s) for s in trial.variant.steps] if trial.variant else [])
-        result.metadata["search"] = {"trial": trial.number, "state": trial.state,
-                                     "reason": trial.reason, "winner": trial is winner}
-        if trial.state != "measured" and trial.number:
-            result.notes.append(f"{trial.state}: {trial.reason}")
-            result.artifact = result.artifact if _keep(trial, winner) else None
-        results.append(result)
-    summary = {"objective": searcher.request.objective, "seed": searcher.request.seed,
-               "max_trials": searcher.request.max_trials, "space_size": search_space.size(searcher.stages),
-               "tried": searcher.made(), "skipped": len(searcher.trials) - 1 - searcher.made(),
-               "measured": sum(t.state == "measured" for t in searcher.trials[1:]),
-               "winner": winner.result.name if winner and winner.result else None,
-               "stages": {stage.name: ["none" if s is None else str(s) for s in stage.options]
-                          for stage in searcher.stages}}
-    return searcher.session.report(results, search=summary)
-
-
-def _recipe(winner: Trial) -> str:
-    assert winner.variant is not None
-    steps = ", ".join(f'"{step}"' for step in winner.variant.steps)
-    return (f"# The winner of compressor search; reproduce it with: compressor run MODEL --recipe recipe.toml\n"
-            f'[variants."{winner.variant.name}"]\nsteps = [{steps}]\n')
-
-
-def _copy_best(out: Path, artifact: Artifact) -> None:
-    """``best.<ext>``: the winner's file (its side files keep their names, which it refers to)."""
-    import shutil
-
-    published = out / artifact.path.name
-    if published.is_file():
-        shutil.copyfile(published, out / f"best{published.suffix}")
 

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from compressor import environment, scratch
+from compressor.children import out_of_memory_named
 from compressor.errors import CompressionError, InvalidInputError
 from compressor.memory import PeakRss
 from compressor.models import Artifact, Context, Model, ProgressCallback
 from compressor.outputs import OutputFolder
 from compressor.plugins import PluginHost, plugin_errors
-from compressor.recipes import ORIGINAL, Variant
+from compressor.recipes import ORIGINAL, Variant, check_name
 from compressor.report import Report, VariantResult
 from compressor.specs import Backend
 
@@ -42,6 +43,8 @@ class Session:
         check_measure_request(request.measure, request.repeats, budgets_of(request))
         if not request.model.exists():
             raise InvalidInputError("no such file or folder" + saved_as_hint(request.model), request.model)
+        for variant in variants:  # names become file names in --out: however the variants were made
+            check_name(variant.name)
         self.host, self.progress = host, progress
         self.backend: Backend = resolve_backend(host, request.model, request.backend)
         self.variants, self.options = apply_settings(self.backend, variants, request.settings)
@@ -138,7 +141,7 @@ class Session:
         model = self.original if is_original else fork_model(
             self.host, backend, self.original, self.request.model, context)
         for step in variant.steps:
-            with plugin_errors(backend):
+            with plugin_errors(backend), out_of_memory_named(step):
                 compressed = self.host.hook_for(backend.name, "compressor_compress")(
                     model=model, step=step, context=context)
             if compressed is None:
@@ -170,11 +173,15 @@ class Session:
         apply_cautions(report)
         return report
 
-    def publish(self, report: Report, artifacts: Sequence[Artifact], texts: dict[str, str] | None = None) -> None:
-        """Move the artifacts into ``--out`` and write the reports (plus ``texts``)."""
+    def publish(self, report: Report, artifacts: Sequence[Artifact], texts: dict[str, str] | None = None,
+                copies: dict[str, Path] | None = None, stale: Sequence[str] = ()) -> None:
+        """Put the artifacts, the reports and their chart (plus ``texts`` and ``copies``) into
+        ``--out``, all or nothing (see :meth:`OutputFolder.publish`)."""
+        from compressor.charts import write_png
         from compressor.runner import render_reports
 
-        self.output.publish(list(artifacts), {**render_reports(report), **(texts or {})})
+        self.output.publish(list(artifacts), {**render_reports(report), **(texts or {})},
+                            chart=lambda path: write_png(report, path), copies=copies, stale=stale)
 
     @property
     def out(self) -> Path:
