@@ -7,6 +7,7 @@ the backend's :class:`~compressor.runtime.Runtime` when it offers one (core's
 ``compressor_measure``. Generic measurers (file sizes) run in both cases.
 Results go back as files in FOLDER: ``result.json``, ``kept.npz`` and, for
 backends that measure themselves, ``predictions.npy`` / ``outputs.npy``.
+``measure_peak_rss_bytes`` is the whole process's peak, read as it finishes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor import errors
-from compressor.memory import peak_rss_bytes
+from compressor.memory import lifetime_peak_rss_bytes, peak_rss_bytes
 from compressor.models import Artifact, Measurement, MeasureSettings, TensorSpec
 
 
@@ -113,6 +114,8 @@ def _run(exchange: Path) -> None:
         np.save(exchange / "predictions.npy", np.asarray(measured.predictions), allow_pickle=False)
     if measured.outputs is not None:
         np.save(exchange / "outputs.npy", np.asarray(measured.outputs), allow_pickle=False)
+    # Last, after every timing pass and the file sizes: the whole process's peak.
+    measured.metrics["measure_peak_rss_bytes"] = lifetime_peak_rss_bytes()
     result = {"metrics": measured.metrics, "outputs": info}
     (exchange / "result.json").write_text(json.dumps(result, default=float))
 

@@ -3,6 +3,7 @@
 A backend's ``compressor_measure`` uses :class:`Stopwatch` for load time and
 :func:`time_calls` for latency: warmup calls first, then timed calls until both
 ``settings.min_iterations`` and ``settings.min_seconds`` are reached.
+:func:`time_batch` times a batch within a budget of seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from compressor.models import MeasureSettings
 
 #: A timed loop stops here even if the minimum count is not reached (slow models).
 MAX_TIMING_SECONDS = 20.0
+#: The batch timing (its cold call, warm-up and timed calls) stays within this many
+#: seconds unless ``--set batch_seconds=S`` says otherwise: a batch of 32 of a big
+#: model can take minutes a call.
+BATCH_BUDGET_SECONDS = 30.0
+#: The calls a batch timing needs at the least: the cold call, one warm-up, three timed.
+BATCH_PLANNED_CALLS = 5
+MIN_TIMED_CALLS = 3
 #: Timed calls are grouped into consecutive windows of about this many seconds
 #: (and at least MIN_WINDOW_CALLS calls) to see how p50 moved while timing.
 WINDOW_SECONDS = 0.1
@@ -118,3 +126,93 @@ def time_first_call(call: Callable[[], Any]) -> tuple[Any, float]:
     with Stopwatch() as watch:
         result = call()
     return result, watch.ms
+
+
+def batch_budget_seconds(settings: MeasureSettings) -> float:
+    value = settings.options.get("batch_seconds")
+    return float(value) if value is not None else BATCH_BUDGET_SECONDS
+
+
+def rows_within(size: int, row_ms: float, budget_ms: float) -> int:
+    """The most rows, ``size`` or else a power of two below it, whose planned calls
+    (:data:`BATCH_PLANNED_CALLS`) fit ``budget_ms`` at ``row_ms`` a row (batching
+    rarely costs more a row than batch 1 does); 0 when not even two rows fit."""
+    fitting = budget_ms / (BATCH_PLANNED_CALLS * row_ms) if row_ms > 0 else math.inf
+    if fitting >= size:
+        return size
+    return 0 if fitting < 2 else 1 << int(math.log2(fitting))
+
+
+def time_batch(call_at: Callable[[int], Callable[[], Any]], settings: MeasureSettings,
+               row_ms: float) -> dict[str, Any]:
+    """Throughput at ``settings.batch_size`` within :func:`batch_budget_seconds`.
+
+    ``call_at(rows)`` returns a call that runs one batch of ``rows``; ``row_ms`` is the
+    batch-1 latency. Where the planned calls at the full batch would not fit the
+    budget, fewer rows are timed (``batch_size`` says how many, ``batch_note`` why),
+    or none. The first call at the chosen rows is the cold call (``first_call_ms``);
+    a runtime that refuses it (a model exported for one batch size) leaves only a
+    ``batch_note``. Returns the metrics: ``latency_batch_ms``, ``batch_size``,
+    ``batch_note`` where there is something to say."""
+    from compressor.errors import first_line
+
+    size = max(1, settings.batch_size)
+    budget_s = batch_budget_seconds(settings)
+    started = time.perf_counter()
+    how = f"the batch timing's budget of {budget_s:g} s (--set batch_seconds=S)"
+    rows = rows_within(size, row_ms, budget_s * 1000.0)
+    why = (f"at {row_ms:.3g} ms an example, {BATCH_PLANNED_CALLS} calls of {size} would take about "
+           f"{BATCH_PLANNED_CALLS * size * row_ms / 1000.0:.3g} s, over {how}")
+    if rows == 0:
+        return {"batch_note": f"not timed at batch {size}{' nor 2' if size > 2 else ''}: {why}"}
+    call = call_at(rows)
+    try:
+        _, first_ms = time_first_call(call)
+    except Exception as error:  # noqa: BLE001 - a model exported for one batch size refuses others
+        return {"batch_note": f"not timed at batch {rows}: {first_line(error, 120)}"}
+    if rows < size:
+        # Batched rows cost less than batch 1's: the cold call says whether more fit.
+        left_ms = (budget_s - (time.perf_counter() - started)) * 1000.0
+        more = rows_within(size, first_ms / rows, left_ms)
+        if more > rows:
+            rows, call = more, call_at(more)
+            _, first_ms = time_first_call(call)
+    samples = _time_within(call, settings, started + budget_s, first_ms)
+    metrics: dict[str, Any] = {
+        "latency_batch_ms": {**summarize_ms(samples, rows), "first_call_ms": first_ms},
+        "batch_size": rows,
+    }
+    if rows < size:
+        metrics["batch_note"] = f"timed at batch {rows}, not {size}: {why}"
+    elif len(samples) < MIN_TIMED_CALLS:
+        metrics["batch_note"] = f"{len(samples)} timed call(s) at batch {rows}: {how} was spent"
+    return metrics
+
+
+def _time_within(call: Callable[[], Any], settings: MeasureSettings, deadline: float,
+                 call_ms: float) -> list[float]:
+    """Warm-up, then timed calls as :func:`time_calls` makes them, but no call started that
+    would end past ``deadline`` (``time.perf_counter()``) once one call is timed.
+    ``call_ms`` is the cold call's time: a warm-up is made only where it and
+    :data:`MIN_TIMED_CALLS` more calls fit."""
+    for _ in range(settings.warmup - 1):
+        if time.perf_counter() + (1 + MIN_TIMED_CALLS) * call_ms / 1000.0 > deadline:
+            break
+        with Stopwatch() as watch:
+            call()
+        call_ms = watch.ms
+    samples: list[float] = []
+    started = time.perf_counter()
+    while True:
+        begin = time.perf_counter()
+        call()
+        end = time.perf_counter()
+        samples.append((end - begin) * 1000.0)
+        elapsed = end - started
+        if len(samples) >= settings.min_iterations and elapsed >= settings.min_seconds:
+            break
+        if elapsed >= MAX_TIMING_SECONDS and len(samples) >= MIN_TIMED_CALLS:
+            break
+        if end + (end - begin) > deadline:
+            break
+    return samples

@@ -4,7 +4,7 @@
 memory, native allocations (ONNX Runtime, TensorFlow) and touched memory-mapped
 file pages included. Writing ``5`` to ``/proc/self/clear_refs`` resets it to
 the current RSS, so each phase of a run (load, each variant's compress and
-save) gets its own peak.
+save) gets its own peak; :func:`lifetime_peak_rss_bytes` is the whole process's.
 """
 
 from __future__ import annotations
@@ -12,12 +12,22 @@ from __future__ import annotations
 import resource
 import sys
 
+#: The highest peak read so far (before any reset): :func:`lifetime_peak_rss_bytes` counts it.
+_highest_read = 0
+
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set from the kernel (``VmHWM``).
 
     ``VmHWM`` belongs to the address space, which ``exec`` makes new, so unlike
     ``ru_maxrss`` it does not inherit the parent's size."""
+    global _highest_read
+    peak = _read_peak_rss()
+    _highest_read = max(_highest_read, peak)
+    return peak
+
+
+def _read_peak_rss() -> int:
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
@@ -31,12 +41,23 @@ def peak_rss_bytes() -> int:
 
 def reset_peak_rss() -> bool:
     """Start a new high-water mark at the current RSS; False where the OS cannot."""
+    peak_rss_bytes()  # the mark about to be cleared still counts for the lifetime peak
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
             clear_refs.write("5")
         return True
     except OSError:
         return False
+
+
+def lifetime_peak_rss_bytes() -> int:
+    """This process's peak resident set since it started, across :func:`reset_peak_rss`.
+
+    The kernel keeps the high-water mark itself (no sampling), so read at the end of
+    the process it covers every phase, however short its peak was. The kernel's
+    counters are approximate by some pages: the highest figure read before counts too,
+    so this is never below a phase's ``peak_rss_bytes``."""
+    return max(_highest_read, peak_rss_bytes())
 
 
 class PeakRss:

@@ -60,20 +60,8 @@ def _measure_in(exchange: Path, artifact: Artifact, data_path: Path | None, inpu
                 settings: MeasureSettings, plugin_modules: Sequence[str], plugin: str | None) -> IsolatedResult:
     import numpy as np
 
-    request = {
-        "artifact": artifact.to_json(),
-        "data": str(data_path) if data_path else None,
-        "inputs": [spec.to_json() for spec in inputs],
-        "settings": settings.to_json(),
-        "plugin_modules": list(plugin_modules),
-        "plugin": plugin,
-    }
-    (exchange / "request.json").write_text(json.dumps(request))
-    environment = child_environment({name: str(settings.threads) for name in _THREAD_VARIABLES})
-    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # The same hash seed and address layout in every repeat: per-process
-    # layout luck otherwise moves microsecond latencies by tens of percent.
-    environment["PYTHONHASHSEED"] = "0"
+    write_request(exchange, artifact, data_path, inputs, settings, plugin_modules, plugin)
+    environment = measuring_environment(settings)
     started = time.perf_counter()
     with open(exchange / "stderr.txt", "wb") as stderr:
         process = subprocess.Popen(
@@ -127,6 +115,30 @@ def _measure_in(exchange: Path, artifact: Artifact, data_path: Path | None, inpu
         outputs = np.load(exchange / "outputs.npy", allow_pickle=False)
     info = result.get("outputs", {})
     return IsolatedResult(metrics, predictions, outputs, info, _read_kept(exchange, info))
+
+
+def write_request(exchange: Path, artifact: Artifact, data_path: Path | None, inputs: Sequence[TensorSpec],
+                  settings: MeasureSettings, plugin_modules: Sequence[str] = (), plugin: str | None = None) -> None:
+    """What :mod:`compressor.measure_child` reads: ``request.json`` in ``exchange``."""
+    request = {
+        "artifact": artifact.to_json(),
+        "data": str(data_path) if data_path else None,
+        "inputs": [spec.to_json() for spec in inputs],
+        "settings": settings.to_json(),
+        "plugin_modules": list(plugin_modules),
+        "plugin": plugin,
+    }
+    (exchange / "request.json").write_text(json.dumps(request))
+
+
+def measuring_environment(settings: MeasureSettings) -> dict[str, str]:
+    """The measuring child's environment: its thread count, and no per-process randomness."""
+    environment = child_environment({name: str(settings.threads) for name in _THREAD_VARIABLES})
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # The same hash seed and address layout in every repeat: per-process
+    # layout luck otherwise moves microsecond latencies by tens of percent.
+    environment["PYTHONHASHSEED"] = "0"
+    return environment
 
 
 def _scratch_problem(folder: Path) -> str:
