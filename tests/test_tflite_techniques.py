@@ -218,6 +218,6 @@ def test_fine_tuning_without_labels_matches_every_output_of_a_two_head_model(tmp
     assert code == 0, output
     variant = next(v for v in json.loads((tmp_path / "d" / "report.json").read_text())["variants"]
                    if v["name"] == "d")
-    assert "each of the 2 outputs matched to the teacher's" in variant["notes"][-1]
+    assert "2 outputs, every output matched to the teacher's" in variant["notes"][-1]
     assert variant["metadata"]["distillation"]["parameters_student"] < variant["metadata"]["distillation"][
         "parameters_teacher"] / 2

@@ -57,6 +57,9 @@ def run_demo(
         root = out.absolute() if out else Path(scratch)
         broken: dict[str, str] = {}
         samples = sample_models(host, root / "samples", only, broken)
+        if not samples and broken:
+            raise UnsupportedError("no backend could make its sample model: " + "; ".join(
+                f"{name} is installed but broken: {reason}" for name, reason in broken.items()))
         if not samples:
             raise UnsupportedError(
                 "no installed backend has a sample model; install one, e.g. "

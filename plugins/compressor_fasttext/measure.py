@@ -9,6 +9,7 @@ from compressor.errors import InvalidInputError
 from compressor.measuring import Stopwatch, time_calls
 from compressor.models import Artifact, Dataset, Measurement, MeasureSettings
 from compressor_fasttext.header import read_layout
+from compressor_fasttext.loading import fasttext_module
 from compressor_fasttext.metrics import evaluate
 
 #: Latency is timed on this text when no evaluation data is given.
@@ -18,7 +19,7 @@ FALLBACK_TEXT = "the quick brown fox jumps over the lazy dog"
 def measure_artifact(artifact: Artifact, data: Dataset | None, settings: MeasureSettings) -> Measurement:
     with Stopwatch() as check:
         layout = read_layout(artifact.path)
-    import fasttext
+    fasttext = fasttext_module()
 
     with Stopwatch() as load:
         model = fasttext.load_model(str(artifact.path))

@@ -53,7 +53,8 @@ def compressor_backends() -> Iterator[Backend]:
         requires=("fasttext",),
         # fasttext-predict installs a different module under the same name (predict only).
         providers={"fasttext": ("fasttext-numpy2", "fasttext", "fasttext-wheel")},
-        runtime_imports=("fasttext",),
+        # full_check fails to import where ``fasttext`` is predict-only (backends --check says so).
+        runtime_imports=("fasttext", "compressor_fasttext.full_check"),
         distributions=("fasttext-numpy2",),
         default_variants=(("pq",),),
     )

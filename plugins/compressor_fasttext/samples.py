@@ -46,7 +46,9 @@ def write_labelled_text(
 
 def train_supervised(train: Path, destination: Path, bucket: int = 4000, dim: int = 16) -> Path:
     """Train and save a small classifier (word bigrams hashed into ``bucket`` rows)."""
-    import fasttext
+    from compressor_fasttext.loading import fasttext_module
+
+    fasttext = fasttext_module()
 
     model = fasttext.train_supervised(
         str(train), dim=dim, epoch=10, lr=0.5, wordNgrams=2, bucket=bucket,

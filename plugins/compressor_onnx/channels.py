@@ -58,15 +58,22 @@ class ChannelResult:
     not_pruned: list[dict[str, Any]] = field(default_factory=list)
     #: Weight initializer name -> {axis: indices kept} (biases left out), for fine-tuning.
     kept: dict[str, dict[int, Any]] = field(default_factory=dict, repr=False)
+    #: Constant-node weights made initializers before the edit.
+    constants_converted: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"pruned": self.pruned, "not_pruned": self.not_pruned}
+        facts: dict[str, Any] = {"pruned": self.pruned, "not_pruned": self.not_pruned}
+        if self.constants_converted:
+            facts["constant_weights_converted"] = self.constants_converted
+        return facts
 
     def note(self, ratio: float) -> str:
         before = sum(entry["channels"] for entry in self.pruned)
         after = sum(entry["kept"] for entry in self.pruned)
         text = (f"channel pruning {ratio:g}: {len(self.pruned)} layer(s) narrowed by L2 norm, "
                 f"{before} -> {after} outputs")
+        if self.constants_converted:
+            text += f" ({self.constants_converted} Constant-node weight(s) became initializers first)"
         if self.not_pruned:
             text += (f"; {len(self.not_pruned)} not pruned: "
                      + "; ".join(f"{e['layer']} ({e['reason']})" for e in self.not_pruned[:3])
@@ -90,9 +97,11 @@ def channel_edit(model: Any, folder: Path, ratio: float) -> tuple[dict[str, Prod
     import numpy as np
 
     from compressor_onnx.external import read_array
+    from compressor_onnx.preprocess import constants_to_initializers
 
+    # Weights in Constant nodes (older exporters) are edited as initializers, as quantize does.
+    result = ChannelResult(constants_converted=constants_to_initializers(model))
     index = GraphIndex.of(model)
-    result = ChannelResult()
     #: initializer name -> {axis: kept indices}
     slices: dict[str, dict[int, Any]] = {}
     #: a layer's own copy of a shared bias -> the bias it copies
@@ -120,8 +129,10 @@ def channel_edit(model: Any, folder: Path, ratio: float) -> tuple[dict[str, Prod
             bias_node, position = chain.bias
             bias = _constant(index, bias_node.input[position])
             if bias.name != bias_node.input[position] or len(index.consumers[bias.name]) > 1:
-                # Exporters share equal tensors (all-zero biases) between layers: give this one its own.
-                copy = placeholder(unique_name(taken, f"{bias.name}_pruned"), bias.data_type)
+                # Exporters share equal tensors (all-zero biases) between layers: give this one its own
+                # (and a Constant node's bias its initializer).
+                base = bias.name or bias_node.input[position]
+                copy = placeholder(unique_name(taken, f"{base}_pruned"), bias.data_type)
                 copy.dims.extend(bias.dims)
                 model.graph.initializer.append(copy)
                 sources[copy.name] = bias
@@ -236,12 +247,22 @@ def _find_chain(node: Any, index: GraphIndex) -> _Chain | str:
 
 
 def _constant(index: GraphIndex, name: str) -> Any | None:
-    """The float initializer ``name`` is, or an Identity of (possibly read by other nodes too), else None."""
+    """The float initializer ``name`` is, or an Identity of (possibly read by other nodes
+    too), or the unnamed tensor of the ``Constant`` node writing it (an exporter's bias
+    beside a MatMul; it is pruned as a copy), else None."""
     from compressor_onnx.rewrite import FLOAT_TYPES
 
     producer = index.producers.get(name)
     if producer is not None and producer.op_type == "Identity":
         name = producer.input[0]
+    if producer is not None and producer.op_type == "Constant":
+        value = next((a.t for a in producer.attribute if a.name == "value" and a.HasField("t")), None)
+        if value is None or value.data_type not in FLOAT_TYPES:
+            return None
+        tensor = type(value)()
+        tensor.CopyFrom(value)
+        tensor.name = ""
+        return tensor
     tensor = index.initializers.get(name)
     return tensor if tensor is not None and tensor.data_type in FLOAT_TYPES else None
 

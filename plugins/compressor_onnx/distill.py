@@ -8,19 +8,18 @@ class and config with N layers, initialised DistilBERT-style from teacher layers
 (evenly spaced from the first to the last: 0, 3, 5 of 6 for N = 3; the last alone
 for N = 1) and every other weight (embeddings, pooler, head) copied.
 
-The loss matches the teacher's first output:
+The loss (:mod:`compressor_onnx.matching`) matches every output of the teacher:
 
-* ``logits`` (classifiers, language models; a plain module's 2-D output unless
-  ``--set task.NAME`` says embedding or regression): Hinton's KL divergence of the
-  temperature-softened distributions, times T^2, weighted ``alpha``; plus
-  ``1 - alpha`` times the cross-entropy on the labels ``y`` when the train data
-  has them. Without labels it is pure teacher matching.
-* hidden states (encoders such as MiniLM, whose mean-pooled output is the
-  sentence embedding): MSE plus cosine distance per (unpadded) token, as
-  DistilBERT's cosine loss on hidden states; labels are not used.
-
-Further outputs (a detector's boxes beside its scores) are matched too where the
-student gives them in the teacher's shape (:func:`other_outputs_loss`).
+* the output the labels ``y`` belong to (``--set label_output=NAME``, else the
+  classifier the labels fit; none: labels unused, the note says so): Hinton's KL
+  divergence of the temperature-softened distributions, times T^2, weighted
+  ``alpha``, plus ``1 - alpha`` times the cross-entropy on the labels;
+* the first output otherwise: the same KL for a classifier (pure teacher matching),
+  MSE plus cosine distance per (unpadded) token for hidden states (encoders such as
+  MiniLM, whose mean-pooled output is the sentence embedding; DistilBERT's cosine
+  loss) and embeddings, MSE over the variance for anything else (a box head);
+* further outputs (a detector's boxes beside its scores) by MSE over the variance,
+  where the student gives them in the teacher's shape.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ from compressor import Context, Dataset, Model, Step, UsageError
 from compressor.factories import import_factory
 from compressor_onnx.heads import (
     batches,
-    call,
     call_all,
     check_torch,
     input_names,
@@ -44,6 +42,7 @@ from compressor_onnx.heads import (
     with_module,
 )
 from compressor_onnx.loading import Network
+from compressor_onnx.matching import LOGITS, Matching, matched_loss, matching
 
 FACTORY_RATE, LAYERS_RATE = 1e-3, 1e-4
 NOT_LOGITS = ("embedding", "regression", "detection")
@@ -70,30 +69,28 @@ def distill(model: Model, step: Step, context: Context) -> tuple[Network, list[s
             student, picked = build_student(factory, str(factory_name)), None
         else:
             student, picked = layer_student(teacher, int(layers), model, step)
-        kind = output_kind(network, teacher, student, dataset, context, step)
+        plan = matching(network, teacher, student, dataset, context, step)
         rate = float(params.get("learning_rate") or (FACTORY_RATE if factory is not None else LAYERS_RATE))
         started = time.perf_counter()
-        losses = train(network, teacher, student, dataset, params, kind, rate, context)
+        losses = train(network, teacher, student, dataset, params, plan, rate, context)
     set_mode(student, False)
     before, after = parameters(teacher), parameters(student)
-    if kind != "logits":
-        loss = "MSE + cosine on hidden states"
-    elif dataset.labels is None:
-        loss = "KL on softened logits, no labels"
-    else:
-        loss = "KL on softened logits" + (" + cross-entropy on labels" if float(params["alpha"]) < 1
-                                          else " (alpha=1: labels unused)")
+    loss = plan.describe("" if float(params["alpha"]) < 1 else " (alpha=1: labels unused)")
+    if dataset.labels is None and plan.first == LOGITS:
+        loss += ", no labels"
     origin = f"layers {picked} of the teacher" if picked is not None else f"student={factory_name}"
     note = (f"distilled into {origin}: {after:,} parameters ({after / max(before, 1):.0%} of the teacher's "
             f"{before:,}), {params['epochs']} epoch(s) on {dataset.size} examples of {dataset.path.name}, "
             f"{loss}; loss {losses[0]:.4g} -> {losses[-1]:.4g}")
+    notes = [note, plan.labels.note] if plan.labels.note else [note]
     metadata = {"distillation": {
         "student": str(factory_name) if factory_name is not None else f"layers={layers}",
         "teacher_layers_copied": picked, "teacher_parameters": before, "student_parameters": after,
-        "loss": loss, "epoch_losses": [round(value, 6) for value in losses], "learning_rate": rate,
+        "loss": loss, "label_output": plan.labels.name,
+        "epoch_losses": [round(value, 6) for value in losses], "learning_rate": rate,
         "seconds": round(time.perf_counter() - started, 3),
     }}
-    return with_module(network, student), [note], metadata
+    return with_module(network, student), notes, metadata
 
 
 def build_student(factory: Any, name: str) -> Any:
@@ -149,47 +146,17 @@ def parameters(module: Any) -> int:
     return sum(parameter.numel() for parameter in module.parameters())
 
 
-def output_kind(network: Network, teacher: Any, student: Any, dataset: Dataset, context: Context,
-                step: Step) -> str:
-    """``logits`` or ``hidden``: how the outputs are matched; refuses a student whose
-    first output does not have the teacher's shape."""
-    import torch
-
-    batch, _ = next(batches(network, dataset, min(2, dataset.size)))
-    set_mode(student, False)
-    with torch.no_grad():
-        name, expected = call(network, teacher, batch)
-        try:
-            _, got = call(network, student, batch)
-        except Exception as error:  # noqa: BLE001 - the student's own code raises anything
-            raise UsageError(f"'{step}': the student fails on the teacher's inputs "
-                             f"({type(error).__name__}: {str(error).strip()[:160]})") from None
-    if tuple(got.shape) != tuple(expected.shape):
-        raise UsageError(f"'{step}': the student's output has shape {tuple(got.shape)}, the teacher's "
-                         f"{name} {tuple(expected.shape)}")
-    if name == "logits":
-        kind = "logits"
-    elif name == "last_hidden_state" or expected.ndim != 2 or expected.shape[-1] < 2:
-        kind = "hidden"
-    else:
-        kind = "hidden" if context.options.get(f"task.{name}") in NOT_LOGITS else "logits"
-    labels = dataset.labels
-    if kind == "logits" and labels is not None and len(labels) and int(labels.max()) >= expected.shape[-1]:
-        raise UsageError(f"'{step}': the train data has label {int(labels.max())}, the model "
-                         f"{expected.shape[-1]} classes", dataset.path)
-    return kind
-
-
 #: The loss of one batch: (inputs by name, labels or None, the student's outputs, named,
 #: the first first) -> loss.
 LossOf = Callable[[dict[str, Any], Any, list[tuple[str, Any]]], Any]
 
 
 def train(network: Network, teacher: Any, student: Any, dataset: Dataset, params: dict[str, Any],
-          kind: str, rate: float, context: Context, after_step: Callable[[], None] | None = None,
+          plan: Matching, rate: float, context: Context, after_step: Callable[[], None] | None = None,
           stage: str = "distilling") -> list[float]:
-    """AdamW on the distillation loss; the mean loss of each epoch. ``after_step`` runs
-    after every optimizer step (fine-tuning keeps pruned weights at zero with it)."""
+    """AdamW on the distillation loss (:func:`compressor_onnx.matching.matched_loss`); the
+    mean loss of each epoch. ``after_step`` runs after every optimizer step (fine-tuning
+    keeps pruned weights at zero with it)."""
     import torch
 
     temperature, alpha = float(params["temperature"]), float(params["alpha"])
@@ -197,12 +164,7 @@ def train(network: Network, teacher: Any, student: Any, dataset: Dataset, params
     def loss_of(batch: dict[str, Any], labels: Any, outputs: list[tuple[str, Any]]) -> Any:
         with torch.no_grad():
             targets = call_all(network, teacher, batch)
-        output, target = outputs[0][1], targets[0][1]
-        if kind == "logits":
-            loss = logits_loss(output, target, labels, temperature, alpha)
-        else:
-            loss = hidden_loss(output, target, batch.get("attention_mask"))
-        return loss + other_outputs_loss(outputs, targets)
+        return matched_loss(plan, outputs, targets, labels, temperature, alpha, batch.get("attention_mask"))
 
     return train_loop(network, student, dataset, params, rate, context, loss_of, after_step, stage)
 
@@ -235,41 +197,3 @@ def train_loop(network: Network, student: Any, dataset: Dataset, params: dict[st
             context.progress(stage, (epoch * steps_per_epoch + number + 1) / (epochs * steps_per_epoch))
         losses.append(total / dataset.size)
     return losses
-
-
-def other_outputs_loss(outputs: list[tuple[str, Any]], targets: list[tuple[str, Any]]) -> Any:
-    """The outputs after the first (a detector's boxes beside its scores, a second head)
-    matched to the teacher's by mean squared error over the target's variance, so each
-    weighs about as much whatever its scale; 0 for a single-output model. Outputs of
-    another shape (a student with fewer or other outputs) or not floating point are left out."""
-    loss: Any = 0.0
-    for (_, output), (_, target) in zip(outputs[1:], targets[1:]):
-        if output.shape == target.shape and output.is_floating_point() and target.numel() > 1:
-            loss = loss + ((output - target) ** 2).mean() / (target.var(unbiased=False) + 1e-6)
-    return loss
-
-
-def logits_loss(output: Any, target: Any, labels: Any, temperature: float, alpha: float) -> Any:
-    import torch.nn.functional as functional
-
-    classes = output.shape[-1]
-    student, teacher = output.reshape(-1, classes), target.reshape(-1, classes)
-    soft = functional.kl_div(functional.log_softmax(student / temperature, dim=-1),
-                             functional.log_softmax(teacher / temperature, dim=-1),
-                             reduction="batchmean", log_target=True) * temperature ** 2
-    if labels is None or len(labels) != len(student) or alpha == 1:
-        return soft
-    return alpha * soft + (1 - alpha) * functional.cross_entropy(student, labels)
-
-
-def hidden_loss(output: Any, target: Any, mask: Any) -> Any:
-    import torch.nn.functional as functional
-
-    if output.ndim != 3 or mask is None or mask.shape != output.shape[:2]:
-        return functional.mse_loss(output, target) + (
-            1 - functional.cosine_similarity(output.flatten(1), target.flatten(1), dim=-1)).mean()
-    weights = mask.to(output.dtype)
-    count = weights.sum().clamp_min(1)
-    squared = ((output - target) ** 2).mean(dim=-1)
-    distance = 1 - functional.cosine_similarity(output, target, dim=-1)
-    return ((squared + distance) * weights).sum() / count

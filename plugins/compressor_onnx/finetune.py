@@ -13,9 +13,10 @@ the edited graph's function:
 * lowrank: each factorized weight's ``nn.Linear`` becomes two Linear layers holding
   the same truncated-SVD factors.
 
-It is trained on the train data against the unedited model with distill's loss (KL
-on softened logits, plus cross-entropy on labels ``y`` when the data has them;
-hidden-state matching for encoders), exported again, and the edit made again: the
+It is trained on the train data against the unedited model with distill's loss
+(:mod:`compressor_onnx.matching`: KL on softened logits, plus cross-entropy on the
+labels ``y`` through the output they belong to; hidden-state matching for encoders;
+other outputs by MSE over their variance), exported again, and the edit made again: the
 masked weights are zeros, the smallest there are, so the same weights and channels
 go. Head pruning is a torch step already: its pruned module is trained the same way.
 """
@@ -110,31 +111,29 @@ def train_student(network: Network, teacher: Any, student: Any, step: Step, cont
     train data, in place: the note and metadata."""
     import torch
 
-    from compressor_onnx.distill import output_kind, train
+    from compressor_onnx.distill import train
     from compressor_onnx.heads import is_transformers
+    from compressor_onnx.matching import matching
 
     dataset = context.train_data
     assert dataset is not None
     set_mode(teacher, False)
-    kind = output_kind(network, teacher, student, dataset, context, step)
+    plan = matching(network, teacher, student, dataset, context, step)
     rate = float(step.params.get("learning_rate") or (TRANSFORMERS_RATE if is_transformers(teacher) else PLAIN_RATE))
     settings = {"epochs": int(step.params["epochs"]), "batch_size": int(step.params.get("batch_size") or 32),
                 **LOSS_SETTINGS}
     started = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(context.seed)
-        losses = train(network, teacher, student, dataset, settings, kind, rate, context, after_step,
+        losses = train(network, teacher, student, dataset, settings, plan, rate, context, after_step,
                        stage="fine-tuning")
     set_mode(student, False)
-    if kind != "logits":
-        loss = "MSE + cosine on hidden states"
-    else:
-        loss = "KL on softened logits" + (" + cross-entropy on labels" if dataset.labels is not None else "")
+    loss = plan.describe()
     note = (f"fine-tuned {settings['epochs']} epoch(s) on {dataset.size} examples of {dataset.path.name} "
             f"against the unedited model ({loss}); loss {losses[0]:.4g} -> {losses[-1]:.4g}")
-    return [note], {"fine_tuning": {
-        "epochs": settings["epochs"], "examples": dataset.size, "loss": loss, "learning_rate": rate,
-        "epoch_losses": [round(value, 6) for value in losses],
+    return [note, plan.labels.note] if plan.labels.note else [note], {"fine_tuning": {
+        "epochs": settings["epochs"], "examples": dataset.size, "loss": loss, "label_output": plan.labels.name,
+        "learning_rate": rate, "epoch_losses": [round(value, 6) for value in losses],
         "seconds": round(time.perf_counter() - started, 3),
     }}
 

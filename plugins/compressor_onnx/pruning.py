@@ -1,7 +1,8 @@
 """Magnitude pruning: the smallest weights of each layer become real zeros.
 
-The weight initializers of the graph's MatMul/Gemm/Conv nodes are pruned, so
-the graph holds plain weight tensors with zeros and no mask multiplications. A
+The weight initializers of the graph's MatMul/Gemm/Conv nodes are pruned (weights
+held by ``Constant`` nodes are made initializers first), so the graph holds plain
+weight tensors with zeros and no mask multiplications. A
 torch model is exported first (once per run, shared with the other variants):
 a Linear or Conv layer's weight is the same tensor in the graph (transposed for
 MatMul), so the same smallest magnitudes become zero as with
@@ -23,12 +24,17 @@ _FLOAT_TYPES = (1, 10, 11)  # FLOAT, FLOAT16, DOUBLE
 
 def prune_graph(graph: Any, sparsity: float) -> tuple[Any, int]:
     """Zero the ``sparsity`` share of smallest-magnitude weights per layer of an
-    in-memory graph: a pruned copy and the number of layers pruned."""
+    in-memory graph: a pruned copy and the number of layers pruned. Weights held by
+    ``Constant`` nodes (older exporters, Paddle, TensorFlow) become initializers first,
+    as quantization makes them (:func:`compressor_onnx.preprocess.constants_to_initializers`)."""
     import onnx
     from onnx import numpy_helper
 
+    from compressor_onnx.preprocess import constants_to_initializers
+
     pruned = onnx.ModelProto()
     pruned.CopyFrom(graph)
+    constants_to_initializers(pruned)
     names = prunable_weights(pruned, sparsity)
     for tensor in pruned.graph.initializer:
         if tensor.name in names:

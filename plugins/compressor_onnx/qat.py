@@ -6,8 +6,9 @@ writes: weights int8, symmetric, one scale per output channel (max |w| / 127,
 recomputed at every step); the layer's input and output int8 per tensor,
 asymmetric, over a range first measured on the train data, then followed by an
 exponential moving average of each batch's min and max. The model is trained
-with AdamW on the task loss (cross-entropy on labels ``y``; without labels, the
-float model's outputs are matched as ``distill`` does), then exported: torch's
+with AdamW on the task loss (cross-entropy on labels ``y`` through the output they
+belong to, :mod:`compressor_onnx.matching`; every other output, and all of them
+without labels, matched to the float model's as ``distill`` does), then exported: torch's
 ONNX exporter writes each fake quantization as QuantizeLinear + DequantizeLinear,
 and each weight's QuantizeLinear is then folded into an int8 initializer (biases
 of Gemm and Conv into int32 ones), so the file holds int8 weights and ONNX
@@ -28,13 +29,7 @@ import time
 from typing import Any
 
 from compressor import CompressionError, Context, Dataset, Model, Step, UsageError
-from compressor_onnx.distill import (
-    hidden_loss,
-    logits_loss,
-    other_outputs_loss,
-    output_kind,
-    train_loop,
-)
+from compressor_onnx.distill import train_loop
 from compressor_onnx.heads import (
     batches,
     call,
@@ -46,6 +41,7 @@ from compressor_onnx.heads import (
     with_module,
 )
 from compressor_onnx.loading import Network
+from compressor_onnx.matching import LOGITS, Matching, labelled_loss, matched_loss, matching
 
 #: Examples whose activations set the first quantization ranges.
 RANGE_EXAMPLES = 256
@@ -82,22 +78,31 @@ def qat(model: Model, step: Step, context: Context) -> tuple[Network, list[str],
     started = time.perf_counter()
     with torch.random.fork_rng():
         torch.manual_seed(context.seed)
-        kind = output_kind(network, original, student, dataset, context, step)
+        plan = matching(network, original, student, dataset, context, step)
         observe_ranges(network, student, dataset, layers)
-        losses = train(network, original, student, dataset, params, kind, rate, context, masks)
+        losses = train(network, original, student, dataset, params, plan, rate, context, masks)
     for layer in layers:
         layer.freeze()
     trained = time.perf_counter() - started
     context.progress("exporting the int8 graph", None)
     graph = export_int8(network, student, context)
-    labelled = kind == "logits" and dataset.labels is not None
-    how = "cross-entropy on the labels" if labelled else "the float model's outputs (no labels y)" \
-        if kind == "logits" else "the float model's hidden states"
+    labelled = plan.labelled is not None
+    if labelled and len(plan.names) == 1:
+        how = "cross-entropy on the labels"
+    elif labelled:
+        how = (f"cross-entropy on the labels through {plan.labels.name}, the float model's other outputs "
+               "matched")
+    elif len(plan.names) > 1:
+        how = "the float model's outputs" + (" (no labels y)" if dataset.labels is None else "")
+    else:
+        how = ("the float model's outputs" + (" (no labels y)" if dataset.labels is None else "")
+               if plan.first == LOGITS else "the float model's hidden states")
     note = (f"quantization-aware training: {params['epochs']} epoch(s) on {dataset.size} examples of "
             f"{dataset.path.name} against {how}, loss {losses[0]:.4g} -> {losses[-1]:.4g}; exported as QDQ "
             f"int8 ({len(layers)} layers: int8 per-channel weights, int8 activations)")
     facts: dict[str, Any] = {
-        "epochs": int(params["epochs"]), "labels": labelled, "layers": len(layers),
+        "epochs": int(params["epochs"]), "labels": labelled, "label_output": plan.labels.name,
+        "layers": len(layers),
         "epoch_losses": [round(value, 6) for value in losses], "learning_rate": rate, "seconds": round(trained, 3)}
     if carried:
         note += f"; started from the {carried} weights of the edited graph"
@@ -106,9 +111,10 @@ def qat(model: Model, step: Step, context: Context) -> tuple[Network, list[str],
         after = sparsity(weights)
         note += f"; zeros kept through training: {before:.1%} -> {after:.1%} of the weights"
         facts.update(sparsity_before=round(before, 4), sparsity_after=round(after, 4))
+    notes = [note, plan.labels.note] if plan.labels.note else [note]
     metadata = {"qat": facts, "quantization": [*model.metadata.get("quantization", []), str(step)]}
     return dataclasses.replace(network, module=None, exported_program=None, export=None, graph=graph,
-                               path=None), [note], metadata
+                               path=None), notes, metadata
 
 
 def trainable_model(model: Model, step: Step, context: Context) -> tuple[Network, Any, int]:
@@ -274,25 +280,20 @@ def observe_ranges(network: Network, student: Any, dataset: Dataset, layers: lis
             layer.observing = False
 
 
-def train(network: Network, original: Any, student: Any, dataset: Dataset, params: dict[str, Any], kind: str,
-          rate: float, context: Context, masks: list[tuple[Any, Any]]) -> list[float]:
+def train(network: Network, original: Any, student: Any, dataset: Dataset, params: dict[str, Any],
+          plan: Matching, rate: float, context: Context, masks: list[tuple[Any, Any]]) -> list[float]:
     """AdamW on the task loss through the fake quantization, ``masks`` (weight, where it may be
     nonzero) applied after every step; the mean loss of each epoch."""
     import torch
 
     def loss_of(batch: dict[str, Any], labels: Any, outputs: list[tuple[str, Any]]) -> Any:
-        output = outputs[0][1]
-        supervised = kind == "logits" and labels is not None and len(labels) == len(output)
-        targets: list[tuple[str, Any]] = []
-        if len(outputs) > 1 or not supervised:
-            with torch.no_grad():
-                targets = call_all(network, original, batch)
-        extra = other_outputs_loss(outputs, targets) if targets else 0.0
-        if supervised:
-            return torch.nn.functional.cross_entropy(output.reshape(len(labels), -1), labels) + extra
-        target = targets[0][1]
-        return extra + (logits_loss(output, target, None, 1.0, 1.0) if kind == "logits"
-                        else hidden_loss(output, target, batch.get("attention_mask")))
+        if plan.labelled is not None and labels is not None and len(outputs) == 1:
+            # The labels alone train a single output: no need to run the float model.
+            return labelled_loss(plan, outputs[0][1], outputs[0][1].detach(), labels, 1.0, 0.0)
+        with torch.no_grad():
+            targets = call_all(network, original, batch)
+        # alpha 0: the labelled output on its labels alone; the others matched at T = 1.
+        return matched_loss(plan, outputs, targets, labels, 1.0, 0.0, batch.get("attention_mask"))
 
     def keep_zeros() -> None:
         with torch.no_grad():

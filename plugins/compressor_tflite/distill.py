@@ -6,9 +6,13 @@ not an output gets W of its units or filters, and fresh weights). It is trained 
 ``--train-data`` with the response-based loss of Hinton et al.: ``alpha`` times the
 KL divergence between the teacher's and the student's outputs softened by
 ``temperature`` (times T^2, so its gradients keep their scale), plus ``1 - alpha``
-times the cross-entropy on the labels ``y`` where the data has them; without labels
+times the cross-entropy on the labels ``y`` where the data has them and they are the
+output's classes (:func:`compressor.training_labels.label_output`); without labels
 the student only matches the teacher. The teacher is a fixed function of the training
-examples, so its logits are computed once, up front.
+examples, so its logits are computed once, up front. A teacher with several outputs
+has each matched to the teacher's by MSE over its variance (``pruning.fit``), and the
+labels train only the output they belong to (``alpha`` x that match + ``1 - alpha`` x
+cross-entropy).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from compressor import CompressionError, Dataset, TensorSpec, UsageError
 from compressor.factories import import_factory
 from compressor.models import ProgressCallback
 from compressor_tflite import frameworks
+from compressor_tflite.pruning import fit, labels_for
 from compressor_tflite.structure import LayerGraph, Restructured
 
 DEFAULT_WIDTH = 0.5
@@ -71,19 +76,23 @@ def distill(teacher: Any, params: Mapping[str, Any], inputs: Sequence[TensorSpec
         student, described = derived_student(teacher, width), f"width={width:g}"
     epochs, temperature, alpha = int(params["epochs"]), float(params["temperature"]), float(params["alpha"])
     several = len(teacher.outputs) > 1
-    labelled = train.labels is not None and not several
+    choice = labels_for(teacher, inputs, params, train)
+    labelled = choice.index is not None
     if several:
-        from compressor_tflite.pruning import fit
-
-        fit(student, teacher, params, inputs, train, epochs, progress, "distilling the student")
+        how = fit(student, teacher, params, inputs, train, epochs, progress, "distilling the student",
+                  teacher_weight=alpha, choice=choice, reference_name="the teacher")
     else:
         match(student, teacher, params, inputs, train, epochs, temperature, alpha, progress,
-              "distilling the student")
+              "distilling the student", labelled)
     before, after = teacher.count_params(), student.count_params()
     if several:
-        loss = f"each of the {len(teacher.outputs)} outputs matched to the teacher's (MSE over its variance)"
+        loss = f"{len(teacher.outputs)} outputs, {how}"
+        if labelled:
+            loss += f" (there {alpha:g} x the teacher's prediction + {1 - alpha:g} x cross-entropy)"
     elif labelled:
         loss = f"{alpha:g} x soft loss (T={temperature:g}) + {1 - alpha:g} x label cross-entropy"
+    elif train.labels is not None:
+        loss = f"soft loss only (T={temperature:g}; {choice.note})"
     else:
         loss = f"soft loss only (T={temperature:g}; {train.path.name} has no labels y)"
     note = (f"distilled into {described}: parameters {before:,} -> {after:,}, {epochs} epoch(s) on "
@@ -166,9 +175,11 @@ def _heads(graph: LayerGraph) -> set[str]:
 
 
 def match(student: Any, teacher: Any, params: Mapping[str, Any], inputs: Sequence[TensorSpec], train: Dataset,
-          epochs: int, temperature: float, alpha: float, progress: ProgressCallback, message: str) -> None:
+          epochs: int, temperature: float, alpha: float, progress: ProgressCallback, message: str,
+          labelled: bool = True) -> None:
     """Train ``student`` on ``train`` (Adam at ``learning_rate``, ``batch_size``) to match
-    ``teacher``'s softened outputs, and the labels with weight ``1 - alpha`` where there are any.
+    ``teacher``'s softened outputs, and the labels with weight ``1 - alpha`` where there are
+    any and ``labelled`` says they are the output's classes.
 
     Both are compared as logits: a final softmax or sigmoid is left out (a teacher's
     probabilities near 0 or 1 would lose the small differences distillation learns from)."""
@@ -185,9 +196,10 @@ def match(student: Any, teacher: Any, params: Mapping[str, Any], inputs: Sequenc
     teacher_view, _, teacher_kind = logits_view(keras, teacher)
     raw = np.asarray(teacher_view.predict(x, batch_size=256, verbose=0), dtype=np.float32)
     teacher_logits = _to_logits(np, raw.reshape(len(raw), -1), teacher_kind)
+    use_labels = labelled and train.labels is not None
     labels = (np.asarray(train.labels, dtype=np.float32).reshape(len(teacher_logits), -1)[:, :1]
-              if train.labels is not None else np.full((len(teacher_logits), 1), -1, np.float32))
-    hard = 0.0 if train.labels is None else 1.0 - alpha
+              if use_labels else np.full((len(teacher_logits), 1), -1, np.float32))
+    hard = 0.0 if not use_labels else 1.0 - alpha
     soft = 1.0 - hard
     trained, twin, student_kind = logits_view(keras, student)
     binary = teacher_logits.shape[1] == 1

@@ -148,6 +148,12 @@ def with_defaults(step: Step) -> dict[str, Any]:
     return {**{key: param.default for key, param in declared.items()}, **step.params}
 
 
+def training_params(step: Step, context: Context) -> dict[str, Any]:
+    """:func:`with_defaults`, plus the run's options under ``options``: training reads
+    ``label_output`` and ``task.NAME`` there (the output the labels train)."""
+    return {**with_defaults(step), "options": dict(context.options)}
+
+
 @hookimpl
 def compressor_identify(path: Path) -> str | None:
     return NAME if loading.model_format(path) is not None else None
@@ -204,7 +210,7 @@ def _restructure(model: Model, step: Step, context: Context) -> Model:
         raise CompressionError(f"{step.technique} needs a Keras model; a plain TensorFlow SavedModel can only "
                                "be quantized")
     change = lowrank if step.technique == LOWRANK else prune_channels
-    result = change(model.handle.keras_model, with_defaults(step), model.inputs, context.train_data,
+    result = change(model.handle.keras_model, training_params(step, context), model.inputs, context.train_data,
                     context.seed, context.progress)
     metadata = {**model.metadata, **result.metadata}
     handle = TFLiteHandle(keras_model=result.model)
@@ -222,7 +228,7 @@ def _train(model: Model, step: Step, context: Context) -> Model:
                                "be quantized")
     if train is None:
         raise CompressionError(f"{step.technique} needs --train-data")
-    params = with_defaults(step)
+    params = training_params(step, context)
     if step.technique == DISTILL:
         result = distill(keras_model, params, model.inputs, train, context.seed, context.progress)
         return Model(NAME, model.source, model.format, TFLiteHandle(keras_model=result.model), model.inputs,
@@ -260,7 +266,7 @@ def _prune(model: Model, step: Step, context: Context) -> Model:
     if model.handle.keras_model is None:
         raise CompressionError("prune needs a Keras model; a plain TensorFlow SavedModel can only be quantized")
     result = prune(
-        model.handle.keras_model, with_defaults(step), model.inputs, context.train_data, context.seed,
+        model.handle.keras_model, training_params(step, context), model.inputs, context.train_data, context.seed,
         context.progress,
     )
     metadata = {**model.metadata, "sparsity": round(result.sparsity, 4)}

@@ -36,7 +36,7 @@ class QatResult:
 def qat(model: Any, params: Mapping[str, Any], inputs: Sequence[TensorSpec], train: Dataset,
         representative: Dataset, seed: int, progress: ProgressCallback) -> QatResult:
     from compressor_tflite.distill import match
-    from compressor_tflite.pruning import fit
+    from compressor_tflite.pruning import fit, labels_for
 
     keras = frameworks.keras()
     keras.utils.set_random_seed(seed)
@@ -45,18 +45,22 @@ def qat(model: Any, params: Mapping[str, Any], inputs: Sequence[TensorSpec], tra
     quantized = _quantize_model(model, preserve)
     epochs = int(params["epochs"])
     message = "quantization-aware training"
-    if train.labels is not None or len(model.outputs) > 1:
-        # fit matches every output of a multi-output model to the float model's.
-        fit(quantized, model, params, inputs, train, epochs, progress, message)
-        how = "labels" if len(model.outputs) == 1 else "the float model's outputs"
+    choice = labels_for(model, inputs, params, train)
+    if choice.index is not None or len(model.outputs) > 1:
+        # The labels train the output they belong to; every other output is matched to the float model's.
+        fit(quantized, model, params, inputs, train, epochs, progress, message, choice=choice)
+        how = ("labels" if len(model.outputs) == 1 else f"labels through {choice.name} ({choice.why}) and the "
+               "float model's other outputs") if choice.index is not None else "the float model's outputs"
     else:
         match(quantized, model, params, inputs, train, epochs, 1.0, 1.0, progress, message)
-        how = "the float model's outputs (no labels y)"
+        how = "the float model's outputs" + (" (no labels y)" if train.labels is None else "")
+    if choice.index is None and choice.note:
+        how += f" ({choice.note})"
     after = kernel_sparsity(quantized) if preserve else None
     conversion = convert(TFLiteHandle(keras_model=_named_like(keras, quantized, model)), "int8", inputs,
                          representative, calibration_samples=REPRESENTATIVE)
     note = f"quantization-aware training: {epochs} epoch(s) on {train.path.name} against {how}, then int8"
-    metadata: dict[str, Any] = {"epochs": epochs, "labels": train.labels is not None}
+    metadata: dict[str, Any] = {"epochs": epochs, "labels": choice.index is not None, "label_output": choice.name}
     if after is not None:
         note += f"; sparsity kept by tfmot's prune-preserving scheme: {before:.1%} -> {after:.1%} zeros"
         metadata.update(sparsity_before=round(before, 4), sparsity_after=round(after, 4))

@@ -196,5 +196,5 @@ def fine_tune(model: Any, reference: Any, params: Mapping[str, Any], inputs: Seq
     if train is None or epochs == 0:
         return f", no fine-tuning ({'no --train-data' if train is None else 'epochs=0'})"
     frameworks.keras().utils.set_random_seed(seed)
-    fit(model, reference, params, inputs, train, epochs, progress, message)
-    return f", fine-tuned {epochs} epoch(s) on {train.path.name}"
+    how = fit(model, reference, params, inputs, train, epochs, progress, message)
+    return f", fine-tuned {epochs} epoch(s) on {train.path.name} ({how})"
