@@ -22,7 +22,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from compressor import CompressionError, Dataset, TensorSpec, UsageError
+from compressor import CompressionError, CompressorError, Dataset, TensorSpec, UsageError
 from compressor.factories import import_factory
 from compressor.models import ProgressCallback
 from compressor_tflite import frameworks
@@ -107,6 +107,8 @@ def _from_factory(keras: Any, name: str, teacher: Any) -> Any:
     factory = import_factory(name, "student")
     try:
         student = factory()
+    except CompressorError:
+        raise
     except Exception as error:  # noqa: BLE001 - the factory is the user's code
         raise UsageError(f"student {name!r} failed: {type(error).__name__}: {str(error)[:200]}") from None
     if not isinstance(student, keras.Model):
