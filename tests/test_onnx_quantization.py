@@ -149,57 +149,6 @@ def test_int4_quantizes_embeddings_with_gather_block_quantized(encoder: EncoderF
     assert run(artifact, feeds)[0].shape == run(kept, feeds)[0].shape
 
 
-def test_gptq_uses_the_calibration_data(mlp: tuple[Path, Path], tmp_path: Path) -> None:
-    path, data = mlp
-    calibration = mlp[0].parent / "calibration.npz"
-    rtn, _ = quantize(path, step("int4"), tmp_path / "rtn" / "m")
-    gptq, gptq_model = quantize(path, step("int4", algorithm="gptq"), tmp_path / "gptq" / "m", calibration)
-    other_data = tmp_path / "other.npz"
-    np.savez(other_data, x=np.abs(np.load(calibration)["x"][::-1] * 3))
-    other, _ = quantize(path, step("int4", algorithm="gptq"), tmp_path / "other" / "m", other_data)
-    assert op_types(gptq)["MatMulNBits"] == 3
-    # fc0's 96 rows make 3 blocks of 32: ONNX Runtime's asymmetric GPTQ cannot pack those, rtn does.
-    assert any("quantized with rtn" in note for note in gptq_model.notes)
-    rtn_bytes, gptq_bytes, other_bytes = (initializer_bytes(p) for p in (rtn, gptq, other))
-    gptq_weight = "w1_transposed_Q4G32"  # GPTQ names its tensors after the group size
-    assert rtn_bytes["w1_transposed_Q4"] != gptq_bytes[gptq_weight] != other_bytes[gptq_weight]
-    assert rtn_bytes["w0_Q4"] == gptq_bytes["w0_Q4"]
-    x = np.load(data)["x"]
-    reference = run(path, {"x": x})[0]
-    assert np.linalg.norm(run(gptq, {"x": x})[0] - reference) / np.linalg.norm(reference) < 0.2
-
-
-def test_gptq_weight_update_depends_on_the_data_and_lowers_output_error() -> None:
-    from onnxruntime.quantization.neural_compressor.weight_only import gptq as onnx_runtime_gptq
-
-    from compressor_onnx.gptq import gptq
-
-    rng = np.random.default_rng(0)
-    weights = (rng.standard_normal((128, 64)) / 11).astype(np.float32)
-    mixing = rng.standard_normal((128, 128)).astype(np.float32)
-    inputs = [rng.standard_normal((400, 128)).astype(np.float32) @ mixing * np.linspace(0.1, 5, 128),
-              rng.standard_normal((400, 128)).astype(np.float32)]
-    hessians = [2 * x.T @ x / len(x) for x in inputs]
-    theirs = [onnx_runtime_gptq(weights.copy(), h.copy()) for h in hessians]
-    ours = [gptq(weights.copy(), h.copy()) for h in hessians]
-    np.testing.assert_array_equal(theirs[0], theirs[1])  # ONNX Runtime 1.32 ignores H
-    assert not np.array_equal(ours[0], ours[1])
-    x = inputs[0]
-    assert np.abs(x @ ours[0] - x @ weights).mean() < 0.9 * np.abs(x @ theirs[0] - x @ weights).mean()
-
-
-def test_gptq_on_the_large_path(mlp: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path, data = mlp
-    calibration = path.parent / "calibration.npz"
-    small, _ = quantize(path, step("int4", algorithm="gptq"), tmp_path / "small" / "m", calibration)
-    monkeypatch.setenv(LARGE_MODEL_VARIABLE, "2000")
-    large, model = quantize(path, step("int4", algorithm="gptq"), tmp_path / "large" / "m", calibration)
-    assert model.handle.path is not None
-    assert any("quantized with rtn" in note for note in model.notes)
-    x = np.load(data)["x"]
-    np.testing.assert_allclose(run(small, {"x": x})[0], run(large, {"x": x})[0], rtol=1e-5, atol=1e-5)
-
-
 def test_transformer_static_keeps_attention_norms_and_output_float(encoder: EncoderFiles, tmp_path: Path) -> None:
     artifact, model = quantize(encoder.folder, step("int8"), tmp_path / "static" / "m", encoder.eval)
     graph = onnx.load(str(artifact)).graph

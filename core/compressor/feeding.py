@@ -5,7 +5,10 @@ otherwise (a recurrent state is often ``[layers, batch, hidden]``: axis 1), or
 none: a 0-d array in the data (a sample rate) or ``batch_axis.NAME=none`` is
 the same value for every call. ``--set state.OUT=IN`` makes a stateful model
 (a voice-activity detector, a streaming recogniser) run example by example,
-each call's output ``OUT`` fed to the next call's input ``IN``.
+each call's output ``OUT`` fed to the next call's input ``IN``; the data's
+array for ``IN`` is the initial state (no batch axis unless declared, or one
+entry per example along a dynamic first axis). Calibration feeds the same
+way (the onnx backend's static quantization).
 """
 
 from __future__ import annotations
@@ -51,9 +54,12 @@ class Examples:
 
 
 def batch_axes(inputs: Sequence[TensorSpec], options: Mapping[str, Any]) -> dict[str, int | None]:
-    """Each input's declared batch axis (``batch_axis.NAME``), default 0; rank-0 inputs have none."""
+    """Each input's declared batch axis (``batch_axis.NAME``), default 0; rank-0 inputs have
+    none, and neither has a state input (``state.OUT=NAME``): its data is the initial state
+    (:func:`examples_from_data` gives it axis 0 back when the data holds one per example)."""
     axes: dict[str, int | None] = {}
     names = {spec.name for spec in inputs}
+    states = state_inputs(options)
     for key in options:
         if key.startswith(BATCH_AXIS_PREFIX) and key[len(BATCH_AXIS_PREFIX):] not in names:
             raise UsageError(f"--set {key}: the model has no input {key[len(BATCH_AXIS_PREFIX):]!r}; "
@@ -61,7 +67,7 @@ def batch_axes(inputs: Sequence[TensorSpec], options: Mapping[str, Any]) -> dict
     for spec in inputs:
         declared = options.get(f"{BATCH_AXIS_PREFIX}{spec.name}")
         if declared is None:
-            axes[spec.name] = None if spec.shape == () else 0
+            axes[spec.name] = None if spec.shape == () or spec.name in states else 0
         elif str(declared).lower() == "none":
             axes[spec.name] = None
         else:
@@ -70,6 +76,11 @@ def batch_axes(inputs: Sequence[TensorSpec], options: Mapping[str, Any]) -> dict
             except ValueError:
                 raise UsageError(f"--set {BATCH_AXIS_PREFIX}{spec.name}={declared!r}: an axis number or none") from None
     return axes
+
+
+def state_inputs(options: Mapping[str, Any]) -> set[str]:
+    """The inputs that ``state.OUT=IN`` options feed from an output."""
+    return {str(value) for key, value in options.items() if key.startswith(STATE_PREFIX)}
 
 
 def with_batch_axes(inputs: Sequence[TensorSpec], options: Mapping[str, Any]) -> tuple[TensorSpec, ...]:
@@ -139,12 +150,30 @@ def examples_from_data(dataset: Dataset, inputs: Sequence[TensorSpec], options: 
             dataset.path,
         )
     count = next(iter(counts.values()), 1)
+    _per_example_states(inputs, options, arrays, axes, count if counts else None)
     if limit is not None and count > limit:
         for name, axis in axes.items():
             if axis is not None:
                 arrays[name] = np.take(arrays[name], np.arange(limit), axis=axis)
         count = limit
     return Examples(arrays, axes, count)
+
+
+def _per_example_states(inputs: Sequence[TensorSpec], options: Mapping[str, Any], arrays: dict[str, Any],
+                        axes: dict[str, int | None], count: int | None) -> None:
+    """A state input left without a declared axis runs along axis 0 when its first dimension is
+    dynamic in the model and holds one entry per example; otherwise (``[layers, 1, hidden]``, a
+    first dimension the model fixes, another length) it is the initial state, fed as it is."""
+    if count is None:
+        return
+    states = state_inputs(options)
+    for spec in inputs:
+        array = arrays.get(spec.name)
+        if (spec.name not in states or f"{BATCH_AXIS_PREFIX}{spec.name}" in options or array is None
+                or array.ndim == 0 or not spec.shape or spec.shape[0] is not None):
+            continue
+        if array.shape[0] == count:
+            axes[spec.name] = 0
 
 
 def synthetic_examples(inputs: Sequence[TensorSpec], options: Mapping[str, Any], seed: int = 0) -> Examples:

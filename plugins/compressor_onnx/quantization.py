@@ -1,5 +1,6 @@
 """ONNX Runtime quantization: dynamic int8, static QDQ int8/uint8 (transformer
-graphs: transformer_static.py), weight-only int4 (int4.py) and fp16.
+graphs: transformer_static.py; other graphs: a configuration chosen by measured
+fidelity, int8_choice.py), weight-only int4 (int4.py) and fp16.
 
 Defaults were chosen by measured accuracy (benchmarks/bench_onnx_minilm.py):
 per-channel weights keep all-MiniLM-L6-v2's sentence embeddings at ~0.994
@@ -9,21 +10,22 @@ cosine to float32, where ONNX Runtime's own per-tensor default gives ~0.96.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from compressor import CompressionError, Context, Dataset, Step, UsageError
 from compressor_onnx.export import strip_value_info
+from compressor_onnx.quantize_failures import keep_for_debugging, kept_suffix, shown_reason
 
 #: Ops whose weights quantization turns into integers; the rest never carry weights.
 WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "Attention", "LSTM", "GRU"})
-#: Static (QDQ) quantization covers only ops with weights: quantizing every op ONNX
-#: Runtime can (LayerNormalization, Reshape, Where...) dropped all-MiniLM-L6-v2's
-#: embedding cosine to ~0.3; weighted ops only keep ~0.94 and run faster.
+#: The weighted ops: what static quantization covers on models past the large-model
+#: threshold, and one of the configurations the generic path tries (int8_choice.py).
+#: Quantizing every op ONNX Runtime can (LayerNormalization, Reshape, Where...) dropped
+#: all-MiniLM-L6-v2's embedding cosine to ~0.3 (transformers take their own path).
 STATIC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
-CALIBRATION_BATCH = 8
 #: Default size (graph plus weights) past which a model stays on disk as an ONNX file
 #: with external data instead of an in-memory proto (protobuf's limit is 2 GB).
 LARGE_MODEL_BYTES = 1_800_000_000
@@ -151,8 +153,13 @@ def quantize_int8_file(
 
         notes, metadata = quantize_transformer_file(source, target, step, excluded, context, reduce_range)
         return notes, {**metadata, "model_type": model_type, "reduce_range": reduce_range}
-    quantize_static_file(source, target, step, excluded, context, reduce_range)
-    return [], {"model_type": model_type, "reduce_range": reduce_range}
+    if _is_large(source):
+        notes = quantize_static_file(source, target, step, excluded, context, reduce_range)
+        return notes, {"model_type": model_type, "reduce_range": reduce_range}
+    from compressor_onnx.int8_choice import quantize_generic_static
+
+    notes, metadata = quantize_generic_static(source, target, step, excluded, context, reduce_range)
+    return notes, {**metadata, "model_type": model_type, "reduce_range": reduce_range}
 
 
 def mode_facts(step: Step) -> dict[str, Any]:
@@ -182,24 +189,30 @@ def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: li
                 use_external_data_format=_is_large(source),
             )
     except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
-        raise CompressionError(f"dynamic quantization failed ({_describe(error)})") from None
+        raise CompressionError(f"dynamic quantization failed ({shown_reason(error)})") from None
 
 
 def quantize_static_file(
     source: Path, target: Path, step: Step, excluded_nodes: list[str], context: Context, reduce_range: bool = False
-) -> None:
-    """ONNX Runtime's ``quantize_static`` over the weighted ops, QDQ (the generic static path)."""
+) -> list[str]:
+    """ONNX Runtime's ``quantize_static`` over the weighted ops, QDQ (models past the
+    large-model threshold, where trying several configurations would cost several copies); notes."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from compressor_onnx.int8_choice import PER_CHANNEL_OPSET, _opset
 
     if context.calibration_data is None:
         raise UsageError(f"quantize {step.mode} needs --calibration-data")
     activation = QuantType.QUInt8 if step.mode == "uint8" else QuantType.QInt8
-    reader = calibration_reader(
-        onnx.load(str(source), load_external_data=False),
-        context.calibration_data,
-        int(step.params.get("calibration_samples", 128)),
-    )
+    skeleton = onnx.load(str(source), load_external_data=False)
+    reader = calibration_reader(skeleton, context.calibration_data, int(step.params.get("calibration_samples", 128)),
+                                context.options)
+    per_channel, notes = bool(step.params.get("per_channel", True)), []
+    if per_channel and _opset(skeleton) < PER_CHANNEL_OPSET:
+        per_channel = False
+        notes.append(f"opset {_opset(skeleton)}: per-channel weights need opset {PER_CHANNEL_OPSET} "
+                     "(DequantizeLinear's axis); weights are per-tensor")
     try:
         with _quiet_quantizer():
             quantize_static(
@@ -209,7 +222,7 @@ def quantize_static_file(
                 quant_format=QuantFormat.QDQ,
                 activation_type=activation,
                 weight_type=QuantType.QInt8,
-                per_channel=bool(step.params.get("per_channel", True)),
+                per_channel=per_channel,
                 reduce_range=reduce_range,
                 calibrate_method=calibration_method(str(step.params.get("calibration_method", "minmax"))),
                 nodes_to_exclude=excluded_nodes,
@@ -219,7 +232,10 @@ def quantize_static_file(
     except UsageError:
         raise
     except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
-        raise CompressionError(f"static {step.mode} quantization failed ({_describe(error)})") from None
+        kept = keep_for_debugging([target], "failed-int8")
+        raise CompressionError(
+            f"static {step.mode} quantization failed ({shown_reason(error)}){kept_suffix(kept)}") from None
+    return notes
 
 
 def calibration_method(name: str) -> Any:
@@ -229,27 +245,15 @@ def calibration_method(name: str) -> Any:
             "percentile": CalibrationMethod.Percentile}[name]
 
 
-def calibration_reader(graph: Any, dataset: Dataset, samples: int) -> Any:
-    """A CalibrationDataReader over the first ``samples`` examples, cast to the graph's dtypes."""
+def calibration_reader(graph: Any, dataset: Dataset, samples: int, options: Mapping[str, Any] | None = None) -> Any:
+    """A CalibrationDataReader over the first ``samples`` examples, cast to the graph's dtypes
+    and fed as measuring feeds them (scalars whole, ``batch_axis.NAME``); a state input gets
+    the data's initial state (static_calibration.py carries it where the outputs are read)."""
     from onnxruntime.quantization import CalibrationDataReader
 
-    from compressor_onnx.shapes import graph_input_specs
+    from compressor_onnx.static_calibration import calibration_feeds
 
-    specs = graph_input_specs(graph.graph)
-    features = dataset.features
-    if len(specs) == 1 and specs[0].name not in features and len(features) == 1:
-        features = {specs[0].name: next(iter(features.values()))}
-    missing = [spec.name for spec in specs if spec.name not in features]
-    if missing:
-        raise UsageError(
-            f"calibration data has no array for the input(s) {', '.join(missing)}", dataset.path
-        )
-    count = min(samples, dataset.size)
-    batches = [
-        {spec.name: features[spec.name][start : min(start + CALIBRATION_BATCH, count)].astype(spec.dtype)
-         for spec in specs}
-        for start in range(0, count, CALIBRATION_BATCH)
-    ]
+    batches = calibration_feeds(graph, dataset, samples, options).batches()
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -273,7 +277,7 @@ def to_fp16(graph: Any, infer_shapes: bool = True) -> Any:
         with _quiet_quantizer():
             return convert_float_to_float16(graph, keep_io_types=True, disable_shape_infer=not infer_shapes)
     except Exception as error:  # noqa: BLE001 - the converter raises anything on odd graphs
-        raise CompressionError(f"fp16 conversion failed ({_describe(error)})") from None
+        raise CompressionError(f"fp16 conversion failed ({shown_reason(error)})") from None
 
 
 def float_nodes(graph: Any) -> list[str]:
@@ -310,8 +314,3 @@ def _save_for_quantizer(graph: Any, path: Path) -> None:
         onnx.save_model(graph, str(path), save_as_external_data=True, location=f"{path.name}.data")
     else:
         onnx.save_model(graph, str(path))
-
-
-def _describe(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__

@@ -262,7 +262,7 @@ def _activation_maxima(model: Any, path: Path, names: list[str], context: Contex
     onnx.save_model(probe, str(probe_path))
     try:
         session = ort.InferenceSession(str(probe_path), providers=["CPUExecutionProvider"])
-        reader = calibration_reader(model, context.calibration_data, samples)
+        reader = calibration_reader(model, context.calibration_data, samples, context.options)
         maxima: dict[str, Any] = {}
         while (feeds := reader.get_next()) is not None:
             for name, value in zip(names, session.run(names, feeds)):
@@ -283,7 +283,7 @@ def _quantize_static(source: Path, target: Path, step: Step, nodes: list[str], a
     from compressor_onnx.quantization import calibration_method, calibration_reader
 
     reader = calibration_reader(load_skeleton(source), context.calibration_data,
-                                int(step.params.get("calibration_samples", 128)))
+                                int(step.params.get("calibration_samples", 128)), context.options)
     try:
         with quiet_ort():
             quantize_static(
@@ -296,7 +296,11 @@ def _quantize_static(source: Path, target: Path, step: Step, nodes: list[str], a
                 extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
             )
     except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
-        raise CompressionError(f"static {step.mode} quantization failed ({first_line(error)})") from None
+        from compressor_onnx.quantize_failures import keep_for_debugging, kept_suffix, shown_reason
+
+        kept = keep_for_debugging([target], "failed-int8")
+        raise CompressionError(
+            f"static {step.mode} quantization failed ({shown_reason(error)}){kept_suffix(kept)}") from None
 
 
 def _embeddings(skeleton: Any, folder: Path, excluded: list[str], allowed: set[str], reduce_range: bool) -> dict[str, Producer]:
