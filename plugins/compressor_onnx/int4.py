@@ -3,11 +3,11 @@
 * ``MatMul`` weights (and ``Gemm``, split into ``MatMul`` + ``Add`` first, as the
   dynamic quantizer does) become ONNX Runtime's ``MatMulNBits``: in-memory models
   go through ONNX Runtime's own ``MatMulNBitsQuantizer`` (``rtn``: its default
-  round-to-nearest C++ quantizer; ``hqq``; ``gptq``, calibrated on
-  ``--calibration-data``, with the weight update of gptq.py, ONNX Runtime's own
-  propagating no error); models past the large-model threshold are rewritten
-  one weight at a time (``int4_stream.py``) with the same per-tensor quantizers,
-  so both give the same bytes.
+  round-to-nearest C++ quantizer; ``hqq``); ``gptq``, calibrated on
+  ``--calibration-data``, is ours (gptq.py, gptq_solver.py) and writes the same
+  tensors. Models past the large-model threshold are rewritten one weight at a
+  time (``int4_stream.py``) with the same per-tensor quantizers, so both give the
+  same bytes.
 * Embeddings (``Gather`` on a float matrix) become ``GatherBlockQuantized``
   with the same block size, 4-bit values packed two to a byte in a ``uint8``
   tensor (so the opset stays as it is; ONNX Runtime's own Gather path raises it
@@ -102,98 +102,77 @@ def quantize_int4_graph(graph: Any, step: Step, context: Context) -> tuple[Any, 
     settings = Int4Settings.from_step(step)
     model = onnx.ModelProto()
     model.CopyFrom(graph)
+
+    def read(name: str) -> Any:
+        return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+    notes: list[str] = []
+    _materialize(model, split_gemms(model, read, settings))
+    if "MatMul" not in settings.excluded_ops:
+        if settings.algorithm == "gptq":
+            notes = gptq_matmuls(model, settings, context, int(step.params.get("calibration_samples", 128)))
+        else:
+            model = matmul_nbits(model, settings)
+    if "Gather" not in settings.excluded_ops:
+        _materialize(model, quantize_gathers(model, read, settings))
+    drop_unused_initializers(model)
+    return model, notes
+
+
+def _materialize(model: Any, producers: dict[str, Callable[[], Any]]) -> None:
+    """Fill the stand-in initializers the rewrites added with what their producers make."""
+    from onnx import numpy_helper
+
+    tensors = {tensor.name: tensor for tensor in model.graph.initializer if tensor.name in producers}
+    for name, produce in producers.items():
+        tensors[name].CopyFrom(numpy_helper.from_array(produce(), name))
+
+
+def gptq_matmuls(model: Any, settings: Int4Settings, context: Context, samples: int) -> list[str]:
+    """GPTQ (gptq.py) on ``model``'s MatMul weights, rewritten in place as MatMulNBits; notes."""
+    from onnx import numpy_helper
+
+    from compressor_onnx.gptq import quantize_gptq
+    from compressor_onnx.int4_stream import matmuls_to_nbits
+
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
 
     def read(name: str) -> Any:
         return numpy_helper.to_array(initializers[name])
 
-    notes: list[str] = []
-    new = split_gemms(model, read, settings)
-    for name, produce in new.items():
-        tensor = next(t for t in model.graph.initializer if t.name == name)
-        tensor.CopyFrom(numpy_helper.from_array(produce(), name))
-    if "MatMul" not in settings.excluded_ops:
-        model, notes = matmul_nbits(model, settings, context, int(step.params.get("calibration_samples", 128)))
-    if "Gather" not in settings.excluded_ops:
-        initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-        for name, produce in quantize_gathers(model, read, settings).items():
-            tensor = next(t for t in model.graph.initializer if t.name == name)
-            tensor.CopyFrom(numpy_helper.from_array(produce(), name))
-    drop_unused_initializers(model)
-    return model, notes
+    quantized, notes = quantize_gptq(model, model, read, settings, context, samples)
+    _materialize(model, matmuls_to_nbits(model, initializers, read, settings, quantized))
+    return notes
 
 
-def matmul_nbits(model: Any, settings: Int4Settings, context: Context, samples: int,
-                 skeleton: Any | None = None) -> tuple[Any, list[str]]:
-    """ONNX Runtime's MatMulNBitsQuantizer on ``model`` (a ModelProto, or a path with
-    ``skeleton`` its graph): the quantized ModelProto and notes.
-
-    ONNX Runtime's GPTQ packs asymmetric zero points across rows and fails when a
-    weight has an odd number of blocks; those weights get ``rtn`` in a second pass.
-    """
-    from dataclasses import replace
-
-    graph = skeleton if skeleton is not None else model
-    odd = _odd_block_matmuls(graph, settings) if settings.algorithm == "gptq" and not settings.symmetric else []
-    first = replace(settings, excluded_nodes=settings.excluded_nodes | set(odd))
-    quantized = _run_quantizer(model, first, algorithm_config(first, context, graph, samples))
-    notes = []
-    if odd:
-        second = replace(settings, algorithm="rtn")
-        quantized = _run_quantizer(quantized, second, algorithm_config(second, context, graph, samples))
-        notes.append(f"{len(odd)} MatMul weight(s) with an odd number of {settings.block_size}-blocks were "
-                     "quantized with rtn: ONNX Runtime's asymmetric GPTQ cannot pack them")
-    set_accuracy_level(quantized, settings.accuracy_level)
-    return quantized, notes
-
-
-def _odd_block_matmuls(graph: Any, settings: Int4Settings) -> list[str]:
-    dims = {tensor.name: list(tensor.dims) for tensor in graph.graph.initializer}
-    return [node.name for node in graph.graph.node
-            if node.op_type == "MatMul" and len(node.input) > 1 and len(dims.get(node.input[1], [])) == 2
-            and -(-dims[node.input[1]][0] // settings.block_size) % 2]
-
-
-def _run_quantizer(model: Any, settings: Int4Settings, config: Any) -> Any:
+def matmul_nbits(model: Any, settings: Int4Settings) -> Any:
+    """ONNX Runtime's MatMulNBitsQuantizer (``rtn`` or ``hqq``) on ``model``: the quantized ModelProto."""
     with quiet_ort():
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        from compressor_onnx.gptq import patched_gptq
 
         try:
             quantizer = MatMulNBitsQuantizer(
                 model, bits=BITS, block_size=settings.block_size, is_symmetric=settings.symmetric,
                 accuracy_level=settings.accuracy_level or None,
                 nodes_to_exclude=sorted(settings.excluded_nodes), op_types_to_quantize=("MatMul",),
-                algo_config=config,
+                algo_config=algorithm_config(settings),
             )
-            if settings.algorithm == "gptq" and settings.excluded_nodes:
-                # ONNX Runtime's GPTQ ignores nodes_to_exclude; its weight config's "fp32" skips a node.
-                generate = quantizer._generate_q4_node_config
-                quantizer._generate_q4_node_config = lambda: {  # type: ignore[method-assign]
-                    **generate(), **dict.fromkeys(settings.excluded_nodes, "fp32")}
-            with patched_gptq() if settings.algorithm == "gptq" else contextlib.nullcontext():
-                quantizer.process()
+            quantizer.process()
         except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
             raise CompressionError(f"int4 {settings.algorithm} quantization failed ({first_line(error)})") from None
-    return quantizer.model.model
+    quantized = quantizer.model.model
+    set_accuracy_level(quantized, settings.accuracy_level)
+    return quantized
 
 
-def algorithm_config(settings: Int4Settings, context: Context, model: Any, samples: int) -> Any:
+def algorithm_config(settings: Int4Settings) -> Any:
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
-        GPTQWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
     )
 
     if settings.algorithm == "hqq":
         return HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=BITS, op_types_to_quantize=("MatMul",))
-    if settings.algorithm == "gptq":
-        from compressor_onnx.quantization import calibration_reader
-
-        assert context.calibration_data is not None, "check_int4 refuses gptq without calibration data"
-        reader = calibration_reader(model, context.calibration_data, samples)
-        return GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, op_types_to_quantize=("MatMul",))
     return DefaultWeightOnlyQuantConfig(
         block_size=settings.block_size, is_symmetric=settings.symmetric,
         accuracy_level=settings.accuracy_level or None, op_types_to_quantize=("MatMul",), bits=BITS,

@@ -1,4 +1,4 @@
-"""``quantize int4`` (rtn, hqq) on a model past the large-model threshold, one weight at a time.
+"""``quantize int4`` on a model past the large-model threshold, one weight at a time.
 
 The skeleton's ``MatMul`` nodes whose weight is a 2-D float32 initializer become
 the ``MatMulNBits`` nodes ONNX Runtime's ``MatMulNBitsQuantizer`` writes; each
@@ -6,7 +6,11 @@ weight is read from disk only when the writer reaches its quantized tensors, and
 quantized by ONNX Runtime's own node quantizer (``DefaultWeightOnlyQuantizer``
 or ``HQQWeightOnlyQuantizer``) on a graph holding that one weight, so the bytes
 are the in-memory path's. Peak memory is about one float weight and its copies.
-GPTQ needs the whole model's activations and is not streamed (see large.py).
+
+GPTQ (``gptq_stream``) first runs the model from its file once over the calibration
+data for the layer inputs' Hessians (gptq.py), quantizing each weight as soon as its
+inputs' pass is done; the writer then takes those (4-bit, small) tensors. The
+in-memory path rewrites its MatMuls with the same ``matmuls_to_nbits``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compressor_onnx.external import Producer, read_array
+from compressor import Context
+from compressor_onnx.external import Producer, load_skeleton, read_array
+from compressor_onnx.gptq import Quantized, nbits_weight, quantize_gptq
 from compressor_onnx.int4 import (
     BITS,
     Int4Settings,
@@ -26,8 +32,21 @@ from compressor_onnx.int4 import (
 )
 
 
-def quantize_int4_stream(model: Any, folder: Path, settings: Int4Settings) -> dict[str, Producer]:
-    """Rewrite ``model`` (a skeleton, in place); producers of every new tensor's contents."""
+def gptq_stream(source: Path, settings: Int4Settings, context: Context, samples: int
+                ) -> tuple[Any, dict[str, Producer], list[str]]:
+    """GPTQ on the model at ``source`` (Gemms already split): its rewritten skeleton,
+    producers of the new tensors' contents, and notes."""
+    skeleton = load_skeleton(source)
+    tensors = {tensor.name: tensor for tensor in skeleton.graph.initializer}
+    quantized, notes = quantize_gptq(skeleton, source, lambda name: read_array(tensors[name], source.parent),
+                                     settings, context, samples)
+    return skeleton, quantize_int4_stream(skeleton, source.parent, settings, quantized), notes
+
+
+def quantize_int4_stream(model: Any, folder: Path, settings: Int4Settings,
+                         gptq: Quantized | None = None) -> dict[str, Producer]:
+    """Rewrite ``model`` (a skeleton, in place); producers of every new tensor's contents
+    (the MatMul weights' from ``gptq`` when given: ``quantize_gptq``'s result)."""
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     # Copies: the writer points the skeleton's own tensors at the new data file as it goes.
     references = {name: type(tensor)() for name, tensor in initializers.items()}
@@ -46,7 +65,7 @@ def quantize_int4_stream(model: Any, folder: Path, settings: Int4Settings) -> di
     producers.update(added)
     initializers.update({tensor.name: tensor for tensor in model.graph.initializer})
     if "MatMul" not in settings.excluded_ops:
-        producers.update(_matmuls(model, initializers, read, settings))
+        producers.update(matmuls_to_nbits(model, initializers, read, settings, gptq))
     if "Gather" not in settings.excluded_ops:
         producers.update(quantize_gathers(model, read, settings))
     drop_unused_initializers(model)
@@ -55,20 +74,21 @@ def quantize_int4_stream(model: Any, folder: Path, settings: Int4Settings) -> di
             if any(tensor.name == name for tensor in model.graph.initializer)}
 
 
-def _matmuls(model: Any, initializers: dict[str, Any], read: Any, settings: Int4Settings) -> dict[str, Producer]:
-    from onnx import TensorProto, helper
+def matmuls_to_nbits(model: Any, initializers: dict[str, Any], read: Any, settings: Int4Settings,
+                     gptq: Quantized | None = None) -> dict[str, Producer]:
+    """MatMuls with a 2-D float32 weight as MatMulNBits (in place); producers of the new tensors."""
+    from onnx import helper
 
     producers: dict[str, Producer] = {}
     done: dict[str, tuple[str, ...]] = {}
     nodes = []
     for node in model.graph.node:
-        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if (weight is None or node.domain not in ("", "ai.onnx") or node.name in settings.excluded_nodes
-                or weight.data_type != TensorProto.FLOAT or len(weight.dims) != 2):
+        weight = nbits_weight(node, initializers, settings)
+        if weight is None:
             nodes.append(node)
             continue
         if weight.name not in done:
-            done[weight.name] = _weight_tensors(model, weight.name, node, read, settings, producers)
+            done[weight.name] = _weight_tensors(model, weight.name, node, read, settings, producers, gptq)
         rows, cols = weight.dims
         attributes: dict[str, Any] = {"K": rows, "N": cols, "bits": BITS, "block_size": settings.block_size}
         if settings.accuracy_level:
@@ -85,7 +105,7 @@ def _matmuls(model: Any, initializers: dict[str, Any], read: Any, settings: Int4
 
 
 def _weight_tensors(model: Any, name: str, node: Any, read: Any, settings: Int4Settings,
-                    producers: dict[str, Producer]) -> tuple[str, ...]:
+                    producers: dict[str, Producer], gptq: Quantized | None) -> tuple[str, ...]:
     """Stand-ins for one weight's quantized tensors, named as ONNX Runtime names them."""
     zero_points = settings.algorithm == "hqq" or not settings.symmetric
     names = (f"{name}_Q{BITS}", f"{name}_scales") + ((f"{name}_zero_points",) if zero_points else ())
@@ -94,7 +114,11 @@ def _weight_tensors(model: Any, name: str, node: Any, read: Any, settings: Int4S
     def produce(index: int) -> Producer:
         def run() -> Any:
             if not cache:
-                cache.update(quantize_weight(read(name), name, node, settings))
+                if gptq is not None:
+                    made = gptq.pop(name)
+                    cache.update(zip(names, (made["B"], made["scales"], made.get("zero_points"))))
+                else:
+                    cache.update(quantize_weight(read(name), name, node, settings))
             return cache.pop(names[index])
         return run
 

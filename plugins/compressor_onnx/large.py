@@ -18,7 +18,6 @@ from compressor_onnx.external import (
     Producer,
     is_external,
     load_skeleton,
-    model_bytes,
     read_array,
     write_model,
 )
@@ -26,8 +25,6 @@ from compressor_onnx.external import (
 #: fp16 conversion keeps these suffixed copies of an initializer (Cast outputs for
 #: float32-only ops); their shapes are the initializer's.
 _CAST_SUFFIXES = ("_cast_to_fp32", "_cast_to_bfloat16")
-#: Past this, ONNX Runtime's GPTQ must be given a path (protobuf's limit is 2 GiB).
-PROTOBUF_BYTES = 2_000_000_000
 
 
 def scratch_model(context: Context, stem: str) -> Path:
@@ -102,12 +99,11 @@ def _int4(skeleton: Any, source: Path, step: Step, context: Context) -> tuple[Pa
 
 
 def _gptq(source: Path, step: Step, context: Context) -> tuple[Path, list[str]]:
-    """GPTQ runs the whole model for each layer's inputs: ONNX Runtime's quantizer
-    loads it (weights included), then embeddings are quantized one at a time."""
-    import onnx
-
+    """GPTQ reads each layer's inputs from an ONNX Runtime session on the model (Gemms
+    split first, written to scratch), then writes its weights one at a time."""
     from compressor_onnx.export import strip_value_info
-    from compressor_onnx.int4 import Int4Settings, matmul_nbits, quantize_gathers, split_gemms
+    from compressor_onnx.int4 import Int4Settings, split_gemms
+    from compressor_onnx.int4_stream import gptq_stream
 
     settings = Int4Settings.from_step(step)
     copy = scratch_model(context, "gptq-in")
@@ -115,25 +111,8 @@ def _gptq(source: Path, step: Step, context: Context) -> tuple[Path, list[str]]:
     original = load_skeleton(source)  # read from: the writer repoints the skeleton's tensors
     producers = split_gemms(skeleton, lambda name: _read(original, source.parent, name), settings)
     write_model(skeleton, copy, source.parent, producers, context.progress)
-    quantized = copy.with_name("gptq-out.onnx")
-    samples = int(step.params.get("calibration_samples", 128))
-    # ONNX Runtime's GPTQ runs a session from the proto's bytes unless the model passes
-    # 2 GB, when it reads the path and writes a copy with external data itself.
-    written = load_skeleton(copy)
-    loaded = str(copy) if model_bytes(copy, written) > PROTOBUF_BYTES else onnx.load(str(copy))
-    model, notes = matmul_nbits(loaded, settings, context, samples, written)
-    try:
-        onnx.save_model(model, str(quantized), save_as_external_data=True, location=f"{quantized.name}.data")
-    except (ValueError, OSError) as error:
-        raise CompressionError(f"writing the GPTQ model failed ({first_line(error)})") from None
-    del model
-    result = load_skeleton(quantized)
-    gathers = {} if "Gather" in settings.excluded_ops else quantize_gathers(
-        result, lambda name: _read(result, quantized.parent, name), settings)
-    from compressor_onnx.int4 import drop_unused_initializers
-
-    drop_unused_initializers(result)
-    return _write(result, scratch_model(context, "int4"), quantized.parent, gathers, context), notes
+    quantized, producers, notes = gptq_stream(copy, settings, context, int(step.params.get("calibration_samples", 128)))
+    return _write(quantized, scratch_model(context, "int4"), copy.parent, producers, context), notes
 
 
 def _read(model: Any, folder: Path, name: str) -> Any:
