@@ -142,7 +142,19 @@ def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> t
 def quantize_int8_file(
     source: Path, target: Path, step: Step, excluded: list[str], context: Context, skeleton: Any
 ) -> tuple[list[str], dict[str, Any]]:
-    """Dynamic or static (transformer or generic) int8 from ``source`` to ``target``."""
+    """Dynamic or static (transformer or generic) int8 from ``source`` to ``target``.
+
+    ONNX Runtime's quantizer runs in a forked child: a native crash or running out of
+    memory there (it segfaults under ``ulimit -v``) is one line, not the end of the run."""
+    from compressor.children import run_in_fork
+
+    return run_in_fork(_quantize_int8_file, source, target, step, excluded, context, skeleton,
+                       step=f"quantize {step.mode}")
+
+
+def _quantize_int8_file(
+    source: Path, target: Path, step: Step, excluded: list[str], context: Context, skeleton: Any
+) -> tuple[list[str], dict[str, Any]]:
     reduce_range = resolve_reduce_range(step)
     if step.mode == "dynamic":
         _quantize_dynamic(source, target, step, excluded, reduce_range)
