@@ -1,8 +1,9 @@
 """The ``npz-mlp`` backend: NumPy MLP weight archives, quantized and pruned.
 
 A whole backend: declare it, identify and load its files, compress, save, and
-open a saved file as a :class:`compressor.Runtime` that core measures. NumPy is
-imported inside functions only, so ``compressor --help`` stays fast.
+open a saved file as a :class:`compressor.plugin.Runtime` that core measures. It
+imports only :mod:`compressor.plugin`, the public plugin API; NumPy is imported
+inside functions only, so ``compressor --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from compressor import (
+from compressor.plugin import (
     Artifact,
     Backend,
     Context,

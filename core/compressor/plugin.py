@@ -1,0 +1,169 @@
+"""The public plugin API: everything a compressor plugin needs, under stable names.
+
+A backend plugin imports from here and from nowhere else in compressor::
+
+    from compressor.plugin import Backend, Model, Runtime, Technique, hookimpl, ...
+
+``__all__`` is the contract: these names keep their meaning across releases
+(a name is deprecated for a release before it goes); every other module of
+compressor is private and may change without notice. Importing this module
+imports no ML framework. docs/writing-a-plugin.md shows them in use;
+:mod:`compressor.testing` checks a backend against the contract.
+
+Hooks
+    hookimpl              the decorator that marks a function as a hook implementation
+                          (the hooks are in compressor.hookspecs, each with an example)
+
+Declarations (returned by ``compressor_backends``)
+    Backend               a backend: its formats, techniques, options, requirements
+    Technique             a technique it supports: modes, parameters, data it needs
+    Param                 one parameter of a technique, or a backend option
+    EVERY_STEP            the ``Technique.requires_data`` key for data every step needs
+    QUANTIZE              ``"quantize"``, the shared technique name for quantization
+    PRUNE                 ``"prune"``, the shared technique name for pruning
+    PQ                    ``"pq"``, the shared technique name for product quantization
+    QUANTIZE_MODES        the shared quantize modes, each meaning the same on every backend:
+                          fp16; dynamic (int8 weights, activations float or quantized at
+                          run time); int8/uint8 (weights and activations, calibrated);
+                          int16x8; int4 (4-bit weights in blocks)
+
+Data (what travels through the hooks)
+    Model                 a loaded model; ``handle`` is the backend's own object
+    Step                  one validated compression step: technique and parameters
+    Artifact              a saved, deployable file and its side files
+    Context               what load, compress and save get besides the model
+    Dataset               a data file read for a model: features, labels
+    TensorSpec            an input or output: name, shape (None: dynamic), dtype
+    MeasureSettings       how measurements are taken; ``threads`` and ``options`` for runtimes
+    Measurement           what a ``compressor_measure`` hook found
+    SampleModel           a small model for ``compressor demo`` and conformance tests
+    Runtime               a saved artifact opened for running: named inputs to named outputs
+    ProgressCallback      the type of ``Context.progress``: ``progress("calibrating", 0.4)``
+                          (a message and a fraction done, or None when unknown)
+
+Errors (one line and an exit code for the user; anything else is a bug in the plugin)
+    CompressorError       the base class; ``CompressorError(message, path)``
+    UsageError            exit 2: bad arguments, options, output folder or resources
+    UnsafeInputError      exit 3: loading would run code (without ``--trust``) or escape its folder
+    InvalidInputError     exit 4: a model or data file is corrupt or does not fit
+    UnsupportedError      exit 5: a technique, mode or model this backend cannot handle
+    CompressionError      exit 7: applying a step to a valid model failed (that variant fails)
+    first_line            a framework exception's first line, for such one-line messages
+
+Helpers
+    import_factory        the user's ``package.module:function`` (``--set model_factory=``)
+    native_output_silenced  hide what native code writes to stdout/stderr (file descriptors)
+    examples_from_data    a Dataset matched to a model's inputs, as batches of feeds
+    Examples              what examples_from_data returns: ``take(start, stop)`` gives feeds
+    Stopwatch             ``with Stopwatch() as load: ...`` then ``load.ms``
+    time_calls            latency statistics of a call, as core times every runtime
+    peak_rss_bytes        this process's peak resident memory so far (bytes)
+    cpu_info              the CPU's model, cores and the flags that matter to kernels
+    python_command        the command line of a fresh Python child that imports nothing
+                          from the working directory
+    child_environment     the environment for such a child (the parent's import path)
+    run_in_fork           run one crash-prone native call in a forked child: a crash or
+                          running out of memory becomes a one-line error
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compressor.children import child_environment, python_command, run_in_fork
+from compressor.errors import (
+    CompressionError,
+    CompressorError,
+    InvalidInputError,
+    UnsafeInputError,
+    UnsupportedError,
+    UsageError,
+    first_line,
+)
+from compressor.factories import import_factory
+from compressor.feeding import Examples, examples_from_data
+from compressor.hookspecs import hookimpl
+from compressor.measuring import Stopwatch, time_calls
+from compressor.memory import peak_rss_bytes
+from compressor.models import (
+    Artifact,
+    Context,
+    Dataset,
+    Measurement,
+    MeasureSettings,
+    Model,
+    ProgressCallback,
+    SampleModel,
+    Step,
+    TensorSpec,
+)
+from compressor.native import native_output_silenced
+from compressor.runtime import Runtime
+from compressor.specs import (
+    EVERY_STEP,
+    PQ,
+    PRUNE,
+    QUANTIZE,
+    QUANTIZE_MODES,
+    Backend,
+    Param,
+    Technique,
+)
+
+
+def cpu_info() -> dict[str, Any]:
+    """This machine's CPU: ``{"model": str, "cores": int, "flags": [...]}``.
+
+    ``flags`` holds only the features that change what quantized kernels can do
+    (``avx2``, ``fma``, ``avx512f``, ``avx512bw``, ``avx512_vnni``, ``avx_vnni``,
+    ``amx_int8``, ``f16c``), e.g. to choose reduced-range int8 without VNNI."""
+    from compressor.environment import cpu_info as read_cpu_info
+
+    return read_cpu_info()
+
+
+__all__ = [
+    # hooks
+    "hookimpl",
+    # declarations
+    "Backend",
+    "Technique",
+    "Param",
+    "EVERY_STEP",
+    "QUANTIZE",
+    "PRUNE",
+    "PQ",
+    "QUANTIZE_MODES",
+    # data
+    "Model",
+    "Step",
+    "Artifact",
+    "Context",
+    "Dataset",
+    "TensorSpec",
+    "MeasureSettings",
+    "Measurement",
+    "SampleModel",
+    "Runtime",
+    "ProgressCallback",
+    # errors
+    "CompressorError",
+    "UsageError",
+    "UnsafeInputError",
+    "InvalidInputError",
+    "UnsupportedError",
+    "CompressionError",
+    "first_line",
+    # helpers
+    "import_factory",
+    "native_output_silenced",
+    "examples_from_data",
+    "Examples",
+    "Stopwatch",
+    "time_calls",
+    "peak_rss_bytes",
+    "cpu_info",
+    "python_command",
+    "child_environment",
+    "run_in_fork",
+]

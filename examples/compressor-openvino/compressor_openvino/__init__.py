@@ -1,0 +1,1 @@
+"""An OpenVINO backend for compressor, written only against ``compressor.plugin``."""
