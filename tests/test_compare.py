@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from report_fixtures import fasttext_report, onnx_report
@@ -205,3 +206,37 @@ def test_real_runs_of_the_toy_backend_compared_in_a_subprocess(
     for name in names:
         assert name in document
     assert (tmp_path / "both" / "report.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------- runs of different models
+
+
+def test_runs_of_different_models_are_compared_with_a_warning(two_runs: tuple[Path, Path]) -> None:
+    """digits.onnx against debian.bin: the ratios are against an unrelated model (reports
+    from before the fingerprint: their file names tell)."""
+    merged = merge_reports(list(two_runs))
+    assert "the runs' originals are different model files (debian.bin, digits.onnx)" in merged.variants[0].notes[-1]
+    result = CliRunner().invoke(group, ["compare", *map(str, two_runs)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("warning: the runs' originals are different model files (debian.bin, "
+                                    'digits.onnx): "smaller" compares every variant with the first run\'s original')
+
+
+def test_the_fingerprint_tells_two_models_of_one_name_apart(toy_host, tmp_path: Path) -> None:
+    import compressor
+
+    runs = []
+    for seed in (1, 2):
+        folder = tmp_path / f"project{seed}"
+        folder.mkdir()
+        weights = np.random.default_rng(seed).normal(size=(8, 3)).tolist()
+        (folder / "model.toy").write_text(json.dumps({"weights": weights, "bias": [0.0] * 3}))
+        runs.append(compressor.run(folder / "model.toy", "quantize fp16", out=tmp_path / f"out{seed}",
+                                   min_seconds=0))
+    model_file = runs[0].variants[0].metadata["model_file"]
+    assert model_file["name"] == "model.toy" and model_file["inputs"] == [
+        {"name": "x", "dtype": "float32", "shape": [None, 8]}]
+    assert "originals are different models (model.toy: " in compressor.compare(*runs).variants[0].notes[-1]
+    same = compressor.run(tmp_path / "project1" / "model.toy", "quantize dynamic", out=tmp_path / "again",
+                          min_seconds=0)
+    assert compressor.compare(runs[0], same).variants[0].notes == runs[0].variants[0].notes

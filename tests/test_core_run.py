@@ -170,3 +170,27 @@ def test_peak_ram_is_the_measuring_process_own(toy_host, toy_model, tmp_path) ->
     for variant in variants:
         assert 10_000_000 < variant["metrics"]["peak_rss_bytes"] < 300_000_000
         assert variant["metrics"]["baseline_rss_bytes"] <= variant["metrics"]["peak_rss_bytes"]
+
+
+def test_run_help_lists_the_quantize_modes_the_backends_declare(toy_host, dial_host) -> None:
+    """Not a fixed list: dial declares int4, which toy does not (and int16x8 exists on tflite)."""
+    import re
+
+    text = " ".join(invoke("run", "--help").output.split())
+    modes = re.search(r"-q, --quantize MODE (.*?); repeat for one variant per mode", text)
+    assert modes is not None, text
+    assert re.search(r"int4 \([^)]*\bdial\b[^)]*\)", modes.group(1)), modes.group(1)
+    assert "fp16" in modes.group(1) and "or uint8" not in text
+
+
+def test_demo_of_a_backend_without_a_sample_says_so_and_what_to_run(toy_host, dial_host) -> None:
+    """``compressor demo --backend torch`` said "no installed backend has a sample model; install
+    compressor[onnx]" with onnx installed. dial, like torch, has no sample model."""
+    alone = invoke("demo", "--backend", "dial")
+    assert alone.exit_code == 5
+    message = alone.stderr.strip()
+    assert message.startswith("error: the dial backend has no demo sample model; try compressor demo --backend ")
+    assert "toy" in message and "compressor run MODEL --backend dial" in message and "install" not in message
+    both = invoke("demo", "--backend", "toy", "--backend", "dial")
+    assert both.exit_code == 0, both.output  # toy's sample runs; dial's absence is said in its place
+    assert "(dial skipped: it has no demo sample model; run yours: compressor run MODEL --backend dial" in both.output

@@ -64,13 +64,23 @@ def test_variants_come_in_several_forms(given: object, names: list[str]) -> None
 
 
 def test_the_python_api_page_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """docs/python-api.md's code blocks, executed in order as a notebook would."""
+    """docs/python-api.md's examples, run in order as one notebook session, their shown
+    outputs checked (doctest), with ``tmp`` a str as the page says it may be."""
+    import doctest
+
     text = (ROOT / "docs" / "python-api.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks
+    blocks = re.findall(r"```pycon\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
     monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {"tmp": tmp_path}
-    for block in blocks:
-        exec(compile(block, "docs/python-api.md", "exec"), namespace)  # noqa: S102 - our own docs
-    best = namespace["best"]
-    assert best is not None and best.artifact_path.is_file()  # type: ignore[attr-defined]
+    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {"tmp": str(tmp_path)}, "docs/python-api.md",
+                                                str(ROOT / "docs" / "python-api.md"), 0)
+    globs = test.globs
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    failures: list[str] = []
+    runner.run(test, out=failures.append, clear_globs=False)
+    try:
+        assert runner.failures == 0, "".join(failures)
+        best = globs["best"]
+        assert best is not None and best.artifact_path.is_file()  # type: ignore[attr-defined]
+    finally:
+        getattr(globs.get("report"), "cleanup", lambda: None)()

@@ -127,6 +127,18 @@ def test_an_unreachable_address_is_one_line_within_the_timeout(dial_host, tmp_pa
     assert not (tmp_path / "out").exists() and not ray.is_initialized()
 
 
+def test_search_gives_up_on_an_unreachable_address_within_its_timeout(dial_host, tmp_path: Path) -> None:
+    files = write_dial(tmp_path / "in")
+    address = f"127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    result = invoke("search", files["model"], "--data", files["data"], "--executor", "ray", "--ray-address",
+                    address, "--ray-timeout", "1.5", "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: cannot reach the Ray cluster at --ray-address {address} within 1.5 s")
+    assert time.monotonic() - started < 15
+    assert not (tmp_path / "out").exists() and not ray.is_initialized()
+
+
 def test_the_steps_of_a_ray_run_are_those_of_a_local_run(toy_host, toy_model, tmp_path: Path) -> None:
     """``quantize dynamic`` has a default (bits=8): neither side spells it out."""
     common = ("run", toy_model["model"], "-q", "dynamic", "--prune", "0.5", "--data", toy_model["eval"],

@@ -366,3 +366,21 @@ def test_only_shares_of_examples_stop_a_trial_early() -> None:
                            ("pixel_agreement", "map"), ("f1", "multi-label")):
         other = {**top1, "headline_metric": headline, "task": task}
         assert certain_violation(other, 600, 1200, base, budget) == 0, headline
+
+
+def test_a_second_graph_edit_does_not_claim_the_model_is_an_onnx_graph(digits, tmp_path: Path) -> None:
+    """A searched variant (prune channels, then lowrank or prune) with --train-data said both "fine-tuned"
+    and "not fine-tuned: weights.pt is read as an ONNX graph": the first edit is fine-tuned on the
+    torch model; the second follows its export, and the note now says so."""
+    import compressor
+
+    report = compressor.run(digits.state_dict, [["prune 0.25 structure=channel", "prune 0.5"]],
+                            data=digits.eval, train_data=digits.eval, max_examples=50, min_seconds=0,
+                            settings={"model_factory": "compressor_onnx.samples:build_digits_mlp", "epochs": 1})
+    notes = report.variants[1].notes
+    assert report.variants[1].error is None, report.variants[1].error
+    assert any(note.startswith("fine-tuned 1 epoch(s)") for note in notes), notes
+    assert not any("is read as an ONNX graph" in note for note in notes), notes
+    assert any(note.startswith("'prune 0.5 epochs=1' not fine-tuned: an earlier step of this variant made the "
+                               "torch model an ONNX graph already") for note in notes), notes
+    report.cleanup()

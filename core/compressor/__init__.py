@@ -6,9 +6,11 @@ From Python (docs/python-api.md)::
     report = compressor.run("model.onnx", ["quantize dynamic", "quantize fp16"], data="eval.npz")
     report.to_pandas()
 
-The public API for plugin authors::
+The public API for plugin authors is :mod:`compressor.plugin` (its ``__all__`` is the
+contract; the names below stay importable from here too), and :mod:`compressor.testing`
+checks a backend against it::
 
-    from compressor import hookimpl, Backend, Technique, Param, Model, Artifact, Runtime, ...
+    from compressor.plugin import hookimpl, Backend, Technique, Param, Model, Artifact, Runtime, ...
 
 Importing this package imports no ML framework.
 """
@@ -54,6 +56,10 @@ __version__ = "0.1.0"
 __all__ = [
     "PQ",
     "EVERY_STEP",
+    "PathLike",
+    "Report",
+    "VariantResult",
+    "VariantsLike",
     "PRUNE",
     "QUANTIZE",
     "QUANTIZE_MODES",
@@ -88,10 +94,19 @@ __all__ = [
 ]
 
 
+#: The Python API (:mod:`compressor.api`), imported on first use: ``compressor.run`` etc.
+_API = ("run", "measure", "compare", "search", "Report", "VariantResult", "VariantsLike", "PathLike")
+
+
 def __getattr__(name: str) -> object:
-    """``compressor.run``, ``compressor.measure``, ``compressor.compare``, imported on first use."""
-    if name in ("run", "measure", "compare", "search"):
+    """``compressor.run``, ``measure``, ``compare``, ``search``, ``Report``..., imported on first use."""
+    if name in _API:
         from compressor import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'compressor' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """What ``dir(compressor)`` and ``help(compressor)`` list: the lazily imported API too."""
+    return sorted({*globals(), *_API})

@@ -1,18 +1,30 @@
 """The Python API: what the CLI does, from a script or a notebook cell.
 
-    import compressor
+Every example in this module runs as written, as one session in this order (the test
+suite runs them: tests/test_api_docs.py). A small digits classifier to try it on, a
+PyTorch ``state_dict`` rebuilt by ``model_factory``:
 
-    report = compressor.run("model.onnx", ["quantize dynamic", "quantize fp16"], data="eval.npz")
-    report.to_pandas()                       # one row per variant
-    best = report.best("size", min_agreement=0.99)
-    best.artifact_path                       # the file to deploy
+>>> import tempfile
+>>> import compressor
+>>> from compressor_onnx.samples import FACTORY, write_digits_sample
+>>> folder = tempfile.mkdtemp()                       # a str or a Path, everywhere
+>>> weights, eval_data, calibration = write_digits_sample(folder)
+>>> report = compressor.run(weights, ["quantize dynamic", "quantize fp16"], data=eval_data,
+...                         settings={"model_factory": FACTORY}, min_seconds=0.05)
+>>> report                                            # in a notebook: the comparison table
+<Report of digits_mlp.pt on onnx: original, dynamic, fp16 in ...>
+>>> best = report.best("size", min_agreement=0.95)    # the smallest within the bound, or None
+>>> best.artifact_path.suffix                         # the file to deploy
+'.onnx'
 
 Without ``out``, artifacts and reports live in a temporary folder that the
 returned :class:`~compressor.report.Report` owns (removed when the report is
 garbage-collected or :meth:`~compressor.report.Report.cleanup` is called);
-with ``out`` they are written there as by ``compressor run --out``. Errors
-are the :class:`~compressor.errors.CompressorError` hierarchy, as on the
-command line, with the same messages.
+with ``out`` they are written there as by ``compressor run --out``. Paths are
+``str`` or ``os.PathLike``. Errors are the
+:class:`~compressor.errors.CompressorError` hierarchy, as on the command line,
+with the same messages. ``report.to_pandas()`` is the table as a DataFrame (needs
+pandas).
 """
 
 from __future__ import annotations
@@ -26,11 +38,15 @@ from typing import Any, Union
 from compressor.errors import UsageError
 from compressor.models import MeasureSettings, ProgressCallback
 from compressor.recipes import Variant, check_name, load_recipe, parse_step, unique, variant_name
-from compressor.report import Report
+from compressor.report import Report, VariantResult
 
+__all__ = ["PathLike", "Report", "VariantResult", "VariantsLike", "compare", "measure", "run", "search"]
+
+#: A path: a ``str`` or an ``os.PathLike`` (``pathlib.Path``).
 PathLike = Union[str, "os.PathLike[str]"]  # noqa: UP007 - a string forward reference
-#: ``"quantize dynamic"`` (one step), ``["prune 0.5", "quantize int8"]`` (steps of one
-#: variant), or a mapping ``{"name": steps}``.
+#: The variants to make: ``"quantize dynamic"`` (one variant of one step); a list whose
+#: items are step strings (a variant each) or lists of them (a variant of several steps:
+#: ``["prune 0.5", "quantize int8"]``); or a mapping ``{"name": steps}``.
 VariantsLike = str | Sequence[str | Sequence[str]] | Mapping[str, str | Sequence[str]]
 
 
@@ -59,8 +75,24 @@ def run(
 ) -> Report:
     """Compress ``model`` into ``variants`` and measure each against the original.
 
-    ``variants`` as in :data:`VariantsLike`; None makes the backend's default
-    variants. ``settings`` are ``--set`` pairs (``{"epochs": 2}``).
+    ``variants``: ``"quantize dynamic"`` (one variant), a list of step strings (a variant
+    each) or of lists of them (a variant of several steps), or ``{"name": steps}``
+    (``compressor.VariantsLike``); None makes the backend's default variants.
+    ``settings`` are ``--set`` pairs (``{"epochs": 2}``); ``progress`` is called as
+    ``progress(message, share)``, ``share`` the part of the whole run done (0 to 1).
+    Every refusal (a step, a parameter, missing data, an unknown option) comes before
+    any work. The paths are ``str`` or ``os.PathLike``.
+
+    >>> heard = []
+    >>> pruned = compressor.run(weights, {"small": ["prune 0.5", "quantize dynamic"]}, data=eval_data,
+    ...                         settings={"model_factory": FACTORY}, out=f"{folder}/pruned", min_seconds=0.05,
+    ...                         progress=lambda message, share: heard.append(share))
+    >>> pruned.variant("small").steps
+    ['prune 0.5', 'quantize dynamic']
+    >>> heard[-1]
+    1.0
+    >>> sorted(path.name for path in pruned.folder.iterdir() if path.suffix == ".onnx")
+    ['original.onnx', 'small.onnx']
     """
     chosen = parse_variants(variants) + (load_recipe(Path(recipe)) if recipe is not None else [])
     return _execute(
@@ -84,15 +116,30 @@ def measure(
     threads: int = 1,
     max_examples: int | None = None,
     min_seconds: float = 0.5,
+    progress: ProgressCallback | None = None,
 ) -> Report:
-    """Measure ``model`` as it is (its one row is ``original``)."""
+    """Measure ``model`` as it is (its one row is ``original``); ``progress`` as for :func:`run`.
+
+    >>> measured = compressor.measure(weights, data=eval_data, settings={"model_factory": FACTORY},
+    ...                               out=f"{folder}/measured", min_seconds=0.05)
+    >>> [variant.name for variant in measured.variants]
+    ['original']
+    >>> measured.variants[0].metrics["accuracy"] > 0.9
+    True
+    """
     return _execute(model, [], data=data, backend=backend, out=out, settings=settings, trust=trust,
                     threads=threads, max_examples=max_examples, min_seconds=min_seconds,
-                    original_only=True)
+                    original_only=True, progress=progress)
 
 
 def compare(*reports: Report | PathLike) -> Report:
-    """Several runs side by side: reports, ``report.json`` files or run folders."""
+    """Several runs side by side: reports, ``report.json`` files or run folders (``str`` or
+    ``os.PathLike``), as ``compressor compare``; "smaller" is relative to the first original.
+
+    >>> merged = compressor.compare(report, f"{folder}/measured")
+    >>> [variant.name for variant in merged.variants]
+    ['out:original', 'out:dynamic', 'out:fp16', 'measured:original']
+    """
     from compressor.merging import merge_reports
 
     paths = []
@@ -122,8 +169,21 @@ def search(
     **run_options: Any,
 ) -> Report:
     """``compressor search``: the variant with the least ``objective`` within the budget
-    (``report.settings["search"]["winner"]``; ``report.best(objective)`` picks it too).
-    Raises BudgetError when no trial meets the budget. ``run_options`` as for :func:`run`."""
+    (``report.settings["search"]["winner"]``, copied to ``best.<ext>`` in the report's folder).
+    Raises BudgetError when no trial meets the budget. ``run_options`` as for :func:`run`
+    (``progress`` too: the share is of ``max_trials``). Needs Optuna:
+    ``pip install 'compressor[search]'``.
+
+    >>> found = compressor.search(weights, data=eval_data, max_accuracy_drop=2, max_trials=1,
+    ...                           settings={"model_factory": FACTORY}, min_seconds=0.05)
+    >>> [variant.name for variant in found.variants]     # the original, then each trial
+    ['original', 'fp16']
+    >>> found.settings["search"]["winner"]
+    'fp16'
+    >>> (found.folder / "best.onnx").is_file()           # the winner, to deploy
+    True
+    >>> found.cleanup()
+    """
     from compressor.plugins import get_host
     from compressor.runner import RunRequest
     from compressor.searching import SearchRequest, check_limits
@@ -134,6 +194,7 @@ def search(
     scratch = tempfile.TemporaryDirectory(prefix="compressor-api-") if out is None else None
     target = Path(scratch.name) / "out" if scratch is not None else Path(out)  # type: ignore[arg-type]
     settings = run_options.pop("settings", None)
+    progress = run_options.pop("progress", None) or _silent
     measure = MeasureSettings(threads=run_options.pop("threads", 1),
                               min_seconds=run_options.pop("min_seconds", 0.5))
     request = RunRequest(
@@ -146,7 +207,7 @@ def search(
     try:
         report = run_search(
             SearchRequest(request, objective, max_trials, time_budget, seed, Path(space) if space is not None else None),
-            get_host(), _silent)
+            get_host(), progress)
     except BaseException:
         if scratch is not None:
             scratch.cleanup()

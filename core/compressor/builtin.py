@@ -100,8 +100,9 @@ def compressor_measure(
 
 @hookimpl(trylast=True)
 def compressor_load_data(
-    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str, limit: int | None = None
+    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str, limit: int | None
 ) -> Dataset | None:
+    # No default on ``limit``: pluggy passes only arguments without one.
     if path.suffix != ".npz":
         return None
     return read_npz(path, inputs, limit)

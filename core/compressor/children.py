@@ -52,7 +52,10 @@ def import_path(cwd: str | None = None) -> str:
         entry for entry in sys.path
         if entry and entry != "." and (os.path.realpath(entry) != here or here in named)
     ]
-    return os.pathsep.join(dict.fromkeys(kept))
+    from compressor.factories import factory_folders
+
+    # A folder a named model_factory or student was imported from (last: it shadows nothing).
+    return os.pathsep.join(dict.fromkeys([*kept, *factory_folders()]))
 
 
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:

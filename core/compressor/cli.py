@@ -59,6 +59,36 @@ def cli(debug: bool, quiet: bool) -> None:
 _path = click.Path(path_type=Path)
 
 
+def quantize_modes(host: Any) -> str:
+    """Every backend's quantize modes, in the shared vocabulary's order, and which backend has each."""
+    from compressor.specs import QUANTIZE, QUANTIZE_MODES
+
+    owners: dict[str, list[str]] = {}
+    for backend in host.backends().values():
+        technique = backend.techniques.get(QUANTIZE)
+        for mode in technique.modes if technique is not None else ():
+            owners.setdefault(mode, []).append(backend.name)
+    order = [mode for mode in QUANTIZE_MODES if mode in owners] + sorted(set(owners) - set(QUANTIZE_MODES))
+    quantizers = {name for names in owners.values() for name in names}
+    return ", ".join(mode if set(owners[mode]) == quantizers else f"{mode} ({', '.join(owners[mode])})"
+                     for mode in order)
+
+
+class QuantizeOption(click.Option):
+    """``--quantize``, whose help lists the modes the installed plugins declare (read when
+    help is shown: the plugins are not loaded to build the command)."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        template = self.help or ""
+        try:
+            from compressor.plugins import get_host
+
+            self.help = template.replace("{modes}", quantize_modes(get_host()) or "the backend's modes")
+            return super().get_help_record(ctx)
+        finally:
+            self.help = template
+
+
 def measure_options(function: Any) -> Any:
     for option in reversed([
         click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
@@ -83,8 +113,8 @@ def _settings(threads: int, max_examples: int | None, min_seconds: float) -> Mea
 @click.option("--out", "-o", type=_path, required=True, help="Folder for artifacts and reports.")
 @click.option("--backend", "-b", help="Backend to use (default: recognised from the file); "
               "several, comma-separated, run the same variants on each and compare them.")
-@click.option("--quantize", "-q", "quantize", multiple=True, metavar="MODE",
-              help="fp16, dynamic, int8 or uint8; repeat for one variant per mode.")
+@click.option("--quantize", "-q", "quantize", multiple=True, metavar="MODE", cls=QuantizeOption,
+              help="{modes}; repeat for one variant per mode.")
 @click.option("--prune", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), metavar="S",
               help="Prune to sparsity S (0-1) before quantizing.")
 @click.option("--pq", is_flag=True, help="Product quantization (fastText).")
@@ -276,11 +306,13 @@ def demo(out: Path | None, only: tuple[str, ...], threads: int) -> None:
 
 
 def _register_compare() -> None:
+    from compressor.data_cli import data
     from compressor.merging import compare
     from compressor.search_cli import search
 
     cli.add_command(compare)
     cli.add_command(search)
+    cli.add_command(data)
 
 
 _register_compare()

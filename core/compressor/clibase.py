@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -75,8 +76,14 @@ class CompressorGroup(click.Group):
         ctx.exit(1)
 
 
-#: Progress state: silenced by ``--quiet``; the current message and when it began.
-PROGRESS: dict[str, Any] = {"quiet": False, "message": None, "since": 0.0}
+#: Progress state: silenced by ``--quiet``; the current message, when it began, the run's
+#: share done, when the run began and when a line was last written (not on a terminal).
+PROGRESS: dict[str, Any] = {"quiet": False, "message": None, "since": 0.0, "fraction": None, "started": None,
+                            "written": 0.0}
+#: Seconds between progress lines when stderr is not a terminal (a log, a pipe, CI).
+PROGRESS_EVERY = {"seconds": 10.0}
+_PROGRESS_LOCK = threading.Lock()
+_TICKER: dict[str, Any] = {"thread": None, "stop": None}
 
 
 def set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -90,22 +97,92 @@ def set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 
 
 def progress(message: str, fraction: float | None) -> None:
-    """One updating line on stderr (a terminal only): message, share done, seconds in it."""
-    if PROGRESS["quiet"] or not sys.stderr.isatty():
+    """Progress on stderr: on a terminal one updating line (the share of the run done,
+    the message, the seconds spent on it, refreshed every second); elsewhere a line
+    every :data:`PROGRESS_EVERY` seconds, none for a shorter run. ``--quiet``: nothing."""
+    if PROGRESS["quiet"]:
         return
-    now = time.monotonic()
-    if message != PROGRESS["message"]:
-        PROGRESS.update(message=message, since=now)
-    suffix = f" {fraction:.0%}" if fraction is not None else ""
-    elapsed = now - PROGRESS["since"]
-    timer = f" ({elapsed:.0f} s)" if elapsed >= 2 else ""
-    click.echo(f"\r\033[K{message}{suffix}{timer}", err=True, nl=False)
+    with _PROGRESS_LOCK:
+        now = time.monotonic()
+        if message != PROGRESS["message"]:
+            PROGRESS.update(message=message, since=now)
+        if PROGRESS["started"] is None:
+            PROGRESS.update(started=now, written=now)
+        PROGRESS["fraction"] = fraction
+        if sys.stderr.isatty():
+            _draw(now)
+    _start_ticker()
+
+
+def progress_line(now: float) -> str:
+    """``40% [2/4] dynamic: quantize dynamic, 12 s`` (the share and seconds where known)."""
+    fraction, elapsed = PROGRESS["fraction"], now - PROGRESS["since"]
+    share = f"{fraction:>4.0%} " if fraction is not None else ""
+    timer = f", {elapsed:.0f} s" if elapsed >= 2 else ""
+    return f"{share}{PROGRESS['message']}{timer}"
+
+
+def _draw(now: float) -> None:
+    click.echo(f"\r\033[K{progress_line(now)}", err=True, nl=False)
+
+
+def _tick() -> None:
+    """A terminal's line redrawn every second, so its seconds move while a step runs; elsewhere
+    a full line once :data:`PROGRESS_EVERY` seconds passed since the last one."""
+    with _PROGRESS_LOCK:
+        if PROGRESS["message"] is None or PROGRESS["quiet"]:
+            return
+        now = time.monotonic()
+        if sys.stderr.isatty():
+            _draw(now)
+        elif now - PROGRESS["written"] >= PROGRESS_EVERY["seconds"]:
+            total = now - PROGRESS["started"]
+            click.echo(f"progress: {progress_line(now)} ({total:.0f} s in all)", err=True)
+            PROGRESS["written"] = now
+
+
+def _start_ticker() -> None:
+    if _TICKER["thread"] is not None and _TICKER["thread"].is_alive():
+        return
+    stop = threading.Event()
+    interval = min(1.0, PROGRESS_EVERY["seconds"])
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                _tick()
+            except Exception:  # noqa: BLE001 - a closed stream must not kill the run's thread noisily
+                return
+
+    thread = threading.Thread(target=loop, name="compressor-progress", daemon=True)
+    _TICKER.update(thread=thread, stop=stop)
+    thread.start()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (:func:`compressor.children.run_in_fork`) has no ticker thread, and the
+    lock may have been held by it at the fork: both start afresh."""
+    global _PROGRESS_LOCK
+    _PROGRESS_LOCK = threading.Lock()
+    _TICKER.update(thread=None, stop=None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def end_progress() -> None:
-    PROGRESS["message"] = None
-    if not PROGRESS["quiet"] and sys.stderr.isatty():
-        click.echo("\r\033[K", err=True, nl=False)
+    thread, stop = _TICKER["thread"], _TICKER["stop"]
+    if stop is not None:
+        stop.set()
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout=5)
+    _TICKER.update(thread=None, stop=None)
+    with _PROGRESS_LOCK:
+        drawn = PROGRESS["message"] is not None
+        PROGRESS.update(message=None, fraction=None, started=None)
+        if drawn and not PROGRESS["quiet"] and sys.stderr.isatty():
+            click.echo("\r\033[K", err=True, nl=False)
 
 
 class FiniteFloatRange(click.FloatRange):

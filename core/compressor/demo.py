@@ -40,6 +40,21 @@ def sample_models(host: PluginHost, folder: Path, only: Sequence[str],
     return samples
 
 
+def no_sample_reason(host: PluginHost, only: Sequence[str]) -> str:
+    """Why no sample was made: the chosen backends have none (say which have one), or none is installed."""
+    implementing = {impl.plugin_name for impl in host.manager.hook.compressor_sample_models.get_hookimpls()}
+    with_samples = [backend.name for backend in host.backends().values()
+                    if backend.plugin_name in implementing and backend.is_installed()]
+    chosen = [name for name in only if host.backend(name).is_installed() and name not in with_samples]
+    if chosen:
+        names = ", ".join(chosen)
+        other = (f"; try compressor demo --backend {with_samples[0]} (backends with one: {', '.join(with_samples)})"
+                 if with_samples else "")
+        return (f"the {names} backend{'s have' if len(chosen) > 1 else ' has'} no demo sample model{other}, "
+                f"or run yours: compressor run MODEL --backend {chosen[0]} -o out")
+    return "no installed backend has a sample model; install one, e.g. pip install 'compressor[onnx]'"
+
+
 def run_demo(
     host: PluginHost,
     out: Path | None,
@@ -61,10 +76,7 @@ def run_demo(
             raise UnsupportedError("no backend could make its sample model: " + "; ".join(
                 f"{name} is installed but broken: {reason}" for name, reason in broken.items()))
         if not samples:
-            raise UnsupportedError(
-                "no installed backend has a sample model; install one, e.g. "
-                "pip install 'compressor[onnx]'"
-            )
+            raise UnsupportedError(no_sample_reason(host, only))
         failures = []
         for sample in samples:
             echo(f"\n== {sample.backend}: {sample.description or sample.name}")
@@ -95,6 +107,11 @@ def run_demo(
             echo(render_table(report))
         for backend in missing:
             echo(f"\n({backend.name} skipped: {backend.install_hint()})")
+        made = {sample.backend for sample in samples}
+        for name in only:
+            if name not in made and name not in broken and host.backend(name).is_installed():
+                echo(f"\n({name} skipped: it has no demo sample model; run yours: "
+                     f"compressor run MODEL --backend {name} -o out)")
         for name, reason in broken.items():
             echo(f"\n({name} skipped: installed but broken: {reason})")
         if out:

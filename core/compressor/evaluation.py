@@ -34,21 +34,28 @@ def measure_variants(
     repeats: int,
     progress: ProgressCallback,
     source: Path | None = None,
+    first: Any | None = None,
 ) -> Any:
     """Measure every artifact in its own subprocess; repeats interleave the
     variants so that drift of the machine hits all of them alike. Returns each
     variant's first measurement (None where it failed); the original's, first, is
-    the reference the others were scored against.
+    the reference the others were scored against. ``first``: the original's first
+    measurement, taken already (:func:`measure_original`, before the variants were made).
 
     The original failing to measure stops the run; a variant failing is that
     variant's error (its artifact is dropped), and the others go on."""
+    from compressor.run_progress import begin
+
     runs: list[list[Any]] = [[] for _ in results]
     variant_settings = settings
+    if first is not None:
+        runs[0].append(first)
+        variant_settings = with_original_tasks(settings, first)
     for repeat in range(repeats):
         for index, artifact in enumerate(artifacts):
-            if artifact is None:
+            if artifact is None or (index == 0 and repeat == 0 and first is not None):
                 continue
-            progress(f"measuring {results[index].name} ({repeat + 1}/{repeats})", None)
+            begin(progress, measuring_label(results[index].name, repeat, repeats))
             try:
                 runs[index].append(measure_one(host, artifact, data_path, inputs, variant_settings))
                 if index == 0 and repeat == 0:
@@ -66,6 +73,29 @@ def measure_variants(
         if measured:
             score(result, measured, reference, eval_data, settings)
     return [measured[0] if measured else None for measured in runs]
+
+
+def measuring_label(name: str, repeat: int, repeats: int) -> str:
+    """``measuring int8``, or ``measuring int8, repeat 2 of 3``."""
+    return f"measuring {name}" + (f", repeat {repeat + 1} of {repeats}" if repeats > 1 else "")
+
+
+def measure_original(host: PluginHost, result: VariantResult, artifact: Artifact, data_path: Path | None,
+                     eval_data: Dataset | None, inputs: Sequence[TensorSpec], settings: MeasureSettings,
+                     repeats: int, progress: ProgressCallback, source: Path | None = None) -> Any:
+    """The original's first measurement, taken before any variant is made: what the data,
+    the labels and ``--set`` options (``label_output=``, ``task.NAME=``) refuse is refused
+    then, and every output's task is decided for the variants to follow."""
+    from compressor.run_progress import begin
+
+    begin(progress, measuring_label(result.name, 0, repeats))
+    try:
+        measured = measure_one(host, artifact, data_path, inputs, settings)
+    except CompressorError as error:
+        raise _named_for_the_user(error, artifact, result.name, source) from None
+    if data_path is not None:
+        check_reference(measured, eval_data, settings, data_path)
+    return measured
 
 
 def with_original_tasks(settings: MeasureSettings, reference: Any) -> MeasureSettings:

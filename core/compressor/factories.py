@@ -1,13 +1,33 @@
-"""Resolving the user's ``package.module:function`` names (``model_factory=``, ``student=``)."""
+"""Resolving the user's ``package.module:function`` names (``model_factory=``, ``student=``).
+
+The module is imported from the import path, else from the working folder: ``mymodels.py``
+next to where the user runs ``compressor`` (or their script or notebook) is found
+without ``PYTHONPATH=.``. That folder is appended to ``sys.path`` (after everything
+installed, so nothing there shadows a package) and recorded in :func:`factory_folders`,
+which the measuring children and Ray workers get on their path for that factory (they
+never import from the working folder otherwise, see :mod:`compressor.children`).
+A child itself never looks in its working folder.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from compressor.errors import CompressorError, UsageError, first_line
+
+#: Folders a factory's module was imported from because it was not on the import path.
+_FOLDERS: list[str] = []
+
+
+def factory_folders() -> list[str]:
+    """The working folders factories were found in (for the children's ``PYTHONPATH``)."""
+    return list(_FOLDERS)
 
 
 def import_factory(name: object, what: str) -> Callable[..., Any]:
@@ -22,12 +42,55 @@ def import_factory(name: object, what: str) -> Callable[..., Any]:
     if not module_name or not function_name:
         raise UsageError(f"{what} {text!r} is not 'package.module:function'")
     try:
-        found = getattr(importlib.import_module(module_name), function_name)
+        module = _import(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and module_name.split(".")[0] == error.name.split(".")[0]:
+            raise UsageError(_not_found(what, text, module_name)) from None
+        raise UsageError(f"cannot import {what} {text!r} ({type(error).__name__}: {first_line(error)})") from None
     except Exception as error:  # noqa: BLE001 - importing runs the user's module, which may raise anything
         raise UsageError(f"cannot import {what} {text!r} ({type(error).__name__}: {first_line(error)})") from None
+    found = getattr(module, function_name, None)
+    if found is None:
+        raise UsageError(f"cannot import {what} {text!r} (module {module_name!r} has no {function_name!r})")
     if not callable(found):
         raise UsageError(f"{what} {text!r} is a {type(found).__name__}, not a function")
     return _reported(found, what, text)
+
+
+def _import(module_name: str) -> Any:
+    """``module_name`` from the import path, else from the working folder (not in a child)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        top = module_name.split(".")[0]
+        folder = os.getcwd()
+        if error.name != top or _in_child() or not _holds(Path(folder), top):
+            raise
+    if folder not in sys.path:
+        sys.path.append(folder)
+    importlib.invalidate_caches()
+    module = importlib.import_module(module_name)
+    if folder not in _FOLDERS:
+        _FOLDERS.append(folder)
+    return module
+
+
+def _in_child() -> bool:
+    """A compressor child (``python -P -c BOOTSTRAP``, :func:`compressor.children.python_command`);
+    ``python -c`` by hand has the working folder on its path already."""
+    return bool(getattr(sys.flags, "safe_path", False)) or getattr(sys, "argv", [])[:1] == ["-c"]
+
+
+def _holds(folder: Path, top: str) -> bool:
+    return (folder / f"{top}.py").is_file() or (folder / top / "__init__.py").is_file()
+
+
+def _not_found(what: str, text: str, module_name: str) -> str:
+    top = module_name.split(".")[0]
+    here = os.getcwd()
+    return (f"cannot import {what} {text!r}: no module {top!r} on the import path or in the working folder "
+            f"({here}); run compressor from the folder holding {top}.py (or its package folder {top}/), "
+            f"or add that folder to PYTHONPATH: PYTHONPATH=/path/to/folder compressor ...")
 
 
 def _reported(function: Callable[..., Any], what: str, text: str) -> Callable[..., Any]:

@@ -18,7 +18,7 @@ implementation names); none is removed without a deprecation period.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pluggy
@@ -120,7 +120,8 @@ def compressor_fork(model: Model, context: Context) -> Model | None:
 
 @hookspec(firstresult=True)
 def compressor_load_data(
-    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str, limit: int | None
+    path: Path, purpose: str, inputs: tuple[TensorSpec, ...], backend: str, limit: int | None,
+    model_path: Path | None, context: Context | None,
 ) -> Dataset | None:
     """Read a data file for a model of ``backend`` whose inputs are ``inputs``.
 
@@ -132,6 +133,14 @@ def compressor_load_data(
     implement this for other formats, e.g. fastText's labelled text. Raise
     ``InvalidInputError`` when the file does not fit the model.
 
+    ``model_path`` is the model the data is for (a folder with a tokenizer,
+    say) and ``context`` the run's (``options``, ``workdir``); both are None in
+    the measuring process, which reads the data again there. A format that
+    needs the model or heavy imports to read (text to tokenize) is turned into
+    arrays once, here: write them as an ``.npz`` into ``context.workdir`` and
+    name it in ``Dataset.prepared``; core measures from that file. Like every
+    argument, name these only if you use them (pluggy passes what you name).
+
     Example::
 
         @hookimpl
@@ -141,6 +150,27 @@ def compressor_load_data(
             with path.open() as stream:
                 lines = [line.rstrip("\\n") for line in itertools.islice(stream, limit)]
             return Dataset(path=path, features=lines, labels=None, size=len(lines))
+    """
+
+
+@hookspec
+def compressor_check_steps(model: Model, steps: Sequence[Step], context: Context) -> None:
+    """Refuse, before any work, steps this loaded model cannot take on this backend.
+
+    Called for every variant of a run (every backend of ``--backend a,b``) once the
+    models and data are loaded and before anything is exported, converted or
+    compressed: raise :class:`~compressor.errors.UsageError` or
+    :class:`~compressor.errors.UnsupportedError` naming the step and what to pass
+    instead. ``steps`` are validated against the declaration already; check here only
+    what the declaration cannot say (the model's format, the order of the steps). It
+    must be cheap: no export, conversion or training.
+
+    Example::
+
+        @hookimpl
+        def compressor_check_steps(model, steps, context):
+            if model.format == "torch" and any(step.technique == "prune" for step in steps):
+                raise UsageError("prune needs a Keras model here; use --backend onnx")
     """
 
 

@@ -86,7 +86,7 @@ def _run(exchange: Path) -> None:
     if request["data"]:
         data = host.hook_for(artifact.backend, "compressor_load_data")(
             path=Path(request["data"]), purpose="eval", inputs=inputs, backend=artifact.backend,
-            limit=settings.max_examples,
+            limit=settings.max_examples, model_path=None, context=None,
         )
     by_runtime = _measure_by_runtime(host, artifact, data, settings)
     owner = host.backend(artifact.backend).plugin_name

@@ -119,7 +119,9 @@ def merge_reports(paths: Sequence[Path]) -> Report:
         for file, report, prefix in zip(files, reports, _prefixes(files, reports), strict=True)
         for variant in report.variants
     ]
-    return Report(
+    from compressor.model_identity import warning
+
+    merged = Report(
         model=_joined((r.model for r in reports), ", "),
         backend=_joined((r.backend for r in reports), "+"),
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -128,6 +130,11 @@ def merge_reports(paths: Sequence[Path]) -> Report:
         environment=_common([r.environment for r in reports]),
         budgets=_common([r.budgets for r in reports]),
     )
+    # Runs of different models: said in the report, and by ``compare`` on stderr.
+    merged.unrelated = warning(reports)  # type: ignore[attr-defined]
+    if merged.unrelated:  # type: ignore[attr-defined]
+        variants[0].notes = [*variants[0].notes, merged.unrelated]  # type: ignore[attr-defined]
+    return merged
 
 
 def _prefixes(files: Sequence[Path], reports: Sequence[Report]) -> list[str]:
@@ -222,6 +229,8 @@ def compare(reports: tuple[Path, ...], out: Path | None, force: bool) -> None:
       compressor compare out-fasttext out-onnx out-tflite --out comparison
     """
     merged = merge_reports(reports)
+    if getattr(merged, "unrelated", None):
+        click.echo(f"warning: {merged.unrelated}", err=True)
     output = None
     if out is not None:
         output = OutputFolder(out, [report_file(path) for path in reports], force)

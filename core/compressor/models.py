@@ -123,6 +123,9 @@ class Dataset:
     size: int
     #: What the report should say about the data, e.g. an optional input left out.
     notes: list[str] = field(default_factory=list)
+    #: An ``.npz`` of these features and labels that the plugin wrote into the run's
+    #: workdir (text tokenized once): the measuring process reads it instead of ``path``.
+    prepared: Path | None = None
 
 
 @dataclass(frozen=True)

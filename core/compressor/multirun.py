@@ -11,11 +11,19 @@ among them (the model as trained), else the first backend's. The comparison
 with each variant's own original stays under ``metrics.vs_own_original``.
 Outputs are matched by name, or by position when the runtimes name them
 differently.
+
+Every refusal comes before any work: each backend's request is checked with
+nothing loaded (steps, parameters, options, the data each step needs), then every
+backend's model and data are loaded and every variant shown to its plugin
+(``compressor_check_steps``), then every original is made and measured (the data,
+labels and ``--set label_output=`` checked against its outputs), and only then are
+variants made. The backends' models are held in memory together meanwhile.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -30,10 +38,14 @@ PREFERRED_REFERENCE = "torch"
 
 
 def run_many(request: Any, backends: Sequence[str], host: Any, progress: ProgressCallback) -> Report:
+    """Every backend's plan checked, then every model and its data loaded and every
+    variant shown to its plugin, then every original made and measured, and only then
+    the variants made: a refusal on any backend comes before any work."""
     from compressor.charts import write_png
     from compressor.evaluation import HEADLINE_KEYS, budget_failures, compare_outputs
     from compressor.merging import merge_reports
-    from compressor.runner import render_reports, run
+    from compressor.run_progress import tracking
+    from compressor.runner import PlannedRun, render_reports
 
     if len(set(backends)) != len(backends):
         raise UsageError(f"--backend names a backend twice: {', '.join(backends)}")
@@ -41,14 +53,25 @@ def run_many(request: Any, backends: Sequence[str], host: Any, progress: Progres
         host.backend(name)
     outer = OutputFolder(request.out, [request.model], request.force)
     outer.check()
+    for name in backends:  # nothing loaded, nothing written: each backend's request checked whole
+        _check_plan(replace(request, backend=name, out=outer.path / name), host)
+    tracker = tracking(progress)
     outer.prepare()
     reports: list[Report] = []
     staged: dict[str, Path] = {}
     try:
-        for name in backends:
-            progress(f"backend {name}", None)
-            staged[name] = outer.staging_folder(name)
-            reports.append(run(replace(request, backend=name, out=staged[name], force=False), host, progress))
+        with ExitStack() as stack:
+            plans = []
+            for name in backends:
+                staged[name] = outer.staging_folder(name)
+                plans.append(PlannedRun(replace(request, backend=name, out=staged[name], force=False), host,
+                                        tracker.nested(f"{name} ")))
+            for plan in plans:
+                stack.enter_context(plan)
+            for plan in plans:
+                plan.start()
+            for plan in plans:
+                reports.append(plan.finish())
         merged = _relocated(merge_reports(list(staged.values())), staged, outer.path)
         reference_index = backends.index(PREFERRED_REFERENCE) if PREFERRED_REFERENCE in backends else 0
         reference = reports[reference_index].measured[0]  # type: ignore[attr-defined]
@@ -75,7 +98,21 @@ def run_many(request: Any, backends: Sequence[str], host: Any, progress: Progres
         raise
     finally:
         outer.close()
+    tracker.finish()
     return merged
+
+
+def _check_plan(request: Any, host: Any) -> None:
+    """One backend's request checked with nothing loaded (:func:`compressor.session.checked_plan`),
+    with its default variants when none are asked (as ``compressor run`` makes them)."""
+    from compressor.recipes import variants_from_strings
+    from compressor.runner import resolve_backend
+    from compressor.session import checked_plan
+
+    variants = list(request.variants)
+    if not variants and not request.original_only and request.model.exists():
+        variants = variants_from_strings(resolve_backend(host, request.model, request.backend).default_variants)
+    checked_plan(request, host, variants)
 
 
 def _relocated(report: Report, staged: dict[str, Path], out: Path) -> Report:

@@ -200,8 +200,9 @@ def made_from(result: VariantResult, artifact: Artifact) -> Made:
 def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tuple[list[VariantResult], list[Artifact | None]]:
     """``compressor run --executor ray``: the original made here, every variant made on the
     cluster, all of them measured there; scored here against the original's measurement."""
-    from compressor.evaluation import check_reference, score
+    from compressor.evaluation import check_reference, score, with_original_tasks
     from compressor.recipes import ORIGINAL
+    from compressor.run_progress import begin
 
     request = session.request
     executor = RayExecutor(request.ray_address, request.measure.threads, session.host.extra_modules,
@@ -210,7 +211,7 @@ def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tupl
         original, original_artifact = session.make(Variant(ORIGINAL, ()))
         if original_artifact is None:
             raise CompressorError(f"could not convert the original model: {original.error}")
-        progress(f"making {len(variants)} variant(s) on Ray", None)
+        begin(progress, f"making {len(variants)} variant(s) on Ray")
         made_list = executor.make(request, variants)
         results: list[VariantResult] = [original]
         artifacts: list[Artifact | None] = [original_artifact]
@@ -226,9 +227,22 @@ def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tupl
             to_measure.append(made)
         measured_items = [index for index, artifact in enumerate(artifacts) if artifact is not None]
         runs: dict[int, list[Any]] = {index: [] for index in measured_items}
+        # The original first, alone: every variant is then measured with its decisions (each
+        # output's task, axes, thresholds), as a local run measures them.
+        begin(progress, f"measuring the original on Ray{_of(0, request.repeats)}")
+        reference = executor.measure(request, to_measure[:1], session.original.inputs)[0]
+        if isinstance(reference, CompressorError):
+            raise reference
+        runs[0].append(reference)
+        if request.data is not None:
+            check_reference(reference, session.context.eval_data, request.measure, request.data)
+        decided = replace(request, measure=with_original_tasks(request.measure, reference))
         for repeat in range(request.repeats):
-            progress(f"measuring {len(to_measure)} artifact(s) on Ray ({repeat + 1}/{request.repeats})", None)
-            for index, outcome in zip(measured_items, executor.measure(request, to_measure, session.original.inputs)):
+            items, made = (measured_items[1:], to_measure[1:]) if repeat == 0 else (measured_items, to_measure)
+            if not made:
+                continue
+            begin(progress, f"measuring {len(made)} artifact(s) on Ray{_of(repeat, request.repeats)}")
+            for index, outcome in zip(items, executor.measure(decided, made, session.original.inputs)):
                 if isinstance(outcome, CompressorError):
                     if index == 0:
                         raise outcome
@@ -236,9 +250,6 @@ def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tupl
                     artifacts[index] = None
                     continue
                 runs[index].append(outcome)
-        reference = runs[0][0]
-        if request.data is not None:
-            check_reference(reference, session.context.eval_data, request.measure, request.data)
         for index, measured in runs.items():
             if measured and results[index].error is None:
                 score(results[index], measured, reference, session.context.eval_data, request.measure)
@@ -246,6 +257,10 @@ def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tupl
         return results, artifacts
     finally:
         executor.close()
+
+
+def _of(repeat: int, repeats: int) -> str:
+    return f", repeat {repeat + 1} of {repeats}" if repeats > 1 else ""
 
 
 def _note_cpu_models(results: list[VariantResult]) -> None:
@@ -259,7 +274,7 @@ def _note_cpu_models(results: list[VariantResult]) -> None:
 def evaluate_trials(searcher: Any, trials: list[Any]) -> None:
     """A search's batch of trials made and measured on the cluster in parallel (sizes
     first: a variant that cannot win is not measured)."""
-    from compressor.evaluation import budget_failures, score
+    from compressor.evaluation import budget_failures, score, with_original_tasks
     from compressor.searching import _violation
     from compressor.selection import objective_value
 
@@ -283,8 +298,8 @@ def evaluate_trials(searcher: Any, trials: list[Any]) -> None:
             made.result.metrics["size_bytes"] = size
             continue
         to_measure.append((trial, made))
-    outcomes = searcher.executor.measure(session.request, [made for _, made in to_measure],
-                                         session.original.inputs)
+    decided = replace(session.request, measure=with_original_tasks(session.request.measure, searcher.reference))
+    outcomes = searcher.executor.measure(decided, [made for _, made in to_measure], session.original.inputs)
     for (trial, _), measured in zip(to_measure, outcomes):
         if isinstance(measured, CompressorError):
             trial.state, trial.reason = "failed", measured.message

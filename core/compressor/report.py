@@ -34,6 +34,17 @@ class VariantResult:
         folder = getattr(self, "_folder", None)
         return folder / self.artifact if folder is not None and self.artifact else None
 
+    def __repr__(self) -> str:
+        """One line: the name, the steps, the size and the headline figure (or the error)."""
+        steps = " > ".join(self.steps) or "as loaded"
+        if self.error:
+            return f"<VariantResult {self.name!r}: {steps}; FAILED: {self.error[:80]}>"
+        facts = [human_bytes(self.metrics["size_bytes"])] if self.metrics.get("size_bytes") else []
+        if isinstance(self.metrics.get("agreement"), (int, float)):
+            facts.append(f"agreement {_percent(self.metrics['agreement'])}")
+        marks = (" !" if self.budget_failures else "") + (" ?" if self.warnings else "")
+        return f"<VariantResult {self.name!r}{marks}: {steps}{'; ' if facts else ''}{', '.join(facts)}>"
+
 
 @dataclass
 class Report:
@@ -64,6 +75,23 @@ class Report:
         if owned is not None:
             owned.cleanup()
             self._owned = None
+
+    def __repr__(self) -> str:
+        """One line (``print(report)``); :func:`render_table` or ``to_pandas()`` for the figures."""
+        names = [variant.name for variant in self.variants]
+        shown = ", ".join(names[:6]) + (f", ... ({len(names) - 6} more)" if len(names) > 6 else "")
+        folder = f" in {self.folder}" if self.folder is not None else ""
+        return f"<Report of {Path(self.model).name or self.model} on {self.backend}: {shown}{folder}>"
+
+    def _repr_html_(self) -> str:
+        """A notebook shows the comparison table (as report.html's)."""
+        from html import escape
+
+        from compressor.html_report import _table
+
+        folder = f" &middot; {escape(str(self.folder))}" if self.folder is not None else ""
+        return (f"<div><p><b>{escape(self.model)}</b> on {escape(self.backend)}{folder}</p>"
+                f"{_table(self)}</div>")
 
     def variant(self, name: str) -> VariantResult:
         for variant in self.variants:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from compressor.errors import (
     CompressionError,
@@ -12,7 +13,7 @@ from compressor.errors import (
     UnsupportedError,
     UsageError,
 )
-from compressor.evaluation import measure_variants
+from compressor.evaluation import measure_original, measure_variants
 from compressor.models import Artifact, Context, Dataset, MeasureSettings, Model, ProgressCallback
 from compressor.plugins import PluginHost, plugin_errors
 from compressor.recipes import ORIGINAL, Variant, variants_from_strings
@@ -119,7 +120,7 @@ def fork_model(
 
 def load_data(
     host: PluginHost, backend: Backend, path: Path | None, purpose: str, model: Model,
-    limit: int | None = None,
+    limit: int | None = None, context: Context | None = None,
 ) -> Dataset | None:
     if path is None:
         return None
@@ -127,60 +128,122 @@ def load_data(
         raise InvalidInputError("data file not found", path)
     with plugin_errors(backend):
         dataset = host.hook_for(backend.name, "compressor_load_data")(
-            path=path, purpose=purpose, inputs=model.inputs, backend=backend.name, limit=limit
+            path=path, purpose=purpose, inputs=model.inputs, backend=backend.name, limit=limit,
+            model_path=model.source, context=context,
         )
     if dataset is None:
         raise UsageError(f"backend {backend.name!r} cannot read {purpose} data in this format", path)
     return dataset
 
 
-def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_progress) -> Report:
-    from compressor.session import Session
+class PlannedRun:
+    """One backend's ``compressor run``, in the order that refuses before work.
 
-    backend = resolve_backend(host, request.model, request.backend) if request.model.exists() else None
-    wanted = list(request.variants)
-    defaulted = not wanted
-    if not wanted and backend is not None and not request.original_only:
-        wanted = variants_from_strings(backend.default_variants)
-    if request.original_only:
-        wanted = []
-    elif not wanted and backend is not None:
-        raise UsageError("nothing to do: ask for --quantize, --prune, --pq or a --recipe")
-    with Session(request, host, progress, wanted) as session:
+    Making it checks the whole request with nothing loaded; entering it loads the model
+    and the data and asks the plugin about every variant; :meth:`start` makes and
+    measures the original (the data, the labels and output options are checked against
+    its outputs then); :meth:`finish` makes and measures the variants and publishes. A
+    multi-backend run makes every backend's plan, enters and starts each before any
+    variant is made (:func:`compressor.multirun.run_many`)."""
+
+    def __init__(self, request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_progress) -> None:
+        from compressor.run_progress import tracking
+        from compressor.session import Session
+
+        self.request, self.host = request, host
+        self.progress = tracking(progress)
+        backend = resolve_backend(host, request.model, request.backend) if request.model.exists() else None
+        wanted = [] if request.original_only else list(request.variants)
+        defaulted = not wanted and not request.original_only
+        if defaulted and backend is not None:
+            wanted = variants_from_strings(backend.default_variants)
+            if not wanted:
+                raise UsageError("nothing to do: ask for --quantize, --prune, --pq or a --recipe")
+        self.session = Session(request, host, self.progress, wanted, optional=defaulted)
+        self.results: list[VariantResult] = []
+        self.artifacts: list[Artifact | None] = []
+        self.reference: Any = None
+        self.progress.plan(self._units())
+
+    def _units(self) -> int:
+        """Loading, the original, each variant's steps and save, every measurement."""
+        variants = self.session.variants
+        if self.request.executor == "ray":  # loading, making them all, the original's measuring, each repeat's
+            return 3 + self.request.repeats
+        made = 1 + sum(self.session.units(variant) for variant in variants)
+        return 1 + made + self.request.repeats * (1 + len(variants))
+
+    def __enter__(self) -> PlannedRun:
+        self.session.__enter__()
+        return self
+
+    def __exit__(self, *exception: Any) -> None:
+        self.session.__exit__(*exception)
+
+    @property
+    def everything(self) -> list[Variant]:
+        return [Variant(ORIGINAL, ()), *self.session.variants]
+
+    def _label(self, index: int) -> str:
+        return f"[{index + 1}/{len(self.everything)}] {self.everything[index].name}"
+
+    def start(self) -> None:
+        """Make and measure the original (on Ray: nothing here, the executor does it)."""
+        if self.request.executor == "ray":
+            return
+        session = self.session
+        result, artifact = session.make(Variant(ORIGINAL, ()), self._label(0))
+        result.notes += session.left_out
+        self.results, self.artifacts = [result], [artifact]
+        if artifact is None:
+            raise CompressionError(f"could not convert the original model: {result.error}", self.request.model)
+        self.reference = measure_original(
+            self.host, result, artifact, session.request.data, session.context.eval_data,
+            session.original.inputs if session.original else (), session.request.measure,
+            self.request.repeats, self.progress, self.request.model)
+
+    def finish(self) -> Report:
+        """Make and measure every variant, report and publish."""
+        session, request, progress = self.session, self.request, self.progress
         if request.executor == "ray":
             from compressor.ray_executor import run_on_ray
 
             results, artifacts = run_on_ray(session, session.variants, progress)
+            results[0].notes += session.left_out
             report = session.report(results, executor="ray")
             session.publish(report, [artifact for artifact in artifacts if artifact is not None])
             return report
-        results: list[VariantResult] = []
-        artifacts: list[Artifact | None] = []
-        everything = [Variant(ORIGINAL, ()), *session.variants]
-        for index, variant in enumerate(everything):
-            progress(f"[{index + 1}/{len(everything)}] {variant.name}", None)
+        for index, variant in enumerate(self.everything[1:], start=1):
             try:
-                result, artifact = session.make(variant)
+                result, artifact = session.make(variant, self._label(index))
             except UnsupportedError as error:
-                if not defaulted or not results:
+                if not session.optional:
                     raise
                 # A default variant this model cannot take (pq on an .ftz, quantized already): said, not run.
-                results[0].notes.append(f"default variant '{variant.name}' not made: {error.message}")
+                self.results[0].notes.append(f"default variant '{variant.name}' not made: {error.message}")
                 continue
-            results.append(result)
-            artifacts.append(artifact)
-        if artifacts[0] is None:
-            raise CompressionError(f"could not convert the original model: {results[0].error}", request.model)
+            self.results.append(result)
+            self.artifacts.append(artifact)
         measured = measure_variants(
-            host, results, artifacts, session.request.data, session.context.eval_data,
+            self.host, self.results, self.artifacts, session.request.data, session.context.eval_data,
             session.original.inputs if session.original else (), session.request.measure,
-            request.repeats, progress, request.model,
+            request.repeats, progress, request.model, first=self.reference,
         )
-        report = session.report(results)
+        report = session.report(self.results)
         # For comparisons across runs (several backends): not part of report.json.
         report.measured = measured  # type: ignore[attr-defined]
         report.eval_data = session.context.eval_data  # type: ignore[attr-defined]
-        session.publish(report, [artifact for artifact in artifacts if artifact is not None])
+        session.publish(report, [artifact for artifact in self.artifacts if artifact is not None])
+        return report
+
+
+def run(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_progress) -> Report:
+    """``compressor run``: every refusal before any work, then the original, then the variants."""
+    planned = PlannedRun(request, host, progress)
+    with planned:
+        planned.start()
+        report = planned.finish()
+    planned.progress.finish()
     return report
 
 

@@ -44,12 +44,14 @@ _path = click.Path(path_type=Path)
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Make and measure trials here, or on Ray (a batch per round, one measurement per node).")
 @click.option("--ray-address", metavar="ADDRESS", help="An existing Ray cluster; default: start a local one.")
+@click.option("--ray-timeout", type=FiniteFloatRange(0, 3600, min_open=True), default=30, show_default=True,
+              metavar="SECONDS", help="Give up reaching --ray-address after this long (exit 2).")
 def search(model: Path, out: Path, data: Path, objective: str, backend: str | None,
            max_accuracy_drop: float | None, min_agreement: float | None, min_cosine: float | None,
            max_trials: int, time_budget: float | None, seed: int, space: Path | None,
            train_data: Path | None, calibration_data: Path | None, set_pairs: tuple[str, ...],
            trust: bool, force: bool, threads: int, min_seconds: float, executor: str,
-           ray_address: str | None) -> None:
+           ray_address: str | None, ray_timeout: float) -> None:
     """Find the smallest (or fastest, or leanest) variant of MODEL within a budget.
 
     \b
@@ -69,7 +71,7 @@ def search(model: Path, out: Path, data: Path, objective: str, backend: str | No
         train_data=train_data, calibration_data=calibration_data, force=force, trust=trust,
         measure=MeasureSettings(threads=threads, min_seconds=min_seconds),
         max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
-        executor=executor, ray_address=ray_address,
+        executor=executor, ray_address=ray_address, ray_timeout=ray_timeout,
     )
     request = SearchRequest(run, objective, max_trials, time_budget * 60 if time_budget else None, seed, space)
     try:

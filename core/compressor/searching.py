@@ -33,7 +33,13 @@ from typing import Any
 
 from compressor import search_space
 from compressor.errors import BudgetError, CompressorError, UnsupportedError
-from compressor.evaluation import budget_failures, check_reference, measure_one, score
+from compressor.evaluation import (
+    budget_failures,
+    check_reference,
+    measure_one,
+    score,
+    with_original_tasks,
+)
 from compressor.models import Artifact, ProgressCallback
 from compressor.recipes import ORIGINAL, Variant
 from compressor.report import Report, VariantResult
@@ -161,8 +167,12 @@ class Searcher:
         trial.violation = _violation(result.metrics, self.base, self.budgets)
 
     def _measure(self, artifact: Artifact, settings: Any) -> Any:
+        """One measurement; once the original is measured, with its decisions (each output's
+        task, axes, thresholds), as ``compressor run`` measures its variants."""
         session = self.session
         original = session.original
+        if self.reference is not None:
+            settings = with_original_tasks(settings, self.reference)
         if self.executor is not None:
             from compressor.ray_executor import made_from
 
@@ -237,6 +247,7 @@ def search(request: SearchRequest, host: Any, progress: ProgressCallback) -> Rep
 
     opened = Session(request.run, host, progress)
     check_best_names(opened.out, opened.backend.formats)
+    opened.progress.plan(2 + request.max_trials)  # loading, the original, each trial
     with opened as session:
         stages = _valid_stages(session, search_space.from_recipe(request.space) if request.space
                                else search_space.from_backend(session.backend))
@@ -245,7 +256,7 @@ def search(request: SearchRequest, host: Any, progress: ProgressCallback) -> Rep
             from compressor.ray_executor import RayExecutor
 
             searcher.executor = RayExecutor(request.run.ray_address, request.run.measure.threads,
-                                            host.extra_modules)
+                                            host.extra_modules, timeout=request.run.ray_timeout)
             session._stack.callback(searcher.executor.close)
         _measure_original(searcher)
         check_best_names(session.out, [searcher.trials[0].artifact.path.suffix])
@@ -257,6 +268,7 @@ def search(request: SearchRequest, host: Any, progress: ProgressCallback) -> Rep
             study.enqueue_trial({stage.name: index for stage, index in zip(searcher.stages, config)})
         _loop(searcher, study, optuna)
         report = publish(searcher)
+    opened.progress.finish()
     if searcher.best() is None:
         raise BudgetError(no_winner(searcher))
     return report
@@ -294,6 +306,7 @@ def _valid_stages(session: Any, stages: list[Stage]) -> list[Stage]:
 
 def _measure_original(searcher: Searcher) -> None:
     session = searcher.session
+    session.progress.begin("original")
     result, artifact = session.make(Variant(ORIGINAL, ()))
     if artifact is None:
         raise CompressorError(f"could not convert the original model: {result.error}")
@@ -351,7 +364,7 @@ def _loop(searcher: Searcher, study: Any, optuna: Any) -> None:
             if repeats >= MAX_REPEATS:
                 break
             continue
-        _progress(searcher, batch[0][1])
+        _progress(searcher, batch[0][1], len(batch))
         searcher.evaluate_batch([trial for _, trial in batch])
         for proposal, trial in batch:
             _tell(study, proposal, trial, optuna)
@@ -365,11 +378,15 @@ def _tell(study: Any, proposal: Any, trial: Trial, optuna: Any) -> None:
         study.tell(proposal, state=optuna.trial.TrialState.PRUNED)
 
 
-def _progress(searcher: Searcher, trial: Trial) -> None:
+def _progress(searcher: Searcher, trial: Trial, count: int = 1) -> None:
+    """A trial (``count`` of them on Ray) starts: a unit of the search's progress each."""
     best = searcher.best()
     best_text = f"best so far {best.variant.name if best and best.variant else ORIGINAL}" if best else "none yet"
     elapsed = time.monotonic() - searcher.started
-    searcher.progress(f"trial {searcher.made() + 1} of at most {searcher.request.max_trials}: "
-                      f"{trial.variant.name if trial.variant else ORIGINAL}; {best_text}; {elapsed:.0f} s", None)
+    last = searcher.made()  # counts the trials starting now
+    which = f"trial {last}" if count == 1 else f"trials {last - count + 1}-{last}"
+    searcher.session.progress.begin(
+        f"{which} of at most {searcher.request.max_trials}: "
+        f"{trial.variant.name if trial.variant else ORIGINAL}; {best_text}; {elapsed:.0f} s", units=count)
 
 

@@ -1,9 +1,11 @@
 """One model loaded once, with its data and its output folder: what ``run`` and
 ``search`` make, measure and score variants through.
 
-Opening a session checks the request, resolves the backend, loads the model
-and the data, checks disk space and prepares ``--out`` (nothing is written
-before); leaving it publishes nothing by itself, aborts the output folder on
+Making a session checks the request with nothing loaded (:func:`checked_plan`:
+the backend, every step and parameter, the options, the data each step needs);
+opening it loads the model and the data, asks the backend's plugin about every
+variant (``compressor_check_steps``), checks disk space and prepares ``--out``
+(nothing is written before); leaving it publishes nothing by itself, aborts the output folder on
 any error (interrupts included) and removes the scratch folder.
 """
 
@@ -13,7 +15,7 @@ import datetime as _dt
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +36,53 @@ def budgets_of(request: Any) -> dict[str, float | None]:
             "min_cosine": request.min_cosine}
 
 
+@dataclass
+class Plan:
+    """A request checked against its backend before anything is loaded: the backend, the
+    variants with their parameters coerced and defaults filled, and the options."""
+
+    backend: Backend
+    variants: list[Variant]
+    options: dict[str, Any]
+
+
+def given_data(request: Any) -> dict[str, Path | None]:
+    """The data files a request names, by purpose (None: not given)."""
+    return {"eval": request.data, "train": request.train_data, "calibration": request.calibration_data}
+
+
+def checked_plan(request: Any, host: PluginHost, variants: Sequence[Variant] = ()) -> Plan:
+    """Every check that needs nothing loaded: measuring bounds, the model's existence, the
+    variants' names, the backend (installed, not broken), every step's technique, mode and
+    parameters, the options, and the data each step needs (``--train-data``...)."""
+    from compressor.runner import resolve_backend, saved_as_hint
+    from compressor.validation import apply_settings, check_data, check_measure_request
+
+    check_measure_request(request.measure, request.repeats, budgets_of(request))
+    if not request.model.exists():
+        raise InvalidInputError("no such file or folder" + saved_as_hint(request.model), request.model)
+    for variant in variants:  # names become file names in --out: however the variants were made
+        check_name(variant.name)
+    backend = resolve_backend(host, request.model, request.backend)
+    validated, options = apply_settings(backend, variants, request.settings)
+    check_data(backend, validated, given_data(request))
+    return Plan(backend, validated, options)
+
+
 class Session:
     def __init__(self, request: Any, host: PluginHost, progress: ProgressCallback,
-                 variants: Sequence[Variant] = ()) -> None:
-        from compressor.runner import resolve_backend, saved_as_hint
-        from compressor.validation import apply_settings, check_measure_request
+                 variants: Sequence[Variant] = (), optional: bool = False) -> None:
+        """``optional``: the variants are the backend's defaults; one the loaded model cannot
+        take (:meth:`check_steps` says unsupported) is left out with a note, not an error."""
+        from compressor.run_progress import tracking
 
-        check_measure_request(request.measure, request.repeats, budgets_of(request))
-        if not request.model.exists():
-            raise InvalidInputError("no such file or folder" + saved_as_hint(request.model), request.model)
-        for variant in variants:  # names become file names in --out: however the variants were made
-            check_name(variant.name)
-        self.host, self.progress = host, progress
-        self.backend: Backend = resolve_backend(host, request.model, request.backend)
-        self.variants, self.options = apply_settings(self.backend, variants, request.settings)
+        plan = checked_plan(request, host, variants)
+        self.host, self.progress = host, tracking(progress)
+        self.backend: Backend = plan.backend
+        self.variants, self.options = plan.variants, plan.options
+        self.optional = optional
+        #: Default variants left out, and why (for the original's notes).
+        self.left_out: list[str] = []
         self.request = replace(request, measure=replace(request.measure, options=self.options))
         data_paths = [p for p in (request.data, request.train_data, request.calibration_data) if p]
         self.output = OutputFolder(request.out, [request.model, *data_paths], request.force)
@@ -59,6 +94,7 @@ class Session:
 
     def __enter__(self) -> Session:
         from compressor.feeding import with_batch_axes
+        from compressor.run_progress import begin
         from compressor.runner import load_data, load_model
         from compressor.validation import check_data
 
@@ -68,7 +104,7 @@ class Session:
             workdir = self._stack.enter_context(scratch.scratch_folder(scratch.WORK))
             self.context = Context(options=self.options, trust=request.trust, workdir=workdir,
                                    progress=self.progress)
-            self.progress(f"loading {request.model}", None)
+            begin(self.progress, f"loading {request.model}")
             started = time.perf_counter()
             with PeakRss() as load_peak:
                 original = load_model(self.host, self.backend, request.model, self.context)
@@ -78,11 +114,16 @@ class Session:
                             "load_peak_rss_bytes": load_peak.bytes}
             context = self.context
             context.eval_data = load_data(self.host, self.backend, request.data, "eval", original,
-                                          request.measure.max_examples)
-            context.train_data = load_data(self.host, self.backend, request.train_data, "train", original)
+                                          request.measure.max_examples, context)
+            context.train_data = load_data(self.host, self.backend, request.train_data, "train", original,
+                                           context=context)
             context.calibration_data = load_data(self.host, self.backend, request.calibration_data,
-                                                 "calibration", original)
+                                                 "calibration", original, context=context)
+            if context.eval_data is not None and context.eval_data.prepared is not None:
+                # Text tokenized here: the measuring processes read its arrays.
+                self.request = replace(self.request, data=context.eval_data.prepared)
             check_data(self.backend, self.variants, context)
+            self.variants = self.check_steps(self.variants)
             if request.check_space:
                 from compressor.diskspace import check_free_space
 
@@ -102,21 +143,44 @@ class Session:
             self._stack.close()
 
     def validate(self, variants: Sequence[Variant]) -> list[Variant]:
-        """Variants checked against the backend's declaration (parameters coerced, defaults filled)."""
+        """Variants checked against the backend's declaration (parameters coerced, defaults
+        filled) and by the backend's plugin against the loaded model."""
         from compressor.validation import apply_settings, check_data
 
         validated, _ = apply_settings(self.backend, variants, self.request.settings)
         check_data(self.backend, validated, self.context)
-        return validated
+        return self.check_steps(validated)
 
-    def make(self, variant: Variant) -> tuple[VariantResult, Artifact | None]:
+    def check_steps(self, variants: Sequence[Variant]) -> list[Variant]:
+        """What the plugin refuses for the loaded model (``compressor_check_steps``), before
+        any work; with ``optional`` variants, those it calls unsupported are left out."""
+        from compressor.errors import UnsupportedError
+
+        if self.original is None or not variants:
+            return list(variants)
+        check = self.host.hook_for(self.backend.name, "compressor_check_steps")
+        kept = []
+        for variant in variants:
+            try:
+                with plugin_errors(self.backend):
+                    check(model=self.original, steps=list(variant.steps), context=self.context)
+            except UnsupportedError as error:
+                if not self.optional:
+                    raise
+                self.left_out.append(f"default variant '{variant.name}' not made: {error.message}")
+                continue
+            kept.append(variant)
+        return kept
+
+    def make(self, variant: Variant, label: str | None = None) -> tuple[VariantResult, Artifact | None]:
         """Fork the loaded model, apply the steps, save into staging: the result (its
-        error set if a step failed) and the staged artifact."""
+        error set if a step failed) and the staged artifact. With ``label`` ("[2/4] int8")
+        every step and the save are a unit of the run's progress; without, messages only."""
         result = VariantResult(variant.name, [str(step) for step in variant.steps])
         started = time.perf_counter()
         try:
             with PeakRss() as peak:
-                model, staged = self._make(variant)
+                model, staged = self._make(variant, label)
         except CompressionError as error:
             result.error = str(error)
             return result, None
@@ -132,7 +196,12 @@ class Session:
                 result.notes += dataset.notes if dataset is not None else []
         return result, staged
 
-    def _make(self, variant: Variant) -> tuple[Model, Artifact]:
+    @staticmethod
+    def units(variant: Variant) -> int:
+        """Units of progress :meth:`make` counts for ``variant`` with a label: each step, and saving."""
+        return len(variant.steps) + 1
+
+    def _make(self, variant: Variant, label: str | None = None) -> tuple[Model, Artifact]:
         from compressor.runner import fork_model
 
         assert self.original is not None, "enter the session first"
@@ -141,12 +210,14 @@ class Session:
         model = self.original if is_original else fork_model(
             self.host, backend, self.original, self.request.model, context)
         for step in variant.steps:
+            self._tell(label, str(step))
             with plugin_errors(backend), out_of_memory_named(step):
                 compressed = self.host.hook_for(backend.name, "compressor_compress")(
                     model=model, step=step, context=context)
             if compressed is None:
                 raise CompressionError(f"no plugin applied '{step}'")
             model = compressed
+        self._tell(label, "saving")
         with plugin_errors(backend):
             staged = self.host.hook_for(backend.name, "compressor_save")(
                 model=model, destination=self.output.staging_path(variant.name), context=context)
@@ -154,12 +225,23 @@ class Session:
             raise CompressionError(f"backend {backend.name!r} did not save the model")
         return model, staged
 
+    def _tell(self, label: str | None, what: str) -> None:
+        if label is None:
+            self.progress(what, None)
+        else:
+            self.progress.begin(f"{label}: {what}")
+
     def report(self, results: list[VariantResult], **extra: Any) -> Report:
         """The report of ``results`` (budgets and warnings applied)."""
         from compressor.cautions import apply_cautions
         from compressor.evaluation import apply_budgets
+        from compressor.model_identity import model_file
 
         request = self.request
+        if results and results[0].name == ORIGINAL and "model_file" not in results[0].metadata:
+            # Which model this was, for ``compressor compare`` to tell runs of different models apart.
+            results[0].metadata["model_file"] = model_file(
+                request.model, self.original.inputs if self.original is not None else ())
         report = Report(
             model=str(request.model),
             backend=self.backend.name,

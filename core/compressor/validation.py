@@ -109,9 +109,10 @@ def apply_settings(
     return validated, options
 
 
-def check_data(backend: Backend, variants: Sequence[Variant], context: Context) -> None:
-    """Refuse steps whose data (calibration, training) was not given."""
-    available = {
+def check_data(backend: Backend, variants: Sequence[Variant], context: Context | Mapping[str, object]) -> None:
+    """Refuse steps whose data (calibration, training) was not given: ``context``'s loaded
+    data, or ``{"calibration": path_or_None, "train": ..., "eval": ...}`` before loading."""
+    available = context if isinstance(context, Mapping) else {
         "calibration": context.calibration_data,
         "train": context.train_data,
         "eval": context.eval_data,

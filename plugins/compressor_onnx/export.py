@@ -47,6 +47,7 @@ def exported(network: Network, context: Context) -> Network:
         source = dataclasses.replace(network, module=module, exported_program=program, export=None)
         del module, program
         started = time.perf_counter()
+        context.progress("exporting the torch model to ONNX", None)
         cache.graph, cache.path = export_graph(source, context)
         del source
         cache.release()

@@ -54,6 +54,10 @@ def finetune_graph_edit(model: Model, original: Network, edited: Network, result
     """``edited`` (the edit of ``original``, the export of ``model``) made again on a
     fine-tuned torch model; or ``edited`` and a note saying why it was not fine-tuned."""
     if not model.handle.is_torch:
+        if model.handle.export is not None:  # a torch model, which an earlier step of this variant exported
+            return edited, [f"'{step}' not fine-tuned: an earlier step of this variant made the torch model an "
+                            "ONNX graph already, and fine-tuning trains the torch model, so a variant fine-tunes "
+                            "its first graph edit only (this one is one-shot)"], {}
         return edited, [f"not fine-tuned: {model.source.name} is read as an ONNX graph, not a torch model "
                         "(one-shot)"], {}
     if original.graph is None or edited.graph is None:

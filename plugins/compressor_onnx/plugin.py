@@ -20,6 +20,7 @@ from compressor import (
     Backend,
     CompressionError,
     Context,
+    Dataset,
     MeasureSettings,
     Model,
     Param,
@@ -27,6 +28,7 @@ from compressor import (
     SampleModel,
     Step,
     Technique,
+    TensorSpec,
     hookimpl,
 )
 from compressor_onnx.channels import STRUCTURES, Structure
@@ -89,10 +91,20 @@ QAT_PARAMS = {
 }
 
 
+def text_options() -> dict[str, Param]:
+    """``--set max_length=`` and ``--set tokenizer=`` of text data (``text_data.py``)."""
+    from compressor_onnx.text_data import TEXT_OPTIONS_HELP
+
+    return {"max_length": Param(int, None, TEXT_OPTIONS_HELP["max_length"], minimum=1),
+            "tokenizer": Param(str, None, TEXT_OPTIONS_HELP["tokenizer"])}
+
+
 def backend() -> Backend:
     quantize_params = {
-        "per_channel": Param(bool, True, "one scale per output channel (measured: better accuracy)"),
-        "calibration_method": Param(str, "minmax", "static calibration", choices=CALIBRATION_METHODS),
+        "per_channel": Param(bool, True, "one scale per output channel (measured: better accuracy); static "
+                             "int8 of a non-transformer graph tries both unless set"),
+        "calibration_method": Param(str, "minmax", "static calibration; a non-transformer graph tries all three "
+                                    "unless set", choices=CALIBRATION_METHODS),
         "calibration_samples": Param(int, 128, "calibration examples used", minimum=1),
         "exclude_nodes": Param(str, "", "comma-separated node names kept float"),
         "exclude_op_types": Param(str, "", "comma-separated op types kept float, e.g. Gather"),
@@ -148,6 +160,7 @@ def backend() -> Backend:
             "model_factory": Param(str, None, "package.module:function building the nn.Module for a state_dict"),
             "input_shape": Param(str, None, "example input shapes, e.g. 1,64 or input_ids:1,128:int64;attention_mask:1,128:int64"),
             "opset": Param(int, 17, "ONNX opset of exported graphs", minimum=13, maximum=21),
+            **text_options(),
         },
         extra="onnx",
         requires=("onnxruntime", "onnx", "torch"),
@@ -181,6 +194,15 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
 
 
 @hookimpl
+def compressor_load_data(path: Path, purpose: str, inputs: tuple[TensorSpec, ...], limit: int | None,
+                         model_path: Path | None, context: Context | None) -> Dataset | None:
+    """Text (``.txt``, ``.jsonl``) tokenized with the model's tokenizer; core reads ``.npz``."""
+    from compressor_onnx.text_data import text_dataset
+
+    return text_dataset(path, purpose, inputs, limit, model_path, context)
+
+
+@hookimpl
 def compressor_fork(model: Model, context: Context) -> Model:
     """Steps never modify a Network, so a fork shares the loaded graph, file and export."""
     network: Network = model.handle
@@ -194,6 +216,14 @@ def compressor_fork(model: Model, context: Context) -> Model:
 def _format(network: Network) -> str:
     """What the handle holds right now: a torch model awaiting export, or an ONNX graph."""
     return "torch" if network.is_torch else "onnx"
+
+
+@hookimpl
+def compressor_check_steps(model: Model, steps: list[Step], context: Context) -> None:
+    """What the declaration cannot say, refused before anything is exported (:mod:`compressor_onnx.step_checks`)."""
+    from compressor_onnx.step_checks import check_steps
+
+    check_steps(model, steps, context)
 
 
 @hookimpl

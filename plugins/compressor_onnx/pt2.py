@@ -112,10 +112,19 @@ def weights_only_unpickling(trust: bool) -> Iterator[None]:
             os.environ[_FORCE_WEIGHTS_ONLY] = previous
 
 
+#: The ONNX exporter's registry, which says once per process, at WARNING, that it skips each of
+#: torchvision's operators (nms, roi_align...) when torchvision is not installed: noise for a
+#: program that calls none of them (one that does fails to export, with its own message).
+_TORCHVISION_NOTICE_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
 def load_program(path: Path, trust: bool) -> Any:
     """``torch.export.load`` after :func:`check_exported_program`, weights-only."""
+    import logging
+
     import torch
 
+    logging.getLogger(_TORCHVISION_NOTICE_LOGGER).setLevel(logging.ERROR)
     check_exported_program(path, trust)
     try:
         with weights_only_unpickling(trust):

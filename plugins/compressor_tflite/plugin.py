@@ -18,6 +18,7 @@ from compressor import (
     Backend,
     CompressionError,
     Context,
+    Dataset,
     MeasureSettings,
     Model,
     Param,
@@ -25,8 +26,10 @@ from compressor import (
     SampleModel,
     Step,
     Technique,
+    TensorSpec,
     hookimpl,
 )
+from compressor_onnx.text_data import TEXT_OPTIONS_HELP
 from compressor_tflite import frameworks, from_torch, loading
 from compressor_tflite.distill import StudentFactory, Width
 from compressor_tflite.handle import TFLiteHandle
@@ -39,6 +42,8 @@ QAT, DISTILL = "qat", "distill"
 TORCH_OPTIONS = {
     "model_factory": Param(str, None, "PyTorch state_dict: package.module:function building the nn.Module"),
     "input_shape": Param(str, None, "PyTorch: example input shapes, e.g. 1,64 (without a data file)"),
+    "max_length": Param(int, None, TEXT_OPTIONS_HELP["max_length"], minimum=1),
+    "tokenizer": Param(str, None, TEXT_OPTIONS_HELP["tokenizer"]),
 }
 
 
@@ -170,9 +175,27 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
 
 
 @hookimpl
+def compressor_load_data(path: Path, purpose: str, inputs: tuple[TensorSpec, ...], limit: int | None,
+                         model_path: Path | None, context: Context | None) -> Dataset | None:
+    """Text (``.txt``, ``.jsonl``) for a model with a tokenizer (a PyTorch or transformers
+    model, tokenized as on the onnx backend); core reads ``.npz``."""
+    from compressor_onnx.text_data import text_dataset
+
+    return text_dataset(path, purpose, inputs, limit, model_path, context)
+
+
+@hookimpl
 def compressor_fork(model: Model, context: Context) -> Model | None:
     # A PyTorch source shares its conversion; Keras models are loaded again.
     return from_torch.fork(model) if from_torch.is_torch_source(model.handle) else None
+
+
+@hookimpl
+def compressor_check_steps(model: Model, steps: list[Step], context: Context) -> None:
+    """A PyTorch model takes quantize steps only here: refused before anything is converted."""
+    if from_torch.is_torch_source(model.handle):
+        for step in steps:
+            from_torch.check_step(step)
 
 
 @hookimpl

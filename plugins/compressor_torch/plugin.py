@@ -21,17 +21,19 @@ from compressor import (
     Artifact,
     Backend,
     Context,
+    Dataset,
     MeasureSettings,
     Model,
     Param,
     Runtime,
     Step,
     Technique,
+    TensorSpec,
     hookimpl,
 )
 
 # The onnx backend's declarations of the techniques both backends offer: one vocabulary.
-from compressor_onnx.plugin import DISTILL, PRUNE_PARAMS, lowrank_technique
+from compressor_onnx.plugin import DISTILL, PRUNE_PARAMS, lowrank_technique, text_options
 
 NAME = "torch"
 
@@ -66,6 +68,7 @@ def backend() -> Backend:
             "input_shape": Param(str, None, "example input shapes, e.g. 1,64 or input_ids:1,128:int64;attention_mask:1,128:int64"),
             "save_format": Param(str, "auto", "auto: torch.export .pt2, else safetensors + manifest",
                                  choices=("auto", "pt2", "safetensors")),
+            **text_options(),
         },
         extra="torch",
         requires=("torch", "safetensors"),
@@ -99,9 +102,31 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
 
 
 @hookimpl
+def compressor_load_data(path: Path, purpose: str, inputs: tuple[TensorSpec, ...], limit: int | None,
+                         model_path: Path | None, context: Context | None) -> Dataset | None:
+    """Text (``.txt``, ``.jsonl``) tokenized as on the onnx backend; core reads ``.npz``."""
+    from compressor_onnx.text_data import text_dataset
+
+    return text_dataset(path, purpose, inputs, limit, model_path, context)
+
+
+@hookimpl
 def compressor_fork(model: Model, context: Context) -> Model:
     return Model(NAME, model.source, model.format, model.handle.fork(), model.inputs,
                  list(model.notes), dict(model.metadata))
+
+
+@hookimpl
+def compressor_check_steps(model: Model, steps: list[Step], context: Context) -> None:
+    """Refused before any work: torchao's modes without torchao, fp16 of a ``.pt2`` program,
+    a second quantize; what distill and head pruning refuse before training."""
+    from compressor_onnx.step_checks import check_torch_step
+    from compressor_torch.quantize import check_quantize_steps
+
+    check_quantize_steps(model.handle, steps)
+    for step in steps:
+        if step.technique == "distill" or step.params.get("structure") == "head":
+            check_torch_step(step, model.handle.module, context)
 
 
 @hookimpl
