@@ -23,6 +23,12 @@ and was slower than fp32 with int8 activations. What this path does, and why:
    DequantizeLinear nodes in place and ran slower than fp32.
 6. Embeddings (``Gather`` on a float matrix) are weight-only uint8, as
    ``quantize dynamic`` stores them (Gather on uint8, then DequantizeLinear).
+7. Memory: the activation ranges are folded in batch by batch (transformer_ranges.py:
+   the same ranges, so the same model bytes, as ONNX Runtime's calibrators),
+   ``quant_pre_process`` runs in a child process of its own, and every later step reads
+   skeletons of external-data files. On MiniLM the quantizing process peaked at 1.72 GB
+   (5.8 GB with percentile or entropy calibration) and now at 0.90-0.92 GB
+   (benchmarks/bench_int8_memory.py).
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ def quantize_transformer_file(
     folder = target.parent
     notes: list[str] = []
     pre = folder / "pre.onnx"
-    if not _pre_process(source, pre, large):
+    if not _pre_process(source, pre, step):
         pre = source
         notes.append("quant_pre_process failed on this graph; quantized without it")
     model = load_skeleton(pre)
@@ -113,15 +119,27 @@ def quantize_transformer_file(
     return notes, metadata
 
 
-def _pre_process(source: Path, target: Path, large: bool) -> bool:
+def _pre_process(source: Path, target: Path, step: Step) -> bool:
+    """``quant_pre_process`` from ``source`` to ``target`` (external data), in a forked child:
+    its symbolic shape inference and optimizer session leave ~400 MB allocated after they
+    return on all-MiniLM-L6-v2 (90 MB), which would stay in this process for the steps
+    that follow; a child gives it all back. False when it failed (or crashed)."""
+    from compressor.children import run_in_fork
+
+    try:
+        return run_in_fork(_pre_process_here, source, target, step=f"quantize {step.mode}")
+    except CompressionError:  # a native crash in shape inference: quantize without it
+        return False
+
+
+def _pre_process_here(source: Path, target: Path) -> bool:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from compressor_onnx.int4 import quiet_ort
 
-    options: dict[str, Any] = {"auto_merge": True}
-    if large:
-        options.update(save_as_external_data=True, all_tensors_to_one_file=True,
-                       external_data_location=f"{target.name}.data")
+    # External data whatever the size: later steps load skeletons of it, not its weights.
+    options: dict[str, Any] = {"auto_merge": True, "save_as_external_data": True, "all_tensors_to_one_file": True,
+                               "external_data_location": f"{target.name}.data"}
     for attempt in ({}, {"skip_symbolic_shape": True}):
         try:
             with quiet_ort():
@@ -247,52 +265,59 @@ def _scaled(reference: Any, folder: Path, scales: Any, axis: int) -> Producer:
 def _activation_maxima(model: Any, path: Path, names: list[str], context: Context, samples: int) -> dict[str, Any]:
     """Per-channel (last axis) maximum |x| of each named tensor over the calibration examples."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
 
-    from compressor_onnx.quantization import calibration_reader
+    from compressor_onnx.transformer_ranges import probed_outputs
 
-    assert context.calibration_data is not None, "static modes need calibration data (checked by core)"
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.value_info[:]
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
-    probe_path = path.with_name("smoothquant-probe.onnx")
-    onnx.save_model(probe, str(probe_path))
+    batches = _calibration_batches(model, context, samples)
+    maxima: dict[str, Any] = {}
     try:
-        session = ort.InferenceSession(str(probe_path), providers=["CPUExecutionProvider"])
-        reader = calibration_reader(model, context.calibration_data, samples, context.options)
-        maxima: dict[str, Any] = {}
-        while (feeds := reader.get_next()) is not None:
-            for name, value in zip(names, session.run(names, feeds)):
-                channel_max = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+        for outputs in probed_outputs(model, path, names, batches, optimize=True):
+            for name, value in outputs.items():
+                rows = value.reshape(-1, value.shape[-1])
+                # max(max x, -min x) is max |x| exactly, without an |x| copy of every batch
+                channel_max = np.maximum(rows.max(axis=0), -rows.min(axis=0))
                 maxima[name] = np.maximum(maxima.get(name, 0), channel_max)
     except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types
         raise CompressionError(f"SmoothQuant calibration failed ({first_line(error)})") from None
-    finally:
-        probe_path.unlink(missing_ok=True)
     return maxima
+
+
+def _calibration_batches(skeleton: Any, context: Context, samples: int) -> list[dict[str, Any]]:
+    from compressor_onnx.static_calibration import calibration_feeds
+
+    assert context.calibration_data is not None, "static modes need calibration data (checked by core)"
+    return calibration_feeds(skeleton, context.calibration_data, samples, context.options).batches()
 
 
 def _quantize_static(source: Path, target: Path, step: Step, nodes: list[str], activations: str,
                      reduce_range: bool, context: Context, large: bool) -> None:
+    """ONNX Runtime's ``quantize_static`` of ``nodes`` from ranges calibrated here
+    (transformer_ranges.py: the same ranges as its own calibrators, a fraction of the memory)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import save_tensors_data
 
     from compressor_onnx.int4 import quiet_ort
-    from compressor_onnx.quantization import calibration_method, calibration_reader
+    from compressor_onnx.quantization import calibration_method
+    from compressor_onnx.transformer_ranges import calibrated_ranges
 
-    reader = calibration_reader(load_skeleton(source), context.calibration_data,
-                                int(step.params.get("calibration_samples", 128)), context.options)
+    method = str(step.params.get("calibration_method", "minmax"))
+    cache = target.with_name("ranges.json")
+    skeleton = load_skeleton(source)
+    chosen = set(nodes)
+    activations_read = list(dict.fromkeys(node.input[0] for node in skeleton.graph.node if node.name in chosen))
+    batches = _calibration_batches(skeleton, context, int(step.params.get("calibration_samples", 128)))
     try:
         with quiet_ort():
+            save_tensors_data(calibrated_ranges(skeleton, source, activations_read, batches, method), cache)
+        del skeleton, batches
+        with quiet_ort():
             quantize_static(
-                source, target, reader, quant_format=QuantFormat.QDQ,
+                source, target, None, quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8, per_channel=bool(step.params.get("per_channel", True)),
-                reduce_range=reduce_range, calibrate_method=calibration_method(str(step.params.get("calibration_method", "minmax"))),
+                reduce_range=reduce_range, calibrate_method=calibration_method(method),
                 op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=nodes,
-                use_external_data_format=large,
+                use_external_data_format=large, calibration_cache_path=str(cache),
                 extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
             )
     except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
@@ -301,6 +326,8 @@ def _quantize_static(source: Path, target: Path, step: Step, nodes: list[str], a
         kept = keep_for_debugging([target], "failed-int8")
         raise CompressionError(
             f"static {step.mode} quantization failed ({shown_reason(error)}){kept_suffix(kept)}") from None
+    finally:
+        cache.unlink(missing_ok=True)
 
 
 def _embeddings(skeleton: Any, folder: Path, excluded: list[str], allowed: set[str], reduce_range: bool) -> dict[str, Producer]:
