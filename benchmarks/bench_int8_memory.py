@@ -18,7 +18,7 @@ path) against ONNX Runtime's ``quantize_static``, on the same model and data, in
    and nearest-neighbour agreement on the 200 sentences (batch 1).
 
 ``--before FILE`` also measures a previous ``transformer_static.py`` in the same run, e.g.
-``git show COMMIT:plugins/compressor_onnx/transformer_static.py > /tmp/old.py``.
+``git show COMMIT:backends/onnx/transformer_static.py > /tmp/old.py``.
 Run: ``/work/venv/bin/python benchmarks/bench_int8_memory.py [--methods minmax,percentile]``.
 """
 
