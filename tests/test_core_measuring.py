@@ -108,3 +108,41 @@ def test_unknown_outputs_and_tasks_are_usage_errors(heads_host, tmp_path: Path) 
                         "-o", out)
         assert result.exit_code == 2 and message in result.stderr, result.output
         assert not out.exists()
+
+
+class _Doubling:
+    """A runtime of this test's own: ``y = 2 x``; ``bug`` makes its own code fail."""
+
+    def __init__(self, bug: bool) -> None:
+        from compressor import Runtime, TensorSpec
+
+        class Doubling(Runtime):
+            inputs = (TensorSpec("x", (None, 3), "float32"),)
+            outputs = (TensorSpec("y", (None, 3), "float32"),)
+
+            def run(self, feeds: Any) -> dict[str, Any]:
+                if bug:
+                    return {"y": feeds["x"].doubled()}  # AttributeError: a bug in the plugin
+                return {"y": feeds["x"] @ np.eye(4) * 2}  # numpy refuses: 3 columns against 4 rows
+
+        self.runtime = Doubling()
+
+
+def test_a_bug_in_a_runtime_is_told_apart_from_a_refusal_of_the_data(tmp_path: Path) -> None:
+    """A Python error raised in the plugin's own code is a bug (exit 1), anything else its
+    framework raises is a refusal of the data (exit 4); both keep their cause."""
+    import pytest
+
+    from compressor import CompressorError, Dataset, InvalidInputError, MeasureSettings
+    from compressor.engine import measure_runtime
+
+    data = Dataset(tmp_path / "eval.npz", {"x": np.ones((4, 3), np.float32)}, None, 4)
+    settings = MeasureSettings(warmup=1, min_iterations=1, min_seconds=0.0)
+    with pytest.raises(CompressorError, match=r"Doubling\.run raised AttributeError: .*doubled.*a bug in the "
+                                              r"plugin") as bug:
+        measure_runtime(_Doubling(bug=True).runtime, data, settings)
+    assert type(bug.value) is CompressorError and bug.value.exit_code == 1
+    assert isinstance(bug.value.__cause__, AttributeError)
+    with pytest.raises(InvalidInputError, match=r"the runtime refused the inputs \(x \[1, 3\]\)") as refused:
+        measure_runtime(_Doubling(bug=False).runtime, data, settings)
+    assert refused.value.path == tmp_path / "eval.npz" and isinstance(refused.value.__cause__, ValueError)

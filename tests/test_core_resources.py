@@ -127,9 +127,10 @@ def test_debug_is_accepted_before_and_after_the_subcommand(toy_host, tmp_path: P
 @contextmanager
 def measurer_plugin(host: Any, folder: Path, name: str, body: str,
                     monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A module plugin with ``compressor_measure`` (so it reaches the measuring process)."""
+    """A module plugin (so it reaches the measuring process) made of ``body``."""
     folder.mkdir()
-    (folder / f"{name}.py").write_text(f"from compressor import Measurement, hookimpl\n\n{body}")
+    (folder / f"{name}.py").write_text("from compressor import Measurement, Runtime, TensorSpec, hookimpl\n\n"
+                                       + body)
     monkeypatch.syspath_prepend(str(folder))
     host.register(importlib.import_module(name), name=name)
     try:
@@ -139,11 +140,24 @@ def measurer_plugin(host: Any, folder: Path, name: str, body: str,
         sys.modules.pop(name, None)
 
 
+#: A generic plugin (no backend) opening every artifact as a runtime whose run has a bug.
+EXPLODING_RUNTIME = (
+    "class Exploding(Runtime):\n"
+    "    inputs = (TensorSpec('x', (None, 16), 'float32'),)\n"
+    "    outputs = (TensorSpec('label', (None,), 'int64'),)\n\n"
+    "    def run(self, feeds):\n"
+    "        raise AssertionError('boom from the child')\n\n\n"
+    "@hookimpl(tryfirst=True)\n"
+    "def compressor_open_runtime(artifact, settings):\n"
+    "    return Exploding()\n"
+)
+
+
 def test_debug_shows_the_measuring_child_traceback(toy_host, toy_model, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    body = ("@hookimpl\ndef compressor_measure(artifact, data, settings):\n"
-            "    raise RuntimeError('boom from the child')\n")
-    with measurer_plugin(toy_host, tmp_path / "plugin", "exploding_measurer", body, monkeypatch):
+    """A bug in a plugin's runtime is one line, exit 1 (not a data error), and --debug shows
+    the plugin's own frame from the measuring process."""
+    with measurer_plugin(toy_host, tmp_path / "plugin", "exploding_measurer", EXPLODING_RUNTIME, monkeypatch):
         plain = invoke("run", toy_model["model"], "-q", "fp16", "-o", tmp_path / "a")
         debug = invoke("run", toy_model["model"], "-q", "fp16", "-o", tmp_path / "b", "--debug")
     assert plain.exit_code == 1 and plain.stderr.count("\n") == 1
@@ -154,11 +168,20 @@ def test_debug_shows_the_measuring_child_traceback(toy_host, toy_model, tmp_path
 
 def test_fewer_predictions_than_examples_is_an_error_not_a_blank(toy_host, toy_model, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deprecated ``compressor_measure`` hook, which let a plugin return fewer predictions
+    than examples, is no longer called: the plugin is warned about, and core measures every
+    example through the backend's runtime."""
     body = ("@hookimpl(trylast=True)\ndef compressor_measure(artifact, data, settings):\n"
             "    return Measurement(predictions=[0, 1, 2])\n")
-    with measurer_plugin(toy_host, tmp_path / "plugin", "short_measurer", body, monkeypatch):
+    with pytest.warns(DeprecationWarning, match="compressor_measure is deprecated"), \
+            measurer_plugin(toy_host, tmp_path / "plugin", "short_measurer", body, monkeypatch):
         result = invoke("run", toy_model["model"], "-q", "fp16", "--data", toy_model["eval"],
                         "-o", tmp_path / "out")
-    assert result.exit_code == 1, result.output
-    assert "returned 3 predictions for 200 evaluation examples" in result.stderr
-    assert not (tmp_path / "out").exists()
+    assert result.exit_code == 0, result.output
+    assert "plugin 'short_measurer' implements compressor_measure, which is deprecated" in result.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    for variant in report["variants"]:
+        assert variant["metrics"]["outputs"]["label"]["task"] == "classifier"
+        assert variant["metrics"]["changed_count"] <= 200 and "accuracy" in variant["metrics"]
+    assert report["variants"][0]["metrics"]["confusion"]["matrix"] and \
+        sum(map(sum, report["variants"][0]["metrics"]["confusion"]["matrix"])) == 200

@@ -219,7 +219,7 @@ def test_a_pytorch_model_litert_cannot_convert_is_one_line(torch_files: dict[str
 def test_a_keras_model_tf2onnx_cannot_convert_is_one_line(tmp_path: Path, private_tmpdir: Path) -> None:
     """tf2onnx has no handler for Bucketize (Keras' Discretization layer); its Python API
     only logs that and leaves the TensorFlow op in the graph."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     keras = frameworks.keras()
     inputs = tmp_path / "inputs"
@@ -235,7 +235,7 @@ def test_a_keras_model_tf2onnx_cannot_convert_is_one_line(tmp_path: Path, privat
 
 
 def _keras_model(folder: Path, lambda_layer: bool = False) -> tuple[Path, np.ndarray, np.ndarray]:
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     keras = frameworks.keras()
     keras.utils.set_random_seed(0)

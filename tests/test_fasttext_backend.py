@@ -17,20 +17,23 @@ from fasttext_fixtures import (
 )
 
 from compressor import (
+    Artifact,
     CompressionError,
     Context,
+    Dataset,
     InvalidInputError,
     MeasureSettings,
     Step,
+    Stopwatch,
     UnsupportedError,
     UsageError,
 )
+from compressor.engine import RuntimeMeasurement, measure_runtime
 from compressor.plugins import PluginHost
 from compressor_fasttext import plugin
-from compressor_fasttext.data import LabelLists, read_labelled_text
+from compressor_fasttext.data import LabelLists, read_labelled_text, texts_of
 from compressor_fasttext.header import read_layout
 from compressor_fasttext.loading import probe_in_child
-from compressor_fasttext.measure import measure_artifact
 from compressor_fasttext.metrics import labels_changed_most
 
 #: The session fixture ``ft`` (small trained models) lives in fasttext_fixtures.
@@ -138,7 +141,7 @@ def test_reads_labelled_text(tmp_path: Path) -> None:
     path = tmp_path / "data.txt"
     path.write_text("__label__a __label__b first  line\n\n  \nsecond __label__c\tline\nno label\n")
     data = plugin.compressor_load_data(path, "eval", (), "fasttext", None)
-    assert data.features == ["first line", "second line", "no label"]
+    assert texts_of(data) == ["first line", "second line", "no label"]
     assert data.labels == [["__label__a", "__label__b"], ["__label__c"], []]
     assert isinstance(data.labels[:2], LabelLists)
     assert np.asarray(data.labels[:2]).tolist() == ["__label__a __label__b", "__label__c"]
@@ -163,7 +166,7 @@ def test_only_the_examples_asked_for_are_read(tmp_path: Path) -> None:
     path.write_bytes(b"\n".join([b"__label__a one", b"", b"__label__b two", b"__label__a three",
                                   b"__label__b \xff"]) + b"\n")
     data = plugin.compressor_load_data(path, "eval", (), "fasttext", 3)
-    assert data.features == ["one", "two", "three"] and data.size == 3
+    assert texts_of(data) == ["one", "two", "three"] and data.size == 3
     with pytest.raises(InvalidInputError, match="line 5 is not UTF-8"):
         read_labelled_text(path)
 
@@ -239,6 +242,19 @@ def test_pq_refuses_what_fasttext_cannot_quantize(
         plugin.compressor_compress(loaded, Step("pq", params), Context())
 
 
+def measure_here(artifact: Artifact, data: Dataset, settings: MeasureSettings) -> RuntimeMeasurement:
+    """The artifact measured as the measuring process measures it: opened through the backend's
+    runtime (timed as ``load_ms``), then run and compared by core's engine."""
+    with Stopwatch() as load:
+        runtime = plugin.compressor_open_runtime(artifact, settings)
+    try:
+        measured = measure_runtime(runtime, data, settings)
+    finally:
+        runtime.close()
+    measured.metrics["load_ms"] = load.ms
+    return measured
+
+
 def test_measure_matches_fasttext_test(ft: FastTextFiles) -> None:
     import fasttext
 
@@ -246,7 +262,7 @@ def test_measure_matches_fasttext_test(ft: FastTextFiles) -> None:
     artifact = plugin.compressor_save(
         plugin.compressor_load(ft.quantized, "fasttext", Context()), ft.folder / "measured", Context()
     )
-    measured = measure_artifact(artifact, data, quick_settings(k=2))
+    measured = measure_here(artifact, data, quick_settings(k=2))
     reference = fasttext.load_model(str(ft.quantized))
     metrics = measured.metrics
     assert metrics["accuracy"] == pytest.approx(reference.test(str(ft.test), k=1)[1])
@@ -254,8 +270,9 @@ def test_measure_matches_fasttext_test(ft: FastTextFiles) -> None:
     assert (metrics["precision_at_k"], metrics["recall_at_k"]) == pytest.approx((precision, recall))
     by_label = reference.test_label(str(ft.test), k=2)
     assert metrics["per_label_f1"] == pytest.approx({k: v["f1score"] for k, v in by_label.items()})
-    assert len(measured.predictions) == data.size
-    assert metrics["latency_ms"]["p50"] > 0 and metrics["batch_latency_ms"]["iterations"] >= 3
+    assert len(measured.kept["label"]["top1"]) == data.size
+    assert measured.outputs["label"]["task"] == "classifier"
+    assert metrics["latency_ms"]["p50"] > 0 and metrics["latency_batch_ms"]["iterations"] >= 3
     assert metrics["load_ms"] > 0
 
 
@@ -264,9 +281,9 @@ def test_measure_word_vectors_returns_sentence_vectors(ft: FastTextFiles) -> Non
     artifact = plugin.compressor_save(
         plugin.compressor_load(ft.vectors, "fasttext", Context()), ft.folder / "vectors-out", Context()
     )
-    measured = measure_artifact(artifact, data, quick_settings())
-    assert measured.predictions is None
-    assert measured.outputs.shape == (data.size, 8)
+    measured = measure_here(artifact, data, quick_settings())
+    assert "label" not in measured.kept
+    assert measured.kept["sentence_vector"]["vectors"].shape == (data.size, 8)
 
 
 def test_sample_model_trains_quickly_and_loads(tmp_path: Path) -> None:

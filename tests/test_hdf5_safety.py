@@ -23,7 +23,8 @@ from tflite_fixtures import dense_model_files, edit_keras_weights, kernel_path
 
 from compressor import Context, InvalidInputError, UnsafeInputError
 from compressor.cli import cli
-from compressor_tflite import hdf5, plugin
+from compressor_frontends.keras import hdf5
+from compressor_tflite import plugin
 
 #: 32 bytes: as float32, the 4x2 kernel a disguise would load; eight equal values,
 #: so the bytes survive TFLite's transposed weight layout unchanged.
@@ -131,7 +132,7 @@ def test_each_disguise_really_reaches_the_secret(
     (any other reader, or another Keras version, follows them)."""
     import h5py
 
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     model = disguised(originals, layout, ".h5", disguise)
     with h5py.File(model, "r") as file:

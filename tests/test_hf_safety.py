@@ -90,7 +90,7 @@ def test_a_shard_index_inside_the_folder_still_loads(bert: Path, tmp_path: Path)
     (folder / "model.safetensors").unlink()
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
         key: shard for shard, keys in halves.items() for key in keys}}))
-    from compressor_onnx.hf import load_transformers
+    from compressor_frontends.pytorch.hf import load_transformers
 
     network, _ = load_transformers(folder, ())
     assert sum(p.numel() for p in network.module.parameters()) == sum(t.numel() for t in tensors.values())

@@ -193,7 +193,7 @@ def test_the_label_output_is_the_one_that_agrees_with_the_labels() -> None:
 
 def keras_box_first(folder: Path) -> dict[str, Any]:
     """The same two-head model in Keras (heads ``head0``: boxes, ``head1``: 4 classes)."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
     from compressor_tflite.samples import digits
 
     keras = frameworks.keras()

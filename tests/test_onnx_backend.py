@@ -24,9 +24,10 @@ from onnx_fixtures import (
 from compressor import Context, InvalidInputError, MeasureSettings, Step, UsageError
 from compressor.builtin import read_npz
 from compressor.cli import cli
-from compressor_onnx import plugin, quantization
+from compressor_frontends.pytorch import export as torch_export
+from compressor_frontends.pytorch.shapes import SampleShape, parse_input_shape
+from compressor_onnx import plugin
 from compressor_onnx.pruning import sparsity_of
-from compressor_onnx.shapes import SampleShape, parse_input_shape
 
 QUICK = MeasureSettings(warmup=1, min_iterations=3, min_seconds=0.0, batch_size=16)
 
@@ -277,7 +278,7 @@ def test_mean_pooling_ignores_padding() -> None:
 def test_large_graph_is_saved_with_external_data(
     digits: DigitsFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(quantization, "LARGE_MODEL_BYTES", 1000)
+    monkeypatch.setattr(torch_export, "LARGE_MODEL_BYTES", 1000)
     context = Context(options=options())
     model = plugin.compressor_load(digits.onnx, "onnx", context)
     artifact = plugin.compressor_save(model, tmp_path / "big", context)

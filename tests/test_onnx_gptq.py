@@ -17,8 +17,8 @@ from onnx_fixtures import make_tiny_bert
 from compressor import Context, Step
 from compressor.builtin import read_npz
 from compressor.validation import validate_step
+from compressor_frontends.pytorch.export import LARGE_MODEL_VARIABLE
 from compressor_onnx import plugin
-from compressor_onnx.quantization import LARGE_MODEL_VARIABLE
 
 #: fc0's 80 rows make three 32-blocks, the last one partial: odd count and padding both covered.
 WIDTHS = (80, 128, 64, 10)

@@ -31,8 +31,8 @@ from onnx_fixtures import (
 from compressor import Context, Step
 from compressor.builtin import read_npz
 from compressor.cli import cli
+from compressor_frontends.pytorch.export import LARGE_MODEL_VARIABLE
 from compressor_onnx import export, plugin
-from compressor_onnx.quantization import LARGE_MODEL_VARIABLE
 
 LOW = "2000"
 RECIPE = """
@@ -182,7 +182,7 @@ def test_forks_share_one_export_and_steps_never_change_their_input(
     context = Context(options=options(model_factory=FACTORY), workdir=tmp_path,
                       calibration_data=read_npz(digits.calibration, ()))
     loaded = plugin.compressor_load(digits.state_dict, "onnx", context)
-    assert loaded.handle.module is not None
+    assert loaded.handle.torch.module is not None
     steps = [Step("quantize", {"mode": "dynamic"}), Step("quantize", {"mode": "fp16"}),
              Step("prune", {"sparsity": 0.5})]
     forks = [plugin.compressor_fork(loaded, context) for _ in steps]
@@ -193,7 +193,7 @@ def test_forks_share_one_export_and_steps_never_change_their_input(
         assert loaded.handle.export.graph.SerializeToString() == before
         assert fork.handle.is_torch
     assert loaded.handle.export.exports == 1
-    assert loaded.handle.export.module is None and loaded.handle.module is None  # dropped once exported
+    assert loaded.handle.export.module is None and loaded.handle.torch.module is None  # dropped once exported
 
 
 def test_large_onnx_input_is_never_changed_by_its_steps(mlp: tuple[Path, Path], tmp_path: Path,

@@ -20,8 +20,9 @@ from compressor import Context, Step
 from compressor.builtin import read_npz
 from compressor.cli import cli
 from compressor.validation import validate_step
+from compressor_frontends.pytorch.export import LARGE_MODEL_VARIABLE
 from compressor_onnx import plugin
-from compressor_onnx.quantization import LARGE_MODEL_VARIABLE, resolve_reduce_range
+from compressor_onnx.quantization import resolve_reduce_range
 
 ROWS = 64
 

@@ -50,7 +50,7 @@ def test_full_module_pickle_needs_trust(tmp_path: Path) -> None:
     with pytest.raises(UnsafeInputError, match="--trust"):
         load(path)
     model = load(path, trust=True, input_shape="1,4")
-    assert model.handle.module.out_features == 2
+    assert model.handle.torch.module.out_features == 2
 
 
 def test_torchscript_needs_trust_and_then_exports(tmp_path: Path) -> None:

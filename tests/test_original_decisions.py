@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from search_backend import write_dial
 
-from compressor import ray_executor, searching
+from compressor import ray_executor, search_trials
 from compressor.cli import cli
 from compressor.evaluation import measure_one
 from compressor.plugins import get_host
@@ -36,7 +36,7 @@ def test_search_trials_are_measured_with_the_originals_decisions(dial_host, tmp_
         seen.append(decisions(settings.options))
         return measure_one(host, artifact, data, inputs, settings)
 
-    monkeypatch.setattr(searching, "measure_one", spying)
+    monkeypatch.setattr(search_trials, "measure_one", spying)
     files = write_dial(tmp_path / "in")
     result = CliRunner().invoke(cli, ["search", str(files["model"]), "--data", str(files["data"]), "--max-trials",
                                       "3", "--max-accuracy-drop", "5", "--min-seconds", "0", "-o", str(tmp_path / "o")])

@@ -20,8 +20,8 @@ from compressor import Context, Step
 from compressor.builtin import read_npz
 from compressor.cli import cli
 from compressor.validation import validate_step
+from compressor_frontends.pytorch.export import LARGE_MODEL_VARIABLE
 from compressor_onnx import plugin as onnx_plugin
-from compressor_onnx.quantization import LARGE_MODEL_VARIABLE
 from compressor_tflite import frameworks
 from compressor_tflite import plugin as tflite_plugin
 

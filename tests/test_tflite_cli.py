@@ -32,7 +32,8 @@ from tflite_fixtures import (
 from compressor import Context, InvalidInputError, UnsafeInputError
 from compressor.cli import cli
 from compressor.recipes import load_recipe
-from compressor_tflite import hdf5, plugin
+from compressor_frontends.keras import hdf5
+from compressor_tflite import plugin
 
 RECIPE = Path(__file__).resolve().parent.parent / "examples" / "recipes" / "pruning-study.toml"
 FAST = ["--min-seconds", "0"]
@@ -432,7 +433,7 @@ def test_a_saved_model_with_a_damaged_fingerprint_is_invalid(
     dense: tuple[Path, Path], tmp_path: Path, private_tmpdir: Path
 ) -> None:
     """TensorFlow loads past it but logs a 10-line traceback on stderr, once per load."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     inputs = tmp_path / "inputs"
     inputs.mkdir()

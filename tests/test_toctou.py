@@ -16,8 +16,8 @@ import pytest
 from onnx_fixtures import set_external_location, tiny_onnx_with_external_data
 
 from compressor import Context, InvalidInputError, UnsafeInputError
+from compressor_frontends.pytorch.export import LARGE_MODEL_VARIABLE
 from compressor_onnx import plugin
-from compressor_onnx.quantization import LARGE_MODEL_VARIABLE
 
 #: What the tiny model's weight holds (onnx_fixtures): 32 float32s, 128 bytes.
 WEIGHT = np.arange(32, dtype=np.float32).reshape(8, 4)
@@ -148,7 +148,7 @@ def test_a_symlink_inside_the_folder_is_refused_as_onnx_refuses_it(tmp_path: Pat
 @pytest.fixture(scope="module")
 def vocabulary_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SavedModel whose lookup table reads its vocabulary from an asset while loading."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     tf = frameworks.tensorflow()
     folder = tmp_path_factory.mktemp("vocabulary")
@@ -188,7 +188,7 @@ def _copy_with_asset(source: Path, target: Path, asset: str) -> Path:
 
 
 def test_a_saved_model_asset_named_outside_its_folder_is_refused(vocabulary_model: Path, tmp_path: Path) -> None:
-    from compressor_tflite import loading
+    from compressor_frontends.keras import loading
 
     assert loading.asset_names(vocabulary_model) == ["vocab.txt"]
     _, fmt, _ = loading.load(vocabulary_model, trust=False)  # the model as saved loads
@@ -205,7 +205,7 @@ def test_a_saved_model_asset_named_outside_its_folder_is_refused(vocabulary_mode
 
 
 def test_a_saved_model_asset_swapped_for_a_symlink_is_refused(vocabulary_model: Path, tmp_path: Path) -> None:
-    from compressor_tflite import loading
+    from compressor_frontends.keras import loading
 
     (tmp_path / "outside.txt").write_text("secret\n")
     linked = _copy_with_asset(vocabulary_model, tmp_path / "linked", "vocab.txt")

@@ -68,7 +68,7 @@ class KerasFiles:
 
 def tiny_digits_files(folder: Path) -> KerasFiles:
     """A tiny CNN on scikit-learn digits (a few seconds of training), saved three ways."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
     from compressor_tflite.samples import small_cnn, write_digits_data
 
     keras = frameworks.keras()
@@ -110,7 +110,7 @@ def ink_boxes(images: Any) -> Any:
 def two_head_files(folder: Path) -> tuple[Path, Path, Path]:
     """A digits CNN with two heads, trained a few epochs: ``digit`` (10 classes, softmax) and
     ``box`` (4 numbers: where the ink is). Returns the .keras, calibration and eval files."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
     from compressor_tflite.samples import digits
 
     keras = frameworks.keras()
@@ -133,7 +133,7 @@ def two_head_files(folder: Path) -> tuple[Path, Path, Path]:
 
 def lambda_model_files(folder: Path) -> tuple[Path, Path]:
     """The same small model with a Lambda layer, as .keras and .h5."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     keras = frameworks.keras()
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def lambda_model_files(folder: Path) -> tuple[Path, Path]:
 
 def sine_model_file(folder: Path) -> Path:
     """A model with tf.math.sin, which has no integer kernel in TFLite."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     tf, keras = frameworks.tensorflow(), frameworks.keras()
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,7 +164,7 @@ def sine_model_file(folder: Path) -> Path:
 
 def plain_saved_model(folder: Path) -> tuple[Path, Any]:
     """A TensorFlow SavedModel that Keras did not write (a linear map), and its weights."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     tf = frameworks.tensorflow()
     weights = np.random.default_rng(2).normal(size=(8, 4)).astype("float32")
@@ -216,7 +216,7 @@ def shared_digits_files() -> KerasFiles:
 
 def gru_model_file(folder: Path) -> tuple[Path, Path]:
     """An untrained Conv1D + GRU model (TFLite converts the GRU to a while loop) and data."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     keras = frameworks.keras()
     keras.utils.set_random_seed(4)
@@ -233,7 +233,7 @@ def gru_model_file(folder: Path) -> tuple[Path, Path]:
 
 def dense_model_files(folder: Path) -> tuple[Path, Path]:
     """A one-layer model (a 4x2 kernel and a bias), as .keras and .h5."""
-    from compressor_tflite import frameworks
+    from compressor_frontends.keras import frameworks
 
     keras = frameworks.keras()
     keras.utils.set_random_seed(6)

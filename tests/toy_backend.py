@@ -14,19 +14,16 @@ from compressor import (
     Artifact,
     Backend,
     Context,
-    Dataset,
     InvalidInputError,
-    Measurement,
     MeasureSettings,
     Model,
     Param,
+    Runtime,
     SampleModel,
     Step,
-    Stopwatch,
     Technique,
     TensorSpec,
     hookimpl,
-    time_calls,
 )
 
 NAME = "toy"
@@ -127,17 +124,24 @@ def predict(handle: dict, rows) -> list[int]:
     return out
 
 
+class ToyRuntime(Runtime):
+    """A saved toy model, run by core: rows of ``x`` in, each row's predicted class out (an
+    integer label, which core compares as a classifier's top-1)."""
+
+    def __init__(self, path: Path) -> None:
+        self.handle = read_toy(path)
+        self.inputs = (TensorSpec("x", (None, len(self.handle["weights"])), "float32"),)
+        self.outputs = (TensorSpec("label", (None,), "int64"),)
+
+    def run(self, feeds):
+        import numpy as np
+
+        return {"label": np.asarray(predict(self.handle, feeds["x"].tolist()), dtype=np.int64)}
+
+
 @hookimpl
-def compressor_measure(artifact: Artifact, data: Dataset | None, settings: MeasureSettings):
-    with Stopwatch() as load:
-        handle = read_toy(artifact.path)
-    rows = data.features["x"].tolist() if data is not None else [[0.0] * len(handle["weights"])]
-    if settings.max_examples:
-        rows = rows[: settings.max_examples]
-    return Measurement(
-        metrics={"load_ms": load.ms, "latency_ms": time_calls(lambda: predict(handle, rows[:1]), settings)},
-        predictions=predict(handle, rows) if data is not None else None,
-    )
+def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings):
+    return ToyRuntime(artifact.path)
 
 
 @hookimpl

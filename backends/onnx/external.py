@@ -236,7 +236,7 @@ def _copy_range(source: int, target: Any, offset: int, length: int, where: Path)
     """Copy ``length`` bytes from ``offset`` of the opened ``source`` to the end of ``target``
     (in the kernel when it can); a source that ends early (cut short after it was
     checked) is exit 4."""
-    from compressor import InvalidInputError
+    from compressor.plugin import InvalidInputError
 
     remaining = length
     position = offset

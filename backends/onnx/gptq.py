@@ -22,8 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from compressor import CompressionError, Context
-from compressor.errors import CompressorError, first_line
+from compressor.plugin import CompressionError, CompressorError, Context, first_line
 
 #: The float64 Hessians held at once; past this the calibration data is run again.
 HESSIAN_BYTES = 1 << 30

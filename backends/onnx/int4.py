@@ -27,8 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from compressor import CompressionError, Context, Step, UsageError
-from compressor.errors import first_line
+from compressor.plugin import CompressionError, Context, Step, UsageError, first_line
 
 ALGORITHMS = ("rtn", "hqq", "gptq")
 #: MatMulNBits and GatherBlockQuantized take power-of-two blocks from 16.

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compressor import Context
+from compressor.plugin import Context
 from compressor_onnx.external import Producer, load_skeleton, read_array
 from compressor_onnx.gptq import Quantized, nbits_weight, quantize_gptq
 from compressor_onnx.int4 import (

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor import CompressionError, Context, Step, UsageError
+from compressor.plugin import CompressionError, Context, Step, UsageError
 from compressor_onnx.quantize_failures import keep_for_debugging, kept_suffix, shown_reason
 from compressor_onnx.static_calibration import (
     METHODS,

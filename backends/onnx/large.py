@@ -12,8 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from compressor import CompressionError, Context, Step, UsageError
-from compressor.errors import first_line
+from compressor.plugin import CompressionError, Context, Step, UsageError, first_line
 from compressor_onnx.external import (
     Producer,
     is_external,
@@ -35,7 +34,8 @@ def scratch_model(context: Context, stem: str) -> Path:
 
 def quantize_large(source: Path, step: Step, context: Context) -> tuple[Path, list[str], dict[str, Any]]:
     """``quantize MODE`` on the model at ``source``: the result's path, notes and metadata."""
-    from compressor_onnx.preprocess import constants_to_initializers, shrink_facts, weight_bytes
+    from compressor_frontends.pytorch.onnx_graph import constants_to_initializers
+    from compressor_onnx.preprocess import shrink_facts, weight_bytes
     from compressor_onnx.quantization import mode_facts
 
     skeleton = load_skeleton(source)
@@ -54,7 +54,7 @@ def quantize_large(source: Path, step: Step, context: Context) -> tuple[Path, li
 def _quantize_large(source: Path, skeleton: Any, step: Step, context: Context) -> tuple[Path, list[str], dict[str, Any]]:
     import onnx
 
-    from compressor_onnx.export import strip_value_info
+    from compressor_frontends.pytorch.export import strip_value_info
     from compressor_onnx.quantization import parse_names, quantize_int8_file, resolve_reduce_range
 
     if step.mode == "fp16":
@@ -101,7 +101,7 @@ def _int4(skeleton: Any, source: Path, step: Step, context: Context) -> tuple[Pa
 def _gptq(source: Path, step: Step, context: Context) -> tuple[Path, list[str]]:
     """GPTQ reads each layer's inputs from an ONNX Runtime session on the model (Gemms
     split first, written to scratch), then writes its weights one at a time."""
-    from compressor_onnx.export import strip_value_info
+    from compressor_frontends.pytorch.export import strip_value_info
     from compressor_onnx.int4 import Int4Settings, split_gemms
     from compressor_onnx.int4_stream import gptq_stream
 

@@ -1,7 +1,10 @@
 """Hook implementations of the ``onnx`` backend: PyTorch and ONNX models to
 (quantized) ONNX, measured through ONNX Runtime.
 
-Importing this module imports no framework; every hook imports what it needs.
+PyTorch models are loaded, exported and trained by the PyTorch front end
+(:mod:`compressor_frontends.pytorch`), which also declares the techniques this backend
+shares with the torch backend. Importing this module imports no framework; every hook
+imports what it needs.
 Models past the large-model threshold (``COMPRESSOR_LARGE_MODEL_BYTES``) stay
 ONNX files on disk between steps (``large.py``); steps never modify the Model
 they are given, so forks of one loaded model share its graph and its export.
@@ -14,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compressor import (
+from compressor.plugin import (
     EVERY_STEP,
     Artifact,
     Backend,
@@ -31,72 +34,19 @@ from compressor import (
     TensorSpec,
     hookimpl,
 )
-from compressor_onnx.channels import STRUCTURES, Structure
-from compressor_onnx.loading import ExportCache, Network, is_transformers_folder
+from compressor_frontends.pytorch.loading import is_transformers_folder
+from compressor_frontends.pytorch.techniques import (
+    DISTILL,
+    PRUNE_PARAMS,
+    QAT_PARAMS,
+    lowrank_technique,
+    text_options,
+)
+from compressor_onnx.loading import ExportCache, Network
 
 NAME = "onnx"
 IDENTIFIED_SUFFIXES = (".onnx", ".pt2", ".pt", ".pth", ".safetensors", ".jit", ".ts", ".ptl")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-#: Fine-tuning after prune and lowrank, on the torch model, when --train-data is given.
-FINE_TUNING_PARAMS = {
-    "epochs": Param(int, 2, "fine-tuning epochs on --train-data (0: one-shot)", minimum=0),
-    "batch_size": Param(int, 32, "fine-tuning batch size", minimum=1),
-    "learning_rate": Param(float, None, "fine-tuning AdamW learning rate (default 1e-3, transformers 5e-5)",
-                           minimum=1e-8, maximum=1),
-}
-LOWRANK_PARAMS = {
-    "rank": Param(int, None, "rank kept in every factorized layer (or energy=)", minimum=1),
-    "energy": Param(float, None, "share of squared singular values kept, 0.01-1 (or rank=)", minimum=0.01, maximum=1),
-    "layers": Param(str, "", "comma-separated fnmatch patterns of node or weight names (default: all)"),
-    "min_size": Param(int, 4096, "leave weights with fewer elements alone", minimum=0),
-    **FINE_TUNING_PARAMS,
-}
-DISTILL_PARAMS = {
-    "student": Param(str, None, "package.module:function returning the student nn.Module (or layers=)"),
-    "layers": Param(int, None, "transformers teacher: a student of this many of its layers (or student=)",
-                    minimum=1),
-    "epochs": Param(int, 3, "passes over --train-data", minimum=1),
-    "temperature": Param(float, 2.0, "softening of teacher and student logits", minimum=0.05, maximum=100),
-    "alpha": Param(float, 0.5, "weight of the teacher loss; the rest: cross-entropy on labels y, when "
-                   "the train data has them", minimum=0, maximum=1),
-    "batch_size": Param(int, 32, "training batch size", minimum=1),
-    "learning_rate": Param(float, None, "AdamW learning rate (default 1e-3 with student=, 1e-4 with layers=)",
-                           minimum=1e-8, maximum=1),
-}
-PRUNE_PARAMS = {
-    "sparsity": Param(float, None, "share of weights set to zero (channel: of outputs, head: of heads removed)",
-                      minimum=0, maximum=0.99, required=True),
-    "structure": Param(Structure, "unstructured", "unstructured: single weights; channel: whole outputs; "
-                       "head: attention heads", choices=STRUCTURES),
-    **FINE_TUNING_PARAMS,
-}
-#: The same on the torch backend: one vocabulary.
-DISTILL = Technique(
-    "distill",
-    help="train a smaller student (a factory's, or a transformers teacher's layers) to match the teacher on "
-         "--train-data",
-    params=DISTILL_PARAMS,
-    requires_data={EVERY_STEP: "train"},
-)
-def lowrank_technique(what: str) -> Technique:
-    """``lowrank`` as the onnx and torch backends declare it; ``what`` says what it factorizes."""
-    return Technique("lowrank", help=f"{what}; fine-tuned on --train-data", params=LOWRANK_PARAMS,
-                     candidates=("lowrank energy=0.99", "lowrank energy=0.95", "lowrank energy=0.9"))
-
-
-QAT_PARAMS = {
-    "epochs": Param(int, 2, "training epochs with fake-quantized weights and activations", minimum=1),
-    "batch_size": Param(int, 32, "training batch size", minimum=1),
-    "learning_rate": Param(float, 1e-4, "AdamW learning rate", minimum=1e-8, maximum=1),
-}
-
-
-def text_options() -> dict[str, Param]:
-    """``--set max_length=`` and ``--set tokenizer=`` of text data (``text_data.py``)."""
-    from compressor_onnx.text_data import TEXT_OPTIONS_HELP
-
-    return {"max_length": Param(int, None, TEXT_OPTIONS_HELP["max_length"], minimum=1),
-            "tokenizer": Param(str, None, TEXT_OPTIONS_HELP["tokenizer"])}
 
 
 def backend() -> Backend:
@@ -187,9 +137,9 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
     from compressor_onnx.loading import load_network
 
     network, inputs = load_network(path, context.options, context.trust)
-    if network.is_torch and network.export is None:
+    if network.is_torch and network.export is None and network.torch is not None:
         # Forks share this cache: the torch model is exported once, then dropped.
-        network.export = ExportCache(network.module, network.exported_program, holders=[network])
+        network.export = ExportCache(network.torch.module, network.torch.exported_program, holders=[network])
     return Model(NAME, path, _format(network), network, inputs, source_bytes=network.source_bytes)
 
 
@@ -197,7 +147,7 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
 def compressor_load_data(path: Path, purpose: str, inputs: tuple[TensorSpec, ...], limit: int | None,
                          model_path: Path | None, context: Context | None) -> Dataset | None:
     """Text (``.txt``, ``.jsonl``) tokenized with the model's tokenizer; core reads ``.npz``."""
-    from compressor_onnx.text_data import text_dataset
+    from compressor_frontends.pytorch.text_data import text_dataset
 
     return text_dataset(path, purpose, inputs, limit, model_path, context)
 
@@ -206,8 +156,8 @@ def compressor_load_data(path: Path, purpose: str, inputs: tuple[TensorSpec, ...
 def compressor_fork(model: Model, context: Context) -> Model:
     """Steps never modify a Network, so a fork shares the loaded graph, file and export."""
     network: Network = model.handle
-    if network.export is not None:
-        network = dataclasses.replace(network, module=None, exported_program=None)
+    if network.export is not None and network.torch is not None:
+        network = dataclasses.replace(network, torch=network.torch.without_weights())
     else:
         network = dataclasses.replace(network)
     return Model(NAME, model.source, model.format, network, model.inputs, list(model.notes), dict(model.metadata))
@@ -258,11 +208,12 @@ def compressor_compress(model: Model, step: Step, context: Context) -> Model | N
 def _edit(model: Model, original: Network, step: Step, context: Context) -> tuple[Network, list[str], dict]:
     """``lowrank`` or ``prune`` (unstructured or channel) on the exported graph, then
     fine-tuned on the torch model when there is train data."""
-    from compressor_onnx.finetune import fine_tuning_wanted, finetune_graph_edit, one_shot_note
+    from compressor_frontends.pytorch.finetune import fine_tuning_wanted, one_shot_note
+    from compressor_onnx.finetune import finetune_graph_edit
 
     def edit(network: Network) -> tuple[Network, list[str], dict[str, Any], Any]:
         if step.technique == "lowrank" or step.params.get("structure") == "channel":
-            from compressor_onnx.rewrite import apply_step
+            from compressor_onnx.graph_steps import apply_step
 
             return apply_step(network, step, context)
         sparsity = float(step.params["sparsity"])
@@ -281,34 +232,22 @@ def _edit(model: Model, original: Network, step: Step, context: Context) -> tupl
 
 
 def _torch_step(model: Model, step: Step, context: Context) -> Model:
-    """``distill``, ``qat`` and ``prune structure=head``: on the torch model, before export."""
+    """``distill``, ``qat`` and ``prune structure=head``: on the torch model, before export
+    (:mod:`compressor_onnx.torch_steps`)."""
     if step.technique == "distill":
-        from compressor_onnx.distill import distill
+        from compressor_onnx.torch_steps import distill_step
 
-        network, notes, metadata = distill(model, step, context)
+        network, notes, metadata = distill_step(model, step, context)
     elif step.technique == "qat":
         from compressor_onnx.qat import qat
 
         network, notes, metadata = qat(model, step, context)
     else:
-        network, notes, metadata = _prune_heads(model, step, context)
+        from compressor_onnx.torch_steps import prune_heads_step
+
+        network, notes, metadata = prune_heads_step(model, step, context)
     return Model(NAME, model.source, _format(network), network, model.inputs,
                  [*model.notes, *notes], {**model.metadata, **metadata})
-
-
-def _prune_heads(model: Model, step: Step, context: Context) -> tuple[Network, list[str], dict]:
-    from compressor_onnx.finetune import fine_tuning_wanted, one_shot_note, train_student
-    from compressor_onnx.heads import prune_heads, torch_model, with_module
-
-    if not fine_tuning_wanted(step, context):
-        network, notes, metadata = prune_heads(model, step, context)
-        return network, [*notes, one_shot_note(step, context)], metadata
-    # The unpruned model is the teacher: read it at most once; prune_heads edits a copy of a held module.
-    _, teacher, _ = torch_model(model, step, context)
-    held = Model(NAME, model.source, model.format, with_module(model.handle, teacher), model.inputs)
-    network, notes, metadata = prune_heads(held, step, context)
-    more_notes, more_metadata = train_student(network, teacher, network.module, step, context)
-    return network, [*notes, *more_notes], {**metadata, **more_metadata}
 
 
 def _prune(network: Network, sparsity: float, context: Context) -> tuple[Network, int]:

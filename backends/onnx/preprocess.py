@@ -1,9 +1,10 @@
 """Graph clean-ups every quantize mode runs first, and the facts it reports.
 
 * Weights held by ``Constant`` nodes (exports from Paddle, TensorFlow and other
-  frameworks) become initializers: ONNX Runtime's quantizers only quantize
-  initializers, and refused such graphs ("Expected conv2d_157.w_0 to be an
-  initializer") or left their weights float at the same size.
+  frameworks) become initializers
+  (:func:`compressor_frontends.pytorch.onnx_graph.constants_to_initializers`): ONNX
+  Runtime's quantizers only quantize initializers, and refused such graphs ("Expected
+  conv2d_157.w_0 to be an initializer") or left their weights float at the same size.
 * ``weight_bytes`` sums the initializers by type, so a step can say when its
   weights did not shrink.
 
@@ -16,47 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
-#: Element types whose Constant tensors are weights worth quantizing.
-_FLOAT_TYPES = ("FLOAT", "FLOAT16", "DOUBLE", "BFLOAT16")
+from compressor_frontends.pytorch.onnx_graph import CONSTANT_WEIGHT_TYPES
+
 #: A step whose float weights end at least this share of what they were did not shrink them.
 NOT_SHRUNK = 0.95
-
-
-def constants_to_initializers(model: Any) -> int:
-    """Move the floating-point ``Constant`` node tensors that weighted ops (MatMul,
-    Gemm, Conv, Gather...) read into the main graph's initializers (in place); the
-    number moved. Other Constants (shape arithmetic, scalars) stay as they are."""
-    from onnx import TensorProto
-
-    from compressor_onnx.quantization import WEIGHTED_OPS
-
-    floating = {getattr(TensorProto, name) for name in _FLOAT_TYPES}
-    graph = model.graph
-    taken = {tensor.name for tensor in graph.initializer}
-    weights = {name for node in graph.node if node.op_type in WEIGHTED_OPS for name in node.input}
-    kept, moved = [], 0
-    for node in graph.node:
-        tensor = _constant_tensor(node)
-        if (tensor is None or tensor.data_type not in floating or node.output[0] in taken
-                or node.output[0] not in weights):
-            kept.append(node)
-            continue
-        initializer = graph.initializer.add()
-        initializer.CopyFrom(tensor)
-        initializer.name = node.output[0]
-        taken.add(initializer.name)
-        moved += 1
-    if moved:
-        del graph.node[:]
-        graph.node.extend(kept)
-    return moved
-
-
-def _constant_tensor(node: Any) -> Any | None:
-    if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
-        return None
-    attribute = next((a for a in node.attribute if a.name == "value"), None)
-    return attribute.t if attribute is not None and attribute.HasField("t") else None
 
 
 def weight_bytes(model: Any) -> dict[str, int]:
@@ -65,7 +29,7 @@ def weight_bytes(model: Any) -> dict[str, int]:
 
     from compressor_onnx.external import external_reference, is_external, tensor_nbytes
 
-    floating = {getattr(TensorProto, name) for name in _FLOAT_TYPES}
+    floating = {getattr(TensorProto, name) for name in CONSTANT_WEIGHT_TYPES}
     totals = {"float": 0, "other": 0}
     for tensor in model.graph.initializer:
         if is_external(tensor):

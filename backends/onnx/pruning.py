@@ -26,11 +26,11 @@ def prune_graph(graph: Any, sparsity: float) -> tuple[Any, int]:
     """Zero the ``sparsity`` share of smallest-magnitude weights per layer of an
     in-memory graph: a pruned copy and the number of layers pruned. Weights held by
     ``Constant`` nodes (older exporters, Paddle, TensorFlow) become initializers first,
-    as quantization makes them (:func:`compressor_onnx.preprocess.constants_to_initializers`)."""
+    as quantization makes them (:func:`compressor_frontends.pytorch.onnx_graph.constants_to_initializers`)."""
     import onnx
     from onnx import numpy_helper
 
-    from compressor_onnx.preprocess import constants_to_initializers
+    from compressor_frontends.pytorch.onnx_graph import constants_to_initializers
 
     pruned = onnx.ModelProto()
     pruned.CopyFrom(graph)

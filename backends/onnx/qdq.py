@@ -16,7 +16,7 @@ def fold_weights(graph: Any) -> Any:
     import numpy as np
     from onnx import helper, numpy_helper
 
-    from compressor_onnx.preprocess import constants_to_initializers
+    from compressor_frontends.pytorch.onnx_graph import constants_to_initializers
 
     constants_to_initializers(graph)
     nodes = graph.graph.node

@@ -9,44 +9,21 @@ cosine to float32, where ONNX Runtime's own per-tensor default gives ~0.96.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from compressor import CompressionError, Context, Dataset, Step, UsageError
-from compressor_onnx.export import strip_value_info
+from compressor.plugin import CompressionError, Context, Dataset, Step, UsageError
+from compressor_frontends.pytorch.export import large_model_bytes, strip_value_info
+from compressor_frontends.pytorch.onnx_graph import WEIGHTED_OPS
 from compressor_onnx.quantize_failures import keep_for_debugging, kept_suffix, shown_reason
 
-#: Ops whose weights quantization turns into integers; the rest never carry weights.
-WEIGHTED_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "Attention", "LSTM", "GRU"})
 #: The weighted ops: what static quantization covers on models past the large-model
 #: threshold, and one of the configurations the generic path tries (int8_choice.py).
 #: Quantizing every op ONNX Runtime can (LayerNormalization, Reshape, Where...) dropped
 #: all-MiniLM-L6-v2's embedding cosine to ~0.3 (transformers take their own path).
 STATIC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
-#: Default size (graph plus weights) past which a model stays on disk as an ONNX file
-#: with external data instead of an in-memory proto (protobuf's limit is 2 GB).
-LARGE_MODEL_BYTES = 1_800_000_000
-#: Environment variable overriding LARGE_MODEL_BYTES; tests lower it to take the
-#: large-model path with small models. An environment variable so that child
-#: processes see it too.
-LARGE_MODEL_VARIABLE = "COMPRESSOR_LARGE_MODEL_BYTES"
-
-
-def large_model_bytes() -> int:
-    """The large-model threshold in bytes, read at call time."""
-    text = os.environ.get(LARGE_MODEL_VARIABLE, "").strip()
-    if not text:
-        return LARGE_MODEL_BYTES
-    try:
-        value = int(float(text))
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise UsageError(f"{LARGE_MODEL_VARIABLE}={text!r} is not a positive number of bytes")
-    return value
 
 
 @contextmanager
@@ -74,7 +51,7 @@ def resolve_reduce_range(step: Step) -> bool:
         return value == "true"
     import platform
 
-    from compressor.environment import cpu_info
+    from compressor.plugin import cpu_info
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return False
@@ -110,7 +87,8 @@ def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> t
     """Apply ``quantize MODE`` to ``graph`` (which stays as it is): the new graph, notes and metadata."""
     import onnx
 
-    from compressor_onnx.preprocess import constants_to_initializers, shrink_facts, weight_bytes
+    from compressor_frontends.pytorch.onnx_graph import constants_to_initializers
+    from compressor_onnx.preprocess import shrink_facts, weight_bytes
 
     original, graph = graph, onnx.ModelProto()
     graph.CopyFrom(original)
@@ -146,7 +124,7 @@ def quantize_int8_file(
 
     ONNX Runtime's quantizer runs in a forked child: a native crash or running out of
     memory there (it segfaults under ``ulimit -v``) is one line, not the end of the run."""
-    from compressor.children import run_in_fork
+    from compressor.plugin import run_in_fork
 
     return run_in_fork(_quantize_int8_file, source, target, step, excluded, context, skeleton,
                        step=f"quantize {step.mode}")

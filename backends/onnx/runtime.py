@@ -9,15 +9,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from compressor import (
+from compressor.plugin import (
     Artifact,
     InvalidInputError,
     MeasureSettings,
     Runtime,
     TensorSpec,
     UnsupportedError,
+    first_line,
 )
-from compressor.errors import first_line
 
 #: ONNX element types as NumPy dtypes (``tensor(float)`` -> ``float32``).
 _NUMPY_TYPES = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool"}

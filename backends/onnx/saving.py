@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from compressor import Artifact
+from compressor.plugin import Artifact
 from compressor_onnx.external import Progress
 from compressor_onnx.loading import Network
 
@@ -14,7 +14,8 @@ def save_network(network: Network, path: Path, progress: Progress) -> tuple[Arti
     """Save a graph-form network at ``path``: the artifact and the facts to report."""
     import onnx
 
-    from compressor_onnx.quantization import float_nodes, large_model_bytes
+    from compressor_frontends.pytorch.export import large_model_bytes
+    from compressor_onnx.quantization import float_nodes
 
     side_files: tuple[Path, ...] = ()
     if network.path is not None:

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compressor import Dataset, UsageError
-from compressor.feeding import STATE_PREFIX, Examples, examples_from_data
+from compressor.feeding import STATE_PREFIX
+from compressor.plugin import Dataset, Examples, UsageError, examples_from_data
 
 CALIBRATION_BATCH = 8
 #: Signed histogram bins at the start (2048 a side, ONNX Runtime's percentile resolution).

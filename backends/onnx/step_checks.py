@@ -5,9 +5,9 @@ the step itself would say when it ran: a run refused here has done no work."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
-from compressor import Context, Model, Step, UsageError
+from compressor.plugin import Context, Model, Step, UsageError
+from compressor_frontends.pytorch.techniques import check_torch_step
 
 
 def check_steps(model: Model, steps: Sequence[Step], context: Context) -> None:
@@ -28,7 +28,7 @@ def check_steps(model: Model, steps: Sequence[Step], context: Context) -> None:
             raise UsageError(f"'{step}' changes the torch model before its ONNX export: "
                              "put it before quantize, lowrank and prune structure=channel")
         if torch_step:
-            check_torch_step(step, network.module, context)
+            check_torch_step(step, network.torch.module if network.torch is not None else None, context)
         elif step.technique != "qat":  # qat checks the graph steps before it itself
             if after_qat:
                 raise UsageError(f"'{step}' cannot follow qat: the model is an int8 graph already; put it before qat")
@@ -37,20 +37,3 @@ def check_steps(model: Model, steps: Sequence[Step], context: Context) -> None:
             check_quantize_step(step, context)
         if step.technique == "qat":
             after_qat = graph_step = True
-
-
-def check_torch_step(step: Step, module: Any, context: Context) -> None:
-    """What ``distill`` and ``prune structure=head`` refuse before training (the onnx and torch
-    backends' steps): head ranking without data, distill's student/layers, layers= too many."""
-    from compressor_onnx.heads import data_for
-
-    if step.params.get("structure") == "head" and data_for(context, "calibration", "eval", "train") is None:
-        raise UsageError(f"'{step}' ranks heads on data: pass --data or --calibration-data")
-    if step.technique != "distill":
-        return
-    layers = step.params.get("layers")
-    if (step.params.get("student") is None) == (layers is None):
-        raise UsageError("distill needs exactly one of student=package.module:function or layers=N")
-    total = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-    if layers is not None and isinstance(total, int) and total > 0 and int(layers) >= total:
-        raise UsageError(f"'{step}': the teacher has {total} layers; layers= must be fewer")

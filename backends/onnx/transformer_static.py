@@ -38,8 +38,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from compressor import CompressionError, Context, Step
-from compressor.errors import first_line
+from compressor.plugin import CompressionError, Context, Step, first_line
 from compressor_onnx.external import Producer, load_skeleton, read_array, write_model
 
 NORMALIZATIONS = frozenset({"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
@@ -124,7 +123,7 @@ def _pre_process(source: Path, target: Path, step: Step) -> bool:
     its symbolic shape inference and optimizer session leave ~400 MB allocated after they
     return on all-MiniLM-L6-v2 (90 MB), which would stay in this process for the steps
     that follow; a child gives it all back. False when it failed (or crashed)."""
-    from compressor.children import run_in_fork
+    from compressor.plugin import run_in_fork
 
     try:
         return run_in_fork(_pre_process_here, source, target, step=f"quantize {step.mode}")

@@ -1,4 +1,5 @@
-"""Convert a Keras model or SavedModel to a TFLite flatbuffer: fp32, fp16, dynamic, int8, uint8, int16x8."""
+"""Convert a Keras model or SavedModel (loaded by the Keras front end) to a TFLite flatbuffer:
+fp32, fp16, dynamic, int8, uint8, int16x8."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor import CompressionError, Dataset, TensorSpec
+from compressor.plugin import CompressionError, Dataset, TensorSpec
 from compressor_tflite import frameworks
 from compressor_tflite.handle import TFLiteHandle
 

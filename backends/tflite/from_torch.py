@@ -1,7 +1,7 @@
-"""PyTorch models in the tflite backend (``--backend tflite``): loaded as the onnx
-backend loads them, converted by Google's litert-torch, quantized by ai-edge-quantizer.
+"""PyTorch models in the tflite backend (``--backend tflite``): loaded by the PyTorch
+front end, converted by Google's litert-torch, quantized by ai-edge-quantizer.
 
-The torch model is read by :mod:`compressor_onnx.loading` (state_dict plus
+The torch model is read by :mod:`compressor_frontends.pytorch.loading` (state_dict plus
 ``--set model_factory``, ``.safetensors``, ``.pt2``, transformers folders; with
 its safety checks), converted once to a float LiteRT flatbuffer on first use
 (shared by every fork), and quantized with ai-edge-quantizer's recipes:
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor import (
+from compressor.plugin import (
     CompressionError,
     Context,
     Model,
@@ -34,8 +34,9 @@ from compressor import (
     TensorSpec,
     UnsupportedError,
     UsageError,
+    first_line,
 )
-from compressor.errors import first_line
+from compressor_frontends.pytorch import TorchModel
 from compressor_tflite import frameworks
 from compressor_tflite.handle import TFLiteHandle
 
@@ -53,7 +54,7 @@ _INSTALL_HINT = "pip install 'compressor[cross]' (litert-torch)"
 
 def reads(path: Path) -> bool:
     """Whether ``path`` is a PyTorch model this module converts (only with ``--backend tflite``)."""
-    from compressor_onnx.loading import is_transformers_folder
+    from compressor_frontends.pytorch.loading import is_transformers_folder
 
     if path.is_dir():
         return is_transformers_folder(path)
@@ -70,9 +71,9 @@ class _Conversion:
 
 @dataclass
 class TorchSource(TFLiteHandle):
-    """A torch model (a compressor_onnx Network) still to be converted to LiteRT."""
+    """A torch model still to be converted to LiteRT."""
 
-    network: Any = None
+    network: TorchModel | None = None
     conversion: _Conversion = field(default_factory=_Conversion)
 
 
@@ -81,13 +82,13 @@ def is_torch_source(handle: Any) -> bool:
 
 
 def load(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchSource, str, tuple[TensorSpec, ...]]:
-    """Read the torch model with the onnx backend's loaders (and their safety checks)."""
+    """Read the torch model with the PyTorch front end's loaders (and their safety checks)."""
     if find_spec("litert_torch") is None or find_spec("ai_edge_quantizer") is None:
         raise UnsupportedError(f"reading PyTorch models on backend 'tflite' needs litert-torch: {_INSTALL_HINT}")
-    from compressor_onnx.loading import load_network
+    from compressor_frontends.pytorch.loading import load_torch_model
 
-    network, inputs = load_network(path, options, trust)
-    return TorchSource(network=network), FORMAT, inputs
+    model, inputs = load_torch_model(path, options, trust)
+    return TorchSource(network=model), FORMAT, inputs
 
 
 def fork(model: Model) -> Model:
@@ -121,6 +122,7 @@ def float_flatbuffer(handle: TorchSource, context: Context) -> bytes:
         # JAX (imported by litert-torch) warns at every fork, also at subprocess's fork+exec.
         warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
         started = time.perf_counter()
+        assert handle.network is not None
         conversion.flatbuffer = _convert(handle.network, context)
         conversion.metadata = {"converter": _converter_version(),
                                "convert_seconds": round(time.perf_counter() - started, 3)}
@@ -170,16 +172,14 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _convert(network: Any, context: Context) -> bytes:
+def _convert(network: TorchModel, context: Context) -> bytes:
     import torch
 
-    from compressor_onnx.export import example_inputs
+    from compressor_frontends.pytorch.export import example_inputs
 
     with _quiet():
         import litert_torch
-    names, module = network.input_names, network.module
-    if network.exported_program is not None:
-        module = network.exported_program.module()
+    names, module = network.input_names, network.eager()
     arrays = example_inputs(network, context)
     present = [name for name in names if name in arrays]
     sample = {name: torch.from_numpy(np.ascontiguousarray(arrays[name][:1])) for name in present}
@@ -198,10 +198,11 @@ def _convert(network: Any, context: Context) -> bytes:
 
 def _wrap(module: Any, names: tuple[str, ...], by_keyword: bool) -> Any:
     """A module taking the inputs by name (they name the LiteRT signature's inputs) and
-    returning every output tensor by the names the onnx backend gives them."""
+    returning every output tensor by the names the onnx backend gives them
+    (:func:`compressor_frontends.pytorch.outputs.flatten_outputs`)."""
     import torch
 
-    from compressor_onnx.outputs import flatten_outputs
+    from compressor_frontends.pytorch.outputs import flatten_outputs
 
     class Forward(torch.nn.Module):
         def __init__(self) -> None:

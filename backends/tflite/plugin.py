@@ -1,7 +1,9 @@
 """Hook implementations of the ``tflite`` backend: Keras and TensorFlow models to TFLite.
 
-Importing this module imports no framework; TensorFlow, tf-keras,
-tensorflow-model-optimization and LiteRT are imported inside the hooks.
+Keras models are loaded, pruned, restructured and trained by the Keras front end
+(:mod:`compressor_frontends.keras`); this backend converts them to ``.tflite`` and
+runs them in LiteRT. Importing this module imports no framework; TensorFlow,
+tf-keras, tensorflow-model-optimization and LiteRT are imported inside the hooks.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compressor import (
+from compressor.plugin import (
     EVERY_STEP,
     PRUNE,
     QUANTIZE,
@@ -27,13 +29,13 @@ from compressor import (
     Step,
     Technique,
     TensorSpec,
+    UnsupportedError,
     hookimpl,
 )
-from compressor_onnx.text_data import TEXT_OPTIONS_HELP
+from compressor_frontends.keras.distill import StudentFactory, Width
+from compressor_frontends.pytorch.text_data import TEXT_OPTIONS_HELP
 from compressor_tflite import frameworks, from_torch, loading
-from compressor_tflite.distill import StudentFactory, Width
 from compressor_tflite.handle import TFLiteHandle
-from compressor_tflite.structure import STRUCTURES, Structure
 
 NAME = "tflite"
 LOWRANK = "lowrank"
@@ -45,6 +47,19 @@ TORCH_OPTIONS = {
     "max_length": Param(int, None, TEXT_OPTIONS_HELP["max_length"], minimum=1),
     "tokenizer": Param(str, None, TEXT_OPTIONS_HELP["tokenizer"]),
 }
+STRUCTURES = ("unstructured", "channel")
+
+
+class Structure(str):
+    """The type of ``prune structure=``: coercing ``head`` refuses it as unsupported, so core
+    stops the request while validating it, before any work."""
+
+    def __new__(cls, value: object) -> str:  # type: ignore[misc]
+        text = str(value).strip().lower()
+        if text == "head":
+            raise UnsupportedError("prune structure=head (attention heads of transformers models) is on "
+                                   f"the onnx backend; here structure may be {' or '.join(STRUCTURES)}")
+        return text
 
 
 TECHNIQUES = {
@@ -168,7 +183,7 @@ def compressor_identify(path: Path) -> str | None:
 def compressor_load(path: Path, backend: str, context: Context) -> Model:
     if from_torch.reads(path):
         torch_handle, fmt, inputs = from_torch.load(path, context.options, context.trust)
-        return Model(NAME, path, fmt, torch_handle, inputs, source_bytes=torch_handle.network.source_bytes)
+        return Model(NAME, path, fmt, torch_handle, inputs)
     with frameworks.private_tempdir():
         handle, fmt, inputs = loading.load(path, context.trust)
     return Model(NAME, path, fmt, handle, inputs)
@@ -179,7 +194,7 @@ def compressor_load_data(path: Path, purpose: str, inputs: tuple[TensorSpec, ...
                          model_path: Path | None, context: Context | None) -> Dataset | None:
     """Text (``.txt``, ``.jsonl``) for a model with a tokenizer (a PyTorch or transformers
     model, tokenized as on the onnx backend); core reads ``.npz``."""
-    from compressor_onnx.text_data import text_dataset
+    from compressor_frontends.pytorch.text_data import text_dataset
 
     return text_dataset(path, purpose, inputs, limit, model_path, context)
 
@@ -226,8 +241,8 @@ def _compress(model: Model, step: Step, context: Context) -> Model | None:
 
 
 def _restructure(model: Model, step: Step, context: Context) -> Model:
-    from compressor_tflite.channels import prune_channels
-    from compressor_tflite.structure import lowrank
+    from compressor_frontends.keras.channels import prune_channels
+    from compressor_frontends.keras.structure import lowrank
 
     if model.handle.keras_model is None:
         raise CompressionError(f"{step.technique} needs a Keras model; a plain TensorFlow SavedModel can only "
@@ -242,7 +257,7 @@ def _restructure(model: Model, step: Step, context: Context) -> Model:
 
 def _train(model: Model, step: Step, context: Context) -> Model:
     """``qat`` and ``distill``: both train on --train-data (core made sure it was given)."""
-    from compressor_tflite.distill import distill
+    from compressor_frontends.keras.distill import distill
     from compressor_tflite.qat import qat
 
     keras_model, train = model.handle.keras_model, context.train_data
@@ -284,7 +299,7 @@ def _quantize(model: Model, step: Step, context: Context) -> Model:
 
 
 def _prune(model: Model, step: Step, context: Context) -> Model:
-    from compressor_tflite.pruning import prune
+    from compressor_frontends.keras.pruning import prune
 
     if model.handle.keras_model is None:
         raise CompressionError("prune needs a Keras model; a plain TensorFlow SavedModel can only be quantized")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from compressor.errors import CompressorError
+    from compressor.plugin import CompressorError
     from compressor_tflite.loading import session_inputs
 
     path = Path(argv[0])

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor import InvalidInputError, Runtime, TensorSpec
-from compressor.errors import first_line
+from compressor.plugin import InvalidInputError, Runtime, TensorSpec, first_line
 from compressor_tflite import frameworks
 
 _INTEGER_KINDS = "iu"

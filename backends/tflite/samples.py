@@ -1,4 +1,5 @@
-"""The sample model for ``compressor demo``: a small CNN on scikit-learn's 8x8 digits."""
+"""The sample model for ``compressor demo``: a small Keras CNN on scikit-learn's 8x8 digits,
+built with the Keras front end's tf-keras; the backend's demo model, so it lives here."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from compressor import SampleModel
-from compressor_tflite import frameworks
+from compressor.plugin import SampleModel
+from compressor_frontends.keras import frameworks
 
 SAMPLE_VARIANTS = (
     ("quantize fp16",),

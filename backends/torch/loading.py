@@ -1,6 +1,7 @@
-"""Load PyTorch models for the torch backend into a :class:`TorchNet`.
+"""Load PyTorch models for the torch backend into a
+:class:`~compressor_frontends.pytorch.TorchModel`.
 
-The onnx backend's loaders are reused as they are (``compressor_onnx.loading``):
+The PyTorch front end's loaders read them (:mod:`compressor_frontends.pytorch.loading`):
 state dicts (``.pt``/``.pth``/``.bin``, ``.safetensors``) built by ``--set
 model_factory``, ``torch.export`` archives (``.pt2``, pickled entries refused
 without ``--trust``), transformers folders. Nothing is unpickled as code.
@@ -14,18 +15,23 @@ and the memory (:func:`check_model_size`).
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from compressor import InvalidInputError, TensorSpec, UnsafeInputError, UnsupportedError, UsageError
-from compressor.errors import first_line
-from compressor.factories import import_factory
+from compressor.plugin import (
+    InvalidInputError,
+    TensorSpec,
+    UnsafeInputError,
+    UnsupportedError,
+    UsageError,
+    first_line,
+    import_factory,
+)
+from compressor_frontends.pytorch import TorchModel
 
 #: The JSON member this backend writes into the ``.pt2`` archives it saves.
 EXTRA_NAME = "compressor.json"
@@ -37,37 +43,13 @@ MAX_FACTS_BYTES = 16 << 20
 NOT_TORCH = (".onnx", ".keras", ".h5", ".hdf5", ".tflite")
 
 
-@dataclass
-class TorchNet:
-    """``Model.handle``: an eager module, and what it takes to feed, export and rebuild it."""
-
-    module: Any
-    input_names: tuple[str, ...] = ("x",)
-    #: Call the module with keyword inputs (transformers models).
-    keyword_inputs: bool = False
-    #: Example shapes (``compressor_onnx.shapes.SampleShape``) when no data gives examples.
-    sample_shapes: tuple[Any, ...] = ()
-    optional_inputs: frozenset[str] = frozenset()
-    #: Names of the flattened outputs when known (a reloaded artifact), else derived.
-    output_names: tuple[str, ...] = ()
-    #: How to build the module again from a state_dict: ``{"factory": "pkg.mod:fn"}``,
-    #: ``{"transformers": CLASS, "config": {...}}``, or ``{}`` (a .pt2 program).
-    recipe: dict[str, Any] = field(default_factory=dict)
-    #: Quantize modes applied, in order (``dynamic``, ``int8``, ``fp16``).
-    quantization: tuple[str, ...] = ()
-    #: The inputs as exported (float inputs cast to the module's dtype inside).
-    dtype: str = "float32"
-
-    def fork(self) -> TorchNet:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own pytree deprecations
-            module = copy.deepcopy(self.module)
-        return replace(self, module=module, recipe=dict(self.recipe))
-
-
-def load_net(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchNet, tuple[TensorSpec, ...]]:
+def load_net(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
     """Read ``path`` (anything the onnx backend reads but ONNX graphs) as an eager torch model."""
-    from compressor_onnx.loading import is_transformers_folder, load_network
+    from compressor_frontends.pytorch.loading import (
+        READ_SUFFIXES,
+        is_transformers_folder,
+        load_torch_model,
+    )
 
     suffix = path.suffix.lower()
     if suffix in NOT_TORCH or (path.is_dir() and (path / "saved_model.pb").is_file()):
@@ -77,37 +59,36 @@ def load_net(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchNet
         from compressor_torch.saving import load_from_manifest
 
         return load_from_manifest(path, manifest_path(path), options, trust)
+    if not path.is_dir() and suffix not in READ_SUFFIXES:
+        raise InvalidInputError(f"unsupported file type {suffix!r} for the torch backend", path)
     saved = read_extra(path) if suffix == ".pt2" else None
     if saved is not None and set(saved.get("quantization", ())) & {"dynamic", "int8"}:
         from compressor_torch.quantize import import_torchao
 
         import_torchao()  # registers the torchao ops the program calls
-    network, specs = load_network(path, options, trust)
-    if network.module is None and network.exported_program is None:
-        raise UnsupportedError("not a PyTorch model (read as an ONNX graph); use --backend onnx", path)
+    loaded, specs = load_torch_model(path, options, trust)
     recipe: dict[str, Any] = {}
-    if network.exported_program is not None:
-        module = network.exported_program.module()
+    if loaded.exported_program is not None:
+        module = loaded.exported_program.module()
         if saved is not None:
-            net = TorchNet(module, tuple(saved["inputs"]), output_names=tuple(saved["outputs"]),
-                           quantization=tuple(saved.get("quantization", ())), dtype="float32")
+            net = TorchModel(module, input_names=tuple(saved["inputs"]), output_names=tuple(saved["outputs"]),
+                             quantization=tuple(saved.get("quantization", ())), dtype="float32")
             return net, tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in saved["specs"])
     else:
-        module = network.module
+        module = loaded.module
         if path.is_dir() and is_transformers_folder(path):
             recipe = transformers_recipe(module)
         elif options.get("model_factory"):
             recipe = {"factory": str(options["model_factory"])}
-    net = TorchNet(
+    return TorchModel(
         module=module,
-        input_names=network.input_names,
-        keyword_inputs=network.keyword_inputs,
-        sample_shapes=network.sample_shapes,
-        optional_inputs=network.optional_inputs,
-        output_names=network.output_names,
+        input_names=loaded.input_names,
+        keyword_inputs=loaded.keyword_inputs,
+        sample_shapes=loaded.sample_shapes,
+        optional_inputs=loaded.optional_inputs,
+        output_names=loaded.output_names,
         recipe=recipe,
-    )
-    return net, specs
+    ), specs
 
 
 def transformers_recipe(module: Any) -> dict[str, Any]:

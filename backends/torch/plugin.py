@@ -1,9 +1,9 @@
 """Hook implementations of the ``torch`` backend: stay in PyTorch.
 
-PyTorch models (the same inputs the onnx backend reads, loaded by its code)
-compressed with PyTorch's own tools (torchao quantization, magnitude pruning) and
-the structured techniques the onnx backend runs on torch models (``structured.py``:
-lowrank, channel and head pruning, distillation, fine-tuning),
+PyTorch models (the same inputs the onnx backend reads, loaded by the PyTorch front
+end, :mod:`compressor_frontends.pytorch`) compressed with PyTorch's own tools (torchao
+quantization, magnitude pruning) and the front end's structured techniques
+(``structured.py``: lowrank, channel and head pruning, distillation, fine-tuning),
 saved as ``torch.export`` programs and measured by PyTorch on the CPU.
 
 The backend claims no file suffix of its own but its manifest's
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from compressor import (
+from compressor.plugin import (
     Artifact,
     Backend,
     Context,
@@ -32,8 +32,13 @@ from compressor import (
     hookimpl,
 )
 
-# The onnx backend's declarations of the techniques both backends offer: one vocabulary.
-from compressor_onnx.plugin import DISTILL, PRUNE_PARAMS, lowrank_technique, text_options
+# The PyTorch front end's declarations of the techniques the onnx and torch backends offer: one vocabulary.
+from compressor_frontends.pytorch.techniques import (
+    DISTILL,
+    PRUNE_PARAMS,
+    lowrank_technique,
+    text_options,
+)
 
 NAME = "torch"
 
@@ -105,7 +110,7 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
 def compressor_load_data(path: Path, purpose: str, inputs: tuple[TensorSpec, ...], limit: int | None,
                          model_path: Path | None, context: Context | None) -> Dataset | None:
     """Text (``.txt``, ``.jsonl``) tokenized as on the onnx backend; core reads ``.npz``."""
-    from compressor_onnx.text_data import text_dataset
+    from compressor_frontends.pytorch.text_data import text_dataset
 
     return text_dataset(path, purpose, inputs, limit, model_path, context)
 
@@ -120,7 +125,7 @@ def compressor_fork(model: Model, context: Context) -> Model:
 def compressor_check_steps(model: Model, steps: list[Step], context: Context) -> None:
     """Refused before any work: torchao's modes without torchao, fp16 of a ``.pt2`` program,
     a second quantize; what distill and head pruning refuse before training."""
-    from compressor_onnx.step_checks import check_torch_step
+    from compressor_frontends.pytorch.techniques import check_torch_step
     from compressor_torch.quantize import check_quantize_steps
 
     check_quantize_steps(model.handle, steps)
@@ -131,7 +136,7 @@ def compressor_check_steps(model: Model, steps: list[Step], context: Context) ->
 
 @hookimpl
 def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
-    from compressor import CompressionError
+    from compressor.plugin import CompressionError
     from compressor_torch.quantize import quantize
 
     net = model.handle

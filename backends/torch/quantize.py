@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from compressor import CompressionError, Step, UnsupportedError, UsageError
-from compressor_torch.loading import TorchNet
+from compressor.plugin import CompressionError, Step, UnsupportedError, UsageError
+from compressor_frontends.pytorch import TorchModel
 
 TORCHAO_MODES = ("dynamic", "int8")
 
@@ -61,7 +61,7 @@ PROGRAM_FP16 = ("quantize fp16: a .pt2 program checks the float32 dtypes it was 
                 "dynamic or int8 it, or load its state_dict with --set model_factory for fp16")
 
 
-def check_quantize_steps(net: TorchNet, steps: Sequence[Step]) -> None:
+def check_quantize_steps(net: TorchModel, steps: Sequence[Step]) -> None:
     """What :func:`quantize` would refuse, said before any work (nothing imported but what
     loading the model did)."""
     from importlib.util import find_spec
@@ -81,7 +81,7 @@ def check_quantize_steps(net: TorchNet, steps: Sequence[Step]) -> None:
             raise UsageError(PROGRAM_FP16)
 
 
-def quantize(net: TorchNet, mode: str) -> tuple[TorchNet, list[str], dict[str, Any]]:
+def quantize(net: TorchModel, mode: str) -> tuple[TorchModel, list[str], dict[str, Any]]:
     """``net`` quantized in place (it is the variant's own fork): notes and facts."""
     if net.quantization:
         raise CompressionError(
@@ -111,7 +111,7 @@ def quantize(net: TorchNet, mode: str) -> tuple[TorchNet, list[str], dict[str, A
         try:
             quantize_(net.module, config, filter_fn=linear_filter())
         except Exception as error:  # noqa: BLE001 - torchao raises whatever a layer's shape triggers
-            from compressor.errors import first_line
+            from compressor.plugin import first_line
 
             raise CompressionError(f"torchao quantize {mode} failed ({type(error).__name__}: "
                                    f"{first_line(error)})") from None
@@ -202,7 +202,7 @@ def count_linears(module: Any) -> int:
     return sum(1 for layer in module.modules() if type(layer) is torch.nn.Linear)
 
 
-def prune(net: TorchNet, sparsity: float) -> tuple[TorchNet, int]:
+def prune(net: TorchModel, sparsity: float) -> tuple[TorchModel, int]:
     """Zero the ``sparsity`` share of smallest-magnitude weights of every Linear/Conv, in place."""
     import torch
 

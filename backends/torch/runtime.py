@@ -1,7 +1,7 @@
 """A saved torch artifact opened for core to measure: PyTorch on the CPU, threads
 fixed to the requested count, under ``torch.inference_mode``.
 
-A ``.pt2`` loads through the onnx backend's safe loader (weights-only, pickled
+A ``.pt2`` loads through the PyTorch front end's safe loader (weights-only, pickled
 entries refused); a safetensors artifact is rebuilt from its manifest. Every
 output the model returns is given back, named as at save time.
 """
@@ -12,8 +12,14 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from compressor import Artifact, InvalidInputError, MeasureSettings, Runtime, TensorSpec
-from compressor.errors import first_line
+from compressor.plugin import (
+    Artifact,
+    InvalidInputError,
+    MeasureSettings,
+    Runtime,
+    TensorSpec,
+    first_line,
+)
 
 
 def set_threads(threads: int) -> None:
@@ -26,8 +32,9 @@ def set_threads(threads: int) -> None:
 
 
 def open_net(artifact: Artifact) -> tuple[Any, tuple[TensorSpec, ...]]:
-    """The artifact's TorchNet and input specs."""
-    from compressor_torch.loading import TorchNet, manifest_path, read_extra
+    """The artifact's TorchModel and input specs."""
+    from compressor_frontends.pytorch import TorchModel
+    from compressor_torch.loading import manifest_path, read_extra
 
     path = artifact.path
     if path.suffix == ".pt2":
@@ -39,11 +46,11 @@ def open_net(artifact: Artifact) -> tuple[Any, tuple[TensorSpec, ...]]:
 
             import_torchao()  # registers the torchao ops the program calls
 
-        from compressor_onnx.pt2 import load_program
+        from compressor_frontends.pytorch.pt2 import load_program
 
         program = load_program(path, trust=False)
-        net = TorchNet(program.module(), tuple(facts["inputs"]), output_names=tuple(facts["outputs"]),
-                       quantization=tuple(facts.get("quantization", ())))
+        net = TorchModel(program.module(), input_names=tuple(facts["inputs"]),
+                         output_names=tuple(facts["outputs"]), quantization=tuple(facts.get("quantization", ())))
         specs = tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in facts["specs"])
         return net, specs
     from compressor_torch.saving import rebuild_from_manifest, wrap

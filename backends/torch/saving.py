@@ -1,12 +1,13 @@
-"""Save a :class:`TorchNet`: a ``torch.export`` program (``.pt2``) when the model
-exports, else its weights as safetensors plus a JSON manifest to rebuild it.
+"""Save a :class:`~compressor_frontends.pytorch.TorchModel`: a ``torch.export`` program
+(``.pt2``) when the model exports, else its weights as safetensors plus a JSON manifest
+to rebuild it.
 
 The program takes the inputs positionally and returns every output flattened
-(``compressor_onnx.outputs``: one tensor, tuples, dicts, ``ModelOutput``); its
+(:mod:`compressor_frontends.pytorch.outputs`: one tensor, tuples, dicts, ``ModelOutput``); its
 input and output names, input specs and quantization travel inside the archive
 as plain JSON (``extra/compressor.json``). torchao's quantized tensors are
 unwrapped into plain tensors and torchao ops first, so the archive holds no
-pickled weights and loads under the onnx backend's ``.pt2`` safety checks.
+pickled weights and loads under the PyTorch front end's ``.pt2`` safety checks.
 
 The fallback (``NAME.safetensors`` + ``NAME.torch.json``) names how to build the
 module (the ``model_factory`` or the transformers class and config) and the
@@ -24,19 +25,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from compressor import (
+from compressor.plugin import (
     Artifact,
     CompressionError,
     Context,
     InvalidInputError,
     TensorSpec,
     UsageError,
+    first_line,
 )
-from compressor.errors import first_line
+from compressor_frontends.pytorch import TorchModel
 from compressor_torch.loading import (
     EXTRA_NAME,
     MANIFEST_FORMAT,
-    TorchNet,
     build_from_recipe,
     checked_facts,
     confirmed_recipe,
@@ -46,12 +47,12 @@ from compressor_torch.loading import (
 SAVED_NOTE = "saved as safetensors + manifest"
 
 
-def wrap(net: TorchNet) -> Any:
+def wrap(net: TorchModel) -> Any:
     """A module taking the inputs positionally, casting float inputs to the model's
     dtype and returning every output tensor flattened, float outputs as float32."""
     import torch
 
-    from compressor_onnx.outputs import flatten_outputs
+    from compressor_frontends.pytorch.outputs import flatten_outputs
 
     names, by_keyword = net.input_names, net.keyword_inputs
     half = net.dtype == "float16"
@@ -74,11 +75,11 @@ def wrap(net: TorchNet) -> Any:
     return forward
 
 
-def output_names(net: TorchNet, names: tuple[str, ...], examples: dict[str, Any]) -> tuple[str, ...]:
-    """The flattened outputs' names (``compressor_onnx.outputs``), from one run on the examples."""
+def output_names(net: TorchModel, names: tuple[str, ...], examples: dict[str, Any]) -> tuple[str, ...]:
+    """The flattened outputs' names (:mod:`compressor_frontends.pytorch.outputs`), from one run on the examples."""
     import torch
 
-    from compressor_onnx.outputs import flatten_outputs
+    from compressor_frontends.pytorch.outputs import flatten_outputs
 
     if net.output_names:
         return net.output_names
@@ -97,19 +98,16 @@ def output_names(net: TorchNet, names: tuple[str, ...], examples: dict[str, Any]
     return found
 
 
-def example_inputs(net: TorchNet, context: Context) -> dict[str, Any]:
+def example_inputs(net: TorchModel, context: Context) -> dict[str, Any]:
     """Real examples from a data file (else the declared shapes), at least two rows so
     that the batch axis stays dynamic in the export."""
     import numpy as np
 
-    from compressor_onnx.export import example_inputs as onnx_examples
-    from compressor_onnx.loading import Network
+    from compressor_frontends.pytorch.export import example_inputs as export_examples
 
-    network = Network(input_names=net.input_names, sample_shapes=net.sample_shapes,
-                      optional_inputs=net.optional_inputs)
     for dataset in (context.calibration_data, context.eval_data, context.train_data):
         if dataset is not None and _rows(dataset) >= 2:
-            from compressor_onnx.shapes import sample_from_data
+            from compressor_frontends.pytorch.shapes import sample_from_data
 
             present = tuple(name for name in net.input_names
                             if name not in net.optional_inputs or name in dataset.features)
@@ -118,7 +116,7 @@ def example_inputs(net: TorchNet, context: Context) -> dict[str, Any]:
             return {name: np.ascontiguousarray(array.astype(dtypes.get(name, _default_dtype(array))))
                     for name, array in arrays.items()}
     try:
-        arrays = onnx_examples(network, context)
+        arrays = export_examples(net, context)
     except UsageError:
         raise UsageError(
             "saving this PyTorch model needs example inputs: pass a data file "
@@ -136,7 +134,7 @@ def _default_dtype(array: Any) -> str:
     return "float32" if array.dtype.kind == "f" else array.dtype.name
 
 
-def save_net(net: TorchNet, destination: Path, context: Context) -> tuple[Artifact, dict[str, Any], list[str]]:
+def save_net(net: TorchModel, destination: Path, context: Context) -> tuple[Artifact, dict[str, Any], list[str]]:
     """The artifact, facts for the report and notes (why the fallback was used)."""
     wanted = str(context.options.get("save_format") or "auto")
     examples = example_inputs(net, context)
@@ -167,25 +165,25 @@ def _specs(names: tuple[str, ...], examples: dict[str, Any], program: Any | None
             shape = nodes[name].meta["val"].shape
             shapes.append(tuple(dim if isinstance(dim, int) else None for dim in shape))
     else:
-        from compressor_onnx.shapes import dynamic_shape
+        from compressor_frontends.pytorch.shapes import dynamic_shape
 
         shapes = [dynamic_shape(tuple(examples[name].shape), examples[name].dtype.name) for name in names]
     return [{"name": name, "dtype": examples[name].dtype.name, "shape": list(shape)}
             for name, shape in zip(names, shapes)]
 
 
-def _facts(net: TorchNet, names: tuple[str, ...], outputs: tuple[str, ...],
+def _facts(net: TorchModel, names: tuple[str, ...], outputs: tuple[str, ...],
            specs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"format": MANIFEST_FORMAT, "version": 1, "inputs": list(names), "outputs": list(outputs),
             "specs": specs, "keyword_inputs": net.keyword_inputs, "quantization": list(net.quantization),
             "dtype": net.dtype}
 
 
-def export_program(net: TorchNet, names: tuple[str, ...], outputs: tuple[str, ...],
+def export_program(net: TorchModel, names: tuple[str, ...], outputs: tuple[str, ...],
                    examples: dict[str, Any], path: Path) -> Path:
     import torch
 
-    from compressor_onnx.pt2 import pickled_entries
+    from compressor_frontends.pytorch.pt2 import pickled_entries
 
     if net.quantization and net.quantization[0] in ("dynamic", "int8"):
         from torchao.utils import unwrap_tensor_subclass
@@ -225,12 +223,12 @@ def _stand_in(tensor: Any) -> Any:
 
 
 def _dynamic_axes(array: Any) -> tuple[int, ...]:
-    from compressor_onnx.shapes import sequence_axes
+    from compressor_frontends.pytorch.shapes import sequence_axes
 
     return sequence_axes(array.ndim, array.dtype.name)
 
 
-def save_safetensors(net: TorchNet, names: tuple[str, ...], outputs: tuple[str, ...],
+def save_safetensors(net: TorchModel, names: tuple[str, ...], outputs: tuple[str, ...],
                      examples: dict[str, Any], destination: Path) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
@@ -264,7 +262,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def load_from_manifest(weights: Path, manifest: Path, options: dict[str, Any],
-                       trust: bool) -> tuple[TorchNet, tuple[TensorSpec, ...]]:
+                       trust: bool) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
     """A user's safetensors + manifest: a factory the manifest names is only a hint,
     built only once the user confirmed it (``confirmed_recipe``)."""
     facts = read_manifest(manifest)
@@ -273,14 +271,14 @@ def load_from_manifest(weights: Path, manifest: Path, options: dict[str, Any],
 
 
 def rebuild_from_manifest(weights: Path, manifest: Path,
-                          facts: dict[str, Any] | None = None) -> tuple[TorchNet, tuple[TensorSpec, ...]]:
+                          facts: dict[str, Any] | None = None) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
     """The saved module: its structure built and quantized as the manifest says, then
     the saved tensors loaded into it (strictly).
 
     Without ``facts`` the manifest's recipe is followed as it is: for artifacts this
     run saved itself (the measuring child), whose factory the user confirmed when the
     model was loaded. A user's file goes through :func:`load_from_manifest`."""
-    from compressor_onnx.loading import load_safetensors
+    from compressor_frontends.pytorch.loading import load_safetensors
     from compressor_torch.quantize import linear_filter, torchao_config
 
     facts = facts if facts is not None else read_manifest(manifest)
@@ -302,9 +300,10 @@ def rebuild_from_manifest(weights: Path, manifest: Path,
         module.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise InvalidInputError(f"the weights do not fit the rebuilt model ({first_line(error)})", weights) from None
-    net = TorchNet(module.eval(), tuple(facts["inputs"]), bool(facts.get("keyword_inputs")),
-                   output_names=tuple(facts["outputs"]), recipe=dict(facts["recipe"]),
-                   quantization=quantization, dtype=str(facts.get("dtype", "float32")))
+    net = TorchModel(module.eval(), input_names=tuple(facts["inputs"]),
+                     keyword_inputs=bool(facts.get("keyword_inputs")), output_names=tuple(facts["outputs"]),
+                     recipe=dict(facts["recipe"]), quantization=quantization,
+                     dtype=str(facts.get("dtype", "float32")))
     specs = tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in facts["specs"])
     return net, specs
 
@@ -313,7 +312,7 @@ def rebuild_from_manifest(weights: Path, manifest: Path,
 def _export_logs_silenced() -> Iterator[None]:
     """torch.export logs the traced graph (and guard failures) on the way to an error it
     raises anyway, and a failed export falls back to safetensors: keep the CLI clean."""
-    from compressor.native import native_output_silenced
+    from compressor.plugin import native_output_silenced
 
     logging.disable(logging.CRITICAL)
     try:

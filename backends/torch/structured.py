@@ -1,27 +1,21 @@
-"""The torch backend's structured techniques, by the onnx backend's torch-level code.
-
-The onnx backend edits the torch model before its export for ``prune
-structure=head`` and ``distill`` (``compressor_onnx.heads``, ``distill``) and
-fine-tunes edited torch models (``compressor_onnx.finetune``); this backend calls
-that code on its own module, seen as a ``compressor_onnx.loading.Network`` that
-holds it (:func:`as_network`), and keeps the result a PyTorch model:
+"""The torch backend's structured techniques, by the PyTorch front end on the model's module.
 
 * ``lowrank``: every matching ``nn.Linear`` replaced by two Linear layers holding
-  the truncated-SVD factors of its weight (``compressor_onnx.lowrank``: the same
-  request, ranks, skip rules, factors and report as the onnx graph edit;
-  ``finetune.factorize_linears`` builds the layers);
-* ``prune structure=head``: ``compressor_onnx.heads.prune_heads``;
-* ``prune structure=channel``: the onnx backend's chain analysis
-  (``compressor_onnx.channels``) on the module's ONNX export decides which
-  outputs go; its kept indices are mapped back to the Linear/Conv parameters
-  (``finetune.locate_parameters``, by value) and those modules really sliced;
-* ``distill``: ``compressor_onnx.distill.distill``;
+  the truncated-SVD factors of its weight (:mod:`compressor_frontends.pytorch.lowrank`:
+  the same request, ranks, skip rules, factors and report as the onnx graph edit);
+* ``prune structure=head``: :func:`compressor_frontends.pytorch.heads.prune_heads`;
+* ``prune structure=channel``: the chain analysis of
+  :mod:`compressor_frontends.pytorch.channels` on the module's ONNX export decides
+  which outputs go; its kept indices are mapped back to the Linear/Conv parameters
+  (:func:`compressor_frontends.pytorch.finetune.locate_parameters`, by value) and those
+  modules really sliced;
+* ``distill``: :func:`compressor_frontends.pytorch.distill.distill`;
 * unstructured ``prune`` (``quantize.prune``) is fine-tuned with its zeros kept.
 
 With ``--train-data`` and ``epochs`` > 0 the edited module is fine-tuned against
-the unedited one (``finetune.train_student``), else the note says one-shot.
-A changed architecture can no longer be rebuilt from the model factory or the
-transformers config: such a model is saved as ``.pt2`` only (``recipe`` emptied).
+the unedited one (:func:`compressor_frontends.pytorch.finetune.train_student`), else the
+note says one-shot. A changed architecture can no longer be rebuilt from the model
+factory or the transformers config: such a model is saved as ``.pt2`` only (``recipe`` emptied).
 """
 
 from __future__ import annotations
@@ -29,8 +23,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from compressor import CompressionError, Context, Model, Step, UsageError
-from compressor_torch.loading import TorchNet, transformers_recipe
+from compressor.plugin import CompressionError, Context, Model, Step, UsageError
+from compressor_frontends.pytorch import TorchModel
+from compressor_torch.loading import transformers_recipe
 
 #: Steps whose result the safetensors manifest could not rebuild (distill sets its own recipe).
 RESHAPING = ("lowrank", "channel", "head")
@@ -43,20 +38,11 @@ def kind(step: Step) -> str:
     return step.technique
 
 
-def as_network(net: TorchNet) -> Any:
-    """The onnx backend's view of ``net``: a Network holding its module, not yet exported."""
-    from compressor_onnx.loading import Network
-
-    return Network(module=net.module, input_names=net.input_names, output_names=net.output_names,
-                   sample_shapes=net.sample_shapes, keyword_inputs=net.keyword_inputs,
-                   optional_inputs=net.optional_inputs)
-
-
 def check_step(model: Model, step: Step, context: Context) -> None:
     """Refuse, before any work, what this backend cannot do with ``step``."""
     import torch
 
-    net: TorchNet = model.handle
+    net: TorchModel = model.handle
     what = kind(step)
     if net.quantization and what != "unstructured":
         raise UsageError(f"'{step}' changes the float model: put it before quantize")
@@ -68,13 +54,13 @@ def check_step(model: Model, step: Step, context: Context) -> None:
         raise UsageError(f"'{step}' changes the architecture, which the safetensors manifest cannot rebuild "
                          "from the model factory or config: leave save_format=auto (.pt2)")
     if what == "lowrank":
-        from compressor_onnx.lowrank import lowrank_request
+        from compressor_frontends.pytorch.lowrank import lowrank_request
 
         lowrank_request(step.params)
 
 
-def apply(model: Model, step: Step, context: Context) -> tuple[TorchNet, list[str], dict[str, Any]]:
-    """``step`` on the model's module (its own fork): the net, notes and metadata."""
+def apply(model: Model, step: Step, context: Context) -> tuple[TorchModel, list[str], dict[str, Any]]:
+    """``step`` on the model's module (its own fork): the model, notes and metadata."""
     check_step(model, step, context)
     what = kind(step)
     if what == "distill":
@@ -88,20 +74,24 @@ def apply(model: Model, step: Step, context: Context) -> tuple[TorchNet, list[st
     return _unstructured(model.handle, step, context)
 
 
-def _fine_tuned(net: TorchNet, teacher: Any, student: Any, step: Step, context: Context,
+def _fine_tuned(net: TorchModel, teacher: Any, student: Any, step: Step, context: Context,
                 after_step: Any = None) -> tuple[list[str], dict[str, Any]]:
     """Fine-tuning of ``student`` against ``teacher`` on --train-data, or the one-shot note."""
-    from compressor_onnx.finetune import fine_tuning_wanted, one_shot_note, train_student
+    from compressor_frontends.pytorch.finetune import (
+        fine_tuning_wanted,
+        one_shot_note,
+        train_student,
+    )
 
     if not fine_tuning_wanted(step, context):
         return [one_shot_note(step, context)], {}
-    return train_student(as_network(net), teacher, student, step, context, after_step)
+    return train_student(net, teacher, student, step, context, after_step)
 
 
-def _unstructured(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet, list[str], dict[str, Any]]:
+def _unstructured(net: TorchModel, step: Step, context: Context) -> tuple[TorchModel, list[str], dict[str, Any]]:
     import torch
 
-    from compressor_onnx.finetune import fine_tuning_wanted
+    from compressor_frontends.pytorch.finetune import fine_tuning_wanted, one_shot_note
     from compressor_torch.quantize import layer_weights, prune
 
     sparsity = float(step.params["sparsity"])
@@ -111,8 +101,6 @@ def _unstructured(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet
     notes = [f"pruned {sparsity:g} of the weights of {layers} layers by magnitude"]
     metadata: dict[str, Any] = {"pruned_layers": layers}
     if teacher is None:
-        from compressor_onnx.finetune import one_shot_note
-
         reason = ("not fine-tuned: a .pt2 program is not trained here (one-shot)" if fine_tuning_wanted(step, context)
                   else one_shot_note(step, context))
         return net, [*notes, reason], metadata
@@ -128,24 +116,24 @@ def _unstructured(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet
     return net, [*notes, *more_notes], {**metadata, **more_metadata}
 
 
-def _heads(model: Model, step: Step, context: Context) -> tuple[TorchNet, list[str], dict[str, Any]]:
-    from compressor_onnx.heads import prune_heads
+def _heads(model: Model, step: Step, context: Context) -> tuple[TorchModel, list[str], dict[str, Any]]:
+    from compressor_frontends.pytorch.heads import prune_heads
 
-    net: TorchNet = model.handle
+    net: TorchModel = model.handle
     teacher = net.module
-    network, notes, metadata = prune_heads(_view(model), step, context)  # edits a copy
-    more_notes, more_metadata = _fine_tuned(net, teacher, network.module, step, context)
-    net.module, net.recipe = network.module.eval(), {}
+    pruned, notes, metadata = prune_heads(net, teacher, False, step, context, model.source)  # edits a copy
+    more_notes, more_metadata = _fine_tuned(net, teacher, pruned, step, context)
+    net.module, net.recipe = pruned.eval(), {}
     return net, [*notes, *more_notes], {**metadata, **more_metadata}
 
 
-def _distill(model: Model, step: Step, context: Context) -> tuple[TorchNet, list[str], dict[str, Any]]:
-    from compressor_onnx.distill import distill
-    from compressor_onnx.heads import is_transformers
+def _distill(model: Model, step: Step, context: Context) -> tuple[TorchModel, list[str], dict[str, Any]]:
+    from compressor_frontends.pytorch.distill import distill
+    from compressor_frontends.pytorch.feeding import is_transformers
 
-    net: TorchNet = model.handle
-    network, notes, metadata = distill(_view(model), step, context)
-    student = network.module.eval()
+    net: TorchModel = model.handle
+    student, notes, metadata = distill(net, net.module, step, context, model.source)
+    student = student.eval()
     factory = step.params.get("student")
     net.module = student
     # The student is rebuilt from its own factory, or the teacher's class with its config.
@@ -154,16 +142,16 @@ def _distill(model: Model, step: Step, context: Context) -> tuple[TorchNet, list
     return net, notes, metadata
 
 
-def _view(model: Model) -> Model:
-    """``model`` with the onnx backend's handle, for the onnx backend's torch steps."""
-    return Model(model.backend, model.source, "torch", as_network(model.handle), model.inputs)
-
-
 # --- lowrank ----------------------------------------------------------------------------------------
 
-def _lowrank(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet, list[str], dict[str, Any]]:
-    from compressor_onnx.finetune import factorize_linears, fine_tuning_wanted
-    from compressor_onnx.lowrank import lowrank_request, nothing_done
+def _lowrank(net: TorchModel, step: Step, context: Context) -> tuple[TorchModel, list[str], dict[str, Any]]:
+    from compressor_frontends.pytorch.finetune import fine_tuning_wanted
+    from compressor_frontends.pytorch.lowrank import (
+        factorize_linears,
+        lowrank_request,
+        nothing_done,
+        plan_lowrank,
+    )
 
     request = lowrank_request(step.params)
     result, ranks = plan_lowrank(net.module, request)
@@ -180,62 +168,40 @@ def _lowrank(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet, lis
     return net, [*notes, *more_notes], {**metadata, **more_metadata}
 
 
-def plan_lowrank(module: Any, request: Any) -> tuple[Any, dict[tuple[str, bool], int]]:
-    """The lowrank result (factorized and skipped layers) of ``module``'s nn.Linear layers,
-    and the rank of each weight to factorize, keyed as ``finetune.factorize_linears`` takes them."""
-    import torch
-
-    from compressor_onnx.lowrank import LowRankResult, matches, plan_rank
-
-    uses: dict[int, int] = {}
-    for _, parameter in module.named_parameters(remove_duplicate=False):
-        uses[id(parameter)] = uses.get(id(parameter), 0) + 1
-    result, ranks = LowRankResult(), {}
-    for name, layer in module.named_modules():
-        if type(layer) is not torch.nn.Linear or not matches(request.patterns, name, f"{name}.weight"):
-            continue
-        weight = layer.weight
-        n, m = layer.in_features, layer.out_features
-        rank, skip = 0, None
-        if not weight.is_floating_point():
-            skip = "weight is not floating point"
-        elif uses[id(weight)] != 1:
-            skip = "weight is shared with another layer"
-        else:
-            rank, skip = plan_rank(request, n, m, lambda weight=weight: weight.detach().float().numpy().T)
-        if skip is not None:
-            result.skipped.append({"layer": name, "shape": [n, m], "reason": skip})
-            continue
-        result.factorized.append({"layer": name, "shape": [n, m], "rank": rank})
-        result.ranks[f"{name}.weight"] = rank
-        result.params_before += n * m
-        result.params_after += rank * (n + m)
-        ranks[(f"{name}.weight", False)] = rank
-    return result, ranks
-
-
 # --- channels ---------------------------------------------------------------------------------------
 
-def _channels(net: TorchNet, step: Step, context: Context) -> tuple[TorchNet, list[str], dict[str, Any]]:
-    """The onnx backend's channel pruning decided on the module's ONNX export, done on the module."""
+def _channels(net: TorchModel, step: Step, context: Context) -> tuple[TorchModel, list[str], dict[str, Any]]:
+    """Channel pruning decided on the module's ONNX export (as the onnx backend decides it), done
+    on the module."""
     from onnx import numpy_helper
 
-    from compressor_onnx.export import exported
-    from compressor_onnx.finetune import fine_tuning_wanted, folded_batch_norms, locate_parameters
-    from compressor_onnx.rewrite import apply_step
+    from compressor_frontends.pytorch.channels import plan_channels
+    from compressor_frontends.pytorch.export import export_onnx
+    from compressor_frontends.pytorch.finetune import (
+        fine_tuning_wanted,
+        folded_batch_norms,
+        locate_parameters,
+    )
 
     context.progress("exporting to find prunable channels", None)
-    graph_net = exported(as_network(net), context)
-    if graph_net.graph is None:
+    graph, path = export_onnx(net, context)
+    if graph is None:
+        assert path is not None
+        import shutil
+
+        shutil.rmtree(path.parent, ignore_errors=True)
         raise UsageError(f"'{step}': the model is past the large-model threshold; use --backend onnx")
-    _, notes, metadata, result = apply_step(graph_net, step, context)
-    initializers = {tensor.name: tensor for tensor in graph_net.graph.graph.initializer}
+    ratio = float(step.params["sparsity"])
+    result = plan_channels(graph, ratio, numpy_helper.to_array).result
+    notes, metadata = [result.note(ratio)], {"channel_pruning": result.to_json()}
+    initializers = {tensor.name: tensor for tensor in graph.graph.initializer}
     arrays = {name: numpy_helper.to_array(initializers[name]) for name in result.kept}
+    del graph, initializers
     located = locate_parameters(net.module, arrays)
     missing = [name for name in arrays if name not in located]
     if missing:
         # The exporter folded a BatchNorm into the Conv before it: do the same to the module.
-        net.module, folded = folded_batch_norms(as_network(net), net.module, context)
+        net.module, folded = folded_batch_norms(net, net.module, context)
         if folded:
             located.update(locate_parameters(net.module, {name: arrays[name] for name in missing}, close=True))
             missing = [name for name in arrays if name not in located]

@@ -50,8 +50,7 @@ from compressor.specs import (
     Param,
     Technique,
 )
-
-__version__ = "0.1.0"
+from compressor.version import __version__
 
 __all__ = [
     "PQ",

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from compressor.errors import UsageError
-from compressor.models import MeasureSettings, ProgressCallback
+from compressor.models import MeasureSettings, ProgressCallback, Step
 from compressor.recipes import Variant, check_name, load_recipe, parse_step, unique, variant_name
 from compressor.report import Report, VariantResult
 
@@ -185,7 +185,7 @@ def search(
     >>> found.cleanup()
     """
     from compressor.plugins import get_host
-    from compressor.runner import RunRequest
+    from compressor.run_request import RunRequest
     from compressor.searching import SearchRequest, check_limits
     from compressor.searching import search as run_search
 
@@ -232,7 +232,7 @@ def parse_variants(variants: VariantsLike | None) -> list[Variant]:
     return parsed
 
 
-def _steps(item: str | Iterable[str]) -> tuple[Any, ...]:
+def _steps(item: str | Iterable[str]) -> tuple[Step, ...]:
     texts = [item] if isinstance(item, str) else list(item) if isinstance(item, Iterable) else []
     if not texts or not all(isinstance(text, str) for text in texts):
         raise UsageError(f"a variant is a step string or a list of them, not {item!r}")
@@ -243,7 +243,7 @@ def _execute(model: PathLike, variants: list[Variant], *, out: PathLike | None =
              settings: Mapping[str, Any] | None = None, threads: int = 1, max_examples: int | None = None,
              min_seconds: float = 0.5, progress: ProgressCallback | None = None, **fields: Any) -> Report:
     from compressor.plugins import get_host
-    from compressor.runner import RunRequest
+    from compressor.run_request import RunRequest
     from compressor.runner import run as run_request
 
     scratch = None

@@ -1,6 +1,5 @@
-"""Core's own plugins: the ``.npz`` data reader and the file-size measurers.
-
-They register no backend, so they take part for every backend.
+"""Core's own plugin, the ``.npz`` data reader (it registers no backend, so it takes part
+for every backend), and the file sizes every measurement has (:func:`size_metrics`).
 
 The gzip size is gzip's default level (6). Files up to
 :data:`GZIP_EXACT_MAX_BYTES` are compressed whole (``size_gzip_method: exact``);
@@ -14,9 +13,10 @@ from __future__ import annotations
 import random
 import zlib
 from pathlib import Path
+from typing import Any
 
 from compressor.hookspecs import hookimpl
-from compressor.models import Artifact, Dataset, Measurement, MeasureSettings, TensorSpec
+from compressor.models import Artifact, Dataset, TensorSpec
 from compressor.npz import read_npz
 
 _CHUNK = 1 << 20
@@ -83,19 +83,16 @@ def gzip_size_of(path: Path) -> tuple[int, str]:
     return gzip_size_sampled(path, GZIP_SAMPLE_CHUNKS, GZIP_SAMPLE_CHUNK_BYTES), "sampled"
 
 
-@hookimpl
-def compressor_measure(
-    artifact: Artifact, data: Dataset | None, settings: MeasureSettings
-) -> Measurement:
+def size_metrics(artifact: Artifact) -> dict[str, Any]:
+    """``size_bytes``, ``size_gzip_bytes`` and ``size_gzip_method`` of every file of ``artifact``
+    (the measuring process adds them to every backend's measurement)."""
     files = [path for path in artifact.files if path.is_file()]
     gzipped = [gzip_size_of(path) for path in files]
-    return Measurement(
-        metrics={
-            "size_bytes": sum(path.stat().st_size for path in files),
-            "size_gzip_bytes": sum(size for size, _ in gzipped),
-            "size_gzip_method": "sampled" if any(method == "sampled" for _, method in gzipped) else "exact",
-        }
-    )
+    return {
+        "size_bytes": sum(path.stat().st_size for path in files),
+        "size_gzip_bytes": sum(size for size, _ in gzipped),
+        "size_gzip_method": "sampled" if any(method == "sampled" for _, method in gzipped) else "exact",
+    }
 
 
 @hookimpl(trylast=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compressor.report import Report, VariantResult
+from compressor.results import ReportData, VariantResult
 
 #: A variant this much slower than the original (batch-1 p50) is flagged...
 SLOWER_BY = 0.10
@@ -24,7 +24,7 @@ INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 _INT8_STEPS = ("quantize dynamic", "quantize int8", "quantize uint8")
 
 
-def apply_cautions(report: Report) -> None:
+def apply_cautions(report: ReportData) -> None:
     """Fill each variant's ``warnings`` and add the run-wide ones to the original's notes."""
     if not report.variants:
         return
@@ -104,7 +104,7 @@ def _fidelity(metrics: dict[str, Any]) -> bool:
     return any(key in metrics for key in ("agreement", "cosine", "accuracy", "outputs"))
 
 
-def _int8_cpu_note(report: Report) -> str | None:
+def _int8_cpu_note(report: ReportData) -> str | None:
     uses_int8 = any(step.startswith(_INT8_STEPS) for v in report.variants for step in v.steps)
     cpu = report.environment.get("cpu", {}) if isinstance(report.environment, dict) else {}
     flags = set(cpu.get("flags", [])) if isinstance(cpu, dict) else set()

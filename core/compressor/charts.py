@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.outputs import atomic_write
-from compressor.report import Report, VariantResult, human_bytes
+from compressor.results import ReportData, VariantResult, human_bytes
 
 #: Quality measures in order of preference; the first any variant has is used for all of them.
 QUALITY_MEASURES = ("accuracy", "agreement", "cosine")
@@ -89,7 +89,7 @@ def quality(variant: VariantResult, key: str) -> float | None:
     return _finite(value)
 
 
-def quality_measure(report: Report) -> Measure | None:
+def quality_measure(report: ReportData) -> Measure | None:
     """Accuracy when there are labels, else agreement, else cosine similarity; None if none."""
     for key in QUALITY_MEASURES:
         if any(quality(v, key) is not None for v in report.variants if not v.error):
@@ -100,7 +100,7 @@ def quality_measure(report: Report) -> Measure | None:
     return None
 
 
-def points(report: Report, x: Measure, y: Measure) -> list[Point]:
+def points(report: ReportData, x: Measure, y: Measure) -> list[Point]:
     """Variants that were measured on both axes; failed variants are left out."""
     found = []
     for variant in report.variants:
@@ -124,7 +124,7 @@ def pareto_front(candidates: Sequence[Point]) -> list[Point]:
     return sorted(front, key=lambda p: (p.x, -p.y))
 
 
-def front_names(report: Report, x: Measure = SIZE) -> list[str]:
+def front_names(report: ReportData, x: Measure = SIZE) -> list[str]:
     """Names of the variants on the Pareto front of ``x`` against the report's quality measure:
     the best trade-offs. Variants outside a budget or with a warning are never among them."""
     y = quality_measure(report)
@@ -222,7 +222,7 @@ def _text(x: float, y: float, text: str, anchor: str = "start", **attributes: st
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>{escape(text)}</text>'
 
 
-def scatter_svg(report: Report, x: Measure, y: Measure, title: str) -> str | None:
+def scatter_svg(report: ReportData, x: Measure, y: Measure, title: str) -> str | None:
     """A scatter of ``y`` against ``x`` with the Pareto front joined and labelled."""
     plotted = points(report, x, y)
     if not plotted:
@@ -274,7 +274,7 @@ def scatter_svg(report: Report, x: Measure, y: Measure, title: str) -> str | Non
     return _svg(width, height, title, body)
 
 
-def bar_svg(report: Report, measure: Measure, title: str) -> str | None:
+def bar_svg(report: ReportData, measure: Measure, title: str) -> str | None:
     """One horizontal bar per variant, in report order; None if no variant has the measure."""
     values = [(v, None if v.error else measure.read(v)) for v in report.variants]
     largest = max((value for _, value in values if value is not None), default=None)
@@ -304,7 +304,7 @@ def bar_svg(report: Report, measure: Measure, title: str) -> str | None:
     return _svg(width, height, title, body)
 
 
-def report_charts(report: Report) -> list[Chart]:
+def report_charts(report: ReportData) -> list[Chart]:
     """The scatter charts (when some quality is measured) then the per-variant bars."""
     drawn: list[tuple[str, str | None]] = []
     y = quality_measure(report)
@@ -321,7 +321,7 @@ def report_charts(report: Report) -> list[Chart]:
 # ------------------------------------------------------------------ PNG
 
 
-def write_png(report: Report, path: Path) -> bool:
+def write_png(report: ReportData, path: Path) -> bool:
     """Draw size vs quality with the Pareto front to ``path`` as PNG.
 
     Returns False and writes nothing when matplotlib is not installed or no

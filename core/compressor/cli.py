@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from compressor import __version__
 from compressor.clibase import (
     EXIT_CODE_HELP,
     PROGRESS,
@@ -16,6 +16,8 @@ from compressor.clibase import (
     FiniteFloatRange,
     end_progress,
     handle_termination_signals,
+    parse_settings,
+    plugin_host,
     progress,
     set_debug,
     set_quiet,
@@ -23,25 +25,12 @@ from compressor.clibase import (
 )
 from compressor.errors import BudgetError, CompressionError
 from compressor.models import MeasureSettings
+from compressor.run_request import RunRequest
+from compressor.version import __version__
 
-
-def _host() -> Any:
-    from compressor.plugins import get_host, print_warnings
-
-    host = get_host()
-    print_warnings(host)
-    host.warnings.clear()
-    return host
-
-
-def _parse_settings(pairs: tuple[str, ...]) -> dict[str, str]:
-    settings = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
-        settings[key.strip()] = value
-    return settings
+if TYPE_CHECKING:
+    from compressor.plugins import PluginHost
+    from compressor.report import Report
 
 
 @click.group(cls=CompressorGroup, epilog=EXIT_CODE_HELP)
@@ -59,7 +48,7 @@ def cli(debug: bool, quiet: bool) -> None:
 _path = click.Path(path_type=Path)
 
 
-def quantize_modes(host: Any) -> str:
+def quantize_modes(host: PluginHost) -> str:
     """Every backend's quantize modes, in the shared vocabulary's order, and which backend has each."""
     from compressor.specs import QUANTIZE, QUANTIZE_MODES
 
@@ -89,7 +78,7 @@ class QuantizeOption(click.Option):
             self.help = template
 
 
-def measure_options(function: Any) -> Any:
+def measure_options(function: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
                      callback=threads_within_cpus, help="Threads for every runtime while measuring (at most the CPUs)."),
@@ -163,12 +152,11 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
       compressor run model.keras --recipe study.toml --data test.npz -o out
     """
     from compressor.recipes import load_recipe, unique, variants_from_flags
-    from compressor.runner import RunRequest
 
     variants = (load_recipe(recipe, max_variants) if recipe else []) + variants_from_flags(quantize, prune, pq)
     request = RunRequest(
         model=model, out=out, backend=backend, variants=unique(variants),
-        settings=_parse_settings(set_pairs), data=data, train_data=train_data,
+        settings=parse_settings(set_pairs), data=data, train_data=train_data,
         calibration_data=calibration_data, force=force, trust=trust,
         measure=_settings(threads, max_examples, min_seconds), repeats=repeats,
         max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
@@ -178,33 +166,48 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
     _run_and_print(request, out)
 
 
-def _run_and_print(request: Any, out: Path | None) -> Any:
+def _run_and_print(request: RunRequest, out: Path | None) -> Report:
+    from compressor.multirun import run_many
     from compressor.plugins import print_warnings
     from compressor.report import render_table
-    from compressor.runner import run as run_request
+    from compressor.runner import run_outcome
 
-    host = _host()
+    host = plugin_host()
     backends = [name.strip() for name in (request.backend or "").split(",") if name.strip()]
     try:
         if len(backends) > 1:
-            from compressor.multirun import run_many
-
-            report = run_many(request, backends, host, progress)
+            outcome = run_many(request, backends, host, progress)
         else:
-            report = run_request(request, host, progress)
+            outcome = run_outcome(request, host, progress)
     finally:
         end_progress()
         print_warnings(host)
         host.warnings.clear()
+    report = outcome.report
     click.echo(render_table(report))
     if out is not None:
-        click.echo(f"\nwrote {out}/: artifacts, report.json, report.md, report.html, report.png")
+        click.echo(f"\nwrote {out}/: {written(out)}")
     if report.failed_budget:
         raise BudgetError("a variant is outside the budget (marked ! above)")
     if report.failed_variants:
         names = ", ".join(v.name for v in report.failed_variants)
-        raise CompressionError(f"variant(s) failed: {names}")
+        error = CompressionError(f"variant(s) failed: {names}")
+        error.plugin_tracebacks = [f"variant {failure.variant!r}: {failure.traceback}" for failure in outcome.failures]
+        raise error
     return report
+
+
+def written(out: Path) -> str:
+    """What a run put into ``out``, as the closing line says it: ``report.png`` only when it
+    was drawn, else why not (matplotlib missing, or nothing to plot)."""
+    from importlib.util import find_spec
+
+    written = "artifacts, report.json, report.md, report.html"
+    if (out / "report.png").is_file():
+        return f"{written}, report.png"
+    why = ("matplotlib is not installed: pip install matplotlib" if find_spec("matplotlib") is None
+           else "nothing to plot: no variant has both a size and an accuracy, agreement or cosine")
+    return f"{written}; no report.png ({why})"
 
 
 @cli.command()
@@ -220,13 +223,12 @@ def measure(model: Path, backend: str | None, data: Path | None, set_pairs: tupl
             trust: bool, out: Path | None, force: bool, threads: int, repeats: int,
             max_examples: int | None, min_seconds: float) -> None:
     """Measure MODEL as it is: size, load time, latency, peak RAM, accuracy."""
-    from compressor.runner import RunRequest
     from compressor.scratch import MEASURE, scratch_folder
 
     with scratch_folder(MEASURE) as scratch:
         request = RunRequest(
             model=model, out=out or scratch / "out", backend=backend, variants=(),
-            settings=_parse_settings(set_pairs), data=data, force=force, trust=trust,
+            settings=parse_settings(set_pairs), data=data, force=force, trust=trust,
             measure=_settings(threads, max_examples, min_seconds), repeats=repeats,
             original_only=True,
         )
@@ -238,7 +240,7 @@ def measure(model: Path, backend: str | None, data: Path | None, set_pairs: tupl
 @click.option("--check", is_flag=True, help="Also import each installed backend's framework to check it works.")
 def backends(as_json: bool, check: bool) -> None:
     """List backends, their techniques and formats, and whether they are installed."""
-    host = _host()
+    host = plugin_host()
     rows = []
     for backend in host.backends().values():
         missing = backend.missing_modules()
@@ -283,7 +285,7 @@ def plugins(as_json: bool) -> None:
     """List installed plugins, their versions and the hooks they implement."""
     from dataclasses import asdict
 
-    host = _host()
+    host = plugin_host()
     infos = [asdict(info) for info in host.plugins()]
     if as_json:
         click.echo(json.dumps(infos, indent=2))
@@ -301,7 +303,7 @@ def demo(out: Path | None, only: tuple[str, ...], threads: int) -> None:
     """Compress a small sample model with every installed backend, side by side."""
     from compressor.demo import run_demo
 
-    run_demo(_host(), out, only, MeasureSettings(threads=threads, min_seconds=0.2), progress,
+    run_demo(plugin_host(), out, only, MeasureSettings(threads=threads, min_seconds=0.2), progress,
              end_progress, click.echo)
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +19,9 @@ from compressor.errors import (
     UsageError,
     first_line,
 )
+
+if TYPE_CHECKING:
+    from compressor.plugins import PluginHost
 
 RESOURCE_EXIT_CODE = UsageError.exit_code
 EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(
@@ -36,6 +39,8 @@ class CompressorGroup(click.Group):
             if ctx.params.get("debug"):
                 if error.child_output:
                     click.echo(f"--- the measuring process printed ---\n{error.child_output}\n---", err=True)
+                for text in error.plugin_tracebacks:
+                    click.echo(f"--- {text}\n---", err=True)
                 raise
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
@@ -232,3 +237,24 @@ def handle_termination_signals() -> None:
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _terminate)
+
+
+def plugin_host() -> PluginHost:
+    """The process-wide plugin host, its loading warnings printed (once) on stderr."""
+    from compressor.plugins import get_host, print_warnings
+
+    host = get_host()
+    print_warnings(host)
+    host.warnings.clear()
+    return host
+
+
+def parse_settings(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``--set KEY=VALUE`` pairs as a dict."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
+        settings[key.strip()] = value
+    return settings

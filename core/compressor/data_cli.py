@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from compressor.errors import UsageError
 from compressor.models import Dataset
+
+if TYPE_CHECKING:
+    from compressor.plugins import PluginHost
 
 _path = click.Path(path_type=Path)
 PURPOSES = ("eval", "calibration", "train")
@@ -25,15 +28,16 @@ PURPOSES = ("eval", "calibration", "train")
 def write_text_data(model: Path, text: Path, out: Path, *, backend: str | None = None,
                     settings: dict[str, str] | None = None, trust: bool = False,
                     max_examples: int | None = None, purpose: str = "eval", force: bool = False,
-                    host: Any = None) -> Dataset:
+                    host: PluginHost | None = None) -> Dataset:
     """Tokenize ``text`` for ``model`` as ``compressor run`` would and write the arrays to
     ``out`` (an ``.npz``); returns the dataset (its ``notes`` say how it was tokenized)."""
     from compressor import scratch
+    from compressor.backend_resolution import resolve_backend
     from compressor.feeding import with_batch_axes
+    from compressor.loading import load_data, load_model
     from compressor.models import Context
     from compressor.outputs import atomic_write
     from compressor.plugins import get_host
-    from compressor.runner import load_data, load_model, resolve_backend
     from compressor.validation import apply_settings
 
     model, text, out = Path(model), Path(text), Path(out)
@@ -90,11 +94,11 @@ def data(model: Path, text: Path, out: Path, backend: str | None, set_pairs: tup
 
     The arrays are exactly those `compressor run MODEL --data TEXT` measures on.
     """
-    from compressor.cli import _host, _parse_settings
+    from compressor.clibase import parse_settings, plugin_host
 
-    dataset = write_text_data(model, text, out, backend=backend, settings=_parse_settings(set_pairs),
+    dataset = write_text_data(model, text, out, backend=backend, settings=parse_settings(set_pairs),
                               trust=trust, max_examples=max_examples, purpose=purpose, force=force,
-                              host=_host())
+                              host=plugin_host())
     for note in dataset.notes:
         click.echo(note)
     arrays = ", ".join(f"{name} {tuple(array.shape)}" for name, array in dataset.features.items())

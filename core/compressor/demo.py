@@ -11,7 +11,8 @@ from compressor.models import MeasureSettings, ProgressCallback, SampleModel
 from compressor.plugins import PluginHost, plugin_errors
 from compressor.recipes import variants_from_strings
 from compressor.report import render_table
-from compressor.runner import RunRequest, run
+from compressor.run_request import RunRequest
+from compressor.runner import run
 
 
 def sample_models(host: PluginHost, folder: Path, only: Sequence[str],

@@ -11,7 +11,8 @@ The same for every backend, in this order:
 4. throughput at ``settings.batch_size`` (``latency_batch_ms``), at fewer rows
    where that would not fit the batch timing's time budget, and the peak memory at
    that batch (``peak_rss_batch_bytes``), when the model takes it;
-5. each output's task is detected (``compressor.tasks``) and what the parent
+5. with evaluation data, the runtime's own figures on it (:meth:`Runtime.evaluate`);
+6. each output's task is detected (``compressor.tasks``) and what the parent
    needs to compare it is kept.
 """
 
@@ -62,6 +63,10 @@ def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSet
     elif not examples.state:
         _time_batch(runtime, examples, settings, metrics)
     metrics.update(runtime.metrics())
+    if data is not None:
+        # The backend's own figures against the labels (fastText's precision@k); they stand
+        # where core's comparison has a figure of the same name.
+        metrics.update(runtime.evaluate(data))
     wanted = _wanted_outputs(runtime, options)
     feeds = {name: array for name, array in examples.arrays.items() if examples.axes[name] == 0}
     positions = {spec.name: index for index, spec in enumerate(runtime.outputs)}
@@ -84,8 +89,15 @@ def _wanted_outputs(runtime: Runtime, options: Mapping[str, Any]) -> list[str]:
     return chosen or names
 
 
+#: Exceptions that, raised in the plugin's own code, are a bug there rather than a refusal of the data.
+PLUGIN_BUGS = (AttributeError, NameError, AssertionError, NotImplementedError, TypeError, KeyError, IndexError,
+               ZeroDivisionError, RecursionError)
+
+
 def _run(runtime: Runtime, feeds: Mapping[str, Any], source: Any) -> Mapping[str, Any]:
-    """One call; a runtime that refuses the data is a data problem (exit 4), not a bug."""
+    """One call. A runtime that refuses the data (a framework's own exception) is a data
+    problem (exit 4); a Python error raised in the plugin's own code is a bug in it (exit 1).
+    Either keeps its cause, which the measuring process prints (``--debug`` shows it)."""
     try:
         return runtime.run(feeds)
     except CompressorError as error:
@@ -95,10 +107,25 @@ def _run(runtime: Runtime, feeds: Mapping[str, Any], source: Any) -> Mapping[str
     except Exception as error:  # noqa: BLE001 - runtimes raise their own exception types
         from compressor.errors import first_line
 
+        kind = type(runtime)
+        if isinstance(error, PLUGIN_BUGS) and _raised_in(error, (kind.__module__.split(".")[0], Runtime.__module__)):
+            raise CompressorError(
+                f"{kind.__module__}.{kind.__qualname__}.run raised {type(error).__name__}: {first_line(error)} "
+                "(a bug in the plugin; rerun with --debug for its traceback)"
+            ) from error
         shapes = ", ".join(f"{name} {list(getattr(array, 'shape', ()))}" for name, array in feeds.items())
         raise InvalidInputError(
             f"the runtime refused the inputs ({shapes}): {first_line(error)}", source
-        ) from None
+        ) from error
+
+
+def _raised_in(error: BaseException, packages: tuple[str, ...]) -> bool:
+    """Whether ``error`` was raised in a module of one of ``packages`` (its innermost Python frame)."""
+    frame = error.__traceback__
+    while frame is not None and frame.tb_next is not None:
+        frame = frame.tb_next
+    module = str(frame.tb_frame.f_globals.get("__name__", "")) if frame is not None else ""
+    return any(module == package or module.startswith(f"{package}.") for package in packages)
 
 
 def _run_all(runtime: Runtime, examples: Examples, batch: int, fixed: int | None,

@@ -53,6 +53,9 @@ class CompressorError(Exception):
         #: What a child process (the measuring worker) printed, its traceback
         #: included; ``--debug`` shows it.
         self.child_output = ""
+        #: The tracebacks of plugin exceptions this error reports (variants whose compress or
+        #: save raised, each titled); ``--debug`` shows them.
+        self.plugin_tracebacks: list[str] = []
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path is not None else self.message

@@ -8,15 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from compressor import fidelity
+from compressor.budgets import apply_budgets, budget_failures
 from compressor.errors import CompressorError, InvalidInputError
 from compressor.models import Artifact, Dataset, MeasureSettings, ProgressCallback, TensorSpec
 from compressor.plugins import PluginHost, plugin_errors
-from compressor.report import Report, VariantResult, summarize_repeats
-from compressor.worker import measure_isolated
+from compressor.results import VariantResult, summarize_repeats
+from compressor.worker import MeasuredArtifact, measure_isolated
+
+__all__ = ["HEADLINE_KEYS", "apply_budgets", "budget_failures", "check_reference", "compare_outputs",
+           "measure_one", "measure_original", "measure_variants", "measuring_label", "score",
+           "with_original_tasks"]
 
 
 def measure_one(host: PluginHost, artifact: Artifact, data_path: Path | None, inputs: Sequence[TensorSpec],
-                settings: MeasureSettings) -> Any:
+                settings: MeasureSettings) -> MeasuredArtifact:
     """One measurement of ``artifact`` in its own process."""
     backend = host.backend(artifact.backend)
     with plugin_errors(backend):
@@ -34,8 +39,8 @@ def measure_variants(
     repeats: int,
     progress: ProgressCallback,
     source: Path | None = None,
-    first: Any | None = None,
-) -> Any:
+    first: MeasuredArtifact | None = None,
+) -> list[MeasuredArtifact | None]:
     """Measure every artifact in its own subprocess; repeats interleave the
     variants so that drift of the machine hits all of them alike. Returns each
     variant's first measurement (None where it failed); the original's, first, is
@@ -46,7 +51,7 @@ def measure_variants(
     variant's error (its artifact is dropped), and the others go on."""
     from compressor.run_progress import begin
 
-    runs: list[list[Any]] = [[] for _ in results]
+    runs: list[list[MeasuredArtifact]] = [[] for _ in results]
     variant_settings = settings
     if first is not None:
         runs[0].append(first)
@@ -82,7 +87,7 @@ def measuring_label(name: str, repeat: int, repeats: int) -> str:
 
 def measure_original(host: PluginHost, result: VariantResult, artifact: Artifact, data_path: Path | None,
                      eval_data: Dataset | None, inputs: Sequence[TensorSpec], settings: MeasureSettings,
-                     repeats: int, progress: ProgressCallback, source: Path | None = None) -> Any:
+                     repeats: int, progress: ProgressCallback, source: Path | None = None) -> MeasuredArtifact:
     """The original's first measurement, taken before any variant is made: what the data,
     the labels and ``--set`` options (``label_output=``, ``task.NAME=``) refuse is refused
     then, and every output's task is decided for the variants to follow."""
@@ -98,7 +103,7 @@ def measure_original(host: PluginHost, result: VariantResult, artifact: Artifact
     return measured
 
 
-def with_original_tasks(settings: MeasureSettings, reference: Any) -> MeasureSettings:
+def with_original_tasks(settings: MeasureSettings, reference: MeasuredArtifact) -> MeasureSettings:
     """``settings`` for measuring variants: each output compared as the original's was
     decided (its task, axes, thresholds), whatever the variant's values look like."""
     from dataclasses import replace
@@ -106,48 +111,33 @@ def with_original_tasks(settings: MeasureSettings, reference: Any) -> MeasureSet
     from compressor.tasks import DECIDED_OPTION
 
     decided = {name: {key: info[key] for key in ("task", "reason", "params", "shape") if key in info}
-               for name, info in (getattr(reference, "output_info", None) or {}).items() if info.get("task")}
+               for name, info in reference.output_info.items() if info.get("task")}
     if not decided:
         return settings
     return replace(settings, options={**settings.options, DECIDED_OPTION: decided})
 
 
-def check_reference(reference: Any, eval_data: Dataset | None, settings: MeasureSettings, data_path: Path) -> None:
+def check_reference(reference: MeasuredArtifact, eval_data: Dataset | None, settings: MeasureSettings,
+                    data_path: Path) -> None:
     """The original's measurement fits the data: one prediction per example, labels in range."""
     labels = _labels(eval_data, settings)
     if labels is not None:
         _check_label_range(reference, labels, data_path)
 
 
-def score(result: VariantResult, measured: list[Any], reference: Any | None, eval_data: Dataset | None,
-          settings: MeasureSettings) -> None:
-    """Fill ``result.metrics`` from its measurements (medians over repeats) and its
-    comparison with the original's ``reference`` measurement."""
-    expected = None if eval_data is None else min(eval_data.size, settings.max_examples or eval_data.size)
-    for run in measured:
-        count = None if run.predictions is None else len(run.predictions)
-        if expected is not None and count is not None and count != expected:
-            raise CompressorError(
-                f"the {result.name} measurement returned {count} predictions for {expected} evaluation "
-                "examples (a bug in the backend's compressor_measure)"
-            )
+def score(result: VariantResult, measured: list[MeasuredArtifact], reference: MeasuredArtifact | None,
+          eval_data: Dataset | None, settings: MeasureSettings) -> None:
+    """Fill ``result.metrics`` from its measurements (medians over repeats) and the comparison
+    of its outputs with the original's ``reference`` measurement, output by output. A figure
+    the backend's runtime reported itself (:meth:`compressor.runtime.Runtime.evaluate`: fastText's
+    precision@1 as ``accuracy``) stands where the comparison has one of the same name."""
     labels = _labels(eval_data, settings)
     metrics = summarize_repeats([m.metrics for m in measured])
     metrics.update(_repeat_spread([m.metrics for m in measured]))
     latest = measured[0]
-    if latest.predictions is not None:
-        if "accuracy" not in metrics and labels is not None:
-            value = fidelity.accuracy(latest.predictions, labels)
-            if value is not None:
-                metrics["accuracy"] = value
-        if reference is not None and reference.predictions is not None:
-            metrics.update(fidelity.compare(reference.predictions, latest.predictions, labels))
-    if latest.outputs is not None and reference is not None and reference.outputs is not None:
-        similarity = fidelity.cosine(reference.outputs, latest.outputs)
-        if similarity is not None:
-            metrics["cosine"] = similarity
     if latest.kept and reference is not None:
-        metrics.update(compare_outputs(reference, latest, labels))
+        compared = compare_outputs(reference, latest, labels)
+        metrics.update({key: value for key, value in compared.items() if key not in metrics})
     result.metrics = {**result.metrics, **metrics}
 
 
@@ -159,7 +149,7 @@ HEADLINE_KEYS = ("agreement", "agreement_kind", "agreement_output", "headline_me
                  "char_error_rate", "pixel_agreement", "f1", "detection_f1", "recall", "precision")
 
 
-def compare_outputs(reference: Any, variant: Any, labels: Any | None) -> dict[str, Any]:
+def compare_outputs(reference: MeasuredArtifact, variant: MeasuredArtifact, labels: Any | None) -> dict[str, Any]:
     """Every output of ``variant`` against the original's, by its task (see
     :func:`compressor.output_comparison.compare_outputs`)."""
     from compressor.output_comparison import compare_outputs as compare_all
@@ -167,23 +157,22 @@ def compare_outputs(reference: Any, variant: Any, labels: Any | None) -> dict[st
     return compare_all(reference, variant, labels, HEADLINE_KEYS)
 
 
-def _check_label_range(reference: Any, labels: Any, data_path: Path) -> None:
+def _check_label_range(reference: MeasuredArtifact, labels: Any, data_path: Path) -> None:
     """Integer labels must name one of a classifier's outputs, or accuracy means nothing."""
     import numpy as np
 
     from compressor.tasks import label_output
 
-    outputs, flat = reference.outputs, fidelity.flat_labels(labels)
-    labelled = label_output(reference.output_info, labels=flat) if reference.output_info else None
+    flat = fidelity.flat_labels(labels)
+    if not reference.output_info or flat is None or flat.dtype.kind not in "iu" or flat.size == 0:
+        return
+    labelled = label_output(reference.output_info, labels=flat)
     info = reference.output_info.get(labelled, {}) if labelled else {}
-    if info.get("task") == "classifier" and "scores" in reference.kept.get(labelled, {}):
-        outputs = reference.kept[labelled]["scores"]
-    elif reference.predictions is None:
+    scores = reference.kept.get(labelled, {}).get("scores") if labelled else None
+    if info.get("task") != "classifier" or scores is None:
         return
-    if outputs is None or flat is None or flat.dtype.kind not in "iu":
-        return
-    outputs = np.asarray(outputs)
-    if outputs.ndim != 2 or outputs.shape[1] < 2 or flat.size == 0:
+    outputs = np.asarray(scores)
+    if outputs.ndim != 2 or outputs.shape[1] < 2:
         return
     low, high = int(flat.min()), int(flat.max())
     if low < 0 or high >= outputs.shape[1]:
@@ -222,49 +211,3 @@ def _labels(dataset: Dataset | None, settings: MeasureSettings) -> Any | None:
     if settings.max_examples is not None:
         return dataset.labels[: settings.max_examples]
     return dataset.labels
-
-
-def apply_budgets(report: Report) -> None:
-    base = report.variants[0].metrics if report.variants else {}
-    for variant in report.variants[1:]:
-        # Only what was measured is judged (a search's skipped trials were not).
-        if variant.error is None and "latency_ms" in variant.metrics:
-            variant.budget_failures = budget_failures(variant.metrics, base, report.budgets)
-
-
-def budget_failures(metrics: dict[str, Any], base: dict[str, Any], budgets: dict[str, Any]) -> list[str]:
-    """Why a variant's ``metrics`` break the budgets, against the original's ``base``."""
-    failures = []
-    drop_limit, agreement_limit = budgets.get("max_accuracy_drop"), budgets.get("min_agreement")
-    cosine_limit = budgets.get("min_cosine")
-    base_accuracy = base.get("accuracy")
-    if drop_limit is not None and base_accuracy is not None and metrics.get("accuracy") is not None:
-        drop = (base_accuracy - metrics["accuracy"]) * 100
-        if drop > drop_limit:
-            failures.append(f"accuracy drop {drop:.2f} pt exceeds --max-accuracy-drop {drop_limit:g}")
-    agreement = metrics.get("agreement")
-    if agreement_limit is not None and agreement is not None and agreement < agreement_limit:
-        failures.append(f"agreement {agreement:.4f} below --min-agreement {agreement_limit:g}")
-    cosine = (metrics.get("cosine") or {}).get("mean")
-    if cosine_limit is not None and cosine is not None and cosine < cosine_limit:
-        failures.append(f"cosine {cosine:.4f} below --min-cosine {cosine_limit:g}")
-    budgeted = any(limit is not None for limit in (drop_limit, agreement_limit, cosine_limit))
-    if budgeted and not any(key in metrics for key in ("accuracy", "agreement", "cosine")):
-        failures.append("budget set but no accuracy/agreement measured (pass --data)")
-    if budgeted:
-        failures.extend(_unfit_outputs(metrics))
-    return failures
-
-
-def _unfit_outputs(metrics: dict[str, Any]) -> list[str]:
-    """A variant whose outputs hold NaN or Inf where the original's do not, or whose outputs
-    could not be compared, cannot pass a fidelity budget whatever its other figures."""
-    failures = []
-    for name, counts in (metrics.get("nonfinite") or {}).items():
-        if isinstance(counts, dict) and counts.get("new_examples"):
-            failures.append(f"output {name} holds NaN or Inf for {counts['new_examples']} examples where the "
-                            "original's does not")
-    for name, entry in (metrics.get("outputs") or {}).items():
-        if isinstance(entry, dict) and entry.get("error"):
-            failures.append(f"output {name} could not be compared: {entry['error']}")
-    return failures

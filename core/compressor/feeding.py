@@ -22,6 +22,10 @@ from compressor.models import Dataset, TensorSpec
 
 #: Size of a dynamic, non-batch axis in synthetic inputs (a sequence of tokens, an image side).
 SYNTHETIC_AXIS = 128
+#: The dtype a runtime declares for a text input (fed as an object array of Python strings).
+TEXT_DTYPE = "str"
+#: What a synthetic text input holds (latency without evaluation data).
+SYNTHETIC_TEXT = "the quick brown fox jumps over the lazy dog"
 BATCH_AXIS_PREFIX, STATE_PREFIX = "batch_axis.", "state."
 
 
@@ -112,7 +116,8 @@ def examples_from_data(dataset: Dataset, inputs: Sequence[TensorSpec], options: 
 
     features = dataset.features
     if not isinstance(features, Mapping):
-        raise UsageError("this data holds no named arrays; the backend must measure it itself", dataset.path)
+        raise UsageError("the backend read this data as no named arrays (Dataset.features must map each "
+                         "input's name to its array)", dataset.path)
     if len(inputs) == 1 and inputs[0].name not in features and len(features) == 1:
         features = {inputs[0].name: next(iter(features.values()))}
     axes = batch_axes(inputs, options)
@@ -178,7 +183,8 @@ def _per_example_states(inputs: Sequence[TensorSpec], options: Mapping[str, Any]
 
 def synthetic_examples(inputs: Sequence[TensorSpec], options: Mapping[str, Any], seed: int = 0) -> Examples:
     """One example of each input: small random floats, ones for integer inputs (valid token
-    ids and masks), dynamic axes 1 (batch) or :data:`SYNTHETIC_AXIS`."""
+    ids and masks), :data:`SYNTHETIC_TEXT` for text inputs, dynamic axes 1 (batch) or
+    :data:`SYNTHETIC_AXIS`."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -189,6 +195,9 @@ def synthetic_examples(inputs: Sequence[TensorSpec], options: Mapping[str, Any],
             (1 if axis == axes[spec.name] else SYNTHETIC_AXIS) if size is None else size
             for axis, size in enumerate(spec.shape)
         )
+        if spec.dtype == TEXT_DTYPE:
+            arrays[spec.name] = np.full(shape, SYNTHETIC_TEXT, dtype=object)
+            continue
         dtype = _numpy_dtype(spec.dtype) or np.dtype("float32")
         if dtype.kind in "iub":
             arrays[spec.name] = np.ones(shape, dtype=dtype)

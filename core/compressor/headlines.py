@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from compressor.report import Report
+from compressor.results import ReportData
 
 #: A FAILED variant's message is cut to this many characters in the table (in full below it).
 FAILED_IN_TABLE = 60
@@ -103,7 +102,7 @@ def failed_cell(error: str) -> str:
     return f"FAILED: {short}" + (" (below)" if short != error.strip() else "")
 
 
-def legend(report: Report) -> list[str]:
+def legend(report: ReportData) -> list[str]:
     """Lines under the table: the markers shown, what the agreement figures are, each output's task."""
     variants = report.variants
     lines = []
@@ -127,7 +126,7 @@ def legend(report: Report) -> list[str]:
     return lines + output_tasks(report)
 
 
-def output_tasks(report: Report) -> list[str]:
+def output_tasks(report: ReportData) -> list[str]:
     """One line per output of the first variant compared output by output: its task and why."""
     for variant in report.variants:
         outputs = variant.metrics.get("outputs")

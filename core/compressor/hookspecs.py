@@ -7,7 +7,7 @@ A plugin is a module (or object) with functions decorated by
     [project.entry-points.compressor]
     mybackend = "compressor_mybackend.plugin"
 
-Per-backend hooks (load, load_data, compress, save, measure) are called only on the
+Per-backend hooks (load, load_data, compress, save, open_runtime) are called only on the
 plugin that registered the model's backend plus plugins that register no
 backend at all (generic measurers), so an implementation does not have to
 check backend names unless it registers several backends.
@@ -219,8 +219,8 @@ def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings) -> Ru
     ``Backend.runtime_imports``), then measures the returned
     :class:`~compressor.runtime.Runtime` itself: data to inputs, batching,
     latency, peak RSS, every output's meaning and its comparison with the
-    original. Use ``settings.threads`` for the runtime's thread count. A
-    backend that implements this needs no ``compressor_measure``.
+    original. Use ``settings.threads`` for the runtime's thread count. Every
+    backend is measured this way (``compressor_measure`` is deprecated).
 
     Example::
 
@@ -230,30 +230,43 @@ def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings) -> Ru
     """
 
 
-@hookspec
+#: Why ``compressor_measure`` is deprecated, and what to do instead (warned when a plugin implements it).
+MEASURE_DEPRECATION = (
+    "compressor_measure is deprecated and no longer called: core measures every backend through "
+    "the Runtime its plugin opens (implement compressor_open_runtime; see docs/writing-a-plugin.md)"
+)
+
+
+@hookspec(warn_on_impl=DeprecationWarning(MEASURE_DEPRECATION))
 def compressor_measure(
     artifact: Artifact, data: Dataset | None, settings: MeasureSettings
 ) -> Measurement | None:
-    """Measure a saved artifact; every plugin may contribute metrics.
+    """Deprecated, and no longer called: implement :func:`compressor_open_runtime`.
 
-    Runs in a fresh subprocess per variant, so peak RSS is the OS's and load
-    time includes a cold import of nothing but what the runtime needs. Core
-    measures file and gzip size; a backend adds ``load_ms``, ``latency_ms``
-    (use ``compressor.measuring.time_calls``) and returns ``predictions`` on
-    ``data`` so core can compute accuracy and agreement.
+    This was the older way to measure a saved artifact: the backend timed it and
+    returned ``predictions``/``outputs`` for core to compare. Core now measures every
+    backend the same way through the :class:`~compressor.runtime.Runtime` its plugin
+    opens (latency, memory, every output's task and comparison), and a runtime's own
+    figures on the data come from :meth:`~compressor.runtime.Runtime.evaluate`. The
+    hook stays declared so that a plugin implementing it still loads (with a warning);
+    it will be removed in a later release. What to implement instead, with the
+    ``predict`` of the old example as a runtime's ``run``:
 
     Example::
 
+        class NpzRuntime(Runtime):
+            inputs = (TensorSpec("x", (None, 64), "float32"),)
+            outputs = (TensorSpec("label", (None,), "int64"),)
+
+            def __init__(self, path):
+                self.weights = dict(numpy.load(path))
+
+            def run(self, feeds):
+                return {"label": (feeds["x"] @ self.weights["w"]).argmax(1)}
+
         @hookimpl
-        def compressor_measure(artifact, data, settings):
-            with Stopwatch() as load:
-                weights = dict(numpy.load(artifact.path))
-            def predict(x):
-                return (x @ weights["w"]).argmax(1)
-            return Measurement(
-                metrics={"load_ms": load.ms,
-                         "latency_ms": time_calls(lambda: predict(data.features[:1]), settings)},
-                predictions=predict(data.features).tolist() if data else None)
+        def compressor_open_runtime(artifact, settings):
+            return NpzRuntime(artifact.path)
     """
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from compressor.charts import LATENCY, SIZE, front_names, quality_measure, report_charts
 from compressor.html_outputs import digits, outputs_table
-from compressor.report import COLUMNS, Report, VariantResult, noise_note, rows
+from compressor.report_text import COLUMNS, noise_note, rows
+from compressor.results import ReportData, VariantResult
 
 READ_BEFORE_DEPLOYING = (
     "Read the changed inputs below before you deploy a variant: accuracy and agreement say how "
@@ -48,7 +49,7 @@ code { background: #f6f8fa; padding: 0 .3em; border-radius: 4px; }
 """
 
 
-def render_html(report: Report) -> str:
+def render_html(report: ReportData) -> str:
     title = f"compressor report: {report.model}"
     sections = [
         _summary(report),
@@ -92,7 +93,7 @@ def _key_values(pairs: Sequence[tuple[str, Any]]) -> str:
     return f"<table>{cells}</table>"
 
 
-def _summary(report: Report) -> str:
+def _summary(report: ReportData) -> str:
     parts = [
         f'<p class="muted">Backend <code>{escape(report.backend)}</code>, created '
         f"{escape(report.created)}, {len(report.variants)} variants.</p>"
@@ -133,7 +134,7 @@ def _summary(report: Report) -> str:
     return "\n".join(parts)
 
 
-def _table(report: Report) -> str:
+def _table(report: ReportData) -> str:
     front = set(front_names(report))
     head = "".join(f"<th>{escape(column)}</th>" for column in COLUMNS)
     body = []
@@ -168,7 +169,7 @@ def _table(report: Report) -> str:
     ])
 
 
-def _charts(report: Report) -> str:
+def _charts(report: ReportData) -> str:
     charts = report_charts(report)
     if not charts:
         return ""
@@ -181,7 +182,7 @@ def _charts(report: Report) -> str:
                       '<p class="muted">Bars: grey is an original, red is outside the budget.</p>'])
 
 
-def _notes(report: Report) -> str:
+def _notes(report: ReportData) -> str:
     items = [f"<li><b>{escape(v.name)}</b>: {escape(note)}</li>" for v in report.variants for note in v.notes]
     noise = noise_note(report)
     if noise:
@@ -189,7 +190,7 @@ def _notes(report: Report) -> str:
     return f"<h2>Notes</h2><ul>{''.join(items)}</ul>" if items else ""
 
 
-def _original_for(report: Report, index: int) -> VariantResult:
+def _original_for(report: ReportData, index: int) -> VariantResult:
     """The original a variant was compared with: the closest earlier variant without steps."""
     for candidate in reversed(report.variants[: index + 1]):
         if not candidate.steps:
@@ -197,7 +198,7 @@ def _original_for(report: Report, index: int) -> VariantResult:
     return report.variants[0]
 
 
-def _fidelity(report: Report) -> str:
+def _fidelity(report: ReportData) -> str:
     compressed = [(i, v) for i, v in enumerate(report.variants) if v.steps and not v.error]
     if not compressed:
         return ""
@@ -316,7 +317,7 @@ def _changed(examples: Any, count: Any) -> str:
     ])
 
 
-def _sources(report: Report) -> str:
+def _sources(report: ReportData) -> str:
     """For merged reports (``compressor compare``): where each group of variants came from."""
     sources: dict[str, Mapping[str, Any]] = {}
     for variant in report.variants:
@@ -351,7 +352,7 @@ def _sources(report: Report) -> str:
     ])
 
 
-def _environment(report: Report) -> str:
+def _environment(report: ReportData) -> str:
     environment, settings = report.environment, report.settings
     cpu = environment.get("cpu") or {}
     machine = [

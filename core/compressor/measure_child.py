@@ -1,13 +1,16 @@
 """The measuring process: ``python -P -c ... compressor.measure_child FOLDER``.
 
 It loads only the plugin of the artifact's backend (plus in-process plugin
-modules the parent registered), reads the evaluation data, and measures: with
-the backend's :class:`~compressor.runtime.Runtime` when it offers one (core's
-:mod:`compressor.engine` does the rest), else with the backend's own
-``compressor_measure``. Generic measurers (file sizes) run in both cases.
-Results go back as files in FOLDER: ``result.json``, ``kept.npz`` and, for
-backends that measure themselves, ``predictions.npy`` / ``outputs.npy``.
-``measure_peak_rss_bytes`` is the whole process's peak, read as it finishes.
+modules the parent registered), reads the evaluation data, opens the artifact
+with the backend's :class:`~compressor.runtime.Runtime` and measures it
+(:mod:`compressor.engine`); core measures the file sizes itself
+(:func:`compressor.builtin.size_metrics`). That is the one way every backend is
+measured: a backend without a runtime cannot be (``compressor_measure`` is
+deprecated and no longer called). Results go back as files in FOLDER:
+``result.json`` (metrics and each output's task) and ``kept.npz`` (what the
+comparison needs of each output), read back as one
+:class:`~compressor.worker.MeasuredArtifact`. ``measure_peak_rss_bytes`` is the
+whole process's peak, read as it finishes.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compressor import errors
 from compressor.memory import lifetime_peak_rss_bytes, peak_rss_bytes
-from compressor.models import Artifact, Measurement, MeasureSettings, TensorSpec
+from compressor.models import Artifact, Dataset, MeasureSettings, TensorSpec
+
+if TYPE_CHECKING:
+    from compressor.engine import RuntimeMeasurement
+    from compressor.plugins import PluginHost
 
 
 def without_address_randomization() -> None:
@@ -51,24 +58,12 @@ def pin_to_cpus(threads: int) -> list[int]:
     return chosen
 
 
-def _merge(measurements: list[Measurement | None]) -> Measurement:
-    merged = Measurement()
-    for measurement in measurements:
-        if measurement is None:
-            continue
-        merged.metrics.update(measurement.metrics)
-        if measurement.predictions is not None:
-            merged.predictions = measurement.predictions
-        if measurement.outputs is not None:
-            merged.outputs = measurement.outputs
-    return merged
-
-
 def _run(exchange: Path) -> None:
     import importlib
 
     import numpy as np
 
+    from compressor.builtin import size_metrics
     from compressor.plugins import PluginHost
 
     request = json.loads((exchange / "request.json").read_text())
@@ -88,55 +83,45 @@ def _run(exchange: Path) -> None:
             path=Path(request["data"]), purpose="eval", inputs=inputs, backend=artifact.backend,
             limit=settings.max_examples, model_path=None, context=None,
         )
-    by_runtime = _measure_by_runtime(host, artifact, data, settings)
-    owner = host.backend(artifact.backend).plugin_name
-    if by_runtime is None:
-        measured = _merge(host.hook_for(artifact.backend, "compressor_measure")(
-            artifact=artifact, data=data, settings=settings
-        ))
-        info: dict[str, Any] = {}
-    else:
-        # The backend measured through its runtime; only generic measurers add to it.
-        others = [plugin for plugin in [host.manager.get_plugin(owner)] if plugin is not None]
-        generic = host.manager.subset_hook_caller("compressor_measure", others)
-        hooks = host.hook_for(artifact.backend, "compressor_measure") if not others else generic
-        measured = _merge(hooks(artifact=artifact, data=data, settings=settings))
-        measured.metrics.update(by_runtime.metrics)
-        info = by_runtime.outputs
-        kept = {f"{index}__{kind}": array for index, name in enumerate(info)
-                for kind, array in by_runtime.kept.get(name, {}).items()}
-        if kept:
-            np.savez(exchange / "kept.npz", **kept)
-    measured.metrics["baseline_rss_bytes"] = baseline_rss
-    measured.metrics["cpus"] = cpus
-    measured.metrics.setdefault("peak_rss_bytes", peak_rss_bytes())
-    if measured.predictions is not None:
-        np.save(exchange / "predictions.npy", np.asarray(measured.predictions), allow_pickle=False)
-    if measured.outputs is not None:
-        np.save(exchange / "outputs.npy", np.asarray(measured.outputs), allow_pickle=False)
+    measured = _measure_by_runtime(host, artifact, data, settings)
+    # Sizes last, as they always were: their reads must not count in the runtime's peak RSS.
+    metrics: dict[str, Any] = {**size_metrics(artifact), **measured.metrics}
+    kept = {f"{index}__{kind}": array for index, name in enumerate(measured.outputs)
+            for kind, array in measured.kept.get(name, {}).items()}
+    if kept:
+        np.savez(exchange / "kept.npz", **kept)
+    metrics["baseline_rss_bytes"] = baseline_rss
+    metrics["cpus"] = cpus
+    metrics.setdefault("peak_rss_bytes", peak_rss_bytes())
     # Last, after every timing pass and the file sizes: the whole process's peak.
-    measured.metrics["measure_peak_rss_bytes"] = lifetime_peak_rss_bytes()
-    result = {"metrics": measured.metrics, "outputs": info}
+    metrics["measure_peak_rss_bytes"] = lifetime_peak_rss_bytes()
+    result = {"metrics": metrics, "outputs": measured.outputs}
     (exchange / "result.json").write_text(json.dumps(result, default=float))
 
 
-def _measure_by_runtime(host: Any, artifact: Artifact, data: Any, settings: MeasureSettings) -> Any:
+def _measure_by_runtime(host: PluginHost, artifact: Artifact, data: Dataset | None,
+                        settings: MeasureSettings) -> RuntimeMeasurement:
     """Open the backend's runtime (its framework imported before the clock starts) and let
-    core measure it; None when the backend offers no runtime."""
+    core measure it."""
     import importlib
 
     from compressor.engine import measure_runtime
     from compressor.measuring import Stopwatch
 
+    backend = host.backend(artifact.backend)
     opener = host.hook_for(artifact.backend, "compressor_open_runtime")
     if not opener.get_hookimpls():
-        return None
-    for module in host.backend(artifact.backend).runtime_imports:
+        raise errors.UnsupportedError(
+            f"backend {backend.name!r} (plugin {backend.plugin_name!r}) cannot be measured: it opens no "
+            "runtime (implement compressor_open_runtime; compressor_measure is deprecated and no longer "
+            "called, see docs/writing-a-plugin.md)")
+    for module in backend.runtime_imports:
         importlib.import_module(module)
     with Stopwatch() as load:
         runtime = opener(artifact=artifact, settings=settings)
     if runtime is None:
-        return None
+        raise errors.UnsupportedError(f"backend {backend.name!r} opened no runtime for this artifact "
+                                      "(compressor_open_runtime returned None)", artifact.path)
     try:
         measured = measure_runtime(runtime, data, settings)
     finally:
@@ -157,6 +142,10 @@ def main(argv: Sequence[str]) -> int:
         try:
             _run(exchange)
         except errors.CompressorError as error:
+            if error.__cause__ is not None:  # a plugin's own exception: its traceback for --debug
+                import traceback
+
+                traceback.print_exception(error)
             _report(exchange, type(error).__name__, error.message, str(error.path) if error.path else None)
         except ModuleNotFoundError as error:
             _report(exchange, "UnsupportedError", f"missing module {error.name!r}")

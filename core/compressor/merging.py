@@ -12,7 +12,7 @@ import datetime as _dt
 import json
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -101,8 +101,22 @@ def _shape_problem(data: Mapping[str, Any]) -> str | None:
     return None
 
 
+@dataclass
+class Merged:
+    """Several runs' reports merged: the report, and why its runs are of unrelated models (if so)."""
+
+    report: Report
+    #: The runs measured different models: what ``compare`` warns about (also the first variant's note).
+    unrelated: str | None = None
+
+
 def merge_reports(paths: Sequence[Path]) -> Report:
     """One report holding every variant of every run, originals included, first run first."""
+    return merge(paths).report
+
+
+def merge(paths: Sequence[Path]) -> Merged:
+    """:func:`merge_reports`, with the warning when the runs are of different models."""
     if not paths:
         raise UsageError(f"give at least one {REPORT_FILE} or a folder holding one")
     files = [report_file(Path(path)) for path in paths]
@@ -113,7 +127,7 @@ def merge_reports(paths: Sequence[Path]) -> Report:
         seen.add(file.resolve())
     reports = [load_report(file) for file in files]
     if len(reports) == 1:
-        return reports[0]
+        return Merged(reports[0])
     variants = [
         _from_run(variant, prefix, file, report)
         for file, report, prefix in zip(files, reports, _prefixes(files, reports), strict=True)
@@ -131,10 +145,10 @@ def merge_reports(paths: Sequence[Path]) -> Report:
         budgets=_common([r.budgets for r in reports]),
     )
     # Runs of different models: said in the report, and by ``compare`` on stderr.
-    merged.unrelated = warning(reports)  # type: ignore[attr-defined]
-    if merged.unrelated:  # type: ignore[attr-defined]
-        variants[0].notes = [*variants[0].notes, merged.unrelated]  # type: ignore[attr-defined]
-    return merged
+    unrelated = warning(reports)
+    if unrelated:
+        variants[0].notes = [*variants[0].notes, unrelated]
+    return Merged(merged, unrelated)
 
 
 def _prefixes(files: Sequence[Path], reports: Sequence[Report]) -> list[str]:
@@ -228,9 +242,10 @@ def compare(reports: tuple[Path, ...], out: Path | None, force: bool) -> None:
     Example:
       compressor compare out-fasttext out-onnx out-tflite --out comparison
     """
-    merged = merge_reports(reports)
-    if getattr(merged, "unrelated", None):
-        click.echo(f"warning: {merged.unrelated}", err=True)
+    found = merge(reports)
+    merged = found.report
+    if found.unrelated:
+        click.echo(f"warning: {found.unrelated}", err=True)
     output = None
     if out is not None:
         output = OutputFolder(out, [report_file(path) for path in reports], force)

@@ -15,13 +15,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from compressor.models import TensorSpec
+from compressor.results import ReportData, human_bytes
+
 #: Bytes read from each end of every file.
 EDGE = 1 << 20
 #: Files of a model folder fingerprinted at most (the rest named only by their count).
 MAX_FILES = 10_000
 
 
-def model_file(path: Path, inputs: Sequence[Any] = ()) -> dict[str, Any]:
+def model_file(path: Path, inputs: Sequence[TensorSpec] = ()) -> dict[str, Any]:
     """The identity of the model at ``path``: name, bytes, fingerprint, inputs."""
     files = _files(path)
     digest = hashlib.sha256()
@@ -60,13 +63,13 @@ def _files(path: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _spec(spec: Any) -> dict[str, Any]:
+def _spec(spec: TensorSpec) -> dict[str, Any]:
     shape = getattr(spec, "shape", None)
     return {"name": getattr(spec, "name", str(spec)), "dtype": str(getattr(spec, "dtype", "")),
             "shape": list(shape) if shape is not None else None}
 
 
-def different_models(reports: Sequence[Any]) -> str | None:
+def different_models(reports: Sequence[ReportData]) -> str | None:
     """Why the runs' originals look like different models (None: the same, or cannot tell):
     their fingerprints differ, or (older reports without one) their file names do."""
     identities = []
@@ -86,15 +89,13 @@ def different_models(reports: Sequence[Any]) -> str | None:
     return None
 
 
-def _described(report: Any, identity: dict[str, Any]) -> str:
-    from compressor.report import human_bytes
-
+def _described(report: ReportData, identity: dict[str, Any]) -> str:
     inputs = ", ".join(f"{spec.get('name')} {spec.get('shape')}" for spec in identity.get("inputs") or [])
     return f"{identity.get('name') or Path(report.model).name}: {human_bytes(identity.get('bytes'))}" + (
         f", inputs {inputs}" if inputs else "")
 
 
-def warning(reports: Sequence[Any]) -> str | None:
+def warning(reports: Sequence[ReportData]) -> str | None:
     """The sentence ``compare`` prints and notes when the originals differ."""
     reason = different_models(reports)
     if reason is None:

@@ -130,12 +130,20 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Artifact:
-    """A saved, deployable model file (plus any side files such as ONNX external data)."""
+    """A saved, deployable model file (plus any side files such as ONNX external data).
+
+    ``metadata`` and ``notes`` are what saving found out, for the report: they join the
+    saved model's own (``Model.metadata``/``Model.notes``), saving's winning where both
+    name a fact. They stay in the run that made the artifact (``to_json`` leaves them out)."""
 
     backend: str
     path: Path
     format: str
     side_files: tuple[Path, ...] = ()
+    #: Facts of the saved file, e.g. ``{"opset": 17, "float_nodes": [...]}``.
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    #: Things the report should say about the saved file.
+    notes: tuple[str, ...] = ()
 
     @property
     def files(self) -> tuple[Path, ...]:

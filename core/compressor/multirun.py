@@ -26,26 +26,32 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from compressor.errors import UsageError
 from compressor.models import ProgressCallback
 from compressor.outputs import OutputFolder
+from compressor.plugins import PluginHost
 from compressor.report import Report
+from compressor.run_request import RunRequest
+from compressor.runner import PlannedRun, RunOutcome
+from compressor.session import Plan, checked_plan
+from compressor.worker import MeasuredArtifact
 
 #: The backend whose original is the reference when it is run (the model as trained).
 PREFERRED_REFERENCE = "torch"
 
 
-def run_many(request: Any, backends: Sequence[str], host: Any, progress: ProgressCallback) -> Report:
+def run_many(request: RunRequest, backends: Sequence[str], host: PluginHost,
+             progress: ProgressCallback) -> RunOutcome:
     """Every backend's plan checked, then every model and its data loaded and every
     variant shown to its plugin, then every original made and measured, and only then
-    the variants made: a refusal on any backend comes before any work."""
+    the variants made: a refusal on any backend comes before any work. The outcome's
+    report is the merged one; its failures are every backend's."""
     from compressor.charts import write_png
     from compressor.evaluation import HEADLINE_KEYS, budget_failures, compare_outputs
     from compressor.merging import merge_reports
+    from compressor.report import render_reports
     from compressor.run_progress import tracking
-    from compressor.runner import PlannedRun, render_reports
 
     if len(set(backends)) != len(backends):
         raise UsageError(f"--backend names a backend twice: {', '.join(backends)}")
@@ -53,34 +59,35 @@ def run_many(request: Any, backends: Sequence[str], host: Any, progress: Progres
         host.backend(name)
     outer = OutputFolder(request.out, [request.model], request.force)
     outer.check()
-    for name in backends:  # nothing loaded, nothing written: each backend's request checked whole
-        _check_plan(replace(request, backend=name, out=outer.path / name), host)
+    # Nothing loaded, nothing written: each backend's request checked whole, its backend resolved once.
+    plans = {name: _checked_plan(replace(request, backend=name, out=outer.path / name), host) for name in backends}
     tracker = tracking(progress)
     outer.prepare()
-    reports: list[Report] = []
+    outcomes: list[RunOutcome] = []
     staged: dict[str, Path] = {}
     try:
         with ExitStack() as stack:
-            plans = []
+            runs = []
             for name in backends:
                 staged[name] = outer.staging_folder(name)
-                plans.append(PlannedRun(replace(request, backend=name, out=staged[name], force=False), host,
-                                        tracker.nested(f"{name} ")))
-            for plan in plans:
-                stack.enter_context(plan)
-            for plan in plans:
-                plan.start()
-            for plan in plans:
-                reports.append(plan.finish())
+                runs.append(PlannedRun(replace(request, backend=name, out=staged[name], force=False), host,
+                                       tracker.nested(f"{name} "), plans[name]))
+            for planned in runs:
+                stack.enter_context(planned)
+            for planned in runs:
+                planned.start()
+            for planned in runs:
+                outcomes.append(planned.finish())
         merged = _relocated(merge_reports(list(staged.values())), staged, outer.path)
         reference_index = backends.index(PREFERRED_REFERENCE) if PREFERRED_REFERENCE in backends else 0
-        reference = reports[reference_index].measured[0]  # type: ignore[attr-defined]
-        labels = _labels(reports[reference_index])
-        flat = [item for report in reports for item in report.measured]  # type: ignore[attr-defined]
-        base = merged.variants[sum(len(r.variants) for r in reports[:reference_index])].metrics
+        chosen = outcomes[reference_index]
+        reference = chosen.measured[0]
+        labels = chosen.eval_data.labels if chosen.eval_data is not None else None
+        flat = [item for outcome in outcomes for item in outcome.measured]
+        base = merged.variants[sum(len(outcome.report.variants) for outcome in outcomes[:reference_index])].metrics
         reference_name = f"{backends[reference_index]}:original"
         for variant, measured in zip(merged.variants, flat):
-            if measured is None or variant.error or not measured.kept or not reference.kept:
+            if reference is None or measured is None or variant.error or not measured.kept or not reference.kept:
                 continue
             own = {key: variant.metrics[key] for key in HEADLINE_KEYS if key in variant.metrics}
             compared = compare_outputs(reference, _aligned(measured, reference), labels)
@@ -99,20 +106,14 @@ def run_many(request: Any, backends: Sequence[str], host: Any, progress: Progres
     finally:
         outer.close()
     tracker.finish()
-    return merged
+    return RunOutcome(merged, flat, chosen.eval_data, [failure for outcome in outcomes for failure in outcome.failures])
 
 
-def _check_plan(request: Any, host: Any) -> None:
+def _checked_plan(request: RunRequest, host: PluginHost) -> Plan:
     """One backend's request checked with nothing loaded (:func:`compressor.session.checked_plan`),
     with its default variants when none are asked (as ``compressor run`` makes them)."""
-    from compressor.recipes import variants_from_strings
-    from compressor.runner import resolve_backend
-    from compressor.session import checked_plan
-
-    variants = list(request.variants)
-    if not variants and not request.original_only and request.model.exists():
-        variants = variants_from_strings(resolve_backend(host, request.model, request.backend).default_variants)
-    checked_plan(request, host, variants)
+    variants = () if request.original_only else request.variants
+    return checked_plan(request, host, variants, defaults=not request.original_only)
 
 
 def _relocated(report: Report, staged: dict[str, Path], out: Path) -> Report:
@@ -133,22 +134,12 @@ def _relocated(report: Report, staged: dict[str, Path], out: Path) -> Report:
     return report
 
 
-def _labels(report: Report) -> Any | None:
-    data = getattr(report, "eval_data", None)
-    return None if data is None else data.labels
-
-
-class _Renamed:
-    """A measurement whose outputs carry the reference's names (matched by position)."""
-
-    def __init__(self, measured: Any, names: dict[str, str]) -> None:
-        self.output_info = {names.get(key, key): value for key, value in measured.output_info.items()}
-        self.kept = {names.get(key, key): value for key, value in measured.kept.items()}
-        self.metrics, self.predictions, self.outputs = measured.metrics, measured.predictions, measured.outputs
-
-
-def _aligned(measured: Any, reference: Any) -> Any:
+def _aligned(measured: MeasuredArtifact, reference: MeasuredArtifact) -> MeasuredArtifact:
+    """``measured`` with its outputs named as the reference's, matched by position when the
+    runtimes name them differently."""
     ours, theirs = list(measured.output_info), list(reference.output_info)
     if set(ours) == set(theirs) or len(ours) != len(theirs):
         return measured
-    return _Renamed(measured, dict(zip(ours, theirs)))
+    names = dict(zip(ours, theirs))
+    return replace(measured, output_info={names.get(key, key): value for key, value in measured.output_info.items()},
+                   kept={names.get(key, key): value for key, value in measured.kept.items()})

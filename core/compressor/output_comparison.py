@@ -17,10 +17,22 @@ headline figure (``agreement``). For the variant as a whole:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 
-def compare_outputs(reference: Any, variant: Any, labels: Any | None,
+class MeasuredOutputs(Protocol):
+    """What a measurement holds of its outputs (``compressor.worker.MeasuredArtifact``)."""
+
+    @property
+    def output_info(self) -> Mapping[str, Mapping[str, Any]]:
+        """``{output: {"task", "reason", "shape", "params"?}}``"""
+
+    @property
+    def kept(self) -> Mapping[str, Mapping[str, Any]]:
+        """``{output: {kind: array}}``"""
+
+
+def compare_outputs(reference: MeasuredOutputs, variant: MeasuredOutputs, labels: Any | None,
                     headline_keys: Sequence[str]) -> dict[str, Any]:
     from compressor.comparing import compare_output, nonfinite_counts
     from compressor.fidelity import flat_labels
@@ -29,7 +41,7 @@ def compare_outputs(reference: Any, variant: Any, labels: Any | None,
     infos: Mapping[str, Mapping[str, Any]] = reference.output_info
     flat = flat_labels(labels)
     labelled = label_output(infos, labels=flat if flat is not None else labels) if infos else None
-    variant_infos = getattr(variant, "output_info", None) or {}
+    variant_infos = variant.output_info or {}
     outputs: dict[str, Any] = {}
     for name, info in infos.items():
         task, params = info.get("task"), info.get("params") or {}

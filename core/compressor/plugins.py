@@ -82,6 +82,7 @@ class PluginHost:
                     self.warnings.append(f"warning: plugin {entry_point.name!r} {unknown}; skipped")
                     continue
                 self.manager.register(plugin, name=entry_point.name)
+                self._warn_deprecated(plugin, entry_point.name)
             except KeyboardInterrupt:
                 raise
             except BaseException as error:  # noqa: BLE001 - a plugin bug (even sys.exit) must not kill the CLI
@@ -106,9 +107,17 @@ class PluginHost:
         if unknown:
             raise pluggy.PluginValidationError(plugin, f"plugin {name or plugin!r} {unknown}")
         self.manager.register(plugin, name=name)
+        self._warn_deprecated(plugin, name or str(getattr(plugin, "__name__", plugin)))
         if isinstance(plugin, ModuleType):
             self._extra_modules.append(plugin.__name__)
         self._backends = None
+
+    def _warn_deprecated(self, plugin: object, name: str) -> None:
+        """A line for the user about each deprecated hook ``plugin`` implements."""
+        marker = f"{hookspecs.PROJECT_NAME}_impl"
+        if hasattr(getattr(plugin, "compressor_measure", None), marker):
+            why = hookspecs.MEASURE_DEPRECATION.replace(" is deprecated", ", which is deprecated", 1)
+            self.warnings.append(f"warning: plugin {name!r} implements {why}")
 
     def unregister(self, name: str) -> None:
         plugin = self.manager.unregister(name=name)
@@ -126,7 +135,7 @@ class PluginHost:
             distribution, version = self._distributions.get(name, (None, None))
             module = getattr(plugin, "__name__", type(plugin).__name__)
             if distribution is None and module.split(".")[0] == "compressor":
-                from compressor import __version__
+                from compressor.version import __version__
 
                 distribution, version = "compressor", __version__
             hooks = sorted(c.name for c in self.manager.get_hookcallers(plugin) or [])

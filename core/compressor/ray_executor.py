@@ -26,9 +26,13 @@ from typing import Any
 
 from compressor import scratch
 from compressor.errors import CompressorError, UnsupportedError, first_line
-from compressor.models import Artifact
+from compressor.models import Artifact, ProgressCallback, TensorSpec
+from compressor.plugins import PluginHost
 from compressor.recipes import Variant
 from compressor.report import VariantResult
+from compressor.run_request import RunRequest
+from compressor.session import Session
+from compressor.worker import MeasuredArtifact
 
 MEASURE_RESOURCE = "compressor_measure"
 
@@ -43,7 +47,7 @@ class Made:
     node: str = ""
 
 
-def _ray() -> Any:
+def _ray() -> Any:  # the ray module
     try:
         import ray
     except ModuleNotFoundError:
@@ -96,7 +100,7 @@ class RayExecutor:
             with ray_cluster.quiet_ray():
                 self.ray.shutdown()
 
-    def make(self, request: Any, variants: Sequence[Variant]) -> list[Made | CompressorError]:
+    def make(self, request: RunRequest, variants: Sequence[Variant]) -> list[Made | CompressorError]:
         """Every variant made on the cluster, in parallel."""
         task = self.ray.remote(_make_remote).options(num_cpus=self.threads, max_retries=0,
                                                       scheduling_strategy="SPREAD")
@@ -109,14 +113,15 @@ class RayExecutor:
         return int(sum(node.get("Resources", {}).get(MEASURE_RESOURCE, 0)
                        for node in self.ray.nodes() if node.get("Alive")))
 
-    def measure(self, request: Any, made: Sequence[Made], inputs: Sequence[Any]) -> list[Any]:
+    def measure(self, request: RunRequest, made: Sequence[Made],
+                inputs: Sequence[TensorSpec]) -> list[MeasuredArtifact | CompressorError]:
         """Every artifact measured on the cluster, at most one at a time per node."""
         task = self.ray.remote(_measure_remote).options(
             num_cpus=self.threads, resources={MEASURE_RESOURCE: 1}, max_retries=0, scheduling_strategy="SPREAD")
         futures = [task.remote(request, item, list(inputs), self.extra_modules) for item in made]
         return [self._get(future) for future in futures]
 
-    def _get(self, future: Any) -> Any:
+    def _get(self, future: Any) -> Any:  # a Ray ObjectRef, to what its task returned
         try:
             return self.ray.get(future)
         except Exception as error:  # noqa: BLE001 - RayTaskError, WorkerCrashedError, NodeDiedError...
@@ -138,7 +143,7 @@ def stage(made: Made, staging: Path) -> Artifact:
     return Artifact(made.backend, main, made.format, tuple(p for p in paths if p != main))
 
 
-def _register(modules: Sequence[str]) -> Any:
+def _register(modules: Sequence[str]) -> PluginHost:
     import importlib
 
     from compressor.plugins import get_host
@@ -157,10 +162,8 @@ def _node() -> str:
     return str(ray.get_runtime_context().get_node_id())
 
 
-def _make_remote(request: Any, variant: Variant, modules: Sequence[str]) -> Made:
+def _make_remote(request: RunRequest, variant: Variant, modules: Sequence[str]) -> Made:
     """On a worker: load the model, make one variant, return its files."""
-    from compressor.session import Session
-
     host = _register(modules)
     with scratch.scratch_folder(scratch.RAY_MAKE) as folder:
         local = replace(request, out=folder / "out", force=True, check_space=False)
@@ -174,7 +177,8 @@ def _make_remote(request: Any, variant: Variant, modules: Sequence[str]) -> Made
             return Made(result, files, artifact.backend, artifact.format, artifact.path.name, _node())
 
 
-def _measure_remote(request: Any, made: Made, inputs: Sequence[Any], modules: Sequence[str]) -> Any:
+def _measure_remote(request: RunRequest, made: Made, inputs: Sequence[TensorSpec],
+                    modules: Sequence[str]) -> MeasuredArtifact:
     """On a node's one measuring slot: write the artifact, measure it in a child process."""
     from compressor import environment
     from compressor.evaluation import measure_one
@@ -197,16 +201,18 @@ def made_from(result: VariantResult, artifact: Artifact) -> Made:
                 artifact.format, artifact.path.name)
 
 
-def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tuple[list[VariantResult], list[Artifact | None]]:
+def run_on_ray(session: Session, variants: Sequence[Variant],
+               progress: ProgressCallback) -> tuple[list[VariantResult], list[Artifact | None]]:
     """``compressor run --executor ray``: the original made here, every variant made on the
     cluster, all of them measured there; scored here against the original's measurement."""
     from compressor.evaluation import check_reference, score, with_original_tasks
     from compressor.recipes import ORIGINAL
     from compressor.run_progress import begin
 
-    request = session.request
+    request, original_model = session.request, session.original
+    assert original_model is not None, "the session is open"
     executor = RayExecutor(request.ray_address, request.measure.threads, session.host.extra_modules,
-                           getattr(request, "ray_timeout", None))
+                           request.ray_timeout)
     try:
         original, original_artifact = session.make(Variant(ORIGINAL, ()))
         if original_artifact is None:
@@ -226,11 +232,11 @@ def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tupl
             made.result.metadata["made_on_node"] = made.node
             to_measure.append(made)
         measured_items = [index for index, artifact in enumerate(artifacts) if artifact is not None]
-        runs: dict[int, list[Any]] = {index: [] for index in measured_items}
+        runs: dict[int, list[MeasuredArtifact]] = {index: [] for index in measured_items}
         # The original first, alone: every variant is then measured with its decisions (each
         # output's task, axes, thresholds), as a local run measures them.
         begin(progress, f"measuring the original on Ray{_of(0, request.repeats)}")
-        reference = executor.measure(request, to_measure[:1], session.original.inputs)[0]
+        reference = executor.measure(request, to_measure[:1], original_model.inputs)[0]
         if isinstance(reference, CompressorError):
             raise reference
         runs[0].append(reference)
@@ -238,11 +244,11 @@ def run_on_ray(session: Any, variants: Sequence[Variant], progress: Any) -> tupl
             check_reference(reference, session.context.eval_data, request.measure, request.data)
         decided = replace(request, measure=with_original_tasks(request.measure, reference))
         for repeat in range(request.repeats):
-            items, made = (measured_items[1:], to_measure[1:]) if repeat == 0 else (measured_items, to_measure)
-            if not made:
+            items, batch = (measured_items[1:], to_measure[1:]) if repeat == 0 else (measured_items, to_measure)
+            if not batch:
                 continue
-            begin(progress, f"measuring {len(made)} artifact(s) on Ray{_of(repeat, request.repeats)}")
-            for index, outcome in zip(items, executor.measure(decided, made, session.original.inputs)):
+            begin(progress, f"measuring {len(batch)} artifact(s) on Ray{_of(repeat, request.repeats)}")
+            for index, outcome in zip(items, executor.measure(decided, batch, original_model.inputs)):
                 if isinstance(outcome, CompressorError):
                     if index == 0:
                         raise outcome
@@ -270,42 +276,3 @@ def _note_cpu_models(results: list[VariantResult]) -> None:
             f"variants were measured on different CPU models ({', '.join(sorted(map(str, models)))}): "
             "compare their latencies only within one model (see each variant's cpu_model)")
 
-
-def evaluate_trials(searcher: Any, trials: list[Any]) -> None:
-    """A search's batch of trials made and measured on the cluster in parallel (sizes
-    first: a variant that cannot win is not measured)."""
-    from compressor.evaluation import budget_failures, score, with_original_tasks
-    from compressor.searching import _violation
-    from compressor.selection import objective_value
-
-    session = searcher.session
-    variants = []
-    for trial in trials:
-        assert trial.variant is not None
-        variants.append(session.validate([trial.variant])[0])
-    best = searcher.best() or searcher.trials[0]
-    to_measure = []
-    for trial, variant, made in zip(trials, variants, searcher.executor.make(session.request, variants)):
-        if isinstance(made, CompressorError):
-            trial.state, trial.reason = "failed", made.message
-            trial.result = VariantResult(variant.name, [str(s) for s in variant.steps], error=made.message)
-            continue
-        trial.result = made.result
-        trial.artifact = stage(made, session.output.staging_path(variant.name))
-        size = sum(path.stat().st_size for path in trial.artifact.files)
-        if searcher.request.objective == "size" and best.value is not None and size >= best.value:
-            trial.state, trial.reason = "cannot win", f"{size} bytes, not smaller than the best so far"
-            made.result.metrics["size_bytes"] = size
-            continue
-        to_measure.append((trial, made))
-    decided = replace(session.request, measure=with_original_tasks(session.request.measure, searcher.reference))
-    outcomes = searcher.executor.measure(decided, [made for _, made in to_measure], session.original.inputs)
-    for (trial, _), measured in zip(to_measure, outcomes):
-        if isinstance(measured, CompressorError):
-            trial.state, trial.reason = "failed", measured.message
-            continue
-        result = trial.result
-        score(result, [measured], searcher.reference, session.context.eval_data, session.request.measure)
-        result.budget_failures = budget_failures(result.metrics, searcher.base, searcher.budgets)
-        trial.value = objective_value(result, searcher.request.objective)
-        trial.violation = _violation(result.metrics, searcher.base, searcher.budgets)

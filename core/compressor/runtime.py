@@ -4,7 +4,15 @@ A backend opens its artifact (``compressor_open_runtime``), says what goes in
 and what comes out, and runs one batch of named inputs to named outputs. Core
 does everything else alike for every backend (``compressor.engine``): feeding
 the data to the inputs, batching, synthetic inputs, warm-up and timing, peak
-RSS, what each output means and how it is compared with the original.
+RSS, what each output means and how it is compared with the original. This is
+the one way a backend is measured (``compressor_measure`` is deprecated).
+
+Inputs and outputs are NumPy arrays, the batch on the axis the data says (0 by
+default). A text input is declared with dtype ``"str"``: core feeds it an object
+array of Python strings (one per example). An output of labels (integers, or
+strings such as fastText's ``__label__x``, one per example) is compared as a
+classifier's top-1: agreement, confusion, the changed examples, accuracy against
+the labels.
 
 Example, a NumPy backend::
 
@@ -23,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from compressor.models import TensorSpec
+from compressor.models import Dataset, TensorSpec
 
 
 class Runtime:
@@ -45,6 +53,18 @@ class Runtime:
 
     def metrics(self) -> dict[str, Any]:
         """Facts of this runtime for the report, e.g. ``{"runtime": "LiteRT 1.2"}``."""
+        return {}
+
+    def evaluate(self, data: Dataset) -> dict[str, Any]:
+        """Optional: your own figures of this artifact on the evaluation data, e.g. fastText's
+        ``{"accuracy": precision@1, "precision_at_k": ..., "recall_at_k": ...}`` computed as
+        ``fasttext test`` does.
+
+        Called once after core ran every example through :meth:`run`, with the data as your
+        ``compressor_load_data`` read it (at most ``settings.max_examples`` examples when the
+        reader honours ``limit``). The figures join the variant's metrics; where core's
+        comparison with the original has a figure of the same name (``accuracy``), yours stands.
+        Core compares the outputs with the original's whatever this returns."""
         return {}
 
     def close(self) -> None:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from compressor.clibase import FiniteFloatRange, end_progress, progress, threads_within_cpus
+from compressor.clibase import (
+    FiniteFloatRange,
+    end_progress,
+    parse_settings,
+    plugin_host,
+    progress,
+    threads_within_cpus,
+)
 from compressor.models import MeasureSettings
 from compressor.selection import OBJECTIVES
 
@@ -60,14 +67,13 @@ def search(model: Path, out: Path, data: Path, objective: str, backend: str | No
       compressor search model.bin --data test.txt --train-data train.txt --objective size \\
           --max-accuracy-drop 0.5 --max-trials 30 -o search
     """
-    from compressor.cli import _host, _parse_settings
     from compressor.report import render_table
-    from compressor.runner import RunRequest
+    from compressor.run_request import RunRequest
     from compressor.searching import SearchRequest
     from compressor.searching import search as run_search
 
     run = RunRequest(
-        model=model, out=out, backend=backend, settings=_parse_settings(set_pairs), data=data,
+        model=model, out=out, backend=backend, settings=parse_settings(set_pairs), data=data,
         train_data=train_data, calibration_data=calibration_data, force=force, trust=trust,
         measure=MeasureSettings(threads=threads, min_seconds=min_seconds),
         max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
@@ -75,7 +81,7 @@ def search(model: Path, out: Path, data: Path, objective: str, backend: str | No
     )
     request = SearchRequest(run, objective, max_trials, time_budget * 60 if time_budget else None, seed, space)
     try:
-        report = run_search(request, _host(), progress)
+        report = run_search(request, plugin_host(), progress)
     finally:
         end_progress()
     click.echo(render_table(report))

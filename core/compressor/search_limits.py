@@ -13,10 +13,11 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from compressor.budgets import Budgets, violation
 from compressor.errors import UsageError
 
 #: Smallest margin by which the best case must miss the budget (float noise is not a miss).
@@ -36,7 +37,7 @@ class TimeUp(BaseException):
     no ``except Exception`` in a backend turns it into that trial's failure)."""
 
 
-def check_limits(max_trials: Any, time_budget_seconds: Any) -> None:
+def check_limits(max_trials: object, time_budget_seconds: object) -> None:
     """Usage errors (exit 2) for limits that would make no search or never stop it."""
     if isinstance(max_trials, bool) or not isinstance(max_trials, int) or max_trials < 1:
         raise UsageError(f"max_trials must be a whole number of at least 1, not {max_trials!r}")
@@ -82,8 +83,8 @@ def deadline(at: float | None) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3), previous_interval)
 
 
-def certain_violation(metrics: dict[str, Any], seen: int, total: int, base: dict[str, Any],
-                      budgets: dict[str, Any]) -> float:
+def certain_violation(metrics: Mapping[str, Any], seen: int, total: int, base: Mapping[str, Any],
+                      budgets: Budgets) -> float:
     """How far outside the budget a variant is on the whole data **at best**, from its
     ``metrics`` on the first ``seen`` of ``total`` examples (0: it may still meet it).
 
@@ -92,8 +93,6 @@ def certain_violation(metrics: dict[str, Any], seen: int, total: int, base: dict
     that are shares of examples are bounded so (:data:`EXAMPLE_SHARES`, top-1 accuracy,
     mean cosine per example with no NaN/Inf rows left out); others (per position, per
     pixel, F1, nearest neighbour) are not, and never stop a trial early."""
-    from compressor.searching import _violation as violation
-
     if not 0 < seen < total:
         return 0.0
     unseen = total - seen

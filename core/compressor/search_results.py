@@ -9,19 +9,20 @@ search and is removed, so that ``--out`` never names a winner the report does no
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from compressor import search_space
 from compressor.errors import UsageError
 from compressor.recipes import ORIGINAL
 from compressor.report import Report, VariantResult
-from compressor.searching import Searcher, Trial
+from compressor.run_request import RunRequest
+from compressor.search_trials import Searcher, Trial
 
 RECIPE = "recipe.toml"
 
 
-def check_best_names(out: Path, formats: Any) -> None:
+def check_best_names(out: Path, formats: Sequence[str]) -> None:
     """Before any work: a folder where ``best.<ext>`` goes would fail the search at its end."""
     for suffix in formats:
         target = out / f"best{suffix}"
@@ -85,7 +86,7 @@ def _report(searcher: Searcher) -> Report:
     return searcher.session.report(results, search=summary)
 
 
-def _recipe(winner: Trial, run: Any) -> str:
+def _recipe(winner: Trial, run: RunRequest) -> str:
     """The winner as a recipe that reproduces it (:func:`compressor.recipes.recipe_text`)."""
     import shlex
 

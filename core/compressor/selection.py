@@ -3,12 +3,10 @@ and the report as a table (``Report.best``, ``Report.to_pandas``)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from compressor.errors import UnsupportedError, UsageError
-
-if TYPE_CHECKING:
-    from compressor.report import Report, VariantResult
+from compressor.results import ReportData, VariantResult
 
 #: Objective name -> how to read it from a variant's metrics (smaller is better).
 OBJECTIVES = ("size", "latency", "peak_ram")
@@ -27,7 +25,7 @@ def objective_value(variant: VariantResult, objective: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-def best(report: Report, objective: str = "size", *, min_agreement: float | None = None,
+def best(report: ReportData, objective: str = "size", *, min_agreement: float | None = None,
          max_accuracy_drop: float | None = None, min_cosine: float | None = None,
          include_original: bool = True) -> VariantResult | None:
     """The variant with the smallest ``objective`` among those that were measured,
@@ -59,7 +57,7 @@ def _at_least(value: Any, bound: float) -> bool:
     return isinstance(value, (int, float)) and value >= bound
 
 
-def to_rows(report: Report) -> list[dict[str, Any]]:
+def to_rows(report: ReportData) -> list[dict[str, Any]]:
     """One flat dict per variant: the columns of the terminal table, as numbers."""
     base = report.variants[0].metrics.get("size_bytes") if report.variants else None
     rows = []
@@ -91,7 +89,7 @@ def to_rows(report: Report) -> list[dict[str, Any]]:
     return rows
 
 
-def to_pandas(report: Report) -> Any:
+def to_pandas(report: ReportData) -> Any:
     try:
         import pandas
     except ModuleNotFoundError:

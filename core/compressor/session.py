@@ -2,38 +2,51 @@
 ``search`` make, measure and score variants through.
 
 Making a session checks the request with nothing loaded (:func:`checked_plan`:
-the backend, every step and parameter, the options, the data each step needs);
-opening it loads the model and the data, asks the backend's plugin about every
-variant (``compressor_check_steps``), checks disk space and prepares ``--out``
-(nothing is written before); leaving it publishes nothing by itself, aborts the output folder on
-any error (interrupts included) and removes the scratch folder.
+the backend, resolved once, every step and parameter, the options, the data each
+step needs); opening it loads the model and the data, asks the backend's plugin
+about every variant (``compressor_check_steps``), checks disk space and prepares
+``--out`` (nothing is written before); leaving it publishes nothing by itself,
+aborts the output folder on any error (interrupts included) and removes the
+scratch folder.
+
+A plugin's exception while a variant is forked, compressed or saved fails that
+variant only (exit 7 at the end of the run), named with the plugin and the step;
+its traceback is kept for ``--debug`` (:attr:`Session.failures`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from compressor import environment, scratch
+from compressor.backend_resolution import resolve_backend, saved_as_hint
+from compressor.budgets import apply_budgets, budgets_of
 from compressor.children import out_of_memory_named
-from compressor.errors import CompressionError, InvalidInputError
+from compressor.errors import (
+    RESOURCE_ERRNOS,
+    CompressionError,
+    CompressorError,
+    InvalidInputError,
+    UnsupportedError,
+    UsageError,
+    first_line,
+)
+from compressor.loading import fork_model, load_data, load_model
 from compressor.memory import PeakRss
 from compressor.models import Artifact, Context, Model, ProgressCallback
 from compressor.outputs import OutputFolder
 from compressor.plugins import PluginHost, plugin_errors
-from compressor.recipes import ORIGINAL, Variant, check_name
-from compressor.report import Report, VariantResult
+from compressor.recipes import ORIGINAL, Variant, check_name, variants_from_strings
+from compressor.report import Report, VariantResult, render_reports
+from compressor.run_progress import RunProgress, tracking
+from compressor.run_request import RunRequest
 from compressor.specs import Backend
-
-
-def budgets_of(request: Any) -> dict[str, float | None]:
-    return {"max_accuracy_drop": request.max_accuracy_drop, "min_agreement": request.min_agreement,
-            "min_cosine": request.min_cosine}
 
 
 @dataclass
@@ -44,18 +57,17 @@ class Plan:
     backend: Backend
     variants: list[Variant]
     options: dict[str, Any]
+    #: The variants are the backend's defaults: one the loaded model cannot take is left
+    #: out with a note (:meth:`Session.check_steps`), not an error.
+    optional: bool = False
 
 
-def given_data(request: Any) -> dict[str, Path | None]:
-    """The data files a request names, by purpose (None: not given)."""
-    return {"eval": request.data, "train": request.train_data, "calibration": request.calibration_data}
-
-
-def checked_plan(request: Any, host: PluginHost, variants: Sequence[Variant] = ()) -> Plan:
+def checked_plan(request: RunRequest, host: PluginHost, variants: Sequence[Variant] = (),
+                 defaults: bool = False) -> Plan:
     """Every check that needs nothing loaded: measuring bounds, the model's existence, the
     variants' names, the backend (installed, not broken), every step's technique, mode and
-    parameters, the options, and the data each step needs (``--train-data``...)."""
-    from compressor.runner import resolve_backend, saved_as_hint
+    parameters, the options, and the data each step needs (``--train-data``...).
+    ``defaults``: without ``variants``, the backend's default variants (``compressor run``)."""
     from compressor.validation import apply_settings, check_data, check_measure_request
 
     check_measure_request(request.measure, request.repeats, budgets_of(request))
@@ -64,25 +76,63 @@ def checked_plan(request: Any, host: PluginHost, variants: Sequence[Variant] = (
     for variant in variants:  # names become file names in --out: however the variants were made
         check_name(variant.name)
     backend = resolve_backend(host, request.model, request.backend)
-    validated, options = apply_settings(backend, variants, request.settings)
-    check_data(backend, validated, given_data(request))
-    return Plan(backend, validated, options)
+    wanted, optional = list(variants), False
+    if defaults and not wanted:
+        wanted, optional = variants_from_strings(backend.default_variants), True
+        if not wanted:
+            raise UsageError("nothing to do: ask for --quantize, --prune, --pq or a --recipe")
+    validated, options = apply_settings(backend, wanted, request.settings)
+    check_data(backend, validated, request.given_data())
+    return Plan(backend, validated, options, optional)
+
+
+@dataclass
+class VariantFailure:
+    """A variant a plugin's exception failed: its traceback, shown with ``--debug``."""
+
+    variant: str
+    traceback: str
+
+
+@contextmanager
+def plugin_raised(backend: Backend, what: str) -> Iterator[None]:
+    """An unexpected exception of the plugin in the block as a :class:`CompressionError`
+    naming the plugin and ``what`` it was doing (the variant fails, the run goes on), with
+    the plugin's traceback for ``--debug``. Core's own errors, running out of memory or
+    disk, and interrupts pass unchanged."""
+    import traceback
+
+    try:
+        yield
+    except (CompressorError, MemoryError):
+        raise
+    except Exception as error:
+        if isinstance(error, OSError) and error.errno in RESOURCE_ERRNOS:
+            raise
+        failure = CompressionError(f"plugin {backend.plugin_name!r} (backend {backend.name!r}) raised "
+                                   f"{type(error).__name__} {what}: {first_line(error)}")
+        failure.plugin_tracebacks = [f"plugin {backend.plugin_name!r} {what}:\n"
+                                     + "".join(traceback.format_exception(error)).rstrip()]
+        # The traceback is kept as text: the exception's frames would keep the model alive.
+        raise failure from None
 
 
 class Session:
-    def __init__(self, request: Any, host: PluginHost, progress: ProgressCallback,
-                 variants: Sequence[Variant] = (), optional: bool = False) -> None:
-        """``optional``: the variants are the backend's defaults; one the loaded model cannot
-        take (:meth:`check_steps` says unsupported) is left out with a note, not an error."""
-        from compressor.run_progress import tracking
-
-        plan = checked_plan(request, host, variants)
-        self.host, self.progress = host, tracking(progress)
+    def __init__(self, request: RunRequest, host: PluginHost, progress: ProgressCallback,
+                 variants: Sequence[Variant] = (), optional: bool = False, plan: Plan | None = None) -> None:
+        """``plan``: the request checked already (:func:`checked_plan`), else it is checked here
+        with ``variants``. ``optional``: the variants are the backend's defaults; one the loaded
+        model cannot take (:meth:`check_steps` says unsupported) is left out with a note."""
+        plan = plan if plan is not None else checked_plan(request, host, variants)
+        self.host = host
+        self.progress: RunProgress = tracking(progress)
         self.backend: Backend = plan.backend
         self.variants, self.options = plan.variants, plan.options
-        self.optional = optional
+        self.optional = optional or plan.optional
         #: Default variants left out, and why (for the original's notes).
         self.left_out: list[str] = []
+        #: Variants a plugin's exception failed, with its traceback (for ``--debug``).
+        self.failures: list[VariantFailure] = []
         self.request = replace(request, measure=replace(request.measure, options=self.options))
         data_paths = [p for p in (request.data, request.train_data, request.calibration_data) if p]
         self.output = OutputFolder(request.out, [request.model, *data_paths], request.force)
@@ -94,8 +144,6 @@ class Session:
 
     def __enter__(self) -> Session:
         from compressor.feeding import with_batch_axes
-        from compressor.run_progress import begin
-        from compressor.runner import load_data, load_model
         from compressor.validation import check_data
 
         request = self.request
@@ -104,7 +152,7 @@ class Session:
             workdir = self._stack.enter_context(scratch.scratch_folder(scratch.WORK))
             self.context = Context(options=self.options, trust=request.trust, workdir=workdir,
                                    progress=self.progress)
-            begin(self.progress, f"loading {request.model}")
+            self.progress.begin(f"loading {request.model}")
             started = time.perf_counter()
             with PeakRss() as load_peak:
                 original = load_model(self.host, self.backend, request.model, self.context)
@@ -154,8 +202,6 @@ class Session:
     def check_steps(self, variants: Sequence[Variant]) -> list[Variant]:
         """What the plugin refuses for the loaded model (``compressor_check_steps``), before
         any work; with ``optional`` variants, those it calls unsupported are left out."""
-        from compressor.errors import UnsupportedError
-
         if self.original is None or not variants:
             return list(variants)
         check = self.host.hook_for(self.backend.name, "compressor_check_steps")
@@ -175,7 +221,10 @@ class Session:
     def make(self, variant: Variant, label: str | None = None) -> tuple[VariantResult, Artifact | None]:
         """Fork the loaded model, apply the steps, save into staging: the result (its
         error set if a step failed) and the staged artifact. With ``label`` ("[2/4] int8")
-        every step and the save are a unit of the run's progress; without, messages only."""
+        every step and the save are a unit of the run's progress; without, messages only.
+
+        The result's notes and metadata are the saved model's, with what saving reported
+        (``Artifact.notes``/``Artifact.metadata``) added."""
         result = VariantResult(variant.name, [str(step) for step in variant.steps])
         started = time.perf_counter()
         try:
@@ -183,10 +232,11 @@ class Session:
                 model, staged = self._make(variant, label)
         except CompressionError as error:
             result.error = str(error)
+            self.failures += [VariantFailure(variant.name, text) for text in error.plugin_tracebacks]
             return result, None
         result.artifact = staged.path.name
-        result.notes = list(model.notes)
-        result.metadata = dict(model.metadata)
+        result.notes = [*model.notes, *staged.notes]
+        result.metadata = {**model.metadata, **staged.metadata}
         result.metrics["compress_seconds"] = round(time.perf_counter() - started, 3)
         if peak.bytes is not None:
             result.metrics["compress_peak_rss_bytes"] = peak.bytes
@@ -202,23 +252,23 @@ class Session:
         return len(variant.steps) + 1
 
     def _make(self, variant: Variant, label: str | None = None) -> tuple[Model, Artifact]:
-        from compressor.runner import fork_model
-
         assert self.original is not None, "enter the session first"
         backend, context = self.backend, self.context
-        is_original = variant.name == ORIGINAL
-        model = self.original if is_original else fork_model(
-            self.host, backend, self.original, self.request.model, context)
+        if variant.name == ORIGINAL:
+            model = self.original
+        else:
+            with plugin_raised(backend, f"while forking the loaded model for {variant.name!r}"):
+                model = fork_model(self.host, backend, self.original, self.request.model, context)
         for step in variant.steps:
             self._tell(label, str(step))
-            with plugin_errors(backend), out_of_memory_named(step):
+            with plugin_raised(backend, f"at step '{step}'"), plugin_errors(backend), out_of_memory_named(step):
                 compressed = self.host.hook_for(backend.name, "compressor_compress")(
                     model=model, step=step, context=context)
             if compressed is None:
                 raise CompressionError(f"no plugin applied '{step}'")
             model = compressed
         self._tell(label, "saving")
-        with plugin_errors(backend):
+        with plugin_raised(backend, f"while saving {variant.name!r}"), plugin_errors(backend):
             staged = self.host.hook_for(backend.name, "compressor_save")(
                 model=model, destination=self.output.staging_path(variant.name), context=context)
         if staged is None:
@@ -231,10 +281,9 @@ class Session:
         else:
             self.progress.begin(f"{label}: {what}")
 
-    def report(self, results: list[VariantResult], **extra: Any) -> Report:
+    def report(self, results: list[VariantResult], **extra: object) -> Report:
         """The report of ``results`` (budgets and warnings applied)."""
         from compressor.cautions import apply_cautions
-        from compressor.evaluation import apply_budgets
         from compressor.model_identity import model_file
 
         request = self.request
@@ -260,7 +309,6 @@ class Session:
         """Put the artifacts, the reports and their chart (plus ``texts`` and ``copies``) into
         ``--out``, all or nothing (see :meth:`OutputFolder.publish`)."""
         from compressor.charts import write_png
-        from compressor.runner import render_reports
 
         self.output.publish(list(artifacts), {**render_reports(report), **(texts or {})},
                             chart=lambda path: write_png(report, path), copies=copies, stale=stale)

@@ -98,7 +98,10 @@ def decide_one(spec: TensorSpec, values: Any, inputs: Sequence[TensorSpec], opti
     shape = tuple(values.shape[1:])
     declared = chosen_task(spec.name, options)
     if values.dtype.kind not in "fc":
-        return OutputTask("classifier", f"integer output of {list(shape)} per example: compared as labels")
+        kind = "string" if values.dtype.kind in "USO" else "integer"
+        if math.prod(shape) <= 1:
+            return OutputTask("classifier", f"{kind} labels, one per example: compared as a classifier's top-1")
+        return OutputTask("classifier", f"{kind} output of {list(shape)} per example: compared as labels")
     look_ = look_ or look(values)
     if declared is not None:
         return _declared(declared, spec.name, values, look_, options)

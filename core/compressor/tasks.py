@@ -209,7 +209,12 @@ def keep(task: str, output: Any, feeds: Mapping[str, Any], params: Mapping[str, 
 
     output = np.asarray(output)
     if output.dtype.kind not in "fc":
-        return {"labels": output.reshape(len(output), -1)}
+        # Strings travel to the parent as fixed-width text (an object array would need pickle).
+        labels = output.reshape(len(output), -1).astype(str) if output.dtype.kind == "O" else \
+            output.reshape(len(output), -1)
+        if task == "classifier" and labels.shape[1] == 1:
+            return {"top1": labels[:, 0]}  # one label per example: a classifier's decision
+        return {"labels": labels}
     floats = output.astype(np.float32, copy=False)
     nonfinite = ~np.isfinite(floats.reshape(len(floats), -1)).all(axis=1) if len(floats) else np.zeros(0, bool)
     params = dict(params or {})

@@ -145,8 +145,8 @@ def _check_cheap_hooks(host: PluginHost, declared: Backend, sample: Path) -> Non
 
 
 def _check_hooks(host: PluginHost, declared: Backend, sample: SampleModel, folder: Path) -> None:
+    from compressor.loading import fork_model, load_data, load_model
     from compressor.recipes import variants_from_strings
-    from compressor.runner import fork_model, load_data, load_model
     from compressor.validation import apply_settings
 
     variants, options = apply_settings(declared, variants_from_strings(sample.variants), dict(sample.options))
@@ -183,7 +183,7 @@ def _check_hooks(host: PluginHost, declared: Backend, sample: SampleModel, folde
 def _saved_outputs(host: PluginHost, declared: Backend, model: Model, context: Context, folder: Path,
                    settings: MeasureSettings) -> dict[str, Any]:
     """Save ``model`` into ``folder``, open the artifact and run one synthetic example:
-    ``{output name: array}`` ({} for a backend that measures itself, without a runtime)."""
+    ``{output name: array}``. Every backend is measured through its runtime."""
     from compressor.feeding import synthetic_examples
 
     folder.mkdir(parents=True)
@@ -197,8 +197,8 @@ def _saved_outputs(host: PluginHost, declared: Backend, model: Model, context: C
                 f"compressor_save: artifact file {file} is not a file in the staging folder {folder}")
     with plugin_errors(declared):
         runtime = host.hook_for(declared.name, "compressor_open_runtime")(artifact=artifact, settings=settings)
-    if runtime is None:
-        return {}
+    _expect(runtime is not None, declared, "compressor_open_runtime returned no runtime (or is not implemented): "
+            "core measures every backend through one (compressor_measure is deprecated and no longer called)")
     _expect(isinstance(runtime, Runtime), declared, f"compressor_open_runtime returned {runtime!r:.120}")
     _expect(runtime.inputs and runtime.outputs and all(
         isinstance(spec, TensorSpec) for spec in (*runtime.inputs, *runtime.outputs)), declared,

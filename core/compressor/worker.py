@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,14 +28,20 @@ _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS
 
 
 @dataclass
-class IsolatedResult:
+class MeasuredArtifact:
+    """What the measuring process found for one artifact: the one result every backend's
+    measurement comes back as (through its :class:`~compressor.runtime.Runtime`)."""
+
+    #: Sizes, load time, latencies, memory, the runtime's own facts and figures.
     metrics: dict[str, Any]
-    predictions: Any | None
-    outputs: Any | None
-    #: ``{output: {"task", "reason", "shape"}}`` from a backend's runtime (else empty).
+    #: ``{output: {"task", "reason", "shape", "params"?}}``: what each output is.
     output_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: ``{output: {kind: array}}``: what core kept of each output to compare it.
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+#: The name this result had before the measurement contract was one.
+IsolatedResult = MeasuredArtifact
 
 
 def measure_isolated(
@@ -45,7 +51,7 @@ def measure_isolated(
     settings: MeasureSettings,
     plugin_modules: Sequence[str] = (),
     plugin: str | None = None,
-) -> IsolatedResult:
+) -> MeasuredArtifact:
     """Measure ``artifact`` in a child process and return what it found."""
     try:
         with scratch.scratch_folder(scratch.MEASURE) as exchange:
@@ -57,9 +63,7 @@ def measure_isolated(
 
 
 def _measure_in(exchange: Path, artifact: Artifact, data_path: Path | None, inputs: Sequence[TensorSpec],
-                settings: MeasureSettings, plugin_modules: Sequence[str], plugin: str | None) -> IsolatedResult:
-    import numpy as np
-
+                settings: MeasureSettings, plugin_modules: Sequence[str], plugin: str | None) -> MeasuredArtifact:
     write_request(exchange, artifact, data_path, inputs, settings, plugin_modules, plugin)
     environment = measuring_environment(settings)
     started = time.perf_counter()
@@ -108,13 +112,8 @@ def _measure_in(exchange: Path, artifact: Artifact, data_path: Path | None, inpu
     # forked child starts from the parent's RSS, so it is only a fallback.
     metrics.setdefault("peak_rss_bytes", usage.ru_maxrss * 1024)
     metrics["measure_seconds"] = round(wall_seconds, 3)
-    predictions = outputs = None
-    if (exchange / "predictions.npy").exists():
-        predictions = np.load(exchange / "predictions.npy", allow_pickle=False)
-    if (exchange / "outputs.npy").exists():
-        outputs = np.load(exchange / "outputs.npy", allow_pickle=False)
     info = result.get("outputs", {})
-    return IsolatedResult(metrics, predictions, outputs, info, _read_kept(exchange, info))
+    return MeasuredArtifact(metrics, info, _read_kept(exchange, info))
 
 
 def write_request(exchange: Path, artifact: Artifact, data_path: Path | None, inputs: Sequence[TensorSpec],
@@ -151,7 +150,7 @@ def _scratch_problem(folder: Path) -> str:
     return "Read-only file system" if not os.access(folder, os.W_OK) else "a write failed"
 
 
-def _child_setup() -> Any:
+def _child_setup() -> Callable[[], None]:
     """What the measuring child does before exec: no address randomization, and death with
     this process (a SIGKILLed run must not leave it measuring)."""
     die_with_parent = parent_death_hook()

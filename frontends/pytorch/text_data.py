@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor import (
+from compressor.plugin import (
     Context,
     Dataset,
     InvalidInputError,
     TensorSpec,
     UnsafeInputError,
     UsageError,
+    first_line,
 )
-from compressor.errors import first_line
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 #: Any of these marks a folder holding a tokenizer.
@@ -162,7 +162,7 @@ def load_tokenizer(folder: Path) -> Any:
     """The folder's tokenizer, local files only, never the folder's own code."""
     import transformers
 
-    from compressor_onnx.hf import read_json, refuse_custom_code
+    from compressor_frontends.pytorch.hf import read_json, refuse_custom_code
 
     config = read_json(folder, "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
     if isinstance(config, dict) and config.get("auto_map"):
@@ -181,7 +181,7 @@ def load_tokenizer(folder: Path) -> Any:
 
 def model_positions(folder: Path, tokenizer: Any) -> tuple[int | None, str]:
     """The most tokens the model takes, and where that number comes from."""
-    from compressor_onnx.hf import read_json
+    from compressor_frontends.pytorch.hf import read_json
 
     found: list[tuple[int, str]] = []
     config = read_json(folder, "config.json") if (folder / "config.json").is_file() else {}
@@ -228,7 +228,7 @@ def label_ids(labels: list[int | str], folder: Path, model_path: Path | None, pa
     """Integer labels as they are; strings through the model config's ``label2id``."""
     import numpy as np
 
-    from compressor_onnx.hf import read_json
+    from compressor_frontends.pytorch.hf import read_json
 
     if all(isinstance(label, int) for label in labels):
         return np.asarray(labels, dtype=np.int64)

@@ -1,19 +1,13 @@
-"""Steps on the torch model before export (``prune structure=head``, ``distill``), and
-attention-head pruning itself.
+"""Attention-head pruning of transformers models (``prune structure=head``).
 
-A torch step takes a private copy of the handle's torch model (forks share one
-module through the ExportCache; once the export released it, the model is read
-again from its file), changes it, and returns a Network that holds the new
-module and no export, so later steps export it afresh.
-
-Head pruning (transformers BERT-style attention: ``query``/``key``/``value`` plus
-the ``output.dense`` projection, as in BERT, RoBERTa, XLM-R, ELECTRA, MiniLM; or
-DistilBERT's ``q_lin``/``k_lin``/``v_lin``/``out_lin``) scores every head on the
-data, removes the lowest-scoring share of all heads (at least one head stays in
-each layer) and slices the rows of Q, K and V and the matching input columns of
-the output projection, so the exported MatMuls really shrink. Transformers 5
-dropped ``prune_heads`` and the ``head_mask`` argument, so a gate per head is
-inserted in front of each output projection to score heads:
+Heads of BERT-style attention (``query``/``key``/``value`` plus the
+``output.dense`` projection, as in BERT, RoBERTa, XLM-R, ELECTRA, MiniLM; or
+DistilBERT's ``q_lin``/``k_lin``/``v_lin``/``out_lin``) are scored on the data;
+the lowest-scoring share of all heads is removed (at least one head stays in each
+layer) by slicing the rows of Q, K and V and the matching input columns of the
+output projection, so the exported MatMuls really shrink. Transformers 5 dropped
+``prune_heads`` and the ``head_mask`` argument, so a gate per head is inserted in
+front of each output projection to score heads:
 
 * models with ``logits``: Michel et al. (2019), the mean of |dL/d gate| over the
   data, L the cross-entropy against the labels ``y`` when the data has them,
@@ -25,15 +19,14 @@ inserted in front of each output projection to score heads:
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from compressor import CompressionError, Context, Dataset, Model, Step, UsageError
-from compressor_onnx.loading import Network
+from compressor.plugin import Context, Dataset, Step, UsageError
+from compressor_frontends.pytorch.feeding import batches, call, data_for, is_transformers
+from compressor_frontends.pytorch.model import TorchModel, set_mode
 
 #: Examples scored for head importance, at most: by gradient (one pass), by ablation (a pass per head).
 SCORED_EXAMPLES, ABLATED_EXAMPLES = 64, 32
@@ -42,120 +35,6 @@ SCORE_BATCH = 16
 ATTENTION_LAYOUTS = (("query", "key", "value", None), ("q_lin", "k_lin", "v_lin", "out_lin"))
 HEAD_COUNTS = ("num_attention_heads", "n_heads", "num_heads")
 
-
-# --- the torch model of a handle ------------------------------------------------------------------
-
-def torch_model(model: Model, step: Step, context: Context) -> tuple[Network, Any, bool]:
-    """The handle's Network, its torch model (a module, or a ``torch.export`` program's
-    module) and whether that object is a fresh copy nobody else holds."""
-    network = check_torch(model, step)
-    cache = network.export
-    module = network.module if network.module is not None else (cache.module if cache else None)
-    program = network.exported_program if network.exported_program is not None else (
-        cache.exported_program if cache else None)
-    if module is None and program is None:
-        # The shared export has released the torch model: read it again.
-        from compressor_onnx.loading import load_network
-
-        fresh, _ = load_network(model.source, context.options, context.trust)
-        return network, fresh.module if fresh.module is not None else fresh.exported_program.module(), True
-    return network, module if module is not None else program.module(), False
-
-
-def check_torch(model: Model, step: Step) -> Network:
-    """The handle's Network, refused unless it still holds a torch model."""
-    network: Network = model.handle
-    if not network.is_torch:
-        if network.export is None:  # loaded as a graph, never a torch model
-            raise UsageError(f"'{step}' needs the PyTorch or transformers model; "
-                             f"{model.source.name} is read as an ONNX graph")
-        raise UsageError(f"'{step}' changes the torch model before its ONNX export: "
-                         "put it before quantize, lowrank and prune structure=channel")
-    return network
-
-
-def set_mode(module: Any, training: bool) -> Any:
-    """``module`` in training or eval mode; a ``torch.export`` program's module cannot switch
-    (it keeps the mode it was exported in, eval) and is left as it is."""
-    with contextlib.suppress(NotImplementedError):
-        module.train(training)
-    return module
-
-
-def with_module(network: Network, module: Any) -> Network:
-    """A Network holding ``module``, to be exported afresh by the next graph step."""
-    return dataclasses.replace(network, module=set_mode(module, False), exported_program=None, export=None,
-                               graph=None, path=None)
-
-
-def is_transformers(module: Any) -> bool:
-    import transformers
-
-    return isinstance(module, transformers.PreTrainedModel)
-
-
-def input_names(network: Network, dataset: Dataset) -> tuple[str, ...]:
-    """The inputs fed from ``dataset``: an optional one it lacks is left out."""
-    features = dataset.features
-    if len(network.input_names) == 1 and network.input_names[0] not in features and len(features) == 1:
-        return network.input_names
-    missing = [name for name in network.input_names
-               if name not in features and name not in network.optional_inputs]
-    if missing:
-        raise UsageError(f"the data file has no array for the input(s) {', '.join(missing)}", dataset.path)
-    return tuple(name for name in network.input_names if name in features)
-
-
-def batches(network: Network, dataset: Dataset, size: int, order: Any = None) -> Iterator[tuple[dict[str, Any], Any]]:
-    """(inputs by name as tensors, labels or None) in batches of ``size``, in ``order``
-    (indices; default all in file order). Token batches lose the padding no row uses."""
-    import numpy as np
-    import torch
-
-    names = input_names(network, dataset)
-    features = dataset.features
-    arrays = {name: features[name] if name in features else next(iter(features.values())) for name in names}
-    dtypes = {sample.name: sample.dtype for sample in network.sample_shapes}
-    indices = np.arange(dataset.size) if order is None else np.asarray(order)
-    for start in range(0, len(indices), size):
-        rows = indices[start:start + size]
-        batch = {}
-        for name, array in arrays.items():
-            part = np.asarray(array[rows])
-            dtype = dtypes.get(name) or ("float32" if part.dtype.kind == "f" else part.dtype.name)
-            batch[name] = torch.from_numpy(np.ascontiguousarray(part.astype(dtype)))
-        mask = batch.get("attention_mask")
-        if network.keyword_inputs and mask is not None and mask.ndim == 2:
-            length = max(int(mask.sum(dim=1).max()), 1)
-            batch = {name: t[:, :length] if t.ndim == 2 and t.shape == mask.shape else t
-                     for name, t in batch.items()}
-        labels = None if dataset.labels is None else torch.from_numpy(np.asarray(dataset.labels)[rows]).long()
-        yield batch, labels
-
-
-def call(network: Network, module: Any, batch: dict[str, Any]) -> tuple[str, Any]:
-    """Run ``module`` on ``batch``: the name and tensor of its first output (``logits``,
-    ``last_hidden_state``, or ``output`` for a plain module)."""
-    return call_all(network, module, batch)[0]
-
-
-def call_all(network: Network, module: Any, batch: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Run ``module`` on ``batch``: the name and tensor of every output, the first first."""
-    from compressor_onnx.outputs import flatten_outputs
-
-    result = module(**batch) if network.keyword_inputs else module(*batch.values())
-    outputs = flatten_outputs(result)
-    if not outputs:
-        raise CompressionError("the model returned no tensor")
-    return list(outputs)
-
-
-def data_for(context: Context, *purposes: str) -> Dataset | None:
-    found = {"calibration": context.calibration_data, "eval": context.eval_data, "train": context.train_data}
-    return next((found[p] for p in purposes if found[p] is not None), None)
-
-
-# --- attention heads ------------------------------------------------------------------------------
 
 @dataclass
 class Attention:
@@ -200,18 +79,19 @@ def find_attention(module: Any) -> list[Attention]:
     return found
 
 
-def prune_heads(model: Model, step: Step, context: Context) -> tuple[Network, list[str], dict[str, Any]]:
-    """``prune R structure=head``: the Network with the lowest-scoring share R of heads removed."""
+def prune_heads(model: TorchModel, module: Any, fresh: bool, step: Step, context: Context,
+                source: Path) -> tuple[Any, list[str], dict[str, Any]]:
+    """``prune R structure=head`` of ``module`` (``model``'s; edited in place when ``fresh``,
+    a copy nobody else holds, else copied first): the pruned module (in eval mode), notes
+    and metadata. ``source`` names the model in refusals."""
     import torch
 
-    check_torch(model, step)
     dataset = data_for(context, "calibration", "eval", "train")
     if dataset is None:
         raise UsageError(f"'{step}' ranks heads on data: pass --data or --calibration-data")
-    network, module, fresh = torch_model(model, step, context)
     if not is_transformers(module):
         raise UsageError(f"'{step}' needs a transformers model (attention heads); "
-                         f"{model.source.name} is a plain torch model")
+                         f"{source.name} is a plain torch model")
     blocks = find_attention(module)
     if not blocks:
         raise UsageError(f"'{step}': {type(module).__name__} has no BERT-style attention "
@@ -228,7 +108,7 @@ def prune_heads(model: Model, step: Step, context: Context) -> tuple[Network, li
     context.progress("scoring attention heads", None)
     with torch.random.fork_rng():
         torch.manual_seed(context.seed)
-        scores, method = head_scores(network, module, blocks, dataset)
+        scores, method = head_scores(model, module, blocks, dataset)
     chosen = choose_heads(scores, removed)
     for block, heads in zip(blocks, chosen):
         if heads:
@@ -243,10 +123,10 @@ def prune_heads(model: Model, step: Step, context: Context) -> tuple[Network, li
                     "scores": [round(float(s), 6) for s in layer_scores]}
                    for block, count, heads, layer_scores in zip(blocks, counts, chosen, scores)],
     }}
-    return with_module(network, module), [note], metadata
+    return module, [note], metadata
 
 
-def head_scores(network: Network, module: Any, blocks: list[Attention], dataset: Dataset) -> tuple[list[Any], str]:
+def head_scores(model: TorchModel, module: Any, blocks: list[Attention], dataset: Dataset) -> tuple[list[Any], str]:
     """Per block, the importance of each head (higher: keep), and how it was measured."""
     import torch
 
@@ -254,15 +134,15 @@ def head_scores(network: Network, module: Any, blocks: list[Attention], dataset:
     hooks = [getattr(block.out_owner, block.out).register_forward_pre_hook(_gate(gate, block.head_size))
              for block, gate in zip(blocks, gates)]
     try:
-        name, _ = call(network, module, next(batches(network, dataset, 1))[0])
+        name, _ = call(model, module, next(batches(model, dataset, 1))[0])
         if name == "logits":
             examples = list(range(min(dataset.size, SCORED_EXAMPLES)))
-            return _gradient_scores(network, module, gates, dataset, examples), (
+            return _gradient_scores(model, module, gates, dataset, examples), (
                 "Michel et al. gradient |dL/d head gate|, L: cross-entropy on "
                 + ("the labels" if dataset.labels is not None else "the model's own predictions")
                 + f", {len(examples)} examples")
         examples = list(range(min(dataset.size, ABLATED_EXAMPLES)))
-        return _ablation_scores(network, module, gates, dataset, examples), (
+        return _ablation_scores(model, module, gates, dataset, examples), (
             f"ablation: mean-pooled output cosine drop with the head masked, {len(examples)} examples")
     finally:
         for hook in hooks:
@@ -276,13 +156,13 @@ def _gate(gate: Any, size: int) -> Any:
     return hook
 
 
-def _gradient_scores(network: Network, module: Any, gates: list[Any], dataset: Dataset,
+def _gradient_scores(model: TorchModel, module: Any, gates: list[Any], dataset: Dataset,
                      examples: list[int]) -> list[Any]:
     import torch
 
     totals = [torch.zeros_like(gate) for gate in gates]
-    for batch, labels in batches(network, dataset, SCORE_BATCH, examples):
-        _, logits = call(network, module, batch)
+    for batch, labels in batches(model, dataset, SCORE_BATCH, examples):
+        _, logits = call(model, module, batch)
         flat = logits.reshape(-1, logits.shape[-1])
         targets = labels if labels is not None and len(labels) == len(flat) else flat.argmax(dim=-1).detach()
         loss = torch.nn.functional.cross_entropy(flat, targets)
@@ -293,19 +173,19 @@ def _gradient_scores(network: Network, module: Any, gates: list[Any], dataset: D
     return [(total / total.norm().clamp_min(1e-12)).detach().numpy() for total in totals]
 
 
-def _ablation_scores(network: Network, module: Any, gates: list[Any], dataset: Dataset,
+def _ablation_scores(model: TorchModel, module: Any, gates: list[Any], dataset: Dataset,
                      examples: list[int]) -> list[Any]:
     import numpy as np
     import torch
 
     scores = [np.zeros(len(gate)) for gate in gates]
     with torch.no_grad():
-        for batch, _ in batches(network, dataset, SCORE_BATCH, examples):
-            reference = _pooled(batch, call(network, module, batch)[1])
+        for batch, _ in batches(model, dataset, SCORE_BATCH, examples):
+            reference = _pooled(batch, call(model, module, batch)[1])
             for layer, gate in enumerate(gates):
                 for head in range(len(gate)):
                     gate[head] = 0.0
-                    pooled = _pooled(batch, call(network, module, batch)[1])
+                    pooled = _pooled(batch, call(model, module, batch)[1])
                     gate[head] = 1.0
                     drop = 1 - torch.nn.functional.cosine_similarity(pooled, reference, dim=-1)
                     scores[layer][head] += float(drop.sum())

@@ -19,8 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from compressor import InvalidInputError, UnsafeInputError
-from compressor.errors import first_line
+from compressor.plugin import InvalidInputError, UnsafeInputError, first_line
 
 CONFIG = "config.json"
 WEIGHTS_H5, WEIGHTS_NPZ = "model.weights.h5", "model.weights.npz"
@@ -153,7 +152,7 @@ class _Window(io.RawIOBase):
 
 def inspect_keras(path: Path, trust: bool) -> Any:
     """Check a ``.keras`` archive's members and the weights inside it; return its config."""
-    from compressor_tflite import hdf5
+    from compressor_frontends.keras import hdf5
 
     available = path.stat().st_size
     try:

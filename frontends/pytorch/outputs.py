@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from compressor import CompressionError
+from compressor.plugin import CompressionError
 
 SINGLE = "output"
 

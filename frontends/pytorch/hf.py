@@ -24,10 +24,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compressor import InvalidInputError, TensorSpec, UnsafeInputError
-from compressor.errors import first_line
-from compressor_onnx.loading import Network
-from compressor_onnx.shapes import SampleShape
+from compressor.plugin import InvalidInputError, TensorSpec, UnsafeInputError, first_line
+from compressor_frontends.pytorch.model import TorchModel
+from compressor_frontends.pytorch.shapes import SampleShape
 
 HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 #: Token inputs exported from a transformers folder when no data gives a shape.
@@ -123,7 +122,7 @@ def tokenizer_inputs(path: Path) -> tuple[str, ...] | None:
     return tuple(default) if isinstance(default, list | tuple) else None
 
 
-def load_transformers(path: Path, declared: tuple[SampleShape, ...]) -> tuple[Network, tuple[TensorSpec, ...]]:
+def load_transformers(path: Path, declared: tuple[SampleShape, ...]) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -155,7 +154,7 @@ def load_transformers(path: Path, declared: tuple[SampleShape, ...]) -> tuple[Ne
     names = tuple(name for name in wanted if name in accepted) or tuple(n for n in HF_INPUTS if n in accepted)
     shapes = declared or tuple(SampleShape(name, HF_SAMPLE_SHAPE, "int64") for name in names)
     optional = frozenset(sample.name for sample in shapes if sample.name != "input_ids")
-    network = Network(
+    model = TorchModel(
         module=module.eval(),
         input_names=tuple(sample.name for sample in shapes),
         output_names=(),
@@ -167,4 +166,4 @@ def load_transformers(path: Path, declared: tuple[SampleShape, ...]) -> tuple[Ne
         TensorSpec(sample.name, sample.spec.shape, sample.dtype, optional=sample.name in optional)
         for sample in shapes
     )
-    return network, specs
+    return model, specs

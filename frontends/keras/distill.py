@@ -10,7 +10,7 @@ times the cross-entropy on the labels ``y`` where the data has them and they are
 output's classes (:func:`compressor.training_labels.label_output`); without labels
 the student only matches the teacher. The teacher is a fixed function of the training
 examples, so its logits are computed once, up front. A teacher with several outputs
-has each matched to the teacher's by MSE over its variance (``pruning.fit``), and the
+has each matched to the teacher's by MSE over its variance (``training.fit``), and the
 labels train only the output they belong to (``alpha`` x that match + ``1 - alpha`` x
 cross-entropy).
 """
@@ -22,12 +22,18 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from compressor import CompressionError, CompressorError, Dataset, TensorSpec, UsageError
-from compressor.factories import import_factory
-from compressor.models import ProgressCallback
-from compressor_tflite import frameworks
-from compressor_tflite.pruning import fit, labels_for
-from compressor_tflite.structure import LayerGraph, Restructured
+from compressor.plugin import (
+    CompressionError,
+    CompressorError,
+    Dataset,
+    ProgressCallback,
+    TensorSpec,
+    UsageError,
+    import_factory,
+)
+from compressor_frontends.keras import frameworks
+from compressor_frontends.keras.structure import LayerGraph, Restructured
+from compressor_frontends.keras.training import fit, labels_for
 
 DEFAULT_WIDTH = 0.5
 #: Layers whose width (``units`` or ``filters``) a derived student scales.
@@ -42,7 +48,7 @@ class StudentFactory(str):
 
     def __new__(cls, value: object) -> str:  # type: ignore[misc]
         text = str(value).strip()
-        # A factory module importing TensorFlow must get tf-keras, as the backend does.
+        # A factory module importing TensorFlow must get tf-keras, as the front end does.
         os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
         import_factory(text, "student")
         return super().__new__(cls, text)

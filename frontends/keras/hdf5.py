@@ -20,8 +20,7 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-from compressor import InvalidInputError, UnsafeInputError
-from compressor.errors import first_line
+from compressor.plugin import InvalidInputError, UnsafeInputError, first_line
 
 #: Filters HDF5 and h5py carry themselves: deflate, shuffle, fletcher32, szip,
 #: nbit, scale-offset, LZF. Any other is dlopen()ed from HDF5_PLUGIN_PATH.

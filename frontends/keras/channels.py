@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from compressor import CompressionError, Dataset, TensorSpec
-from compressor.models import ProgressCallback
-from compressor_tflite.structure import LayerGraph, Restructured, fine_tune
+from compressor.plugin import CompressionError, Dataset, ProgressCallback, TensorSpec
+from compressor_frontends.keras.structure import LayerGraph, Restructured, fine_tune
 
 #: Layers that act on each channel alone and keep the channel axis last.
 PASS_THROUGH = frozenset({

@@ -8,7 +8,7 @@ class and config with N layers, initialised DistilBERT-style from teacher layers
 (evenly spaced from the first to the last: 0, 3, 5 of 6 for N = 3; the last alone
 for N = 1) and every other weight (embeddings, pooler, head) copied.
 
-The loss (:mod:`compressor_onnx.matching`) matches every output of the teacher:
+The loss (:mod:`compressor_frontends.pytorch.matching`) matches every output of the teacher:
 
 * the output the labels ``y`` belong to (``--set label_output=NAME``, else the
   classifier the labels fit; none: labels unused, the note says so): Hinton's KL
@@ -27,29 +27,22 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from compressor import Context, Dataset, Model, Step, UsageError
-from compressor.factories import import_factory
-from compressor_onnx.heads import (
-    batches,
-    call_all,
-    check_torch,
-    input_names,
-    is_transformers,
-    set_mode,
-    torch_model,
-    with_module,
-)
-from compressor_onnx.loading import Network
-from compressor_onnx.matching import LOGITS, Matching, matched_loss, matching
+from compressor.plugin import Context, Dataset, Step, UsageError, import_factory
+from compressor_frontends.pytorch.feeding import batches, call_all, input_names, is_transformers
+from compressor_frontends.pytorch.matching import LOGITS, Matching, matched_loss, matching
+from compressor_frontends.pytorch.model import TorchModel, set_mode
 
 FACTORY_RATE, LAYERS_RATE = 1e-3, 1e-4
 NOT_LOGITS = ("embedding", "regression", "detection")
 
 
-def distill(model: Model, step: Step, context: Context) -> tuple[Network, list[str], dict[str, Any]]:
-    """The student trained on the train data: the new Network, notes and metadata."""
+def distill(model: TorchModel, teacher: Any, step: Step, context: Context,
+            source: Path) -> tuple[Any, list[str], dict[str, Any]]:
+    """The student of ``teacher`` (``model``'s module) trained on the train data (in eval
+    mode), notes and metadata. ``source`` names the model in refusals."""
     import torch
 
     params = step.params
@@ -59,20 +52,19 @@ def distill(model: Model, step: Step, context: Context) -> tuple[Network, list[s
     dataset = context.train_data
     if dataset is None:
         raise UsageError(f"'{step}' trains the student: pass --train-data")
-    input_names(check_torch(model, step), dataset)
+    input_names(model, dataset)
     factory = import_factory(factory_name, "distill student") if factory_name is not None else None
-    network, teacher, _ = torch_model(model, step, context)
     set_mode(teacher, False)
     with torch.random.fork_rng():
         torch.manual_seed(context.seed)
         if factory is not None:
             student, picked = build_student(factory, str(factory_name)), None
         else:
-            student, picked = layer_student(teacher, int(layers), model, step)
-        plan = matching(network, teacher, student, dataset, context, step)
+            student, picked = layer_student(teacher, int(layers), source, step)
+        plan = matching(model, teacher, student, dataset, context, step)
         rate = float(params.get("learning_rate") or (FACTORY_RATE if factory is not None else LAYERS_RATE))
         started = time.perf_counter()
-        losses = train(network, teacher, student, dataset, params, plan, rate, context)
+        losses = train(model, teacher, student, dataset, params, plan, rate, context)
     set_mode(student, False)
     before, after = parameters(teacher), parameters(student)
     loss = plan.describe("" if float(params["alpha"]) < 1 else " (alpha=1: labels unused)")
@@ -90,7 +82,7 @@ def distill(model: Model, step: Step, context: Context) -> tuple[Network, list[s
         "epoch_losses": [round(value, 6) for value in losses], "learning_rate": rate,
         "seconds": round(time.perf_counter() - started, 3),
     }}
-    return with_module(network, student), notes, metadata
+    return student, notes, metadata
 
 
 def build_student(factory: Any, name: str) -> Any:
@@ -102,12 +94,12 @@ def build_student(factory: Any, name: str) -> Any:
     return student
 
 
-def layer_student(teacher: Any, layers: int, model: Model, step: Step) -> tuple[Any, list[int]]:
+def layer_student(teacher: Any, layers: int, source: Path, step: Step) -> tuple[Any, list[int]]:
     """The teacher's class with ``layers`` of its layers (every k-th), other weights copied."""
     import torch
 
     if not is_transformers(teacher):
-        raise UsageError(f"'{step}': layers= needs a transformers teacher; {model.source.name} is a plain "
+        raise UsageError(f"'{step}': layers= needs a transformers teacher; {source.name} is a plain "
                          "torch model (give student=package.module:function)")
     total = int(getattr(teacher.config, "num_hidden_layers", 0) or 0)
     stacks = [(name, module) for name, module in teacher.named_modules()
@@ -151,10 +143,10 @@ def parameters(module: Any) -> int:
 LossOf = Callable[[dict[str, Any], Any, list[tuple[str, Any]]], Any]
 
 
-def train(network: Network, teacher: Any, student: Any, dataset: Dataset, params: dict[str, Any],
+def train(model: TorchModel, teacher: Any, student: Any, dataset: Dataset, params: dict[str, Any],
           plan: Matching, rate: float, context: Context, after_step: Callable[[], None] | None = None,
           stage: str = "distilling") -> list[float]:
-    """AdamW on the distillation loss (:func:`compressor_onnx.matching.matched_loss`); the
+    """AdamW on the distillation loss (:func:`compressor_frontends.pytorch.matching.matched_loss`); the
     mean loss of each epoch. ``after_step`` runs after every optimizer step (fine-tuning
     keeps pruned weights at zero with it)."""
     import torch
@@ -163,13 +155,13 @@ def train(network: Network, teacher: Any, student: Any, dataset: Dataset, params
 
     def loss_of(batch: dict[str, Any], labels: Any, outputs: list[tuple[str, Any]]) -> Any:
         with torch.no_grad():
-            targets = call_all(network, teacher, batch)
+            targets = call_all(model, teacher, batch)
         return matched_loss(plan, outputs, targets, labels, temperature, alpha, batch.get("attention_mask"))
 
-    return train_loop(network, student, dataset, params, rate, context, loss_of, after_step, stage)
+    return train_loop(model, student, dataset, params, rate, context, loss_of, after_step, stage)
 
 
-def train_loop(network: Network, student: Any, dataset: Dataset, params: dict[str, Any], rate: float,
+def train_loop(model: TorchModel, student: Any, dataset: Dataset, params: dict[str, Any], rate: float,
                context: Context, loss_of: LossOf, after_step: Callable[[], None] | None = None,
                stage: str = "training") -> list[float]:
     """AdamW on ``loss_of`` over shuffled batches of ``dataset`` (``params``: epochs and
@@ -185,8 +177,8 @@ def train_loop(network: Network, student: Any, dataset: Dataset, params: dict[st
     losses = []
     for epoch in range(epochs):
         total = 0.0
-        for number, (batch, labels) in enumerate(batches(network, dataset, size, rng.permutation(dataset.size))):
-            outputs = call_all(network, student, batch)
+        for number, (batch, labels) in enumerate(batches(model, dataset, size, rng.permutation(dataset.size))):
+            outputs = call_all(model, student, batch)
             loss = loss_of(batch, labels, outputs)
             optimizer.zero_grad()
             loss.backward()

@@ -1,4 +1,4 @@
-"""Structural changes to Keras models before conversion, rebuilt from their config:
+"""Structural changes to Keras models, rebuilt from their config:
 Dense layers as two thin ones (``lowrank``), whole Dense units and Conv2D filters
 removed (``prune structure=channel``, in ``channels.py``); optionally fine-tuned.
 
@@ -17,23 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from compressor import CompressionError, Dataset, TensorSpec, UnsupportedError, UsageError
-from compressor.models import ProgressCallback
-from compressor_tflite import frameworks
-
-STRUCTURES = ("unstructured", "channel")
-
-
-class Structure(str):
-    """The type of ``prune structure=``: coercing ``head`` refuses it as unsupported, so core
-    stops the request while validating it, before any work."""
-
-    def __new__(cls, value: object) -> str:  # type: ignore[misc]
-        text = str(value).strip().lower()
-        if text == "head":
-            raise UnsupportedError("prune structure=head (attention heads of transformers models) is on "
-                                   f"the onnx backend; here structure may be {' or '.join(STRUCTURES)}")
-        return text
+from compressor.plugin import CompressionError, Dataset, ProgressCallback, TensorSpec, UsageError
+from compressor_frontends.keras import frameworks
 
 
 @dataclass
@@ -190,7 +175,7 @@ def lowrank(model: Any, params: Mapping[str, Any], inputs: Sequence[TensorSpec],
 def fine_tune(model: Any, reference: Any, params: Mapping[str, Any], inputs: Sequence[TensorSpec],
               train: Dataset | None, seed: int, progress: ProgressCallback, message: str) -> str:
     """Fine-tune the rebuilt ``model`` when there is training data and epochs; what to add to the note."""
-    from compressor_tflite.pruning import fit
+    from compressor_frontends.keras.training import fit
 
     epochs = int(params.get("epochs") or 0)
     if train is None or epochs == 0:

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from compressor import Context, Dataset, Step, TensorSpec, UsageError
+from compressor.plugin import Context, Dataset, Step, TensorSpec, UsageError
 from compressor.training_labels import LabelOutput, label_output, probe_rows
-from compressor_onnx.heads import batches, call_all, input_names, set_mode
-from compressor_onnx.loading import Network
+from compressor_frontends.pytorch.feeding import batches, call_all, input_names
+from compressor_frontends.pytorch.model import TorchModel, set_mode
 
 LOGITS, HIDDEN, VALUES = "logits", "hidden", "values"
 
@@ -72,7 +72,7 @@ class Matching:
         return "; ".join(parts)
 
 
-def matching(network: Network, teacher: Any, student: Any, dataset: Dataset, context: Context,
+def matching(model: TorchModel, teacher: Any, student: Any, dataset: Dataset, context: Context,
              step: Step) -> Matching:
     """How ``student`` is trained against ``teacher`` on ``dataset``; refuses a student
     whose first output (or labelled output) does not have the teacher's shape."""
@@ -81,22 +81,22 @@ def matching(network: Network, teacher: Any, student: Any, dataset: Dataset, con
     from compressor.tasks import chosen_task, detect
 
     rows = probe_rows(dataset.size)
-    batch, _ = next(batches(network, dataset, len(rows), rows))
+    batch, _ = next(batches(model, dataset, len(rows), rows))
     set_mode(student, False)
     with torch.no_grad():
-        expected = call_all(network, teacher, batch)
+        expected = call_all(model, teacher, batch)
         try:
-            got = call_all(network, student, batch)
+            got = call_all(model, student, batch)
         except Exception as error:  # noqa: BLE001 - the student's own code raises anything
             raise UsageError(f"'{step}': the student fails on the teacher's inputs "
                              f"({type(error).__name__}: {str(error).strip()[:160]})") from None
     _same_shape(got, expected, 0, step)
-    names = tuple(network.output_names) if len(network.output_names) == len(expected) else tuple(
+    names = tuple(model.output_names) if len(model.output_names) == len(expected) else tuple(
         name for name, _ in expected)
     values = [(tensor.detach().cpu().float() if tensor.is_floating_point() else tensor.detach().cpu()).numpy()
               for _, tensor in expected]
     inputs = [TensorSpec(name, tuple(batch[name].shape), str(batch[name].dtype).removeprefix("torch."))
-              for name in input_names(network, dataset) if name in batch]
+              for name in input_names(model, dataset) if name in batch]
     labels = label_output(names, values, inputs, context.options, dataset, rows)
     if labels.index is not None:
         _same_shape(got, expected, labels.index, step)

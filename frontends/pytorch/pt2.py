@@ -21,10 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from compressor import InvalidInputError, UnsafeInputError
-from compressor.errors import first_line
+from compressor.plugin import InvalidInputError, UnsafeInputError, first_line
+from compressor_frontends.pytorch.safety import TRUST_HINT
 
-TRUST_HINT = "pass --trust only if you trust whoever made this file"
 #: Members whose presence means native code or a pickle-only payload.
 _CODE_FOLDERS = ("data/aotinductor/", "data/executorch/", "data/mtia")
 #: Constants stored as plain tensor bytes; anything else is a pickled object.

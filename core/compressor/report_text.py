@@ -1,0 +1,151 @@
+"""A report as text: the terminal table, its legend and footer, and ``report.md``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from compressor.headlines import agreement_cell, failed_cell, legend
+from compressor.results import ReportData, human_bytes, percent
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+COLUMNS = (
+    "variant", "steps", "size", "gzip", "smaller", "load ms", "p50 ms", "p99 ms",
+    "peak RAM", "accuracy", "agreement",
+)
+
+
+def rows(report: ReportData) -> list[list[str]]:
+    """One row of display strings per variant, in :data:`COLUMNS` order; a FAILED
+    variant's message is cut short (in full in :func:`legend_lines`)."""
+    baseline = report.variants[0].metrics.get("size_bytes") if report.variants else None
+    table = []
+    for variant in report.variants:
+        metrics = variant.metrics
+        latency = metrics.get("latency_ms") or {}
+        size = metrics.get("size_bytes")
+        ratio = f"{baseline / size:.1f}x" if baseline and size else "-"
+        agreement_text = agreement_cell(metrics)
+        name = variant.name + (" !" if variant.budget_failures else "") + (" ?" if variant.warnings else "")
+        if variant.error:
+            table.append([name, " > ".join(variant.steps), failed_cell(variant.error)] + [""] * 8)
+            continue
+        table.append([
+            name,
+            " > ".join(variant.steps) or "-",
+            human_bytes(size),
+            human_bytes(metrics.get("size_gzip_bytes")),
+            ratio,
+            _number(metrics.get("load_ms"), 1),
+            _number(latency.get("p50"), 3),
+            _number(latency.get("p99"), 3),
+            human_bytes(metrics.get("peak_rss_bytes")),
+            percent(metrics.get("accuracy")),
+            agreement_text,
+        ])
+    return table
+
+
+def render_table(report: ReportData) -> str:
+    """A plain-text table for the terminal."""
+    table = [list(COLUMNS), *rows(report)]
+    # A FAILED row's message spans the columns after the steps: it does not widen them.
+    widths = [max(len(row[i]) for row in table if i < 2 or not row[2].startswith("FAILED"))
+              for i in range(len(COLUMNS))]
+    lines = []
+    for index, row in enumerate(table):
+        if len(row) > 3 and row[2].startswith("FAILED"):
+            lines.append("  ".join([row[0].ljust(widths[0]), row[1].ljust(widths[1]), row[2]]))
+        else:
+            lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    footer = _footer(report)
+    return "\n".join(lines + ([""] + footer if footer else []))
+
+
+#: Above this within-run p50 spread the report says latency was measured on a noisy machine.
+NOISY_SPREAD = 0.05
+
+
+def legend_lines(report: ReportData) -> list[str]:
+    """What the table's markers and figures mean, each output's task, failed variants in full."""
+    failed = [f"FAILED {variant.name}: {variant.error}" for variant in report.variants if variant.error]
+    return legend(report) + failed
+
+
+def _footer(report: ReportData) -> list[str]:
+    lines = legend_lines(report)
+    for variant in report.variants:
+        for failure in variant.budget_failures:
+            lines.append(f"! {variant.name}: {failure}")
+        for warning in variant.warnings:
+            lines.append(f"warning: {variant.name}: {warning}")
+        for note in variant.notes:
+            lines.append(f"note: {variant.name}: {note}")
+    noise = noise_note(report)
+    if noise:
+        lines.append(f"note: {noise}")
+    return lines
+
+
+def noise_note(report: ReportData) -> str | None:
+    """A warning when latency moved more than :data:`NOISY_SPREAD` within a run."""
+    spreads = [
+        spread for variant in report.variants
+        if isinstance(spread := (variant.metrics.get("latency_ms") or {}).get("p50_spread"), float)
+    ]
+    if not spreads or max(spreads) <= NOISY_SPREAD:
+        return None
+    return (
+        f"latency p50 moved by up to {100 * max(spreads):.0f}% between timing windows "
+        "(a busy or shared machine); compare p50_fastest_window in report.json, "
+        "timed with --min-seconds 10"
+    )
+
+
+def render_markdown(report: ReportData) -> str:
+    environment = report.environment
+    cpu = environment.get("cpu", {})
+    lines = [
+        f"# compressor report: {report.model}",
+        "",
+        f"Backend `{report.backend}`, created {report.created}. "
+        f"CPU: {cpu.get('model', '?')} ({', '.join(cpu.get('flags', [])) or 'no notable flags'}), "
+        f"threads {report.settings.get('threads', '?')}.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in rows(report):
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    footer = _footer(report)
+    if footer:
+        lines += ["", *[f"- {line}" for line in footer]]
+    for variant in report.variants[1:]:
+        changed = variant.metrics.get("changed_examples")
+        if changed:
+            output = variant.metrics.get("compared_output")
+            lines += [
+                "",
+                f"## {variant.name}: first inputs whose prediction changed"
+                + (f" (output {output}, " if output else " (")
+                + f"{variant.metrics.get('changed_count', len(changed))} in all)",
+                "",
+                "| input | original | compressed | label |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {c['index']} | {c['original']} | {c['compressed']} | {c.get('label', '')} |"
+                for c in changed
+            ]
+    versions = environment.get("versions", {})
+    if versions:
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."]
+    return "\n".join(lines) + "\n"
