@@ -20,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "benchmarks.md"
 SHARED = ROOT.parent / "shared"
 HEADER = "# Benchmarks\n\nEvery number here was measured by the script named in its section.\n"
+# Every figure measured now, never one an earlier run left in the cache (a script opts in itself).
+os.environ.setdefault("COMPRESSOR_CACHE", "off")
 
 
 def machine(distributions: Iterable[str] = ()) -> str:

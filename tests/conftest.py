@@ -13,6 +13,7 @@ import pytest
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["COMPRESSOR_CACHE"] = "off"  # no reuse across tests: tests/test_cache.py turns it on in tmp_path
 
 
 @contextmanager
@@ -32,7 +33,7 @@ def registered(module_name: str, name: str) -> Iterator[object]:
 
 @pytest.fixture
 def toy_host() -> Iterator[object]:
-    """The pure-Python ``toy`` backend (a linear classifier measured by its own hook)."""
+    """The pure-Python ``toy`` backend (a linear classifier measured by core through its ``ToyRuntime``)."""
     with registered("toy_backend", "toy") as host:
         yield host
 

@@ -71,3 +71,18 @@ def test_no_evaluation_data_and_no_vnni_are_said_once() -> None:
     with_vnni = original(agreement=1.0)
     report_of(with_vnni, int8, flags=("avx2", "avx512_vnni"))
     assert with_vnni.warnings == [] and with_vnni.notes == []
+
+
+def side_by_side(ratio: float, low: float, high: float) -> dict[str, Any]:
+    return {"latency_ratio": ratio, "latency_ratio_low": low, "latency_ratio_high": high}
+
+
+def test_a_side_by_side_interval_decides_over_separate_p50s() -> None:
+    """Separate processes on a busy machine said +50%; timed side by side it is within noise."""
+    drifted = VariantResult("fp16", ["quantize fp16"], metrics={**latency(3.0), **side_by_side(1.02, 0.98, 1.06),
+                                                               "size_bytes": 500, "size_gzip_bytes": 450})
+    slower = VariantResult("int8", ["quantize int8"], metrics={**latency(2.1), **side_by_side(1.35, 1.3, 1.4),
+                                                              "size_bytes": 300, "size_gzip_bytes": 250})
+    report_of(original(), drifted, slower)
+    assert drifted.warnings == []
+    assert slower.warnings == ["slower than the original: 1.35x its latency side by side (95% interval 1.30-1.40x)"]

@@ -138,3 +138,12 @@ def test_the_next_run_clears_what_a_killed_run_left(tmp_path: Path) -> None:
     assert rerun.returncode == 0, rerun.stderr
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert list(scratch.iterdir()) == []
+
+
+def test_a_reader_that_goes_away_stops_the_listing_quietly() -> None:
+    """``compressor backends | head -1`` printed "unexpected BrokenPipeError" and exited 1."""
+    process = subprocess.Popen([*compressor_command(), "backends"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the listing is written: every write meets a closed pipe
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and errors == ""

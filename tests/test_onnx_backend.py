@@ -64,7 +64,7 @@ def compress_save_measure(path: Path, steps: list[Step], context: Context, out: 
     out.mkdir(parents=True, exist_ok=True)
     artifact = plugin.compressor_save(model, out / "model", context)
     measured = measure_here(artifact, read_npz(data_path, model.inputs), QUICK)
-    return onnx.load(str(artifact.path)), model.metadata, measured
+    return onnx.load(str(artifact.path)), {**model.metadata, **artifact.metadata}, measured
 
 
 def accuracy(measured: object, data_path: Path) -> float:

@@ -22,7 +22,7 @@ from compressor.cli import cli
 from compressor.validation import validate_step
 from compressor_frontends.pytorch.export import LARGE_MODEL_VARIABLE
 from compressor_onnx import plugin
-from compressor_onnx.quantization import resolve_reduce_range
+from compressor_onnx.quantize_common import resolve_reduce_range
 
 ROWS = 64
 
@@ -81,6 +81,7 @@ def quantize(path: Path, quantize_step: Step, out: Path, calibration: Path | Non
         context.calibration_data = read_npz(calibration, model.inputs)
     model = plugin.compressor_compress(model, quantize_step, context)
     artifact = plugin.compressor_save(model, out, context)
+    model.metadata.update(artifact.metadata)  # as core joins saving's facts to the model's
     return artifact.path, model
 
 

@@ -120,3 +120,19 @@ def test_the_conformance_check_names_a_broken_contract(example_plugin: ModuleTyp
 def test_an_unknown_backend_is_a_conformance_error(tmp_path: Path) -> None:
     with pytest.raises(ConformanceError, match="no backend 'nothing' is registered"):
         check_backend("nothing", tmp_path)
+
+
+def test_built_in_plugins_and_front_ends_use_only_the_public_api() -> None:
+    """Backends and front ends are written as a third party's would be: compressor.plugin
+    (and compressor.testing) only, so that core's private modules can change."""
+    import ast
+
+    private = []
+    for path in sorted([*(ROOT / "backends").rglob("*.py"), *(ROOT / "frontends").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            private += [f"{path.relative_to(ROOT)}:{node.lineno} {name}" for name in names
+                        if name == "compressor" or (name.startswith("compressor.")
+                                                    and name not in ("compressor.plugin", "compressor.testing"))]
+    assert not private, private

@@ -35,10 +35,14 @@ def test_bad_step_strings_are_usage_errors(text: str) -> None:
 
 
 def test_flags_put_prune_before_each_quantize_mode() -> None:
-    variants = variants_from_flags(("fp16", "int8"), 0.5, False)
+    from compressor.specs import Param, Technique
+
+    quantize = Technique("quantize", modes=("fp16", "int8"))
+    prune = Technique("prune", params={"sparsity": Param(float, None)})
+    variants = variants_from_flags([(quantize, ("fp16", "int8")), (prune, (0.5,))])
     assert [v.name for v in variants] == ["prune0.5-fp16", "prune0.5-int8"]
     assert [str(s) for s in variants[1].steps] == ["prune 0.5", "quantize int8"]
-    assert variants_from_flags((), None, False) == []
+    assert variants_from_flags([]) == []
 
 
 def test_sweep_expands_into_one_variant_per_value() -> None:
@@ -100,11 +104,12 @@ _values = st.one_of(
     positional=_values,
 )
 def test_a_step_survives_printing_and_parsing(technique: str, params: dict, positional: str) -> None:
-    from compressor.specs import POSITIONAL_PARAM
+    from compressor.declarations import positional_param
 
-    if technique in POSITIONAL_PARAM:
-        params = {POSITIONAL_PARAM[technique]: positional, **params}
-    step = Step(technique, params)
+    declared = positional_param(technique)
+    if declared is not None:
+        params = {declared: positional, **params}
+    step = Step(technique, params, positional=declared)
     assert parse_step(str(step)) == step
 
 

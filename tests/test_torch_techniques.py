@@ -247,7 +247,10 @@ def test_bad_requests_exit_2_with_one_line(files: dict[str, Path], monkeypatch: 
     code, output = invoke("run", files[kind.removesuffix("-safetensors")], "--backend", "torch",
                           "--recipe", recipe(files["folder"], v=steps), *args, *options, "-o", out, *FAST)
     assert code == 2, output
-    assert message in output and len(output.strip().splitlines()) == 1, output
+    # One line of error; on a busy machine a progress line may come first (the folded
+    # BatchNorm is found by exporting, after the original is measured).
+    errors = [line for line in output.strip().splitlines() if not line.startswith("progress:")]
+    assert message in output and len(errors) == 1, output
     assert not out.exists()
 
 

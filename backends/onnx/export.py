@@ -4,7 +4,8 @@ The PyTorch front end exports (:func:`compressor_frontends.pytorch.export.export
 modules through the TorchScript exporter, ``torch.export`` programs through the
 dynamo exporter, large ones to a file in the scratch folder). Here the export is
 kept in the :class:`ExportCache` that the loaded Network and all its forks share,
-and the torch model is dropped afterwards.
+and the torch model is dropped afterwards. A transformers causal LM is exported with its
+key/value cache (past inputs, present outputs) unless ``--set kv_cache=false``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from compressor.plugin import Context, peak_rss_bytes
 from compressor_frontends.pytorch import TorchModel
-from compressor_onnx.loading import ExportCache, Network
+from compressor_onnx.network import ExportCache, Network
 
 
 def exported(network: Network, context: Context) -> Network:
@@ -49,7 +50,24 @@ def exported(network: Network, context: Context) -> Network:
 
 
 def export_graph(model: TorchModel, context: Context) -> tuple[Any | None, Path | None]:
-    """Export the torch model: ``(graph, None)``, or ``(None, path)`` for a large one."""
+    """Export the torch model: ``(graph, None)``, or ``(None, path)`` for a large one. A
+    transformers causal LM is exported with its key/value cache unless ``--set kv_cache=false``
+    (:mod:`compressor_frontends.pytorch.kv_export`)."""
     from compressor_frontends.pytorch.export import export_onnx
 
+    if with_kv_cache(model, context):
+        from compressor_frontends.pytorch.kv_export import export_with_cache
+
+        return export_with_cache(model, context)
     return export_onnx(model, context)
+
+
+def with_kv_cache(model: TorchModel, context: Context) -> bool:
+    """Whether ``model`` is exported generation-ready: a transformers causal LM whose layers
+    keep caches of one shape (else, as after head pruning, it is exported in one pass), kv_cache on."""
+    if model.module is None or not model.keyword_inputs or str(context.options.get("kv_cache", True)).lower() in (
+            "false", "0", "no"):
+        return False
+    from compressor_frontends.pytorch.kv_export import has_uniform_cache, is_causal_lm
+
+    return is_causal_lm(model.module) and has_uniform_cache(model.module)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from compressor.plugin import Context, Model, Step
-from compressor_onnx.loading import Network
+from compressor_onnx.network import Network
 
 #: The edit made again on the fine-tuned model's export.
 Redo = Callable[[Network], Network]

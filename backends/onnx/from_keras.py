@@ -3,7 +3,7 @@
 The Keras front end checks and loads the file and exports it with tf2onnx
 (:func:`compressor_frontends.keras.to_onnx.load_as_onnx`: magic bytes, archive and
 HDF5 checks, no Lambda layers or custom classes without ``--trust``); the in-memory
-ONNX graph, with a dynamic batch axis, becomes a :class:`~compressor_onnx.loading.Network`,
+ONNX graph, with a dynamic batch axis, becomes a :class:`~compressor_onnx.network.Network`,
 so every onnx technique applies.
 """
 
@@ -27,14 +27,14 @@ def reads(path: Path) -> bool:
 
 
 def load_keras_network(path: Path, options: dict[str, Any], trust: bool) -> tuple[Any, tuple[TensorSpec, ...]]:
-    """The Keras model or SavedModel at ``path`` as an ONNX :class:`~compressor_onnx.loading.Network`."""
+    """The Keras model or SavedModel at ``path`` as an ONNX :class:`~compressor_onnx.network.Network`."""
     missing = [name for name in ("tensorflow", "tf_keras", "tf2onnx") if find_spec(name) is None]
     if missing:
         raise UnsupportedError(
             f"reading Keras models on backend 'onnx' needs {', '.join(missing)}: {_INSTALL_HINT}", path
         )
     from compressor_frontends.keras.to_onnx import load_as_onnx
-    from compressor_onnx.loading import Network
+    from compressor_onnx.network import Network
 
     graph = load_as_onnx(path, trust, int(options.get("opset") or DEFAULT_OPSET))
     network = Network(graph=graph, input_names=tuple(item.name for item in graph.graph.input),

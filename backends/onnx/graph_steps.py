@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from compressor.plugin import Context, Step
-from compressor_onnx.loading import Network
+from compressor_onnx.network import Network
 from compressor_onnx.rewrite import rewrite_network
 
 

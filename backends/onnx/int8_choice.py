@@ -243,8 +243,12 @@ class _Search:
     def quantize(self, candidate: Candidate, path: Path) -> None:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-        from compressor_onnx.int4 import quiet_ort
-        from compressor_onnx.quantization import STATIC_OPS, calibration_method, op_types
+        from compressor_onnx.quantize_common import (
+            STATIC_OPS,
+            calibration_method,
+            op_types,
+            quiet_ort,
+        )
 
         if candidate.ops == "weighted":
             ops: list[str] | None = op_types(STATIC_OPS, self.step)
@@ -342,7 +346,7 @@ def _pre_process(source: Path, target: Path) -> bool:
     fold and fuse, e.g. Pad into Conv); False when it fails (with and without symbolic shapes)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from compressor_onnx.int4 import quiet_ort
+    from compressor_onnx.quantize_common import quiet_ort
 
     for attempt in ({}, {"skip_symbolic_shape": True}):
         try:

@@ -35,8 +35,8 @@ def scratch_model(context: Context, stem: str) -> Path:
 def quantize_large(source: Path, step: Step, context: Context) -> tuple[Path, list[str], dict[str, Any]]:
     """``quantize MODE`` on the model at ``source``: the result's path, notes and metadata."""
     from compressor_frontends.pytorch.onnx_graph import constants_to_initializers
+    from compressor_onnx.int4_settings import mode_facts
     from compressor_onnx.preprocess import shrink_facts, weight_bytes
-    from compressor_onnx.quantization import mode_facts
 
     skeleton = load_skeleton(source)
     moved = constants_to_initializers(skeleton)
@@ -55,7 +55,8 @@ def _quantize_large(source: Path, skeleton: Any, step: Step, context: Context) -
     import onnx
 
     from compressor_frontends.pytorch.export import strip_value_info
-    from compressor_onnx.quantization import parse_names, quantize_int8_file, resolve_reduce_range
+    from compressor_onnx.int8_file import quantize_int8_file
+    from compressor_onnx.quantize_common import parse_names, resolve_reduce_range
 
     if step.mode == "fp16":
         target = scratch_model(context, "fp16")
@@ -85,7 +86,7 @@ def _quantize_large(source: Path, skeleton: Any, step: Step, context: Context) -
 
 
 def _int4(skeleton: Any, source: Path, step: Step, context: Context) -> tuple[Path, list[str]]:
-    from compressor_onnx.int4 import Int4Settings
+    from compressor_onnx.int4_settings import Int4Settings
     from compressor_onnx.int4_stream import quantize_int4_stream
 
     settings = Int4Settings.from_step(step)
@@ -102,7 +103,8 @@ def _gptq(source: Path, step: Step, context: Context) -> tuple[Path, list[str]]:
     """GPTQ reads each layer's inputs from an ONNX Runtime session on the model (Gemms
     split first, written to scratch), then writes its weights one at a time."""
     from compressor_frontends.pytorch.export import strip_value_info
-    from compressor_onnx.int4 import Int4Settings, split_gemms
+    from compressor_onnx.int4_rewrites import split_gemms
+    from compressor_onnx.int4_settings import Int4Settings
     from compressor_onnx.int4_stream import gptq_stream
 
     settings = Int4Settings.from_step(step)
@@ -124,7 +126,7 @@ def _dynamic(skeleton: Any, source: Path, step: Step, excluded: list[str], conte
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     from compressor_onnx.int8_stream import quantize_dynamic_int8
-    from compressor_onnx.quantization import op_types
+    from compressor_onnx.quantize_common import op_types
 
     try:
         producers = quantize_dynamic_int8(
@@ -156,7 +158,7 @@ def fp16_skeleton(source: Path, scratch: Path) -> tuple[Any, dict[str, Producer]
     from onnx import TensorProto
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    from compressor_onnx.quantization import to_fp16
+    from compressor_onnx.quantize_common import to_fp16
 
     # Types of every intermediate value, inferred by path so the size never matters.
     inferred_path = scratch / "inferred.onnx"

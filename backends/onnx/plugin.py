@@ -19,6 +19,7 @@ from typing import Any
 
 from compressor.plugin import (
     EVERY_STEP,
+    GENERATION_OPTIONS,
     Artifact,
     Backend,
     CompressionError,
@@ -42,7 +43,7 @@ from compressor_frontends.pytorch.techniques import (
     lowrank_technique,
     text_options,
 )
-from compressor_onnx.loading import ExportCache, Network
+from compressor_onnx.network import ExportCache, Network
 
 NAME = "onnx"
 IDENTIFIED_SUFFIXES = (".onnx", ".pt2", ".pt", ".pth", ".safetensors", ".jit", ".ts", ".ptl")
@@ -110,6 +111,9 @@ def backend() -> Backend:
             "model_factory": Param(str, None, "package.module:function building the nn.Module for a state_dict"),
             "input_shape": Param(str, None, "example input shapes, e.g. 1,64 or input_ids:1,128:int64;attention_mask:1,128:int64"),
             "opset": Param(int, 17, "ONNX opset of exported graphs", minimum=13, maximum=21),
+            "kv_cache": Param(bool, True, "transformers causal LMs: export with past key/values (one graph for "
+                              "prefill and decode), measured generating; false: one pass without a cache"),
+            **GENERATION_OPTIONS,
             **text_options(),
         },
         extra="onnx",
@@ -273,8 +277,7 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
 
     network = exported(model.handle, context)
     artifact, metadata = save_network(network, destination.with_suffix(".onnx"), context.progress)
-    model.metadata.update({**_export_facts(network), **metadata})
-    return artifact
+    return dataclasses.replace(artifact, metadata={**_export_facts(network), **metadata})
 
 
 @hookimpl

@@ -19,7 +19,7 @@ import dataclasses
 from typing import Any
 
 from compressor.plugin import CompressionError, Context, Model, Step, UsageError
-from compressor_onnx.loading import Network
+from compressor_onnx.network import Network
 from compressor_onnx.torch_steps import check_torch, torch_model, torch_of, with_module
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from compressor.plugin import Context
 from compressor_onnx.external import Producer, read_array
-from compressor_onnx.loading import Network
+from compressor_onnx.network import Network
 
 #: ``edit(model, folder)`` -> (producers of new contents by initializer name, facts).
 Edit = Callable[[Any, Path], tuple[dict[str, Producer], Any]]

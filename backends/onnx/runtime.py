@@ -6,6 +6,7 @@ or type the graph does not take) become one-line data errors naming the input.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,12 @@ from compressor.plugin import (
     TensorSpec,
     UnsupportedError,
     first_line,
+)
+from compressor_onnx.kv_runtime import (
+    cache_hidden,
+    cache_layout,
+    complete_feeds,
+    streamed_weight_bytes,
 )
 
 #: ONNX element types as NumPy dtypes (``tensor(float)`` -> ``float32``).
@@ -39,7 +46,7 @@ def open_session(path: Any, threads: int) -> Any:
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
-        raise InvalidInputError(f"ONNX Runtime cannot load this model ({first_line(error)})", path) from None
+        raise InvalidInputError(f"ONNX Runtime cannot load this model ({first_line(error)})", path) from error
 
 
 class OnnxRuntime(Runtime):
@@ -47,8 +54,15 @@ class OnnxRuntime(Runtime):
         self.session = open_session(artifact.path, settings.threads)
         self.inputs = tuple(self._spec(node, artifact) for node in self.session.get_inputs())
         self.outputs = tuple(self._spec(node, artifact) for node in self.session.get_outputs())
-        self.fixed_batch = _fixed_batch(self.inputs)
         self._names = [spec.name for spec in self.outputs]
+        # A causal LM with a key/value cache: core feeds tokens alone, and measures generation too.
+        self.kv_cache = cache_layout(self.inputs, tuple(self._names),
+                                     self.session.get_modelmeta().custom_metadata_map)
+        if self.kv_cache is not None:
+            weights = streamed_weight_bytes(artifact.path)
+            self.kv_cache = dataclasses.replace(self.kv_cache, weight_bytes=weights or _file_bytes(artifact))
+            self.inputs, self.outputs = cache_hidden(self.kv_cache, self.inputs, self.outputs)
+        self.fixed_batch = _fixed_batch(self.inputs)
 
     @staticmethod
     def _spec(node: Any, artifact: Artifact) -> TensorSpec:
@@ -65,15 +79,23 @@ class OnnxRuntime(Runtime):
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            values = self.session.run(self._names, dict(feeds))
+            values = self.session.run(self._names, complete_feeds(self.kv_cache, feeds) if self.kv_cache
+                                      else dict(feeds))
         except Exception as error:  # noqa: BLE001 - ORT's InvalidArgument, Fail, RuntimeException...
-            raise InvalidInputError(f"ONNX Runtime refused the inputs: {first_line(error)}") from None
+            raise InvalidInputError(f"ONNX Runtime refused the inputs: {first_line(error)}") from error
         return dict(zip(self._names, values))
 
     def metrics(self) -> dict[str, Any]:
         import onnxruntime as ort
 
         return {"runtime": f"onnxruntime {ort.__version__}"}
+
+
+def _file_bytes(artifact: Artifact) -> int | None:
+    try:
+        return sum(path.stat().st_size for path in artifact.files)
+    except OSError:
+        return None
 
 
 def _fixed_batch(inputs: tuple[TensorSpec, ...]) -> int | None:

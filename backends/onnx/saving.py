@@ -7,7 +7,7 @@ from typing import Any
 
 from compressor.plugin import Artifact
 from compressor_onnx.external import Progress
-from compressor_onnx.loading import Network
+from compressor_onnx.network import Network
 
 
 def save_network(network: Network, path: Path, progress: Progress) -> tuple[Artifact, dict[str, Any]]:

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compressor.feeding import STATE_PREFIX
-from compressor.plugin import Dataset, Examples, UsageError, examples_from_data
+from compressor.plugin import STATE_PREFIX, Dataset, Examples, UsageError, examples_from_data
 
 CALIBRATION_BATCH = 8
 #: Signed histogram bins at the start (2048 a side, ONNX Runtime's percentile resolution).
@@ -78,11 +77,17 @@ class CalibrationFeeds:
 def calibration_feeds(graph: Any, dataset: Dataset, samples: int,
                       options: Mapping[str, Any] | None = None) -> CalibrationFeeds:
     """The first ``samples`` examples of ``dataset`` fed to ``graph`` (a ModelProto) as measuring feeds them."""
+    from compressor_onnx.kv_runtime import add_cache_inputs, cache_hidden, graph_cache_layout
     from compressor_onnx.shapes import graph_input_specs
 
     options = dict(options or {})
     specs = graph_input_specs(graph.graph)
+    # A causal LM with a key/value cache calibrates on prefills of the data's tokens.
+    layout = graph_cache_layout(graph)
+    specs = cache_hidden(layout, specs, ())[0] if layout is not None else specs
     examples = examples_from_data(dataset, specs, options, limit=samples)
+    if layout is not None:
+        add_cache_inputs(examples, layout)
     outputs = {value.name for value in graph.graph.output}
     state = {key[len(STATE_PREFIX):]: str(value) for key, value in options.items() if key.startswith(STATE_PREFIX)}
     for output, target in state.items():
@@ -106,7 +111,7 @@ class RangeCollector:
         from onnxruntime.quantization import CalibrationMethod, create_calibrator
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 
-        from compressor_onnx.int4 import quiet_ort
+        from compressor_onnx.quantize_common import quiet_ort
 
         with quiet_ort():
             calibrator = create_calibrator(

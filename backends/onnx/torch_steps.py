@@ -14,7 +14,7 @@ from typing import Any
 
 from compressor.plugin import Context, Model, Step, UsageError
 from compressor_frontends.pytorch import TorchModel
-from compressor_onnx.loading import Network
+from compressor_onnx.network import Network
 
 
 def torch_model(model: Model, step: Step, context: Context) -> tuple[Network, Any, bool]:

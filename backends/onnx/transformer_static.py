@@ -72,9 +72,9 @@ def quantize_transformer_file(
     source: Path, target: Path, step: Step, excluded: list[str], context: Context, reduce_range: bool
 ) -> tuple[list[str], dict[str, Any]]:
     """Quantize the model at ``source`` into ``target`` (one ``.data`` file when large); notes and metadata."""
-    from compressor_onnx.quantization import _is_large, op_types
+    from compressor_onnx.quantize_common import is_large_file, op_types
 
-    large = _is_large(source)
+    large = is_large_file(source)
     folder = target.parent
     notes: list[str] = []
     pre = folder / "pre.onnx"
@@ -134,7 +134,7 @@ def _pre_process(source: Path, target: Path, step: Step) -> bool:
 def _pre_process_here(source: Path, target: Path) -> bool:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from compressor_onnx.int4 import quiet_ort
+    from compressor_onnx.quantize_common import quiet_ort
 
     # External data whatever the size: later steps load skeletons of it, not its weights.
     options: dict[str, Any] = {"auto_merge": True, "save_as_external_data": True, "all_tensors_to_one_file": True,
@@ -295,8 +295,7 @@ def _quantize_static(source: Path, target: Path, step: Step, nodes: list[str], a
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
-    from compressor_onnx.int4 import quiet_ort
-    from compressor_onnx.quantization import calibration_method
+    from compressor_onnx.quantize_common import calibration_method, quiet_ort
     from compressor_onnx.transformer_ranges import calibrated_ranges
 
     method = str(step.params.get("calibration_method", "minmax"))

@@ -317,18 +317,19 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
     from compressor_tflite.convert import convert
 
     handle: TFLiteHandle = model.handle
+    facts: dict[str, object] = {}
     if handle.converted:
         flatbuffer = handle.flatbuffer
     elif from_torch.is_torch_source(handle):
         with frameworks.private_tempdir():
             flatbuffer = from_torch.float_flatbuffer(handle, context)
-        model.metadata.update(handle.conversion.metadata)
+        facts = dict(handle.conversion.metadata)
     else:
         with frameworks.private_tempdir():
             flatbuffer = convert(handle, None).flatbuffer
     path = destination.with_suffix(".tflite")
     path.write_bytes(flatbuffer)
-    return Artifact(NAME, path, "tflite")
+    return Artifact(NAME, path, "tflite", metadata=facts)
 
 
 @hookimpl

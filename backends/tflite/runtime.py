@@ -45,13 +45,13 @@ class TFLiteRuntime(Runtime):
                 shape = list(np.shape(feeds[name]))
                 raise InvalidInputError(
                     f"the TFLite interpreter refused input {name!r} {shape}: {first_line(error)}"
-                ) from None
+                ) from error
         try:
             # Recurrent ops keep their state in variable tensors across calls; each batch is new.
             interpreter.reset_all_variables()
             interpreter.invoke()
         except (RuntimeError, ValueError) as error:
-            raise InvalidInputError(f"the TFLite interpreter failed on the inputs: {first_line(error)}") from None
+            raise InvalidInputError(f"the TFLite interpreter failed on the inputs: {first_line(error)}") from error
         return {name: _dequantize(interpreter.get_tensor(detail["index"]), detail)
                 for name, detail in self._outputs.items()}
 
@@ -79,7 +79,7 @@ def open_runtime(path: Path, threads: int | None = None) -> TFLiteRuntime:
     try:
         return TFLiteRuntime(interpreter_class(model_path=str(path), num_threads=threads), name)
     except (ValueError, RuntimeError) as error:
-        raise InvalidInputError(f"is not a valid TFLite model ({first_line(error)})", path) from None
+        raise InvalidInputError(f"is not a valid TFLite model ({first_line(error)})", path) from error
 
 
 def named_details(interpreter: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:

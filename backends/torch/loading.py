@@ -56,8 +56,6 @@ def load_net(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchMod
         other = "onnx" if suffix == ".onnx" else "tflite"
         raise UnsupportedError(f"not a PyTorch model; use --backend {other}", path)
     if suffix == ".safetensors" and manifest_path(path).is_file():
-        from compressor_torch.saving import load_from_manifest
-
         return load_from_manifest(path, manifest_path(path), options, trust)
     if not path.is_dir() and suffix not in READ_SUFFIXES:
         raise InvalidInputError(f"unsupported file type {suffix!r} for the torch backend", path)
@@ -255,3 +253,64 @@ def _factory_module(factory_name: str) -> Any:
     if not isinstance(module, torch.nn.Module):
         raise UsageError(f"model_factory {factory_name!r} returned {type(module).__name__}, not an nn.Module")
     return module.eval()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        facts = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise InvalidInputError(f"unreadable manifest ({first_line(error)})", path) from None
+    if not isinstance(facts, dict) or facts.get("format") != MANIFEST_FORMAT:
+        raise InvalidInputError(f"not a {MANIFEST_FORMAT} manifest", path)
+    recipe = facts.get("recipe")
+    if not (isinstance(recipe, dict) and (isinstance(recipe.get("factory"), str) or (
+            isinstance(recipe.get("transformers"), str) and isinstance(recipe.get("config"), dict)))):
+        raise InvalidInputError("the manifest names no way to build the model (recipe)", path)
+    return checked_facts(facts, path)
+
+
+def load_from_manifest(weights: Path, manifest: Path, options: dict[str, Any],
+                       trust: bool) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
+    """A user's safetensors + manifest: a factory the manifest names is only a hint,
+    built only once the user confirmed it (``confirmed_recipe``)."""
+    facts = read_manifest(manifest)
+    recipe = confirmed_recipe(facts["recipe"], manifest, options.get("model_factory"), trust)
+    return rebuild_from_manifest(weights, manifest, {**facts, "recipe": recipe})
+
+
+def rebuild_from_manifest(weights: Path, manifest: Path,
+                          facts: dict[str, Any] | None = None) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
+    """The saved module: its structure built and quantized as the manifest says, then
+    the saved tensors loaded into it (strictly).
+
+    Without ``facts`` the manifest's recipe is followed as it is: for artifacts this
+    run saved itself (the measuring child), whose factory the user confirmed when the
+    model was loaded. A user's file goes through :func:`load_from_manifest`."""
+    from compressor_frontends.pytorch.loading import load_safetensors
+    from compressor_torch.quantize import linear_filter, torchao_config
+
+    facts = facts if facts is not None else read_manifest(manifest)
+    module = build_from_recipe(facts["recipe"], weights)
+    quantization = tuple(facts.get("quantization") or ())
+    if "fp16" in quantization:
+        module = module.half()
+    elif quantization:
+        config = torchao_config(quantization[0])
+        from torchao.quantization import quantize_
+        from torchao.utils import unwrap_tensor_subclass
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(module, config, filter_fn=linear_filter())
+        unwrap_tensor_subclass(module)
+    state = load_safetensors(weights)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise InvalidInputError(f"the weights do not fit the rebuilt model ({first_line(error)})", weights) from None
+    net = TorchModel(module.eval(), input_names=tuple(facts["inputs"]),
+                     keyword_inputs=bool(facts.get("keyword_inputs")), output_names=tuple(facts["outputs"]),
+                     recipe=dict(facts["recipe"]), quantization=quantization,
+                     dtype=str(facts.get("dtype", "float32")))
+    specs = tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in facts["specs"])
+    return net, specs

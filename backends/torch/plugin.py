@@ -14,6 +14,7 @@ Importing this module imports no framework; every hook imports what it needs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from compressor.plugin import (
     Step,
     Technique,
     TensorSpec,
+    UsageError,
     hookimpl,
 )
 
@@ -125,13 +127,28 @@ def compressor_fork(model: Model, context: Context) -> Model:
 def compressor_check_steps(model: Model, steps: list[Step], context: Context) -> None:
     """Refused before any work: torchao's modes without torchao, fp16 of a ``.pt2`` program,
     a second quantize; what distill and head pruning refuse before training."""
+    from compressor_frontends.pytorch.feeding import is_transformers
     from compressor_frontends.pytorch.techniques import check_torch_step
     from compressor_torch.quantize import check_quantize_steps
+    from compressor_torch.structured import check_step, kind
 
     check_quantize_steps(model.handle, steps)
+    quantized = False
     for step in steps:
+        if step.technique == "quantize":
+            quantized = True
+            continue
         if step.technique == "distill" or step.params.get("structure") == "head":
             check_torch_step(step, model.handle.module, context)
+        needs_transformers = kind(step) == "head" or (step.technique == "distill" and "layers" in step.params)
+        if needs_transformers and model.handle.module is not None and not is_transformers(model.handle.module):
+            what = "attention heads" if kind(step) == "head" else "layers= needs a transformers teacher"
+            raise UsageError(f"'{step}' needs a transformers model ({what}); {model.source.name} is a plain "
+                             "torch model")
+        if quantized and kind(step) != "unstructured":
+            raise UsageError(f"'{step}' changes the float model: put it before quantize")
+        if step.technique in ("prune", "lowrank", "distill"):
+            check_step(model, step, context)
 
 
 @hookimpl
@@ -161,13 +178,10 @@ def compressor_compress(model: Model, step: Step, context: Context) -> Model | N
 
 @hookimpl
 def compressor_save(model: Model, destination: Path, context: Context) -> Artifact:
-    from compressor_torch.saving import SAVED_NOTE, save_net
+    from compressor_torch.saving import save_net
 
     artifact, facts, notes = save_net(model.handle, destination, context)
-    model.metadata.update(facts)
-    # The original is saved as it is, not a fork: its notes must not carry over into forks.
-    model.notes[:] = [note for note in model.notes if not note.startswith(SAVED_NOTE)] + notes
-    return artifact
+    return dataclasses.replace(artifact, metadata=facts, notes=tuple(notes))
 
 
 @hookimpl

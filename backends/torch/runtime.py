@@ -53,7 +53,8 @@ def open_net(artifact: Artifact) -> tuple[Any, tuple[TensorSpec, ...]]:
                          output_names=tuple(facts["outputs"]), quantization=tuple(facts.get("quantization", ())))
         specs = tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in facts["specs"])
         return net, specs
-    from compressor_torch.saving import rebuild_from_manifest, wrap
+    from compressor_torch.loading import rebuild_from_manifest
+    from compressor_torch.saving import wrap
 
     net, specs = rebuild_from_manifest(path, manifest_path(path))
     net.module = wrap(net)
@@ -85,7 +86,7 @@ class TorchRuntime(Runtime):
             with torch.inference_mode():
                 result = self.module(*tensors)
         except Exception as error:  # noqa: BLE001 - a program's guards and kernels raise many types
-            raise InvalidInputError(f"PyTorch refused the inputs: {first_line(error)}") from None
+            raise InvalidInputError(f"PyTorch refused the inputs: {first_line(error)}") from error
         values = result if isinstance(result, tuple | list) else (result,)
         return {name: value.numpy() for name, value in zip(self._outputs, values)}
 

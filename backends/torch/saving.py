@@ -29,20 +29,11 @@ from compressor.plugin import (
     Artifact,
     CompressionError,
     Context,
-    InvalidInputError,
-    TensorSpec,
     UsageError,
     first_line,
 )
 from compressor_frontends.pytorch import TorchModel
-from compressor_torch.loading import (
-    EXTRA_NAME,
-    MANIFEST_FORMAT,
-    build_from_recipe,
-    checked_facts,
-    confirmed_recipe,
-    manifest_path,
-)
+from compressor_torch.loading import EXTRA_NAME, MANIFEST_FORMAT, manifest_path
 
 SAVED_NOTE = "saved as safetensors + manifest"
 
@@ -245,67 +236,6 @@ def save_safetensors(net: TorchModel, names: tuple[str, ...], outputs: tuple[str
     facts = {**_facts(net, names, outputs, _specs(names, examples, None)), "recipe": net.recipe}
     manifest.write_text(json.dumps(facts, indent=2) + "\n", encoding="utf-8")
     return weights, manifest
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        facts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:
-        raise InvalidInputError(f"unreadable manifest ({first_line(error)})", path) from None
-    if not isinstance(facts, dict) or facts.get("format") != MANIFEST_FORMAT:
-        raise InvalidInputError(f"not a {MANIFEST_FORMAT} manifest", path)
-    recipe = facts.get("recipe")
-    if not (isinstance(recipe, dict) and (isinstance(recipe.get("factory"), str) or (
-            isinstance(recipe.get("transformers"), str) and isinstance(recipe.get("config"), dict)))):
-        raise InvalidInputError("the manifest names no way to build the model (recipe)", path)
-    return checked_facts(facts, path)
-
-
-def load_from_manifest(weights: Path, manifest: Path, options: dict[str, Any],
-                       trust: bool) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
-    """A user's safetensors + manifest: a factory the manifest names is only a hint,
-    built only once the user confirmed it (``confirmed_recipe``)."""
-    facts = read_manifest(manifest)
-    recipe = confirmed_recipe(facts["recipe"], manifest, options.get("model_factory"), trust)
-    return rebuild_from_manifest(weights, manifest, {**facts, "recipe": recipe})
-
-
-def rebuild_from_manifest(weights: Path, manifest: Path,
-                          facts: dict[str, Any] | None = None) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
-    """The saved module: its structure built and quantized as the manifest says, then
-    the saved tensors loaded into it (strictly).
-
-    Without ``facts`` the manifest's recipe is followed as it is: for artifacts this
-    run saved itself (the measuring child), whose factory the user confirmed when the
-    model was loaded. A user's file goes through :func:`load_from_manifest`."""
-    from compressor_frontends.pytorch.loading import load_safetensors
-    from compressor_torch.quantize import linear_filter, torchao_config
-
-    facts = facts if facts is not None else read_manifest(manifest)
-    module = build_from_recipe(facts["recipe"], weights)
-    quantization = tuple(facts.get("quantization") or ())
-    if "fp16" in quantization:
-        module = module.half()
-    elif quantization:
-        config = torchao_config(quantization[0])
-        from torchao.quantization import quantize_
-        from torchao.utils import unwrap_tensor_subclass
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_(module, config, filter_fn=linear_filter())
-        unwrap_tensor_subclass(module)
-    state = load_safetensors(weights)
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise InvalidInputError(f"the weights do not fit the rebuilt model ({first_line(error)})", weights) from None
-    net = TorchModel(module.eval(), input_names=tuple(facts["inputs"]),
-                     keyword_inputs=bool(facts.get("keyword_inputs")), output_names=tuple(facts["outputs"]),
-                     recipe=dict(facts["recipe"]), quantization=quantization,
-                     dtype=str(facts.get("dtype", "float32")))
-    specs = tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in facts["specs"])
-    return net, specs
 
 
 @contextlib.contextmanager

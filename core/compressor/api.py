@@ -67,6 +67,8 @@ def run(
     repeats: int = 1,
     max_examples: int | None = None,
     min_seconds: float = 0.5,
+    precision: float = 0.03,
+    max_seconds: float = 60.0,
     max_accuracy_drop: float | None = None,
     min_agreement: float | None = None,
     min_cosine: float | None = None,
@@ -81,7 +83,9 @@ def run(
     ``settings`` are ``--set`` pairs (``{"epochs": 2}``); ``progress`` is called as
     ``progress(message, share)``, ``share`` the part of the whole run done (0 to 1).
     Every refusal (a step, a parameter, missing data, an unknown option) comes before
-    any work. The paths are ``str`` or ``os.PathLike``.
+    any work. The paths are ``str`` or ``os.PathLike``. ``precision``: each variant is
+    timed against the original until the 95% interval of their latency ratio is within
+    +-``precision`` (0: ``min_seconds`` only), for at most ``max_seconds``.
 
     >>> heard = []
     >>> pruned = compressor.run(weights, {"small": ["prune 0.5", "quantize dynamic"]}, data=eval_data,
@@ -99,7 +103,7 @@ def run(
         model, unique(chosen), data=data, train_data=train_data, calibration_data=calibration_data,
         backend=backend, out=out, settings=settings, trust=trust, force=force, threads=threads,
         repeats=repeats, max_examples=max_examples, min_seconds=min_seconds,
-        max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
+        precision=precision, max_seconds=max_seconds, max_accuracy_drop=max_accuracy_drop, min_agreement=min_agreement, min_cosine=min_cosine,
         check_space=check_space,
         progress=progress,
     )
@@ -241,7 +245,8 @@ def _steps(item: str | Iterable[str]) -> tuple[Step, ...]:
 
 def _execute(model: PathLike, variants: list[Variant], *, out: PathLike | None = None,
              settings: Mapping[str, Any] | None = None, threads: int = 1, max_examples: int | None = None,
-             min_seconds: float = 0.5, progress: ProgressCallback | None = None, **fields: Any) -> Report:
+             min_seconds: float = 0.5, precision: float = 0.03, max_seconds: float = 60.0,
+             progress: ProgressCallback | None = None, **fields: Any) -> Report:
     from compressor.plugins import get_host
     from compressor.run_request import RunRequest
     from compressor.runner import run as run_request
@@ -256,7 +261,8 @@ def _execute(model: PathLike, variants: list[Variant], *, out: PathLike | None =
     request = RunRequest(
         model=Path(model), out=Path(out), variants=variants,
         settings={str(key): str(value) for key, value in (settings or {}).items()},
-        measure=MeasureSettings(threads=threads, max_examples=max_examples, min_seconds=min_seconds),
+        measure=MeasureSettings(threads=threads, max_examples=max_examples, min_seconds=min_seconds,
+                                precision=_checked_precision(precision), max_seconds=_checked_seconds(max_seconds)),
         **paths, **other,
     )
     try:
@@ -271,3 +277,15 @@ def _execute(model: PathLike, variants: list[Variant], *, out: PathLike | None =
 
 def _silent(message: str, fraction: float | None) -> None:
     return None
+
+
+def _checked_precision(precision: float) -> float:
+    from compressor.latency_interval import parse_precision
+
+    return parse_precision(str(precision))
+
+
+def _checked_seconds(seconds: float) -> float:
+    from compressor.latency_interval import parse_max_seconds
+
+    return parse_max_seconds(str(seconds))

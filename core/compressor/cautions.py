@@ -21,7 +21,8 @@ MIN_AGREEMENT = 0.90
 NOT_SMALLER = 0.95
 #: CPU flags with 8-bit integer dot products; without them int8 kernels use AVX2 (u8 x s8 pairs can saturate).
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
-_INT8_STEPS = ("quantize dynamic", "quantize int8", "quantize uint8")
+#: Modes of the shared vocabulary whose kernels are 8-bit integer (``QUANTIZE_MODES``).
+INT8_MODES = ("dynamic", "int8", "uint8")
 
 
 def apply_cautions(report: ReportData) -> None:
@@ -45,7 +46,14 @@ def variant_warnings(variant: VariantResult, original: VariantResult) -> list[st
     found = []
     metrics, reference = variant.metrics, original.metrics
     p50, base = _p50(metrics), _p50(reference)
-    if p50 is not None and base and _clearly_slower(p50, base, _latency(reference).get("p90")):
+    low = metrics.get("latency_ratio_low")
+    if isinstance(low, (int, float)) and isinstance(metrics.get("latency_ratio"), (int, float)):
+        # Timed side by side with the original: slower only if the whole interval says so.
+        ratio = float(metrics["latency_ratio"])
+        if low > 1 + SLOWER_BY and (p50 is None or base is None or p50 - base > SLOWER_NOISE_MS):
+            found.append(f"slower than the original: {ratio:.2f}x its latency side by side "
+                         f"(95% interval {low:.2f}-{float(metrics['latency_ratio_high']):.2f}x)")
+    elif p50 is not None and base and _clearly_slower(p50, base, _latency(reference).get("p90")):
         found.append(f"slower than the original: p50 {p50:.3g} ms vs {base:.3g} ms "
                      f"(+{100 * (p50 / base - 1):.0f}%)")
     found.extend(nonfinite_warnings(metrics))
@@ -104,8 +112,15 @@ def _fidelity(metrics: dict[str, Any]) -> bool:
     return any(key in metrics for key in ("agreement", "cosine", "accuracy", "outputs"))
 
 
+def _int8_mode(step: str) -> bool:
+    """Whether a step's text (``quantize int8``, ``mytech mode=dynamic``) has an int8 mode,
+    written bare after the technique or as ``mode=``."""
+    words = step.split()
+    return (len(words) > 1 and words[1] in INT8_MODES) or any(f"mode={mode}" in words for mode in INT8_MODES)
+
+
 def _int8_cpu_note(report: ReportData) -> str | None:
-    uses_int8 = any(step.startswith(_INT8_STEPS) for v in report.variants for step in v.steps)
+    uses_int8 = any(_int8_mode(step) for v in report.variants for step in v.steps)
     cpu = report.environment.get("cpu", {}) if isinstance(report.environment, dict) else {}
     flags = set(cpu.get("flags", [])) if isinstance(cpu, dict) else set()
     if not uses_int8 or not flags or flags & set(INT8_DOT_FLAGS):

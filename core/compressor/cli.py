@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from compressor.cli_techniques import TechniqueCommand, given_techniques
 from compressor.clibase import (
     EXIT_CODE_HELP,
     PROGRESS,
@@ -29,7 +30,6 @@ from compressor.run_request import RunRequest
 from compressor.version import __version__
 
 if TYPE_CHECKING:
-    from compressor.plugins import PluginHost
     from compressor.report import Report
 
 
@@ -48,65 +48,54 @@ def cli(debug: bool, quiet: bool) -> None:
 _path = click.Path(path_type=Path)
 
 
-def quantize_modes(host: PluginHost) -> str:
-    """Every backend's quantize modes, in the shared vocabulary's order, and which backend has each."""
-    from compressor.specs import QUANTIZE, QUANTIZE_MODES
-
-    owners: dict[str, list[str]] = {}
-    for backend in host.backends().values():
-        technique = backend.techniques.get(QUANTIZE)
-        for mode in technique.modes if technique is not None else ():
-            owners.setdefault(mode, []).append(backend.name)
-    order = [mode for mode in QUANTIZE_MODES if mode in owners] + sorted(set(owners) - set(QUANTIZE_MODES))
-    quantizers = {name for names in owners.values() for name in names}
-    return ", ".join(mode if set(owners[mode]) == quantizers else f"{mode} ({', '.join(owners[mode])})"
-                     for mode in order)
-
-
-class QuantizeOption(click.Option):
-    """``--quantize``, whose help lists the modes the installed plugins declare (read when
-    help is shown: the plugins are not loaded to build the command)."""
-
-    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        template = self.help or ""
-        try:
-            from compressor.plugins import get_host
-
-            self.help = template.replace("{modes}", quantize_modes(get_host()) or "the backend's modes")
-            return super().get_help_record(ctx)
-        finally:
-            self.help = template
-
-
 def measure_options(function: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
         click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
                      callback=threads_within_cpus, help="Threads for every runtime while measuring (at most the CPUs)."),
         click.option("--repeats", type=click.IntRange(1, 1000), default=1, show_default=True,
-                     help="Measure every variant this many times, interleaved; medians are reported."),
+                     help="Time every variant this many times, interleaved, medians reported (load time, "
+                          "memory and fidelity are measured once)."),
         click.option("--max-examples", type=click.IntRange(1), default=None,
                      help="Evaluate on at most this many examples of --data."),
         click.option("--min-seconds", type=FiniteFloatRange(0, 3600), default=0.5, show_default=True,
                      help="Time each latency measurement for at least this long."),
+        click.option("--precision", default="0.03", show_default=True, metavar="FRACTION|off",
+                     expose_value=False, callback=_remember_measure_option,
+                     help="Time each variant against the original until their latency ratio's 95% interval "
+                          "is within +-FRACTION (0.03: +-3%); 0 or off: --min-seconds only."),
+        click.option("--max-seconds", default="60", show_default=True, metavar="SECONDS",
+                     expose_value=False, callback=_remember_measure_option,
+                     help="Time a variant against the original for at most this long."),
     ]):
         function = option(function)
     return function
 
 
+#: The measuring options kept in the click context (not parameters of each command), by name.
+_MEASURE_META = "compressor.measure"
+
+
+def _remember_measure_option(ctx: click.Context, param: click.Parameter, value: str) -> None:
+    """``--precision`` and ``--max-seconds`` checked (a bad value is one line, exit 2) and kept
+    for :func:`_settings`."""
+    from compressor.latency_interval import parse_max_seconds, parse_precision
+
+    parse = parse_precision if param.name == "precision" else parse_max_seconds
+    ctx.meta.setdefault(_MEASURE_META, {})[param.name] = parse(value)
+
+
 def _settings(threads: int, max_examples: int | None, min_seconds: float) -> MeasureSettings:
-    return MeasureSettings(threads=threads, max_examples=max_examples, min_seconds=min_seconds)
+    """The measuring settings of a command, ``--precision`` and ``--max-seconds`` included."""
+    ctx = click.get_current_context(silent=True)
+    kept = ctx.meta.get(_MEASURE_META, {}) if ctx is not None else {}
+    return MeasureSettings(threads=threads, max_examples=max_examples, min_seconds=min_seconds, **kept)
 
 
-@cli.command()
+@cli.command(cls=TechniqueCommand)
 @click.argument("model", type=_path)
 @click.option("--out", "-o", type=_path, required=True, help="Folder for artifacts and reports.")
 @click.option("--backend", "-b", help="Backend to use (default: recognised from the file); "
               "several, comma-separated, run the same variants on each and compare them.")
-@click.option("--quantize", "-q", "quantize", multiple=True, metavar="MODE", cls=QuantizeOption,
-              help="{modes}; repeat for one variant per mode.")
-@click.option("--prune", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), metavar="S",
-              help="Prune to sparsity S (0-1) before quantizing.")
-@click.option("--pq", is_flag=True, help="Product quantization (fastText).")
 @click.option("--set", "set_pairs", multiple=True, metavar="KEY=VALUE",
               help="A technique parameter or backend option, e.g. --set epochs=2.")
 @click.option("--recipe", type=_path, help="A TOML recipe of named variants and sweeps.")
@@ -133,8 +122,8 @@ def _settings(threads: int, max_examples: int | None, min_seconds: float) -> Mea
 @click.option("--min-agreement", type=FiniteFloatRange(0, 1), metavar="FRACTION",
               help="Fail (exit 6) if a variant agrees with the original on fewer inputs.")
 @measure_options
-def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], prune: float | None,
-        pq: bool, set_pairs: tuple[str, ...], recipe: Path | None, max_variants: int,
+def run(model: Path, out: Path, backend: str | None, set_pairs: tuple[str, ...], recipe: Path | None,
+        max_variants: int,
         data: Path | None,
         train_data: Path | None, calibration_data: Path | None, force: bool, trust: bool,
         max_accuracy_drop: float | None, executor: str, ray_address: str | None, ray_timeout: float,
@@ -153,7 +142,8 @@ def run(model: Path, out: Path, backend: str | None, quantize: tuple[str, ...], 
     """
     from compressor.recipes import load_recipe, unique, variants_from_flags
 
-    variants = (load_recipe(recipe, max_variants) if recipe else []) + variants_from_flags(quantize, prune, pq)
+    flagged = variants_from_flags(given_techniques(click.get_current_context()))
+    variants = (load_recipe(recipe, max_variants) if recipe else []) + flagged
     request = RunRequest(
         model=model, out=out, backend=backend, variants=unique(variants),
         settings=parse_settings(set_pairs), data=data, train_data=train_data,
@@ -318,6 +308,9 @@ def _register_compare() -> None:
 
 
 _register_compare()
+from compressor.cli_cache import register as register_cache  # noqa: E402 - extends run, defined above
+
+register_cache(cli)
 
 
 def _add_common_options() -> None:

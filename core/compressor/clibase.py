@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from compressor.plugins import PluginHost
 
 RESOURCE_EXIT_CODE = UsageError.exit_code
+#: 128 + SIGPIPE, what a shell shows for a tool stopped by a closed pipe.
+BROKEN_PIPE_EXIT_CODE = 141
 EXIT_CODE_HELP = "\b\nExit codes:\n" + "\n".join(
     f"  {code}  {meaning}" for code, meaning in EXIT_CODES.items()
 )
@@ -58,6 +60,13 @@ class CompressorGroup(click.Group):
             click.echo("error: ran out of memory; try a machine with more RAM or fewer variants at once",
                        err=True)
             ctx.exit(RESOURCE_EXIT_CODE)
+        except BrokenPipeError:
+            # The reader went away (``compressor backends | head``): stop quietly, as other
+            # command-line tools do; stdout goes to /dev/null so the interpreter's own
+            # flush at exit cannot raise again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            ctx.exit(BROKEN_PIPE_EXIT_CODE)
         except OSError as error:
             if ctx.params.get("debug"):
                 raise

@@ -3,25 +3,24 @@
 A run writes the converted original plus one artifact per variant into
 ``--out`` (through staging on the same filesystem), and scratch files (an
 exported graph, quantizer inputs) into ``$TMPDIR``. Each artifact is estimated
-from the input's size and its steps: quantizing to N bits keeps about N/32 of
-fp32 weights, anything else is assumed not to shrink. The estimate errs on the
-large side; ``--no-space-check`` skips it.
+from the input's size and its steps: the smallest share of the input that one of
+its steps leaves, as its technique declares (``Technique.size_factor``: quantizing
+to N bits keeps about N/32 of fp32 weights); a technique declaring none is assumed
+not to shrink. The estimate errs on the large side; ``--no-space-check`` skips it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from compressor.declarations import size_factor
 from compressor.errors import UsageError
 from compressor.recipes import Variant
-from compressor.specs import PQ, QUANTIZE
+from compressor.specs import Technique
 
-#: Share of an fp32 model's bytes that survive each step; unknown steps keep 1.0.
-_KEPT = {("quantize", "fp16"): 0.5, ("quantize", "dynamic"): 0.3, ("quantize", "int8"): 0.3,
-         ("quantize", "uint8"): 0.3, ("quantize", "int4"): 0.2, (PQ, None): 0.5}
 #: Room left over for reports, logs and the filesystem's own needs.
 _MARGIN_BYTES = 64 << 20
 
@@ -39,20 +38,21 @@ def input_bytes(path: Path) -> int:
     return total
 
 
-def estimated_artifact_bytes(source_bytes: int, variant: Variant) -> int:
-    kept = 1.0
-    for step in variant.steps:
-        mode = step.mode if step.technique == QUANTIZE else None
-        kept = min(kept, _KEPT.get((step.technique, mode), 1.0))
-    return int(source_bytes * kept)
+def estimated_artifact_bytes(source_bytes: int, variant: Variant,
+                             techniques: Mapping[str, Technique] | None = None) -> int:
+    """Bytes of ``variant``'s artifact, from the declarations of its backend's ``techniques``
+    (else of the installed backends: :func:`compressor.declarations.size_factor`)."""
+    kept = min((size_factor(step, techniques) for step in variant.steps), default=1.0)
+    return int(source_bytes * min(kept, 1.0))
 
 
 def check_free_space(model: Path, variants: Sequence[Variant], out: Path, scratch: Path,
-                     source_bytes: int | None = None) -> None:
+                     source_bytes: int | None = None, techniques: Mapping[str, Technique] | None = None) -> None:
     """Raise :class:`UsageError` when ``--out`` or ``$TMPDIR`` lacks room for the run.
-    ``source_bytes``: the loaded model's size with side files, when the backend knows it."""
+    ``source_bytes``: the loaded model's size with side files, when the backend knows it;
+    ``techniques``: the backend's, which size its steps."""
     source = max(input_bytes(model), source_bytes or 0)
-    needed_out = source + sum(estimated_artifact_bytes(source, v) for v in variants) + _MARGIN_BYTES
+    needed_out = source + sum(estimated_artifact_bytes(source, v, techniques) for v in variants) + _MARGIN_BYTES
     needed_scratch = source + _MARGIN_BYTES
     out_device = _existing(out)
     scratch_device = _existing(scratch)

@@ -13,7 +13,12 @@ The same for every backend, in this order:
    that batch (``peak_rss_batch_bytes``), when the model takes it;
 5. with evaluation data, the runtime's own figures on it (:meth:`Runtime.evaluate`);
 6. each output's task is detected (``compressor.tasks``) and what the parent
-   needs to compare it is kept.
+   needs to compare it is kept;
+7. for a variant, with the original's runtime opened beside it by the measuring
+   process, the ratio of their batch-1 latencies to a stated precision
+   (:func:`latency_against`).
+
+A repeat (``settings.timing_only``) times again (2 and 4, and 7) and measures nothing else.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class RuntimeMeasurement:
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: ``{output: {kind: array}}``: what :func:`compressor.tasks.keep` kept.
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The feeds batch-1 latency was timed on (:func:`latency_against` times them again).
+    first_example: dict[str, Any] = field(default_factory=dict)
 
 
 def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSettings) -> RuntimeMeasurement:
@@ -51,9 +58,14 @@ def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSet
     fixed = runtime.fixed_batch
     single = examples.take(0, 1, pad_to=fixed)
     _run(runtime, single, source)
-    measured = RuntimeMeasurement()
+    measured = RuntimeMeasurement(first_example=single)
     metrics = measured.metrics
     metrics["latency_ms"] = time_calls(lambda: runtime.run(single), settings, fixed or 1)
+    if settings.timing_only:  # a repeat: the timings again, fidelity and memory were measured once
+        if fixed is None and not examples.state:
+            _time_batch(runtime, examples, settings, metrics, memory=False)
+        metrics.update(runtime.metrics())
+        return measured
     eval_batch = fixed or (1 if examples.state else max(1, int(options.get("eval_batch") or 1)))
     records = _run_all(runtime, examples, eval_batch, fixed, source)
     metrics["eval_batch"] = eval_batch
@@ -75,6 +87,31 @@ def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSet
     compared = [by_name[name] for name in wanted if name not in examples.state and name in records]
     measured.outputs, measured.kept = tasks.examine(compared, records, runtime.inputs, options, feeds, positions)
     return measured
+
+
+def first_example(runtime: Runtime, data: Dataset | None, settings: MeasureSettings) -> dict[str, Any]:
+    """The feeds batch-1 latency is timed on: the first example of ``data`` (else synthetic)
+    as ``runtime`` takes it, padded to its fixed batch."""
+    options = settings.options
+    if data is not None:
+        examples = examples_from_data(data, runtime.inputs, options, settings.max_examples)
+    else:
+        examples = synthetic_examples(runtime.inputs, options)
+    examples.state = state_links(runtime.inputs, runtime.outputs, options)
+    return examples.take(0, 1, pad_to=runtime.fixed_batch)
+
+
+def latency_against(runtime: Runtime, feeds: Mapping[str, Any], original: Runtime, data: Dataset | None,
+                    settings: MeasureSettings) -> dict[str, Any]:
+    """``runtime`` (a variant, on ``feeds``) timed against the ``original``'s runtime in
+    interleaved blocks until their ratio is known to ``settings.precision``
+    (:func:`compressor.latency_interval.interleave`): the ``latency_ratio`` fields."""
+    from compressor.latency_interval import interleave
+
+    original_feeds = first_example(original, data, settings)
+    _run(original, original_feeds, data.path if data is not None else None)
+    return interleave(lambda: runtime.run(feeds), lambda: original.run(original_feeds), settings,
+                      rows=(runtime.fixed_batch or 1, original.fixed_batch or 1))
 
 
 def _wanted_outputs(runtime: Runtime, options: Mapping[str, Any]) -> list[str]:
@@ -160,7 +197,7 @@ def _run_all(runtime: Runtime, examples: Examples, batch: int, fixed: int | None
 
 
 def _time_batch(runtime: Runtime, examples: Examples, settings: MeasureSettings,
-                metrics: dict[str, Any]) -> None:
+                metrics: dict[str, Any], memory: bool = True) -> None:
     """Throughput at ``settings.batch_size`` (examples repeated to fill it), or at fewer rows
     where that batch would not fit the time budget (``compressor.measuring.time_batch``),
     and the memory it takes."""
@@ -176,5 +213,5 @@ def _time_batch(runtime: Runtime, examples: Examples, settings: MeasureSettings,
 
     timing = time_batch(call_at, settings, metrics["latency_ms"]["p50"])
     metrics.update(timing)
-    if "latency_batch_ms" in timing:
+    if "latency_batch_ms" in timing and memory:
         metrics["peak_rss_batch_bytes"] = peak_rss_bytes()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from compressor import fidelity
 from compressor.budgets import apply_budgets, budget_failures
 from compressor.errors import CompressorError, InvalidInputError
+from compressor.latency_interval import ratio_fields
 from compressor.models import Artifact, Dataset, MeasureSettings, ProgressCallback, TensorSpec
 from compressor.plugins import PluginHost, plugin_errors
 from compressor.results import VariantResult, summarize_repeats
@@ -21,11 +23,13 @@ __all__ = ["HEADLINE_KEYS", "apply_budgets", "budget_failures", "check_reference
 
 
 def measure_one(host: PluginHost, artifact: Artifact, data_path: Path | None, inputs: Sequence[TensorSpec],
-                settings: MeasureSettings) -> MeasuredArtifact:
-    """One measurement of ``artifact`` in its own process."""
+                settings: MeasureSettings, original: Artifact | None = None) -> MeasuredArtifact:
+    """One measurement of ``artifact`` in its own process; with the ``original``'s artifact,
+    its latency timed against the original's there, to ``settings.precision``."""
     backend = host.backend(artifact.backend)
     with plugin_errors(backend):
-        return measure_isolated(artifact, data_path, inputs, settings, host.extra_modules, backend.plugin_name)
+        return measure_isolated(artifact, data_path, inputs, settings, host.extra_modules, backend.plugin_name,
+                                original=original)
 
 
 def measure_variants(
@@ -62,7 +66,10 @@ def measure_variants(
                 continue
             begin(progress, measuring_label(results[index].name, repeat, repeats))
             try:
-                runs[index].append(measure_one(host, artifact, data_path, inputs, variant_settings))
+                original = artifacts[0] if index > 0 else None
+                # Repeats time again; load time, memory, fidelity and sizes are measured once.
+                chosen = replace(variant_settings, timing_only=True) if repeat > 0 else variant_settings
+                runs[index].append(measure_one(host, artifact, data_path, inputs, chosen, original))
                 if index == 0 and repeat == 0:
                     variant_settings = with_original_tasks(settings, runs[0][0])
             except CompressorError as error:
@@ -106,8 +113,6 @@ def measure_original(host: PluginHost, result: VariantResult, artifact: Artifact
 def with_original_tasks(settings: MeasureSettings, reference: MeasuredArtifact) -> MeasureSettings:
     """``settings`` for measuring variants: each output compared as the original's was
     decided (its task, axes, thresholds), whatever the variant's values look like."""
-    from dataclasses import replace
-
     from compressor.tasks import DECIDED_OPTION
 
     decided = {name: {key: info[key] for key in ("task", "reason", "params", "shape") if key in info}
@@ -138,6 +143,14 @@ def score(result: VariantResult, measured: list[MeasuredArtifact], reference: Me
     if latest.kept and reference is not None:
         compared = compare_outputs(reference, latest, labels)
         metrics.update({key: value for key, value in compared.items() if key not in metrics})
+    # Issue 27: a causal LM's greedy generation against the original's.
+    from compressor.generation import compare_generation
+
+    metrics.update(compare_generation(reference.metrics if reference is not None else {}, metrics))
+    if reference is not None and latest is not reference:
+        speed, notes = ratio_fields([m.metrics for m in measured], reference.metrics, settings)
+        metrics.update(speed)
+        result.notes += [note for note in notes if note not in result.notes]
     result.metrics = {**result.metrics, **metrics}
 
 

@@ -78,7 +78,10 @@ def _import(module_name: str) -> Any:
 def _in_child() -> bool:
     """A compressor child (``python -P -c BOOTSTRAP``, :func:`compressor.children.python_command`);
     ``python -c`` by hand has the working folder on its path already."""
-    return bool(getattr(sys.flags, "safe_path", False)) or getattr(sys, "argv", [])[:1] == ["-c"]
+    argv = getattr(sys, "argv", [])
+    # Before Python 3.11 (no -P) the bootstrap is known by its argv: -c, then a compressor module.
+    bootstrapped = argv[:1] == ["-c"] and len(argv) > 1 and argv[1].startswith("compressor")
+    return bool(getattr(sys.flags, "safe_path", False)) or bootstrapped
 
 
 def _holds(folder: Path, top: str) -> bool:

@@ -125,7 +125,8 @@ def examples_from_data(dataset: Dataset, inputs: Sequence[TensorSpec], options: 
     missing = []
     for spec in inputs:
         if spec.name not in features:
-            missing.append(spec.name)
+            if not spec.optional:  # an optional input the data lacks: the runtime has its default
+                missing.append(spec.name)
             continue
         array = np.asarray(features[spec.name])
         if array.ndim == 0:

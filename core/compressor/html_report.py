@@ -163,7 +163,8 @@ def _table(report: ReportData) -> str:
         f'<p class="muted">"smaller" is relative to <b>{baseline}</b>. Bold: on the size Pareto '
         "front. ! and red: outside the budget. ? : worse than it looks (see the warnings above), never "
         "a best trade-off. FAILED and yellow: the variant could not be made or measured. p50 and p99 "
-        "are latency percentiles for one example (batch 1); peak RAM is the measuring process's peak "
+        "are latency percentiles for one example (batch 1); speed is the original's p50 over the "
+        "variant's, ± the half-width of its 95% interval where the two were timed side by side; peak RAM is the measuring process's peak "
         "resident memory, runtime included. agreement: each output's headline figure against the "
         "original (what each is: under Fidelity).</p>",
     ])

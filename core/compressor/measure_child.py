@@ -10,7 +10,8 @@ deprecated and no longer called). Results go back as files in FOLDER:
 ``result.json`` (metrics and each output's task) and ``kept.npz`` (what the
 comparison needs of each output), read back as one
 :class:`~compressor.worker.MeasuredArtifact`. ``measure_peak_rss_bytes`` is the
-whole process's peak, read as it finishes.
+whole process's peak, read as it finishes (for a variant timed against the original:
+before the original's runtime is opened beside it, ``original`` in the request).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from compressor.models import Artifact, Dataset, MeasureSettings, TensorSpec
 if TYPE_CHECKING:
     from compressor.engine import RuntimeMeasurement
     from compressor.plugins import PluginHost
+    from compressor.runtime import Runtime
 
 
 def without_address_randomization() -> None:
@@ -83,26 +85,32 @@ def _run(exchange: Path) -> None:
             path=Path(request["data"]), purpose="eval", inputs=inputs, backend=artifact.backend,
             limit=settings.max_examples, model_path=None, context=None,
         )
-    measured = _measure_by_runtime(host, artifact, data, settings)
-    # Sizes last, as they always were: their reads must not count in the runtime's peak RSS.
-    metrics: dict[str, Any] = {**size_metrics(artifact), **measured.metrics}
+    original = Artifact.from_json(request["original"]) if request.get("original") else None
+    measured = _measure_by_runtime(host, artifact, data, settings, original)
+    # Sizes last, as they always were (a variant timed against the original has them already):
+    # their reads must not count in the runtime's peak RSS.
+    once = not settings.timing_only  # a repeat measures the timings only
+    sizes = size_metrics(artifact) if once and "size_bytes" not in measured.metrics else {}
+    metrics: dict[str, Any] = {**sizes, **measured.metrics}
     kept = {f"{index}__{kind}": array for index, name in enumerate(measured.outputs)
             for kind, array in measured.kept.get(name, {}).items()}
     if kept:
         np.savez(exchange / "kept.npz", **kept)
-    metrics["baseline_rss_bytes"] = baseline_rss
     metrics["cpus"] = cpus
-    metrics.setdefault("peak_rss_bytes", peak_rss_bytes())
-    # Last, after every timing pass and the file sizes: the whole process's peak.
-    metrics["measure_peak_rss_bytes"] = lifetime_peak_rss_bytes()
+    if once:
+        metrics["baseline_rss_bytes"] = baseline_rss
+        metrics.setdefault("peak_rss_bytes", peak_rss_bytes())
+        # Last, after every timing pass and the file sizes (before the original was opened beside
+        # a variant, :func:`_against_original`): the whole process's peak.
+        metrics.setdefault("measure_peak_rss_bytes", lifetime_peak_rss_bytes())
     result = {"metrics": metrics, "outputs": measured.outputs}
     (exchange / "result.json").write_text(json.dumps(result, default=float))
 
 
 def _measure_by_runtime(host: PluginHost, artifact: Artifact, data: Dataset | None,
-                        settings: MeasureSettings) -> RuntimeMeasurement:
+                        settings: MeasureSettings, original: Artifact | None = None) -> RuntimeMeasurement:
     """Open the backend's runtime (its framework imported before the clock starts) and let
-    core measure it."""
+    core measure it; with the ``original``'s artifact, time the two side by side after."""
     import importlib
 
     from compressor.engine import measure_runtime
@@ -124,11 +132,72 @@ def _measure_by_runtime(host: PluginHost, artifact: Artifact, data: Dataset | No
                                       "(compressor_open_runtime returned None)", artifact.path)
     try:
         measured = measure_runtime(runtime, data, settings)
+        # Generation (issue 27): a causal LM with a key/value cache, measured generating.
+        from compressor.generation import measure_generation
+        measured.metrics.update(measure_generation(runtime, data, settings))
+        if original is not None:
+            _against_original(opener, artifact, runtime, original, data, settings, measured)
     finally:
         runtime.close()
-    measured.metrics["load_ms"] = load.ms
+    if not settings.timing_only:
+        measured.metrics["load_ms"] = load.ms
     measured.metrics["threads"] = settings.threads
     return measured
+
+
+def _against_original(opener: Any, artifact: Artifact, runtime: Runtime, original: Artifact,
+                      data: Dataset | None, settings: MeasureSettings, measured: RuntimeMeasurement) -> None:
+    """The variant's batch-1 latency against the original's, both open in this process
+    (:func:`compressor.engine.latency_against`). The sizes and the whole process's peak are
+    read first: the original's memory is not the variant's. Where the original would not fit
+    in memory beside it, or fails here, the ratio is left to the two p50s, with a note why."""
+    from compressor.builtin import size_metrics
+    from compressor.engine import latency_against
+
+    metrics = measured.metrics
+    if not settings.timing_only:
+        metrics.update(size_metrics(artifact))
+        metrics.setdefault("peak_rss_bytes", peak_rss_bytes())
+        metrics["measure_peak_rss_bytes"] = lifetime_peak_rss_bytes()
+    needed, available = 2 * _bytes_on_disk(original.files), _available_memory_bytes()
+    if available is not None and needed > available:
+        metrics["latency_ratio_note"] = (
+            f"not timed side by side with the original: twice its files ({needed / 2**30:.1f} GiB) exceed "
+            f"the memory available ({available / 2**30:.1f} GiB); the ratio of the two p50s, no interval")
+        return
+    try:
+        opened = opener(artifact=original, settings=settings)
+        if opened is None:
+            raise errors.UnsupportedError("the backend opened no runtime for the original")
+        try:
+            metrics.update(latency_against(runtime, measured.first_example, opened, data, settings))
+        finally:
+            opened.close()
+    except Exception as error:  # noqa: BLE001 - the variant's own figures stand without the comparison
+        metrics["latency_ratio_note"] = (f"not timed side by side with the original ({errors.first_line(error)}); "
+                                         "the ratio of the two p50s, no interval")
+
+
+def _bytes_on_disk(paths: Sequence[Path]) -> int:
+    total = 0
+    for path in paths:
+        if path.is_dir():
+            total += sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+        elif path.exists():
+            total += path.stat().st_size
+    return total
+
+
+def _available_memory_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (Linux); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 #: The exit status of a measuring process that could not write its results into its

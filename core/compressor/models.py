@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compressor.specs import POSITIONAL_PARAM, QUANTIZE
+from compressor.vocabulary import shared_declaration
 
 
 @dataclass(frozen=True)
@@ -22,15 +22,26 @@ class Step:
     technique: str
     params: Mapping[str, Any] = field(default_factory=dict)
     defaulted: frozenset[str] = frozenset()
+    #: The parameter written bare after the technique (``prune 0.8``: sparsity), as the
+    #: technique declares it (``Technique.positional``); unset, a step's ``mode`` is.
+    positional: str | None = field(default=None, compare=False)
 
     @property
     def mode(self) -> str | None:
         return self.params.get("mode")
 
+    @property
+    def positional_param(self) -> str | None:
+        """The parameter :meth:`__str__` writes bare, when the step has it: the declared one,
+        else the shared vocabulary's (``prune``: sparsity), else ``mode``."""
+        shared = shared_declaration(self.technique, self.params, "mode" in self.params).get("positional")
+        name = self.positional or shared or ("mode" if "mode" in self.params else None)
+        return name if name in self.params else None
+
     def __str__(self) -> str:
-        positional = POSITIONAL_PARAM.get(self.technique)
+        positional = self.positional_param
         words = [self.technique]
-        if positional and positional in self.params:
+        if positional:
             words.append(_format_value(self.params[positional]))
         words += [
             f"{key}={_format_value(value)}"
@@ -41,11 +52,12 @@ class Step:
 
     @property
     def slug(self) -> str:
-        """A short file-name-safe label: ``int8``, ``prune0.8``, ``pq-dsub2-retrain``."""
-        positional = POSITIONAL_PARAM.get(self.technique)
-        if self.technique == QUANTIZE and self.mode:
+        """A short file-name-safe label: ``int8``, ``prune0.8``, ``pq-dsub2-retrain``: a
+        bare mode alone, another bare value after the technique."""
+        positional = self.positional_param
+        if positional == "mode":
             words = [str(self.mode)]
-        elif positional and positional in self.params:
+        elif positional:
             words = [f"{self.technique}{_format_value(self.params[positional])}"]
         else:
             words = [self.technique]
@@ -203,6 +215,14 @@ class MeasureSettings:
     batch_size: int = 32
     max_examples: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: A variant's latency is timed against the original's until the 95% interval of their
+    #: ratio is within this relative half-width (0.03: +-3%); 0: for ``min_seconds`` only.
+    precision: float = 0.03
+    #: The most seconds that side-by-side timing takes per variant.
+    max_seconds: float = 60.0
+    #: A repeat (``--repeats``): only the timings; load time, memory, fidelity and the sizes
+    #: are measured once, by an artifact's first measurement.
+    timing_only: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -213,6 +233,9 @@ class MeasureSettings:
             "batch_size": self.batch_size,
             "max_examples": self.max_examples,
             "options": dict(self.options),
+            "precision": self.precision,
+            "max_seconds": self.max_seconds,
+            **({"timing_only": True} if self.timing_only else {}),
         }
 
     @classmethod
@@ -222,9 +245,10 @@ class MeasureSettings:
 
 @dataclass
 class Measurement:
-    """What a measurer found. ``predictions`` are top-1 predictions, one per
-    evaluation example (ints or strings); ``outputs`` are raw float outputs,
-    one row per example, for cosine similarity when top-1 makes no sense."""
+    """Deprecated, with the ``compressor_measure`` hook that returned it (core no longer
+    calls it): a backend returns a :class:`~compressor.runtime.Runtime` from
+    ``compressor_open_runtime`` and core measures that. ``predictions`` are top-1 predictions, one per evaluation example
+    (ints or strings); ``outputs`` are raw float outputs, one row per example."""
 
     metrics: dict[str, Any] = field(default_factory=dict)
     predictions: Sequence[Any] | None = None

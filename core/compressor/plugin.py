@@ -26,6 +26,14 @@ Declarations (returned by ``compressor_backends``)
                           fp16; dynamic (int8 weights, activations float or quantized at
                           run time); int8/uint8 (weights and activations, calibrated);
                           int16x8; int4 (4-bit weights in blocks)
+    CliFlag               the ``compressor run`` option a technique declares (``Technique.cli``)
+    QUANTIZE_OPTION       the shared ``-q/--quantize MODE`` option, one variant per mode
+    PRUNE_OPTION          the shared ``--prune S`` option (sets ``sparsity``)
+    PQ_OPTION             the shared ``--pq`` switch
+    QUANTIZE_SIZE         the shared share of fp32 bytes kept per quantize mode (``size_factor``)
+    PQ_SIZE               the share a product-quantized model keeps
+    ORDER                 the shared techniques' ``Technique.order`` (distill, prune, lowrank,
+                          pq, quantize)
 
 Data (what travels through the hooks)
     Model                 a loaded model; ``handle`` is the backend's own object
@@ -40,6 +48,8 @@ Data (what travels through the hooks)
     Runtime               a saved artifact opened for running: named inputs to named outputs
     ProgressCallback      the type of ``Context.progress``: ``progress("calibrating", 0.4)``
                           (a message and a fraction done, or None when unknown)
+    KVCacheLayout         how a causal LM's runtime takes and returns its key/value cache
+                          (``Runtime.kv_cache``): core then measures it generating
 
 Errors (one line and an exit code for the user; anything else is a bug in the plugin)
     CompressorError       the base class; ``CompressorError(message, path)``
@@ -64,10 +74,23 @@ Helpers
     child_environment     the environment for such a child (the parent's import path)
     run_in_fork           run one crash-prone native call in a forked child: a crash or
                           running out of memory becomes a one-line error
+    scratch_folder        ``with scratch_folder() as folder:`` a private folder in $TMPDIR,
+                          removed afterwards (or by the next run, if this one is killed)
+    STATE_PREFIX          ``"state."``: the option family linking a state output to its input
+    detect_task           the task core sees in one output's values (and why)
+    declared_task         the task the user declared for an output (``--set task.NAME=``), or None
+    label_output          which output the labels of training data train (a LabelOutput)
+    LabelOutput           that choice: the output's index and name, and a note for the report
+    probe_rows            the example rows label_output looks at, spread over a file
+    GENERATION_OPTIONS    the ``--set`` options of generation (prompt_tokens, new_tokens...), for
+                          a backend whose runtimes have a key/value cache to declare
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from compressor.children import child_environment, python_command, run_in_fork
@@ -81,8 +104,10 @@ from compressor.errors import (
     first_line,
 )
 from compressor.factories import import_factory
-from compressor.feeding import Examples, examples_from_data
+from compressor.feeding import STATE_PREFIX, Examples, examples_from_data
+from compressor.generation import GENERATION_OPTIONS
 from compressor.hookspecs import hookimpl
+from compressor.kv_layout import KVCacheLayout
 from compressor.measuring import Stopwatch, time_calls
 from compressor.memory import peak_rss_bytes
 from compressor.models import (
@@ -106,8 +131,20 @@ from compressor.specs import (
     QUANTIZE,
     QUANTIZE_MODES,
     Backend,
+    CliFlag,
     Param,
     Technique,
+)
+from compressor.task_rules import chosen_task as declared_task
+from compressor.tasks import detect as detect_task
+from compressor.training_labels import LabelOutput, label_output, probe_rows
+from compressor.vocabulary import (
+    ORDER,
+    PQ_OPTION,
+    PQ_SIZE,
+    PRUNE_OPTION,
+    QUANTIZE_OPTION,
+    QUANTIZE_SIZE,
 )
 
 
@@ -122,6 +159,21 @@ def cpu_info() -> dict[str, Any]:
     return read_cpu_info()
 
 
+@contextmanager
+def scratch_folder() -> Iterator[Path]:
+    """A folder of this process's own in ``$TMPDIR``, removed on the way out whatever
+    happens; named like core's scratch folders, so that one left by a killed run is removed
+    by the next run::
+
+        with scratch_folder() as folder:
+            converter.write(folder / "model.tmp")
+    """
+    from compressor import scratch
+
+    with scratch.scratch_folder(scratch.WORK) as folder:
+        yield folder
+
+
 __all__ = [
     # hooks
     "hookimpl",
@@ -129,6 +181,13 @@ __all__ = [
     "Backend",
     "Technique",
     "Param",
+    "CliFlag",
+    "QUANTIZE_OPTION",
+    "PRUNE_OPTION",
+    "PQ_OPTION",
+    "QUANTIZE_SIZE",
+    "PQ_SIZE",
+    "ORDER",
     "EVERY_STEP",
     "QUANTIZE",
     "PRUNE",
@@ -146,6 +205,7 @@ __all__ = [
     "SampleModel",
     "Runtime",
     "ProgressCallback",
+    "KVCacheLayout",
     # errors
     "CompressorError",
     "UsageError",
@@ -166,4 +226,12 @@ __all__ = [
     "python_command",
     "child_environment",
     "run_in_fork",
+    "scratch_folder",
+    "STATE_PREFIX",
+    "detect_task",
+    "declared_task",
+    "label_output",
+    "LabelOutput",
+    "probe_rows",
+    "GENERATION_OPTIONS",
 ]

@@ -35,7 +35,7 @@ from typing import Any
 
 from compressor.errors import UsageError
 from compressor.models import Step
-from compressor.specs import POSITIONAL_PARAM
+from compressor.specs import Technique
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,10 +67,13 @@ class Variant:
     steps: tuple[Step, ...]
 
 
-def parse_step(text: str) -> Step:
+def parse_step(text: str, techniques: Mapping[str, Technique] | None = None) -> Step:
     """``"prune 0.8 epochs=2"`` -> ``Step("prune", {"sparsity": "0.8", "epochs": "2"})``.
 
-    Values stay strings here; the backend's declared parameters coerce them.
+    A bare value sets the parameter the technique declares ``positional``: in
+    ``techniques`` (a backend's, when the step is its own), else in the installed
+    backends (:func:`compressor.declarations.positional_param`). Values stay strings
+    here; the backend's declared parameters coerce them.
     """
     try:
         words = shlex.split(text)
@@ -79,19 +82,29 @@ def parse_step(text: str) -> Step:
     if not words:
         raise UsageError("empty step")
     technique, params = words[0].lower(), {}
+    positional = _positional(technique, techniques)
     for word in words[1:]:
         if "=" in word:
             key, _, value = word.partition("=")
             if not key:
                 raise UsageError(f"step {text!r}: missing name before '=' in {word!r}")
             params[key] = value
-        elif technique in POSITIONAL_PARAM and POSITIONAL_PARAM[technique] not in params:
-            params[POSITIONAL_PARAM[technique]] = word
+        elif positional is not None and positional not in params:
+            params[positional] = word
         else:
             raise UsageError(
                 f"step {text!r}: unexpected value {word!r}; write parameters as key=value"
             )
-    return Step(technique, params)
+    return Step(technique, params, positional=positional)
+
+
+def _positional(technique: str, techniques: Mapping[str, Technique] | None) -> str | None:
+    own = techniques.get(technique) if techniques is not None else None
+    if own is not None and own.positional is not None:
+        return own.positional
+    from compressor.declarations import positional_param
+
+    return positional_param(technique)
 
 
 def step_from_table(table: Mapping[str, Any]) -> Step:
@@ -165,23 +178,21 @@ def unique(variants: Sequence[Variant]) -> list[Variant]:
     return list(variants)
 
 
-def variants_from_flags(
-    quantize: Sequence[str], prune: float | None, pq: bool
-) -> list[Variant]:
-    """CLI flags: ``--prune S`` and ``--pq`` run before each ``--quantize MODE``
-    (one variant per mode); with no mode, one variant of the others."""
-    leading = []
-    if prune is not None:
-        leading.append(Step("prune", {"sparsity": prune}))
-    if pq:
-        leading.append(Step("pq", {}))
-    if not quantize:
-        return [Variant(variant_name(leading), tuple(leading))] if leading else []
-    variants = []
-    for mode in quantize:
-        steps = (*leading, Step("quantize", {"mode": mode}))
-        variants.append(Variant(variant_name(steps), steps))
-    return unique(variants)
+def variants_from_flags(given: Sequence[tuple[Technique, Sequence[Any]]]) -> list[Variant]:
+    """The variants of ``compressor run``'s technique options: each ``(technique, values)``
+    given adds a step of the technique to every variant, its value setting the technique's
+    positional parameter (None: a switch, the step without parameters); a repeated option
+    (``CliFlag.repeat``) makes one variant per value. Steps run in their techniques' order:
+    ``--prune 0.5 -q fp16 -q int8`` makes prune0.5-fp16 and prune0.5-int8."""
+    choices = []
+    for technique, values in sorted(given, key=lambda entry: entry[0].order):
+        steps = [Step(technique.name, {} if value is None or technique.positional is None
+                      else {technique.positional: value}, positional=technique.positional) for value in values]
+        if steps:
+            choices.append(steps)
+    if not choices:
+        return []
+    return unique([Variant(variant_name(steps), tuple(steps)) for steps in itertools.product(*choices)])
 
 
 def load_recipe(path: Path, max_variants: int = MAX_VARIANTS) -> list[Variant]:

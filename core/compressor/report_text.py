@@ -16,9 +16,23 @@ def _number(value: Any, digits: int = 2) -> str:
 
 
 COLUMNS = (
-    "variant", "steps", "size", "gzip", "smaller", "load ms", "p50 ms", "p99 ms",
+    "variant", "steps", "size", "gzip", "smaller", "load ms", "p50 ms", "p99 ms", "speed",
     "peak RAM", "accuracy", "agreement",
 )
+
+
+def speed_cell(metrics: dict[str, Any]) -> str:
+    """``2.31x ±2%``: how many times as fast as the original at batch 1 (the original's p50
+    over the variant's), with the relative half-width of the ratio's 95% interval; without
+    an interval (``--precision off``) just ``2.31x``; ``-`` for the original."""
+    from compressor.latency_interval import percent_text
+
+    ratio = metrics.get("latency_ratio")
+    if not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        return "-"
+    width = metrics.get("latency_ratio_half_width")
+    margin = f" ±{percent_text(width)}" if isinstance(width, (int, float)) and math.isfinite(width) else ""
+    return f"{1.0 / ratio:.2f}x{margin}"
 
 
 def rows(report: ReportData) -> list[list[str]]:
@@ -34,7 +48,7 @@ def rows(report: ReportData) -> list[list[str]]:
         agreement_text = agreement_cell(metrics)
         name = variant.name + (" !" if variant.budget_failures else "") + (" ?" if variant.warnings else "")
         if variant.error:
-            table.append([name, " > ".join(variant.steps), failed_cell(variant.error)] + [""] * 8)
+            table.append([name, " > ".join(variant.steps), failed_cell(variant.error)] + [""] * (len(COLUMNS) - 3))
             continue
         table.append([
             name,
@@ -45,6 +59,7 @@ def rows(report: ReportData) -> list[list[str]]:
             _number(metrics.get("load_ms"), 1),
             _number(latency.get("p50"), 3),
             _number(latency.get("p99"), 3),
+            speed_cell(metrics),
             human_bytes(metrics.get("peak_rss_bytes")),
             percent(metrics.get("accuracy")),
             agreement_text,
@@ -77,7 +92,19 @@ NOISY_SPREAD = 0.05
 def legend_lines(report: ReportData) -> list[str]:
     """What the table's markers and figures mean, each output's task, failed variants in full."""
     failed = [f"FAILED {variant.name}: {variant.error}" for variant in report.variants if variant.error]
-    return legend(report) + failed
+    return legend(report) + speed_legend(report) + failed
+
+
+def speed_legend(report: ReportData) -> list[str]:
+    """What the speed column means, where a variant has a speed figure."""
+    shown = [variant.metrics for variant in report.variants if speed_cell(variant.metrics) != "-"]
+    if not shown:
+        return []
+    line = "speed: the original's p50 / the variant's (batch 1)"
+    if any("latency_ratio_half_width" in metrics for metrics in shown):
+        line += ("; ±: half-width of its 95% interval, both timed side by side in interleaved blocks "
+                 "(--precision)")
+    return [line]
 
 
 def _footer(report: ReportData) -> list[str]:
@@ -103,10 +130,12 @@ def noise_note(report: ReportData) -> str | None:
     ]
     if not spreads or max(spreads) <= NOISY_SPREAD:
         return None
+    side_by_side = any("latency_ratio_half_width" in variant.metrics for variant in report.variants)
     return (
         f"latency p50 moved by up to {100 * max(spreads):.0f}% between timing windows "
         "(a busy or shared machine); compare p50_fastest_window in report.json, "
         "timed with --min-seconds 10"
+        + ("; the speed column was timed side by side, which cancels such moves" if side_by_side else "")
     )
 
 

@@ -9,7 +9,8 @@ failures ``--debug`` shows. :func:`run` returns just the report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from compressor.backend_resolution import resolve_backend, saved_as_hint
 from compressor.errors import CompressionError, UnsupportedError
@@ -22,6 +23,9 @@ from compressor.report import Report, VariantResult, render_reports
 from compressor.run_request import RunRequest
 from compressor.session import Plan, Session, VariantFailure, checked_plan
 from compressor.worker import MeasuredArtifact
+
+if TYPE_CHECKING:
+    from compressor.run_cache import RunCache
 
 __all__ = ["PlannedRun", "RunOutcome", "RunRequest", "fork_model", "load_data", "load_model", "render_reports",
            "resolve_backend", "run", "run_outcome", "saved_as_hint"]
@@ -58,8 +62,10 @@ class PlannedRun:
 
     def __init__(self, request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_progress,
                  plan: Plan | None = None) -> None:
+        from compressor.cache import check_settings
         from compressor.run_progress import tracking
 
+        check_settings()
         self.request, self.host = request, host
         self.progress = tracking(progress)
         if plan is None:
@@ -69,6 +75,8 @@ class PlannedRun:
         self.results: list[VariantResult] = []
         self.artifacts: list[Artifact | None] = []
         self.reference: MeasuredArtifact | None = None
+        #: The cache across runs (None: off, a Ray run, or nothing to reuse), opened with the original.
+        self.run_cache: RunCache | None = None
         self.progress.plan(self._units())
 
     def _units(self) -> int:
@@ -76,7 +84,9 @@ class PlannedRun:
         variants = self.session.variants
         if self.request.executor == "ray":  # loading, making them all, the original's measuring, each repeat's
             return 3 + self.request.repeats
-        made = 1 + sum(self.session.units(variant) for variant in variants)
+        from compressor.tree_making import units
+
+        made = 1 + units(variants)
         return 1 + made + self.request.repeats * (1 + len(variants))
 
     def __enter__(self) -> PlannedRun:
@@ -105,10 +115,34 @@ class PlannedRun:
             error = CompressionError(f"could not convert the original model: {result.error}", self.request.model)
             error.plugin_tracebacks = [failure.traceback for failure in session.failures]
             raise error
-        self.reference = measure_original(
-            self.host, result, artifact, session.request.data, session.context.eval_data,
-            session.original.inputs if session.original else (), session.request.measure,
-            self.request.repeats, self.progress, self.request.model)
+        from compressor.run_cache import open_cache
+
+        self.run_cache = open_cache(replace(self.request, measure=session.request.measure), session.backend,
+                                    session.options, self._plugin(), session.variants, artifact)
+        self.reference = self._measure_original(result, artifact)
+
+    def _measure_original(self, result: VariantResult, artifact: Artifact) -> MeasuredArtifact:
+        """The original measured (what its outputs refuse is refused now), or its measurement
+        taken from the cache (same bytes, data, settings and machine) and checked the same way."""
+        from compressor.evaluation import check_reference, measuring_label
+        from compressor.run_cache import cached_note
+        from compressor.run_progress import begin
+
+        session, run_cache, settings = self.session, self.run_cache, self.session.request.measure
+        found = run_cache.measured(ORIGINAL) if run_cache is not None else None
+        if found is None:
+            measured = measure_original(
+                self.host, result, artifact, session.request.data, session.context.eval_data,
+                session.original.inputs if session.original else (), settings,
+                self.request.repeats, self.progress, self.request.model)
+            if run_cache is not None and session.context.workdir is not None:
+                run_cache.keep_measured(ORIGINAL, measured, session.context.workdir)
+            return measured
+        begin(self.progress, measuring_label(result.name, 0, self.request.repeats))
+        if session.request.data is not None:
+            check_reference(found, session.context.eval_data, settings, session.request.data)
+        result.notes.append(cached_note(run_cache))  # type: ignore[arg-type]
+        return found
 
     def finish(self) -> RunOutcome:
         """Make and measure every variant, report and publish."""
@@ -122,25 +156,81 @@ class PlannedRun:
             session.publish(report, [artifact for artifact in artifacts if artifact is not None])
             # Measured on the cluster: no measurement here to compare across runs.
             return RunOutcome(report, [None] * len(results), session.context.eval_data, list(session.failures))
-        for index, variant in enumerate(self.everything[1:], start=1):
-            try:
-                result, artifact = session.make(variant, self._label(index))
-            except UnsupportedError as error:
-                if not session.optional:
-                    raise
-                # A default variant this model cannot take (pq on an .ftz, quantized already): said, not run.
-                self.results[0].notes.append(f"default variant '{variant.name}' not made: {error.message}")
-                continue
-            self.results.append(result)
-            self.artifacts.append(artifact)
-        measured = measure_variants(
-            self.host, self.results, self.artifacts, session.request.data, session.context.eval_data,
-            session.original.inputs if session.original else (), session.request.measure,
-            request.repeats, progress, request.model, first=self.reference,
-        )
+        self._make_variants(self.run_cache)
+        measured = self._measure_variants(self.run_cache)
         report = session.report(self.results)
         session.publish(report, [artifact for artifact in self.artifacts if artifact is not None])
         return RunOutcome(report, measured, session.context.eval_data, list(session.failures))
+
+    def _plugin(self) -> str:
+        """The backend plugin's module, name and distribution's version (a cached artifact is its work)."""
+        name = self.session.backend.plugin_name
+        for info in self.host.plugins():
+            if info.name == name:
+                return f"{info.module} {name} {info.distribution} {info.version}"
+        return f"{name} {name}"
+
+    def _make_variants(self, run_cache: RunCache | None) -> None:
+        """Each variant restored from the cache, or made (each shared step once) and cached."""
+        from compressor.tree_making import make_variants, units
+
+        session = self.session
+        variants = session.variants
+        restored: dict[int, tuple[VariantResult, Artifact]] = {}
+        for index, variant in enumerate(variants):
+            hit = run_cache.restore(variant, lambda name=variant.name: session.output.staging_path(name)) \
+                if run_cache is not None else None
+            if hit is not None:
+                restored[index] = hit
+        todo = [index for index in range(len(variants)) if index not in restored]
+        if restored:  # the units planned for making them, done
+            self.progress.begin(f"{len(restored)} of {len(variants)} variants reused from the cache",
+                                units(variants) - units([variants[index] for index in todo]))
+        made = dict(zip(todo, make_variants(session, [variants[index] for index in todo],
+                                            [self._label(index + 1) for index in todo])))
+        for index, variant in enumerate(variants):
+            outcome = restored.get(index) or made[index]
+            if isinstance(outcome, UnsupportedError):
+                # A default variant this model cannot take (pq on an .ftz, quantized already): said, not run.
+                self.results[0].notes.append(f"default variant '{variant.name}' not made: {outcome.message}")
+                continue
+            result, artifact = outcome
+            if run_cache is not None and index not in restored and artifact is not None:
+                run_cache.keep(variant, result, artifact)
+            self.results.append(result)
+            self.artifacts.append(artifact)
+
+    def _measure_variants(self, run_cache: RunCache | None) -> list[MeasuredArtifact | None]:
+        """Every variant measured, or its measurement taken from the cache (same artifact bytes,
+        data, settings and machine), scored against this run's original."""
+        from compressor.evaluation import score
+        from compressor.run_cache import cached_note
+
+        session, request = self.session, self.request
+        settings = session.request.measure
+        to_measure = list(self.artifacts)
+        cached: dict[int, MeasuredArtifact] = {}
+        for index in range(1, len(self.results)):
+            found = run_cache.measured(self.results[index].name) if run_cache and to_measure[index] else None
+            if found is not None:
+                cached[index], to_measure[index] = found, None
+        measured = measure_variants(
+            self.host, self.results, to_measure, session.request.data, session.context.eval_data,
+            session.original.inputs if session.original else (), settings,
+            request.repeats, self.progress, request.model, first=self.reference,
+        )
+        for index, artifact in enumerate(to_measure):
+            if artifact is None and index not in cached:
+                self.artifacts[index] = None  # failed to measure (or not made)
+        for index, found in cached.items():
+            score(self.results[index], [found], self.reference, session.context.eval_data, settings)
+            self.results[index].notes.append(cached_note(run_cache))  # type: ignore[arg-type]
+            measured[index] = found
+        if run_cache is not None and session.context.workdir is not None:
+            for index, first in enumerate(measured):
+                if index > 0 and first is not None and index not in cached and self.artifacts[index] is not None:
+                    run_cache.keep_measured(self.results[index].name, first, session.context.workdir)
+        return measured
 
 
 def run_outcome(request: RunRequest, host: PluginHost, progress: ProgressCallback = _no_progress,

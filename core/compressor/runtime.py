@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from compressor.kv_layout import KVCacheLayout
 from compressor.models import Dataset, TensorSpec
 
 
@@ -43,6 +44,9 @@ class Runtime:
     outputs: tuple[TensorSpec, ...] = ()
     #: The one batch size the artifact accepts (exported with a static batch), or None.
     fixed_batch: int | None = None
+    #: A causal LM that generates with a key/value cache: how ``run`` takes and returns it
+    #: (:class:`compressor.kv_layout.KVCacheLayout`); core then measures generation too.
+    kv_cache: KVCacheLayout | None = None
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
         """Run one batch: ``{input name: array}`` to ``{output name: array}``.

@@ -2,8 +2,9 @@
 most aggressive, applied in order (a smaller architecture, then pruning, then
 quantization, as practitioners stack them).
 
-A backend declares the steps worth trying with ``Technique.candidates``; a
-recipe can give the space instead::
+A backend declares the steps worth trying with ``Technique.candidates`` (or a
+parameter's ``Param.candidates``), and where its stage goes with ``Technique.order``;
+a recipe can give the space instead (its stages in the recipe's order)::
 
     [search.stages]
     prune = ["none", "prune 0.3", "prune 0.5", "prune 0.7"]
@@ -25,15 +26,13 @@ from pathlib import Path
 from compressor.errors import UsageError
 from compressor.models import Step
 from compressor.recipes import Variant, parse_step, variant_name
-from compressor.specs import Backend
+from compressor.specs import DEFAULT_ORDER, Backend
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-#: Stages in the order their steps are applied; techniques not named here come before quantize.
-STAGE_ORDER = ("distill", "prune", "lowrank", "pq", "quantize")
 NONE = "none"
 
 Config = tuple[int, ...]
@@ -51,20 +50,23 @@ class Stage:
 
 def from_backend(backend: Backend) -> list[Stage]:
     """The space a backend declares: its techniques' ``candidates`` (whole steps) or,
-    per parameter, its parameters' ``candidates`` (one stage each)."""
+    per parameter, its parameters' ``candidates`` (one stage each), in the order of the
+    techniques' ``order`` (the stages of one technique as declared)."""
     stages = []
     for name, technique in backend.techniques.items():
         if technique.candidates:
-            stages.append(Stage(name, (None, *(parse_step(text) for text in technique.candidates)), name))
+            options = tuple(parse_step(text, backend.techniques) for text in technique.candidates)
+            stages.append(Stage(name, (None, *options), name))
             continue
         for key, param in technique.params.items():
             if param.candidates:
-                options = tuple(Step(name, dict(value) if isinstance(value, dict) else {key: value})
+                options = tuple(Step(name, dict(value) if isinstance(value, dict) else {key: value},
+                                     positional=technique.positional)
                                 for value in param.candidates)
                 stages.append(Stage(f"{name}.{key}", (None, *options), name))
     if not stages:
         raise UsageError(f"backend {backend.name!r} declares nothing to search; give --space with a recipe")
-    return sorted(stages, key=_stage_rank)
+    return sorted(stages, key=lambda stage: _stage_order(stage, backend))
 
 
 def from_recipe(path: Path) -> list[Stage]:
@@ -89,9 +91,9 @@ def from_recipe(path: Path) -> list[Stage]:
     return stages
 
 
-def _stage_rank(stage: Stage) -> float:
-    technique = stage.technique or stage.name
-    return STAGE_ORDER.index(technique) if technique in STAGE_ORDER else STAGE_ORDER.index("quantize") - 0.5
+def _stage_order(stage: Stage, backend: Backend) -> int:
+    technique = backend.techniques.get(stage.technique or stage.name)
+    return technique.order if technique is not None else DEFAULT_ORDER
 
 
 def size(stages: Sequence[Stage]) -> int:
@@ -109,7 +111,8 @@ def variant(config: Config, stages: Sequence[Stage]) -> Variant | None:
             continue
         if stage.technique and stage.technique != stage.name and stage.technique in merged:
             position = merged[stage.technique]
-            steps[position] = Step(step.technique, {**steps[position].params, **step.params})
+            steps[position] = Step(step.technique, {**steps[position].params, **step.params},
+                                   positional=steps[position].positional)
             continue
         merged[stage.technique or stage.name] = len(steps)
         steps.append(step)

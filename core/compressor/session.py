@@ -28,6 +28,7 @@ from compressor import environment, scratch
 from compressor.backend_resolution import resolve_backend, saved_as_hint
 from compressor.budgets import apply_budgets, budgets_of
 from compressor.children import out_of_memory_named
+from compressor.declarations import asked_for
 from compressor.errors import (
     RESOURCE_ERRNOS,
     CompressionError,
@@ -39,7 +40,7 @@ from compressor.errors import (
 )
 from compressor.loading import fork_model, load_data, load_model
 from compressor.memory import PeakRss
-from compressor.models import Artifact, Context, Model, ProgressCallback
+from compressor.models import Artifact, Context, Model, ProgressCallback, Step
 from compressor.outputs import OutputFolder
 from compressor.plugins import PluginHost, plugin_errors
 from compressor.recipes import ORIGINAL, Variant, check_name, variants_from_strings
@@ -80,7 +81,7 @@ def checked_plan(request: RunRequest, host: PluginHost, variants: Sequence[Varia
     if defaults and not wanted:
         wanted, optional = variants_from_strings(backend.default_variants), True
         if not wanted:
-            raise UsageError("nothing to do: ask for --quantize, --prune, --pq or a --recipe")
+            raise UsageError(f"nothing to do: ask for {asked_for(host)}")
     validated, options = apply_settings(backend, wanted, request.settings)
     check_data(backend, validated, request.given_data())
     return Plan(backend, validated, options, optional)
@@ -175,7 +176,8 @@ class Session:
             if request.check_space:
                 from compressor.diskspace import check_free_space
 
-                check_free_space(request.model, self.variants, self.output.path, workdir, original.source_bytes)
+                check_free_space(request.model, self.variants, self.output.path, workdir, original.source_bytes,
+                                 self.backend.techniques)
             self.output.prepare()
         except BaseException:
             self._stack.close()
@@ -222,60 +224,80 @@ class Session:
         """Fork the loaded model, apply the steps, save into staging: the result (its
         error set if a step failed) and the staged artifact. With ``label`` ("[2/4] int8")
         every step and the save are a unit of the run's progress; without, messages only.
+        (Several variants at once, each shared step once: :mod:`compressor.tree_making`.)
 
         The result's notes and metadata are the saved model's, with what saving reported
         (``Artifact.notes``/``Artifact.metadata``) added."""
-        result = VariantResult(variant.name, [str(step) for step in variant.steps])
         started = time.perf_counter()
         try:
             with PeakRss() as peak:
                 model, staged = self._make(variant, label)
         except CompressionError as error:
-            result.error = str(error)
-            self.failures += [VariantFailure(variant.name, text) for text in error.plugin_tracebacks]
-            return result, None
+            return self.failed(variant, error), None
+        return self.made(variant, model, staged, time.perf_counter() - started, peak.bytes), staged
+
+    def failed(self, variant: Variant, error: CompressionError) -> VariantResult:
+        """The result of a variant that ``error`` failed (its plugin tracebacks kept for ``--debug``)."""
+        result = VariantResult(variant.name, [str(step) for step in variant.steps])
+        result.error = str(error)
+        self.failures += [VariantFailure(variant.name, text) for text in error.plugin_tracebacks]
+        return result
+
+    def made(self, variant: Variant, model: Model, staged: Artifact, seconds: float,
+             peak_bytes: int | None) -> VariantResult:
+        """The result of a variant made in ``seconds`` (its whole path) at ``peak_bytes`` of RSS."""
+        result = VariantResult(variant.name, [str(step) for step in variant.steps])
         result.artifact = staged.path.name
         result.notes = [*model.notes, *staged.notes]
         result.metadata = {**model.metadata, **staged.metadata}
-        result.metrics["compress_seconds"] = round(time.perf_counter() - started, 3)
-        if peak.bytes is not None:
-            result.metrics["compress_peak_rss_bytes"] = peak.bytes
+        result.metrics["compress_seconds"] = round(seconds, 3)
+        if peak_bytes is not None:
+            result.metrics["compress_peak_rss_bytes"] = peak_bytes
         if variant.name == ORIGINAL:
             result.metrics.update({key: value for key, value in self.loading.items() if value is not None})
             for dataset in (self.context.eval_data, self.context.calibration_data, self.context.train_data):
                 result.notes += dataset.notes if dataset is not None else []
-        return result, staged
-
-    @staticmethod
-    def units(variant: Variant) -> int:
-        """Units of progress :meth:`make` counts for ``variant`` with a label: each step, and saving."""
-        return len(variant.steps) + 1
+        return result
 
     def _make(self, variant: Variant, label: str | None = None) -> tuple[Model, Artifact]:
         assert self.original is not None, "enter the session first"
-        backend, context = self.backend, self.context
         if variant.name == ORIGINAL:
             model = self.original
         else:
-            with plugin_raised(backend, f"while forking the loaded model for {variant.name!r}"):
-                model = fork_model(self.host, backend, self.original, self.request.model, context)
+            model = self.fork_original(repr(variant.name))
         for step in variant.steps:
-            self._tell(label, str(step))
-            with plugin_raised(backend, f"at step '{step}'"), plugin_errors(backend), out_of_memory_named(step):
-                compressed = self.host.hook_for(backend.name, "compressor_compress")(
-                    model=model, step=step, context=context)
-            if compressed is None:
-                raise CompressionError(f"no plugin applied '{step}'")
-            model = compressed
-        self._tell(label, "saving")
-        with plugin_raised(backend, f"while saving {variant.name!r}"), plugin_errors(backend):
+            self.tell(label, str(step))
+            model = self.apply(model, step)
+        self.tell(label, "saving")
+        return model, self.save(model, variant.name)
+
+    def fork_original(self, what: str) -> Model:
+        """A fresh starting point from the loaded model (its backend's fork, or a new load)."""
+        assert self.original is not None, "enter the session first"
+        with plugin_raised(self.backend, f"while forking the loaded model for {what}"):
+            return fork_model(self.host, self.backend, self.original, self.request.model, self.context)
+
+    def apply(self, model: Model, step: Step) -> Model:
+        """``step`` applied to ``model`` by the backend's plugin."""
+        backend = self.backend
+        with plugin_raised(backend, f"at step '{step}'"), plugin_errors(backend), out_of_memory_named(step):
+            compressed = self.host.hook_for(backend.name, "compressor_compress")(
+                model=model, step=step, context=self.context)
+        if compressed is None:
+            raise CompressionError(f"no plugin applied '{step}'")
+        return compressed
+
+    def save(self, model: Model, name: str) -> Artifact:
+        """``model`` saved into staging as variant ``name``."""
+        backend = self.backend
+        with plugin_raised(backend, f"while saving {name!r}"), plugin_errors(backend):
             staged = self.host.hook_for(backend.name, "compressor_save")(
-                model=model, destination=self.output.staging_path(variant.name), context=context)
+                model=model, destination=self.output.staging_path(name), context=self.context)
         if staged is None:
             raise CompressionError(f"backend {backend.name!r} did not save the model")
-        return model, staged
+        return staged
 
-    def _tell(self, label: str | None, what: str) -> None:
+    def tell(self, label: str | None, what: str) -> None:
         if label is None:
             self.progress(what, None)
         else:

@@ -13,17 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compressor.errors import UsageError
+from compressor.vocabulary import (
+    DEFAULT_ORDER,
+    PQ,
+    PRUNE,
+    QUANTIZE,
+    QUANTIZE_MODES,
+    CliFlag,
+    SizeFactor,
+    shared_declaration,
+)
 
-#: The shared technique vocabulary. Backends may add others, but these mean the
-#: same thing everywhere, so a recipe moves between backends unchanged.
-QUANTIZE, PRUNE, PQ = "quantize", "prune", "pq"
-#: fp16 weights; dynamic: int8 weights, activations quantized at run time; int8/uint8:
-#: full integer, calibrated; int16x8: int16 activations, int8 weights, calibrated;
-#: int4: 4-bit weights in blocks, weight-only.
-QUANTIZE_MODES = ("fp16", "dynamic", "int8", "uint8", "int16x8", "int4")
+__all__ = ["DEFAULT_ORDER", "PQ", "PRUNE", "QUANTIZE", "QUANTIZE_MODES", "CliFlag", "SizeFactor"]
 
-#: The parameter a bare value in a step fills: ``quantize int8`` -> mode=int8.
-POSITIONAL_PARAM = {QUANTIZE: "mode", PRUNE: "sparsity"}
 
 #: What an output is, for comparing it (``compressor.tasks``).
 TASKS = ("classifier", "probability", "multi-label", "embedding", "language-model", "ctc", "sequence", "map",
@@ -96,8 +98,6 @@ MEASURE_OPTION_FAMILIES = {"task.": "the task of one output", "batch_axis.": "an
 
 #: The ``Technique.requires_data`` key of data that every step of the technique needs.
 EVERY_STEP = "*"
-
-
 @dataclass(frozen=True)
 class Technique:
     """A technique a backend supports, e.g. ``quantize`` with its modes.
@@ -106,6 +106,11 @@ class Technique:
     boolean parameter, or by :data:`EVERY_STEP` for a technique that always needs
     it: ``{"int8": "calibration", "retrain": "train"}``, ``{EVERY_STEP: "train"}``.
     Core refuses a step whose data is missing before any work starts.
+
+    What core knows of a technique it learns here, never from its name: the parameter a
+    bare value sets (``positional``), its ``compressor run`` option (``cli``), how much of
+    the input a step leaves (``size_factor``, for the disk-space check) and where its
+    steps go among others (``order``, and ``candidates`` for ``compressor search``).
     """
 
     name: str
@@ -116,6 +121,48 @@ class Technique:
     #: Steps worth trying in ``compressor search``, from the mildest to the most
     #: aggressive (``("prune 0.3", "prune 0.5", "prune 0.7")``); empty: not searched.
     candidates: tuple[str, ...] = ()
+    #: The parameter a bare value in a step sets: ``prune 0.8`` -> sparsity=0.8. A
+    #: technique with ``modes`` takes its mode so unless it names another (``quantize int8``).
+    positional: str | None = None
+    #: The ``compressor run`` option that adds a step of this technique (``--prune S``).
+    cli: CliFlag | None = None
+    #: The share of the input's bytes a step leaves, for the disk-space check made before a
+    #: run: ``0.5``; per mode ``{"fp16": 0.5, "int8": 0.3}``; or ``function(params) -> share``.
+    #: None: not declared (another backend's declaration of the technique is used, else 1.0).
+    size_factor: SizeFactor | None = None
+    #: Where this technique's steps go when search or the command-line options put steps
+    #: together: lower first. The built-in techniques: distill 10, prune 20, lowrank 30,
+    #: pq 40, quantize 60; :data:`DEFAULT_ORDER` (50) puts one after those, before quantizing.
+    order: int | None = None
+
+    def __post_init__(self) -> None:
+        # A technique of the shared vocabulary takes what that vocabulary declares unless it
+        # declares otherwise (a plugin written before these fields gets -q, --prune, --pq).
+        for key, value in shared_declaration(self.name, self.params, bool(self.modes)).items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if self.order is None:
+            object.__setattr__(self, "order", DEFAULT_ORDER)
+        if self.positional is None and self.modes:
+            object.__setattr__(self, "positional", "mode")
+        known = (["mode"] if self.modes else []) + list(self.params)
+        if self.positional is not None and self.positional not in known:
+            raise ValueError(f"technique {self.name!r}: positional {self.positional!r} is none of its "
+                             f"parameters ({', '.join(known) or 'none'})")
+        if self.cli is not None and self.cli.takes_value and self.positional is None:
+            raise ValueError(f"technique {self.name!r}: {self.cli.name} takes a value, which needs a positional "
+                             "parameter to set")
+
+    def size_after(self, params: Mapping[str, Any]) -> float | None:
+        """The share of the input's bytes a step with ``params`` leaves; None: not declared."""
+        factor = self.size_factor
+        if factor is None:
+            return None
+        if callable(factor):
+            return float(factor(params))
+        if isinstance(factor, Mapping):
+            return float(factor.get(str(params.get("mode")), 1.0))
+        return float(factor)
 
 
 @dataclass(frozen=True)

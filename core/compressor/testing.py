@@ -63,7 +63,8 @@ def registered(plugin: object, name: str) -> Iterator[None]:
 
 
 def check_backend(backend: str, folder: Path, *, min_seconds: float = 0.0,
-                  max_examples: int | None = 200) -> list[Report]:
+                  max_examples: int | None = 200, precision: float = 0.0,
+                  max_seconds: float = 60.0) -> list[Report]:
     """Check ``backend`` on its sample models and return one report per sample.
 
     For each sample: declaring and identifying import none of the backend's frameworks
@@ -74,14 +75,18 @@ def check_backend(backend: str, folder: Path, *, min_seconds: float = 0.0,
     the same outputs after all that as before (compress changed no shared state). Then
     ``compressor.run`` makes and measures the sample's variants: none may fail, each
     has its size and latency, and with evaluation data its fidelity. ``folder`` (new or
-    empty, such as pytest's ``tmp_path``) receives the samples, artifacts and reports."""
+    empty, such as pytest's ``tmp_path``) receives the samples, artifacts and reports.
+    ``precision`` and ``max_seconds`` are :func:`compressor.run`'s: 0, the default, times
+    each variant for ``min_seconds`` only (a conformance check, not a speed study); give
+    0.03 to also time variants against the original side by side."""
     host = get_host()
     declared = _declared(host, backend)
     reports = []
     for sample in _samples(host, declared, folder / "samples"):
         _check_cheap_hooks(host, declared, sample.path)
         _check_hooks(host, declared, sample, folder / f"hooks-{sample.name}")
-        reports.append(_check_run(declared, sample, folder / f"run-{sample.name}", min_seconds, max_examples))
+        reports.append(_check_run(declared, sample, folder / f"run-{sample.name}", min_seconds, max_examples,
+                                  (precision, max_seconds)))
     return reports
 
 
@@ -228,13 +233,13 @@ def _same(before: Any, after: Any) -> bool:
 
 
 def _check_run(declared: Backend, sample: SampleModel, out: Path, min_seconds: float,
-               max_examples: int | None) -> Report:
+               max_examples: int | None, timing: tuple[float, float]) -> Report:
     from compressor.api import run
 
     report = run(sample.path, [list(steps) for steps in sample.variants], backend=declared.name,
                  data=sample.eval_data, calibration_data=sample.calibration_data,
                  train_data=sample.train_data, settings=dict(sample.options), out=out,
-                 min_seconds=min_seconds, max_examples=max_examples)
+                 min_seconds=min_seconds, max_examples=max_examples, precision=timing[0], max_seconds=timing[1])
     _expect(len(report.variants) == len(sample.variants) + 1, declared,
             f"sample {sample.name!r}: {len(sample.variants)} variants asked, got "
             f"{[variant.name for variant in report.variants]}")

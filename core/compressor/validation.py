@@ -42,7 +42,8 @@ def validate_step(backend: Backend, step: Step) -> Step:
             raise UsageError(f"{step.technique} needs {key} ({param.help or param.type.__name__})")
     defaulted = {key: param.default for key, param in technique.params.items()
                  if key not in params and param.default is not None}
-    return Step(step.technique, {**params, **defaulted}, frozenset(defaulted))
+    return Step(step.technique, {**params, **defaulted}, frozenset(defaulted),
+                positional=technique.positional or step.positional)
 
 
 def apply_settings(

@@ -51,11 +51,16 @@ def measure_isolated(
     settings: MeasureSettings,
     plugin_modules: Sequence[str] = (),
     plugin: str | None = None,
+    original: Artifact | None = None,
 ) -> MeasuredArtifact:
-    """Measure ``artifact`` in a child process and return what it found."""
+    """Measure ``artifact`` in a child process and return what it found. With the
+    ``original``'s artifact (same backend) and ``settings.precision``, the child also opens
+    the original and times the two side by side (``latency_ratio``,
+    :mod:`compressor.latency_interval`)."""
     try:
         with scratch.scratch_folder(scratch.MEASURE) as exchange:
-            return _measure_in(exchange, artifact, data_path, inputs, settings, plugin_modules, plugin)
+            return _measure_in(exchange, artifact, data_path, inputs, settings, plugin_modules, plugin,
+                               original)
     except OSError as error:
         if error.errno not in errors.RESOURCE_ERRNOS:
             raise
@@ -63,8 +68,9 @@ def measure_isolated(
 
 
 def _measure_in(exchange: Path, artifact: Artifact, data_path: Path | None, inputs: Sequence[TensorSpec],
-                settings: MeasureSettings, plugin_modules: Sequence[str], plugin: str | None) -> MeasuredArtifact:
-    write_request(exchange, artifact, data_path, inputs, settings, plugin_modules, plugin)
+                settings: MeasureSettings, plugin_modules: Sequence[str], plugin: str | None,
+                original: Artifact | None = None) -> MeasuredArtifact:
+    write_request(exchange, artifact, data_path, inputs, settings, plugin_modules, plugin, original)
     environment = measuring_environment(settings)
     started = time.perf_counter()
     with open(exchange / "stderr.txt", "wb") as stderr:
@@ -110,15 +116,19 @@ def _measure_in(exchange: Path, artifact: Artifact, data_path: Path | None, inpu
     metrics = result["metrics"]
     # The child's own high-water mark when it could read it: ru_maxrss of a
     # forked child starts from the parent's RSS, so it is only a fallback.
-    metrics.setdefault("peak_rss_bytes", usage.ru_maxrss * 1024)
+    if not settings.timing_only:  # a repeat measures no memory
+        metrics.setdefault("peak_rss_bytes", usage.ru_maxrss * 1024)
     metrics["measure_seconds"] = round(wall_seconds, 3)
     info = result.get("outputs", {})
     return MeasuredArtifact(metrics, info, _read_kept(exchange, info))
 
 
 def write_request(exchange: Path, artifact: Artifact, data_path: Path | None, inputs: Sequence[TensorSpec],
-                  settings: MeasureSettings, plugin_modules: Sequence[str] = (), plugin: str | None = None) -> None:
-    """What :mod:`compressor.measure_child` reads: ``request.json`` in ``exchange``."""
+                  settings: MeasureSettings, plugin_modules: Sequence[str] = (), plugin: str | None = None,
+                  original: Artifact | None = None) -> None:
+    """What :mod:`compressor.measure_child` reads: ``request.json`` in ``exchange``; ``original``
+    only where the latency is to be timed against it (``settings.precision`` above 0)."""
+    compared = original is not None and settings.precision > 0 and original.path != artifact.path
     request = {
         "artifact": artifact.to_json(),
         "data": str(data_path) if data_path else None,
@@ -126,6 +136,7 @@ def write_request(exchange: Path, artifact: Artifact, data_path: Path | None, in
         "settings": settings.to_json(),
         "plugin_modules": list(plugin_modules),
         "plugin": plugin,
+        "original": original.to_json() if compared and original is not None else None,
     }
     (exchange / "request.json").write_text(json.dumps(request))
 

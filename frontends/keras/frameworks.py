@@ -40,10 +40,10 @@ def private_tempdir() -> Iterator[None]:
     The folder is named like core's scratch folders, so a run killed meanwhile
     leaves nothing the next run does not remove.
     """
-    from compressor import scratch
+    from compressor.plugin import scratch_folder
 
     previous = tempfile.tempdir
-    with scratch.scratch_folder(scratch.WORK) as folder:
+    with scratch_folder() as folder:
         tempfile.tempdir = str(folder)
         try:
             yield

@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from compressor.plugin import CompressionError, Dataset, ProgressCallback, TensorSpec
-from compressor.training_labels import LabelOutput
+from compressor.plugin import CompressionError, Dataset, LabelOutput, ProgressCallback, TensorSpec
 from compressor_frontends.keras import frameworks
 
 
@@ -82,7 +81,7 @@ def labels_for(reference: Any, inputs: Sequence[TensorSpec], params: Mapping[str
     (:func:`compressor.training_labels.label_output`, on its predictions for a few
     training examples); ``params["options"]``: the run's options (``label_output``,
     ``task.NAME``)."""
-    from compressor.training_labels import label_output, probe_rows
+    from compressor.plugin import label_output, probe_rows
 
     rows = probe_rows(train.size)
     predictions = _predictions(reference, _features(inputs, train, rows))

@@ -9,9 +9,10 @@ class their config names: an encoder, a classifier, a causal language model.
   ``input_ids, attention_mask, token_type_ids`` the model's ``forward`` takes.
   All but ``input_ids`` are optional: the framework has defaults for them
   (``token_type_ids`` are zeros), so data may leave them out.
-* Safetensors only, no remote code, no key-value cache in the export, and a
-  checkpoint that lacks weights of the model is refused (random weights would
-  be compressed and measured without a word).
+* Safetensors only, no remote code, and a checkpoint that lacks weights of the
+  model is refused (random weights would be compressed and measured without a
+  word). ``use_cache`` is off for the one-pass export; a causal LM's
+  generation-ready export passes its cache explicitly (:mod:`.kv_export`).
 * Refused before transformers reads anything: a class mapped to the folder's own
   code (``auto_map``, exit 3), a shard index naming files outside the folder
   (exit 3), a config nested past the recursion limit (exit 4).
@@ -148,7 +149,7 @@ def load_transformers(path: Path, declared: tuple[SampleShape, ...]) -> tuple[To
             "they would be random", path,
         )
     if getattr(module.config, "use_cache", None):
-        module.config.use_cache = False  # no key-value cache outputs in the export
+        module.config.use_cache = False  # no key-value cache outputs in the one-pass export
     accepted = inspect.signature(module.forward).parameters
     wanted = tokenizer_inputs(path) or HF_INPUTS
     names = tuple(name for name in wanted if name in accepted) or tuple(n for n in HF_INPUTS if n in accepted)

@@ -26,8 +26,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from compressor.plugin import Context, Dataset, Step, TensorSpec, UsageError
-from compressor.training_labels import LabelOutput, label_output, probe_rows
+from compressor.plugin import (
+    Context,
+    Dataset,
+    LabelOutput,
+    Step,
+    TensorSpec,
+    UsageError,
+    declared_task,
+    detect_task,
+    label_output,
+    probe_rows,
+)
 from compressor_frontends.pytorch.feeding import batches, call_all, input_names
 from compressor_frontends.pytorch.model import TorchModel, set_mode
 
@@ -78,8 +88,6 @@ def matching(model: TorchModel, teacher: Any, student: Any, dataset: Dataset, co
     whose first output (or labelled output) does not have the teacher's shape."""
     import torch
 
-    from compressor.tasks import chosen_task, detect
-
     rows = probe_rows(dataset.size)
     batch, _ = next(batches(model, dataset, len(rows), rows))
     set_mode(student, False)
@@ -101,13 +109,13 @@ def matching(model: TorchModel, teacher: Any, student: Any, dataset: Dataset, co
     if labels.index is not None:
         _same_shape(got, expected, labels.index, step)
     first = values[0]
-    task, _ = detect(TensorSpec(names[0], tuple(first.shape), first.dtype.name), first, inputs, context.options, 0)
+    task, _ = detect_task(TensorSpec(names[0], tuple(first.shape), first.dtype.name), first, inputs, context.options, 0)
     if expected[0][0] == "logits":
         kind = LOGITS
     elif expected[0][0] == "last_hidden_state" or first.ndim > 2 or task == "embedding":
         kind = HIDDEN
     elif first.ndim == 2 and first.shape[-1] >= 2 and task == "classifier" and (
-            len(names) == 1 or labels.index == 0 or chosen_task(names[0], context.options)):
+            len(names) == 1 or labels.index == 0 or declared_task(names[0], context.options)):
         kind = LOGITS
     else:
         # One number per example, or (among several outputs) a 2-D first one that is a

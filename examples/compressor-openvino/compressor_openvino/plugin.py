@@ -187,9 +187,9 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
 
     xml = destination.with_suffix(".xml")
     ov.save_model(model.handle.model, str(xml), compress_to_fp16=model.handle.fp16)
-    # What save learns reaches the report through the Model it was given.
-    model.metadata["weight_bytes"] = weight_bytes(xml)
-    return Artifact(NAME, xml, "openvino-ir", side_files=(xml.with_suffix(".bin"),))
+    # What save learns reaches the report through the Artifact's metadata.
+    facts = {"weight_bytes": weight_bytes(xml)}
+    return Artifact(NAME, xml, "openvino-ir", side_files=(xml.with_suffix(".bin"),), metadata=facts)
 
 
 class OpenVinoRuntime(Runtime):

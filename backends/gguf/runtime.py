@@ -1,0 +1,101 @@
+"""A GGUF file run by llama.cpp (llama-cpp-python's ``Llama``): token ids in, logits out.
+
+Inputs ``input_ids`` (int64 ``[N, T]``) and, optionally, ``attention_mask``; output
+``logits`` ``[N, T, vocab]``, which core compares as a language model (next-token top-1
+agreement and perplexity), as it does the onnx backend's Hugging Face causal LMs. Every
+row is its own sequence: the key-value cache is cleared before each, and only the
+positions the mask keeps are evaluated (in order, at positions 0, 1, ...); the others get
+zero logits, which core's comparison leaves out through the same mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from compressor.plugin import (
+    Artifact,
+    InvalidInputError,
+    MeasureSettings,
+    Runtime,
+    TensorSpec,
+    first_line,
+    native_output_silenced,
+)
+
+#: The smallest context opened; longer rows reopen it at the next power of two.
+MIN_CONTEXT = 256
+TOKEN_INPUTS = (TensorSpec("input_ids", (None, None), "int64"),
+                TensorSpec("attention_mask", (None, None), "int64", optional=True))
+
+
+class LlamaCppRuntime(Runtime):
+    """A saved GGUF file opened by llama.cpp on the CPU."""
+
+    inputs = TOKEN_INPUTS
+
+    def __init__(self, artifact: Artifact, settings: MeasureSettings) -> None:
+        self.path, self.threads = artifact.path, settings.threads
+        self.context = 0
+        self.llm: Any = None
+        self.open(int(settings.options.get("n_ctx") or MIN_CONTEXT))
+        self.vocab = int(self.llm.n_vocab())
+        metadata = self.llm.metadata
+        self.trained_context = int(metadata.get(f"{metadata.get('general.architecture')}.context_length") or 0)
+        self.outputs = (TensorSpec("logits", (None, None, self.vocab), "float32"),)
+
+    def open(self, context: int) -> None:
+        import llama_cpp
+
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+        try:
+            with native_output_silenced():  # llama.cpp reports its context settings natively
+                self.llm = llama_cpp.Llama(str(self.path), n_ctx=context, n_batch=context, n_ubatch=context,
+                                           n_threads=self.threads, n_threads_batch=self.threads,
+                                           logits_all=True, verbose=False)
+        except ValueError as error:  # llama-cpp-python's "Failed to load model from file"
+            raise InvalidInputError(f"llama.cpp cannot open it ({first_line(error)})", self.path) from None
+        self.context = context
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        ids = np.asarray(feeds["input_ids"])
+        if ids.ndim != 2:
+            raise InvalidInputError(f"input_ids must be [batch, tokens], not {list(ids.shape)}")
+        mask = feeds.get("attention_mask")
+        keep = np.ones(ids.shape, dtype=bool) if mask is None else np.asarray(mask).astype(bool)
+        if keep.shape != ids.shape:
+            raise InvalidInputError(f"attention_mask {list(keep.shape)} does not match input_ids {list(ids.shape)}")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
+            raise InvalidInputError(f"input_ids hold ids from {int(ids.min())} to {int(ids.max())}; the model's "
+                                    f"vocabulary has {self.vocab}")
+        longest = int(keep.sum(axis=1).max()) if ids.size else 0
+        if longest > self.context:
+            if self.trained_context and longest > self.trained_context:
+                raise InvalidInputError(f"a row has {longest} tokens, more than the model's context of "
+                                        f"{self.trained_context}")
+            wanted = max(MIN_CONTEXT, 1 << (longest - 1).bit_length())
+            self.open(min(wanted, self.trained_context) if self.trained_context else wanted)
+        logits = np.zeros((*ids.shape, self.vocab), dtype=np.float32)
+        for row in range(ids.shape[0]):
+            positions = np.flatnonzero(keep[row])
+            if not len(positions):
+                continue
+            self.llm.reset()  # the next eval starts at position 0 and clears the cache past it
+            self.llm.eval(ids[row, positions].tolist())
+            logits[row, positions] = self.llm.scores[: len(positions)]
+        return {"logits": logits}
+
+    def metrics(self) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        return {"runtime": f"llama.cpp (llama-cpp-python {version('llama-cpp-python')}) CPU",
+                "n_ctx": self.context}
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None

@@ -1,0 +1,189 @@
+"""Causal language models as they are deployed: exported with a key/value cache, quantized,
+measured generating (issue 27).
+
+(a) A byte-level GPT-2-style model (no tokenizer: token = byte) trained for ``--train-seconds``
+    on ``../shared/data/debian-descriptions/train.txt``, so that perplexity means something;
+    scored on ``test.txt``.
+(b) A Llama-style model with rotary positions and grouped-query attention, random weights,
+    for speed and memory (``--llama small``: about 150 M parameters; ``--llama 1b``: about
+    1.1 B, which needs some 15 GB of memory and a long while on a 2-core machine).
+
+For each: fp32, dynamic int8 and int4 RTN (ONNX Runtime, MatMulNBits accuracy_level 4) through
+``compressor run``: file size, time to first token, decode tokens/s and its share of the
+memory-bandwidth bound, perplexity (sliding window), greedy-generation agreement.
+
+    nice -n 10 python benchmarks/bench_llm.py --train-seconds 180 --llama small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import SHARED, compressor_cli, machine, markdown_table, write_section  # noqa: E402
+
+DATA = SHARED / "data" / "debian-descriptions"
+CONTEXT = 256
+LLAMA = {
+    "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
+              "intermediate_size": 2816, "vocab_size": 32000},
+    "1b": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+           "intermediate_size": 5632, "vocab_size": 32000},
+}
+
+
+def text_bytes(path: Path, limit: int) -> Any:
+    """The file's descriptions as bytes (the ``__label__x`` prefixes left out), at most ``limit``."""
+    import numpy as np
+
+    lines = []
+    total = 0
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        for line in stream:
+            words = line.split(" ", 1)
+            text = (words[1] if len(words) > 1 and words[0].startswith("__label__") else line).strip() + "\n"
+            encoded = text.encode("utf-8")
+            lines.append(encoded)
+            total += len(encoded)
+            if total >= limit:
+                break
+    return np.frombuffer(b"".join(lines)[:limit], dtype=np.uint8).astype(np.int64)
+
+
+def train_gpt2(folder: Path, seconds: float) -> dict[str, Any]:
+    """A byte-level GPT-2 (4 layers, 256 wide) trained for ``seconds`` on train.txt."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    config = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256, n_positions=CONTEXT,
+                                     bos_token_id=10, eos_token_id=10)
+    model = transformers.GPT2LMHeadModel(config)
+    stream = torch.from_numpy(text_bytes(DATA / "train.txt", 20_000_000))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(0)
+    started, steps, loss = time.perf_counter(), 0, float("nan")
+    model.train()
+    while time.perf_counter() - started < seconds:
+        starts = torch.randint(0, len(stream) - 129, (16,), generator=generator)
+        batch = torch.stack([stream[start: start + 128] for start in starts])
+        output = model(input_ids=batch, labels=batch)
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+        steps, loss = steps + 1, float(output.loss.detach())
+    model.eval().save_pretrained(folder, safe_serialization=True)
+    parameters = sum(p.numel() for p in model.parameters())
+    return {"steps": steps, "train_loss": loss, "parameters": parameters, "seconds": seconds}
+
+
+def random_llama(folder: Path, size: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**LLAMA[size], max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def token_rows(ids: Any, rows: int, length: int) -> Any:
+    import numpy as np
+
+    usable = min(rows, len(ids) // length)
+    return np.ascontiguousarray(ids[: usable * length].reshape(usable, length))
+
+
+def measure(folder: Path, data: Path, out: Path, options: list[str], threads: int) -> list[dict[str, Any]]:
+    args = ["run", str(folder), "-q", "dynamic", "-q", "int4", "--data", str(data), "--threads", str(threads),
+            "--min-seconds", "0.5", "-o", str(out), "--quiet"]
+    for option in options:
+        args += ["--set", option]
+    compressor_cli(*args)
+    report = json.loads((out / "report.json").read_text())
+    return report["variants"]
+
+
+def rows_of(name: str, variants: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for variant in variants:
+        metrics = variant.get("metrics", {})
+        if variant.get("error"):
+            rows.append([name, variant["name"], f"failed: {variant['error']}"] + [""] * 7)
+            continue
+        rows.append([
+            name, variant["name"], f"{metrics['size_bytes'] / 1e6:.1f} MB", f"{metrics['ttft_ms']:.1f}",
+            f"{metrics['decode_tokens_per_s']:.1f}",
+            f"{metrics.get('bandwidth_share', float('nan')):.0%} of {metrics.get('decode_bound_tokens_per_s', 0):.0f}"
+            f" ({metrics.get('memory_bandwidth_gbs', 0):.1f} GB/s)",
+            f"{metrics['measure_peak_rss_bytes'] / 2**20:.0f} MB",
+            f"{metrics.get('window_perplexity', float('nan')):.3f}",
+            f"{metrics.get('greedy_agreement', float('nan')):.2f} / {metrics.get('greedy_exact', float('nan')):.2f}",
+            f"{metrics.get('next_token_agreement', float('nan')):.3f}",
+        ])
+    return rows
+
+
+def main() -> None:
+    import numpy as np
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-seconds", type=float, default=180)
+    parser.add_argument("--llama", choices=("small", "1b", "none"), default="small")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--write-doc", action="store_true", help="replace the llm section of docs/benchmarks.md")
+    args = parser.parse_args()
+    generation = [f"prompt_tokens={args.prompt_tokens}", f"new_tokens={args.new_tokens}"]
+    rows, notes = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-llm-") as work:
+        root = Path(work)
+        facts = train_gpt2(root / "gpt2", args.train_seconds)
+        test_ids = token_rows(text_bytes(DATA / "test.txt", 64 * CONTEXT), 64, CONTEXT)
+        np.savez(root / "test.npz", input_ids=test_ids)
+        notes.append(f"(a) byte-level GPT-2, {facts['parameters'] / 1e6:.1f} M parameters, trained "
+                     f"{facts['seconds']:.0f} s ({facts['steps']} steps of 16 x 128 bytes, last loss "
+                     f"{facts['train_loss']:.2f} nats/byte); scored on {test_ids.size} bytes of test.txt "
+                     f"(window 256, 1024 bytes scored)")
+        rows += rows_of("(a) GPT-2 bytes", measure(root / "gpt2", root / "test.npz", root / "out-gpt2",
+                                                     [*generation, "perplexity_window=256", "batch_seconds=2"], args.threads))
+        print(markdown_table(HEADER, rows), flush=True)
+        if args.llama != "none":
+            facts = random_llama(root / "llama", args.llama)
+            ids = np.random.default_rng(0).integers(3, 32000, size=(8, args.prompt_tokens)).astype(np.int64)
+            np.savez(root / "llama.npz", input_ids=ids)
+            notes.append(f"(b) Llama-style ({args.llama}: {LLAMA[args.llama]}), {facts['parameters'] / 1e6:.0f} M "
+                         "parameters, random weights and random prompts: speed and memory only")
+            rows += rows_of(f"(b) Llama {args.llama}", measure(
+                root / "llama", root / "llama.npz", root / "out-llama",
+                [*generation, "perplexity_tokens=256", "generation_prompts=2", "batch_seconds=2"], args.threads))
+    table = markdown_table(HEADER, rows)
+    print(table)
+    print("\n".join(notes))
+    text = "\n".join([
+        "## Language models generating (`benchmarks/bench_llm.py`)", "", machine(["onnxruntime", "torch",
+                                                                               "transformers"]),
+        f"Threads: {args.threads}. Prompt {args.prompt_tokens} tokens, {args.new_tokens} generated greedily, "
+        "batch 1; decode share: tokens/s over memory bandwidth (copy benchmark) / file bytes.", "",
+        *[f"- {note}" for note in notes], "", table,
+    ])
+    if args.write_doc:
+        write_section("llm", text)
+
+
+HEADER = ("model", "variant", "size", "TTFT ms", "decode tok/s", "share of bound tok/s (bandwidth)", "peak RSS",
+          "perplexity", "greedy agree / exact", "top-1 agree")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""A causal language model measured as it is deployed: generating, with its key/value cache.
+
+For a runtime with a cache (:attr:`compressor.runtime.Runtime.kv_cache`, a
+:class:`~compressor.kv_layout.KVCacheLayout`), the measuring process also:
+
+* takes ``generation_prompts`` prompts of ``prompt_tokens`` tokens from the data's token
+  ids (``input_ids`` rows joined, padding left out; fewer or shorter where the data holds
+  less, random tokens without data) and generates ``new_tokens`` greedily at batch 1, never
+  stopping early (every variant decodes as many tokens, so speeds compare);
+* times the prefill (``ttft_ms``: time to first token, median over prompts, argmax included)
+  and the decode steps (``decode_tokens_per_s``: tokens after the first over their time);
+* measures the memory bandwidth (:mod:`compressor.bandwidth`, or ``--set
+  memory_bandwidth_gbs=``) and states the decode speed as a share of the bound
+  ``bandwidth / weight bytes`` (``bandwidth_share``);
+* scores ``perplexity_tokens`` tokens of the data with a sliding window of
+  ``perplexity_window`` tokens (half a window of context for every token after the first
+  window, as Hugging Face's perplexity guide does): ``window_perplexity``.
+
+The generated tokens and the window's top-1 predictions go back to the parent, which
+compares them with the original's (:func:`compare_generation`): ``greedy_agreement`` (the
+share of tokens generated before the first divergence, mean over prompts),
+``greedy_exact`` (the share of prompts generated identically) and
+``next_token_agreement`` (top-1 over the perplexity windows). Framework-free: NumPy and
+the runtime's ``run`` only.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from compressor.kv_layout import KVCacheLayout
+from compressor.models import Dataset, MeasureSettings
+from compressor.runtime import Runtime
+from compressor.specs import Param
+
+#: ``--set`` options of generation; a backend whose runtimes have a cache declares them
+#: (``options={**GENERATION_OPTIONS, ...}``).
+GENERATION_OPTIONS: dict[str, Param] = {
+    "generate": Param(bool, True, "causal LMs with a key/value cache: measure generation (time to first token, "
+                      "decode tokens/s, greedy agreement, perplexity)"),
+    "prompt_tokens": Param(int, 128, "generation: prompt length in tokens (at most what the data holds)",
+                           minimum=1),
+    "new_tokens": Param(int, 64, "generation: tokens generated greedily after each prompt", minimum=2),
+    "generation_prompts": Param(int, 4, "generation: prompts taken from the data", minimum=1, maximum=1000),
+    "perplexity_tokens": Param(int, 1024, "generation: data tokens scored for perplexity (0: none)", minimum=0),
+    "perplexity_window": Param(int, 256, "generation: the sliding window of the perplexity, in tokens", minimum=2),
+    "memory_bandwidth_gbs": Param(float, None, "generation: this machine's memory bandwidth in GB/s (default: "
+                                  "measured)", minimum=0),
+}
+#: What the measuring process sends the parent for the comparison; not figures of the report.
+RAW_KEYS = ("generation_tokens", "window_top1")
+
+
+@dataclass
+class Generated:
+    """One prompt's greedy generation and its times."""
+
+    tokens: list[int]
+    first_token_s: float
+    decode_s: float
+
+
+def option(settings: MeasureSettings, name: str) -> Any:
+    value = settings.options.get(name)
+    return GENERATION_OPTIONS[name].default if value is None else value
+
+
+def measure_generation(runtime: Runtime, data: Dataset | None, settings: MeasureSettings) -> dict[str, Any]:
+    """Generation figures of a runtime with a cache (see the module docstring); ``{}`` without one."""
+    from compressor.memory import peak_rss_bytes
+
+    layout = getattr(runtime, "kv_cache", None)
+    if layout is None or not _truthy(option(settings, "generate")):
+        return {}
+    new_tokens = int(option(settings, "new_tokens"))
+    prompt_tokens = int(option(settings, "prompt_tokens"))
+    if layout.max_positions:
+        new_tokens = max(2, min(new_tokens, layout.max_positions // 2))
+        prompt_tokens = max(1, min(prompt_tokens, layout.max_positions - new_tokens))
+    stream = token_stream(data, layout)
+    prompts = choose_prompts(stream, prompt_tokens, int(option(settings, "generation_prompts")),
+                             _vocabulary(runtime, layout), seed=0)
+    generate(runtime, layout, prompts[0][: min(8, len(prompts[0]))], 3)  # warm-up: shapes not seen yet
+    runs = [generate(runtime, layout, prompt, new_tokens) for prompt in prompts]
+    decode_tokens = sum(len(run.tokens) - 1 for run in runs)
+    decode_seconds = sum(run.decode_s for run in runs)
+    metrics: dict[str, Any] = {
+        "generation_prompts": len(prompts),
+        "prompt_tokens": len(prompts[0]),
+        "new_tokens": new_tokens,
+        "ttft_ms": statistics.median(run.first_token_s for run in runs) * 1000,
+        "decode_tokens_per_s": decode_tokens / decode_seconds if decode_seconds > 0 else None,
+        "generation_peak_rss_bytes": peak_rss_bytes(),
+        "generation_tokens": [run.tokens for run in runs],
+    }
+    metrics.update(_bandwidth_figures(metrics["decode_tokens_per_s"], layout, settings))
+    scored = int(option(settings, "perplexity_tokens"))
+    if stream is not None and scored > 0 and len(stream) > 1:
+        window = int(option(settings, "perplexity_window"))
+        if layout.max_positions:
+            window = min(window, layout.max_positions)
+        perplexity, top1, count = window_perplexity(runtime, layout, stream[: scored + 1], window)
+        metrics.update({"window_perplexity": perplexity, "perplexity_scored_tokens": count,
+                        "perplexity_window": window, "window_top1": top1})
+    return metrics
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() not in ("false", "0", "no", "off")
+
+
+def _bandwidth_figures(tokens_per_s: float | None, layout: KVCacheLayout,
+                       settings: MeasureSettings) -> dict[str, Any]:
+    from compressor.bandwidth import memory_bandwidth_gbs
+
+    declared = settings.options.get("memory_bandwidth_gbs")
+    bandwidth = float(declared) if declared else memory_bandwidth_gbs(settings.threads)
+    figures: dict[str, Any] = {"memory_bandwidth_gbs": bandwidth,
+                               "memory_bandwidth_source": "declared" if declared else "measured (copy)"}
+    if layout.weight_bytes and bandwidth > 0:
+        bound = bandwidth * 1e9 / layout.weight_bytes
+        figures["decode_bound_tokens_per_s"] = bound
+        if tokens_per_s:
+            figures["bandwidth_share"] = tokens_per_s / bound
+    return figures
+
+
+def token_stream(data: Dataset | None, layout: KVCacheLayout) -> Any | None:
+    """The data's token ids as one sequence: rows joined in order, padding (mask 0) left out."""
+    import numpy as np
+
+    if data is None or layout.input_ids not in data.features:
+        return None
+    ids = np.asarray(data.features[layout.input_ids])
+    if ids.ndim == 1:
+        ids = ids[None]
+    ids = ids.reshape(len(ids), -1)
+    mask = data.features.get(layout.attention_mask) if layout.attention_mask else None
+    mask = np.asarray(mask).reshape(ids.shape) if mask is not None and np.size(mask) == ids.size else None
+    rows = [row[mask[index] != 0] if mask is not None else row for index, row in enumerate(ids)]
+    stream = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+    return stream if len(stream) else None
+
+
+def choose_prompts(stream: Any | None, length: int, count: int, vocabulary: int, seed: int) -> list[Any]:
+    """``count`` prompts of ``length`` tokens spread over the stream (fewer, or one shorter,
+    where it holds less); random tokens without a stream."""
+    import numpy as np
+
+    if stream is None:
+        generator = np.random.default_rng(seed)
+        return [generator.integers(0, vocabulary, length, dtype=np.int64) for _ in range(count)]
+    length = min(length, len(stream))
+    count = max(1, min(count, len(stream) // length))
+    starts = np.linspace(0, len(stream) - length, count).astype(int)
+    return [stream[start: start + length] for start in starts]
+
+
+def _vocabulary(runtime: Runtime, layout: KVCacheLayout) -> int:
+    for spec in runtime.outputs:
+        if spec.name == layout.logits and spec.shape and isinstance(spec.shape[-1], int):
+            return int(spec.shape[-1])
+    import numpy as np
+
+    logits, _ = _step(runtime, layout, np.zeros((1, 1), np.int64), None, 0)
+    return int(logits.shape[-1])
+
+
+def _empty_past(layout: KVCacheLayout) -> list[Any]:
+    import numpy as np
+
+    shape = (1, layout.kv_heads, 0, layout.head_dim)
+    return [np.zeros(shape, dtype=layout.dtype) for _ in range(2 * layout.layers)]
+
+
+def _step(runtime: Runtime, layout: KVCacheLayout, tokens: Any, past: list[Any] | None,
+          past_length: int) -> tuple[Any, list[Any]]:
+    """One call: ``tokens [1, T]`` after ``past_length`` cached ones; the logits and the present."""
+    import numpy as np
+
+    if past is None:
+        past = _empty_past(layout)
+    count = tokens.shape[1]
+    feeds: dict[str, Any] = {layout.input_ids: tokens}
+    if layout.attention_mask:
+        feeds[layout.attention_mask] = np.ones((1, past_length + count), dtype=np.int64)
+    if layout.position_ids:
+        feeds[layout.position_ids] = np.arange(past_length, past_length + count, dtype=np.int64)[None]
+    names = [name for pair in zip(layout.past_keys, layout.past_values) for name in pair]
+    feeds.update(zip(names, past))
+    outputs = runtime.run(feeds)
+    present = [outputs[name] for pair in zip(layout.present_keys, layout.present_values) for name in pair]
+    return np.asarray(outputs[layout.logits]), present
+
+
+def generate(runtime: Runtime, layout: KVCacheLayout, prompt: Any, new_tokens: int) -> Generated:
+    """Greedy generation of ``new_tokens`` after ``prompt`` (1-D ids), at batch 1, timed."""
+    import numpy as np
+
+    started = time.perf_counter()
+    logits, past = _step(runtime, layout, prompt[None].astype("int64"), None, 0)
+    token = int(logits[0, -1].argmax())
+    first = time.perf_counter() - started
+    tokens = [token]
+    started = time.perf_counter()
+    length = len(prompt)
+    while len(tokens) < new_tokens:
+        logits, past = _step(runtime, layout, np.array([[token]], dtype=np.int64), past, length)
+        length += 1
+        token = int(logits[0, -1].argmax())
+        tokens.append(token)
+    return Generated(tokens, first, time.perf_counter() - started)
+
+
+def window_perplexity(runtime: Runtime, layout: KVCacheLayout, stream: Any,
+                      window: int) -> tuple[float, list[int], int]:
+    """Perplexity of ``stream[1:]`` given what precedes each token, in windows of ``window``
+    tokens moving by half a window; also the top-1 prediction of every scored token."""
+    import numpy as np
+
+    stride = max(1, window // 2)
+    total_nll, scored, top1 = 0.0, 0, []
+    previous_end = 1  # the first token has nothing to be predicted from
+    for begin in range(0, len(stream), stride):
+        end = min(begin + window, len(stream))
+        if end <= previous_end:
+            break
+        logits, _ = _step(runtime, layout, stream[None, begin:end], None, 0)
+        # logits at position j predict token j + 1: score the targets not scored yet.
+        predicting = logits[0, previous_end - 1 - begin: end - 1 - begin].astype(np.float64)
+        targets = stream[previous_end:end]
+        top = predicting.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(predicting - top).sum(axis=-1)) + top[:, 0]
+        total_nll += float((log_norm - predicting[np.arange(len(targets)), targets]).sum())
+        scored += len(targets)
+        top1.extend(int(value) for value in predicting.argmax(axis=-1))
+        previous_end = end
+    return float(np.exp(total_nll / scored)), top1, scored
+
+
+def compare_generation(reference: Mapping[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """The variant's generation against the original's; removes the raw tokens from ``variant``."""
+    raw = {key: variant.pop(key) for key in RAW_KEYS if key in variant}
+    compared: dict[str, Any] = {}
+    ours, theirs = raw.get("generation_tokens"), reference.get("generation_tokens")
+    if ours and theirs and len(ours) == len(theirs):
+        prefixes = [_common_prefix(mine, original) / max(1, len(original)) for mine, original in zip(ours, theirs)]
+        compared["greedy_agreement"] = statistics.fmean(prefixes)
+        compared["greedy_exact"] = statistics.fmean(float(list(a) == list(b)) for a, b in zip(ours, theirs))
+    ours, theirs = raw.get("window_top1"), reference.get("window_top1")
+    if ours and theirs and len(ours) == len(theirs):
+        compared["next_token_agreement"] = statistics.fmean(float(a == b) for a, b in zip(ours, theirs))
+    if isinstance(reference.get("window_perplexity"), float):
+        compared["window_perplexity_original"] = reference["window_perplexity"]
+    return compared
+
+
+def _common_prefix(first: list[int], second: list[int]) -> int:
+    for index, (a, b) in enumerate(zip(first, second)):
+        if a != b:
+            return index
+    return min(len(first), len(second))
