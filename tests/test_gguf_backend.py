@@ -192,7 +192,8 @@ def test_cli_run_with_text_data(folders: dict[str, Path], tmp_path: Path) -> Non
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "compressor", "run", str(folders["gpt2"]), "--backend", "gguf",
                            "-q", "q8_0", "-q", "q4_k_m", "--data", str(data), "--out", str(out),
-                           "--min-seconds", "0.05", "--precision", "off"], capture_output=True, text=True,
+                           "--min-seconds", "0.05", "--precision", "off", "--set", "prompt_tokens=12",
+                           "--set", "new_tokens=6", "--set", "perplexity_window=16"], capture_output=True, text=True,
                           timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
@@ -203,6 +204,15 @@ def test_cli_run_with_text_data(folders: dict[str, Path], tmp_path: Path) -> Non
     assert variants["q8_0"]["metrics"]["headline_metric"] == "next_token_agreement"
     assert variants["q8_0"]["metrics"]["agreement"] > 0.9
     assert sorted(path.suffix for path in out.rglob("*.gguf")) == [".gguf"] * 3
+    # Generation through llama.cpp's own cache, measured by the same code as the onnx backend's.
+    for name, variant in variants.items():
+        metrics = variant["metrics"]
+        assert metrics["prompt_tokens"] == 12 and metrics["new_tokens"] == 6, name
+        assert metrics["ttft_ms"] > 0 and metrics["decode_tokens_per_s"] > 0 and metrics["bandwidth_share"] > 0
+        assert metrics["window_perplexity"] > 1 and 0 <= metrics["greedy_agreement"] <= 1
+    assert variants["original"]["metrics"]["greedy_exact"] == 1.0
+    assert variants["q4_k_m"]["metrics"]["decode_bound_tokens_per_s"] > variants["original"]["metrics"][
+        "decode_bound_tokens_per_s"]
 
 
 @pytest.mark.parametrize("model_type", ["bert", "invented"])

@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from compressor.cli import cli
 from compressor.feeding import examples_from_data
-from compressor.generation import compare_generation, generate, window_perplexity
-from compressor.kv_layout import KVCacheLayout
+from compressor.generation import compare_generation, decoder_of, generate, window_perplexity
+from compressor.kv_layout import KVCacheLayout, TokenDecoder
 from compressor.models import Artifact, Context, Dataset, MeasureSettings
 from compressor.runtime import Runtime
 
@@ -131,10 +131,10 @@ def test_perplexity_and_greedy_generation_follow_the_model_exactly() -> None:
     stream = generator.integers(0, 20, 101)
     expected = math.exp(-float(np.mean(log_probs[stream[:-1], stream[1:]])))
     for window in (8, 16, 101, 400):
-        perplexity, top1, scored = window_perplexity(runtime, runtime.kv_cache, stream, window)
+        perplexity, top1, scored = window_perplexity(decoder_of(runtime), stream, window)
         assert scored == 100 and perplexity == pytest.approx(expected, rel=1e-9)
         assert top1 == [int(log_probs[token].argmax()) for token in stream[:-1]]
-    done = generate(runtime, runtime.kv_cache, stream[:5], 6)
+    done = generate(decoder_of(runtime), stream[:5], 6)
     expected_tokens, token = [], int(stream[4])
     for _ in range(6):
         token = int(log_probs[token].argmax())
@@ -147,6 +147,52 @@ def test_perplexity_and_greedy_generation_follow_the_model_exactly() -> None:
     assert compared == {"greedy_agreement": (0.5 + 1.0) / 2, "greedy_exact": 0.5, "next_token_agreement": 0.75,
                         "window_perplexity_original": 3.0}
     assert variant == {}
+
+
+class BigramDecoder(TokenDecoder):
+    """The same bigram model as a runtime keeping its own cache (as llama.cpp does)."""
+
+    def __init__(self, log_probs: Any) -> None:
+        self.log_probs, self.weight_bytes, self.seen, self.decoded = log_probs, 1000, [], 0
+
+    def prefill(self, ids: Any) -> Any:
+        self.seen = list(ids)
+        return self.log_probs[np.asarray(ids)]
+
+    def decode(self, token: int) -> Any:
+        self.seen.append(token)
+        self.decoded += 1
+        return self.log_probs[token]
+
+
+class OwnCacheRuntime(Runtime):
+    outputs = ()
+
+    def __init__(self, log_probs: Any) -> None:
+        self.decoder = BigramDecoder(log_probs)
+
+    def token_decoder(self) -> TokenDecoder:
+        return self.decoder
+
+
+def test_a_runtime_with_its_own_cache_is_measured_like_one_with_a_layout() -> None:
+    from compressor.generation import measure_generation
+
+    generator = np.random.default_rng(1)
+    table = generator.normal(size=(20, 20))
+    log_probs = table - np.log(np.exp(table).sum(axis=1, keepdims=True))
+    data = Dataset(Path("ids.npz"), {"input_ids": generator.integers(0, 20, (4, 60))}, None, 4)
+    settings = MeasureSettings(options={"memory_bandwidth_gbs": 10.0, "perplexity_window": 16,
+                                        "prompt_tokens": 20, "new_tokens": 8})
+    by_layout = measure_generation(BigramRuntime(log_probs), data, settings)
+    own = OwnCacheRuntime(log_probs)
+    by_decoder = measure_generation(own, data, settings)
+    for key in ("generation_tokens", "window_top1", "window_perplexity", "prompt_tokens", "new_tokens",
+                "decode_bound_tokens_per_s"):
+        assert by_decoder[key] == by_layout[key], key
+    assert by_decoder["decode_tokens_per_s"] > 0 and by_decoder["bandwidth_share"] > 0
+    # decoded token by token: every token after each prompt's first (warm-up: 2 more)
+    assert own.decoder.decoded == 2 + sum(len(tokens) - 1 for tokens in by_decoder["generation_tokens"])
 
 
 def test_the_onnx_runtime_feeds_tokens_alone_and_describes_its_cache(tmp_path: Path) -> None:
@@ -211,3 +257,10 @@ def test_a_run_reports_generation_figures_for_every_variant(tmp_path: Path) -> N
         assert 0.5 < metrics["next_token_agreement"] <= 1
     # Weight-only int4 reads fewer bytes per token: its bound is higher than fp32's.
     assert int4["decode_bound_tokens_per_s"] > original["decode_bound_tokens_per_s"]
+    # The printed table and report.md show each variant's generation.
+    table = result.output[result.output.index("generation (batch 1, 16-token prompts, 8 new tokens"):]
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[3:7]}
+    assert set(rows) == {"original", "dynamic", "int4", "int8"}, table
+    speed = int4["decode_tokens_per_s"]
+    assert rows["int4"][2] == (f"{speed:.3g}" if speed < 100 else f"{speed:.0f}")
+    assert rows["original"][4:6] == ["1.00", "1.00"] and "| decode tok/s |" in (out / "report.md").read_text()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.plugin import (
+    GENERATION_OPTIONS,
     ORDER,
     QUANTIZE_OPTION,
     Artifact,
@@ -104,6 +105,7 @@ def backend() -> Backend:
             "n_ctx": Param(int, None, "llama.cpp context when measuring (default 256, grown for longer rows)",
                            minimum=8),
             **text_options(),
+            **GENERATION_OPTIONS,
         },
         extra="gguf",
         requires=("gguf", "llama_cpp"),

@@ -19,12 +19,15 @@ from compressor.plugin import (
     MeasureSettings,
     Runtime,
     TensorSpec,
+    TokenDecoder,
     first_line,
     native_output_silenced,
 )
 
 #: The smallest context opened; longer rows reopen it at the next power of two.
 MIN_CONTEXT = 256
+#: Room a generation's prefill leaves in the context for the tokens decoded after it.
+DECODE_ROOM = 256
 TOKEN_INPUTS = (TensorSpec("input_ids", (None, None), "int64"),
                 TensorSpec("attention_mask", (None, None), "int64", optional=True))
 
@@ -72,13 +75,7 @@ class LlamaCppRuntime(Runtime):
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
             raise InvalidInputError(f"input_ids hold ids from {int(ids.min())} to {int(ids.max())}; the model's "
                                     f"vocabulary has {self.vocab}")
-        longest = int(keep.sum(axis=1).max()) if ids.size else 0
-        if longest > self.context:
-            if self.trained_context and longest > self.trained_context:
-                raise InvalidInputError(f"a row has {longest} tokens, more than the model's context of "
-                                        f"{self.trained_context}")
-            wanted = max(MIN_CONTEXT, 1 << (longest - 1).bit_length())
-            self.open(min(wanted, self.trained_context) if self.trained_context else wanted)
+        self.fit(int(keep.sum(axis=1).max()) if ids.size else 0)
         logits = np.zeros((*ids.shape, self.vocab), dtype=np.float32)
         for row in range(ids.shape[0]):
             positions = np.flatnonzero(keep[row])
@@ -88,6 +85,21 @@ class LlamaCppRuntime(Runtime):
             self.llm.eval(ids[row, positions].tolist())
             logits[row, positions] = self.llm.scores[: len(positions)]
         return {"logits": logits}
+
+    def fit(self, tokens: int) -> None:
+        """Reopen the context, if it holds fewer than ``tokens`` (within the model's own)."""
+        if tokens <= self.context:
+            return
+        if self.trained_context and tokens > self.trained_context:
+            raise InvalidInputError(f"a row has {tokens} tokens, more than the model's context of "
+                                    f"{self.trained_context}")
+        wanted = max(MIN_CONTEXT, 1 << (tokens - 1).bit_length())
+        self.open(min(wanted, self.trained_context) if self.trained_context else wanted)
+
+    def token_decoder(self) -> TokenDecoder:
+        """Generation through llama.cpp's own cache: core measures time to first token, decode
+        tokens/s against the bandwidth bound, greedy agreement and perplexity with it."""
+        return LlamaDecoder(self)
 
     def metrics(self) -> dict[str, Any]:
         from importlib.metadata import version
@@ -99,3 +111,33 @@ class LlamaCppRuntime(Runtime):
         if self.llm is not None:
             self.llm.close()
             self.llm = None
+
+
+class LlamaDecoder(TokenDecoder):
+    """A runtime's llama.cpp context fed a token at a time (its cache kept by llama.cpp)."""
+
+    def __init__(self, runtime: LlamaCppRuntime) -> None:
+        self.runtime = runtime
+        # Every weight is read once per decoded token; the file is the weights (and a small header).
+        self.weight_bytes = runtime.path.stat().st_size
+        self.max_positions = runtime.trained_context or None
+
+    def prefill(self, ids: Any) -> Any:
+        import numpy as np
+
+        tokens = [int(token) for token in ids]
+        room = min(len(tokens) + DECODE_ROOM, self.max_positions or len(tokens) + DECODE_ROOM)
+        self.runtime.fit(max(room, len(tokens)))
+        llm = self.runtime.llm
+        llm.reset()
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens)])
+
+    def decode(self, token: int) -> Any:
+        import numpy as np
+
+        llm = self.runtime.llm
+        if llm.n_tokens >= self.runtime.context:
+            raise InvalidInputError(f"generation ran past llama.cpp's context of {self.runtime.context} tokens")
+        llm.eval([int(token)])
+        return np.array(llm.scores[llm.n_tokens - 1])

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from compressor.kv_layout import KVCacheLayout
+from compressor.kv_layout import KVCacheLayout, TokenDecoder
 from compressor.models import Dataset, MeasureSettings
 from compressor.runtime import Runtime
 from compressor.specs import Param
@@ -73,19 +73,19 @@ def measure_generation(runtime: Runtime, data: Dataset | None, settings: Measure
     """Generation figures of a runtime with a cache (see the module docstring); ``{}`` without one."""
     from compressor.memory import peak_rss_bytes
 
-    layout = getattr(runtime, "kv_cache", None)
-    if layout is None or not _truthy(option(settings, "generate")):
+    decoder = decoder_of(runtime)
+    if decoder is None or not _truthy(option(settings, "generate")):
         return {}
     new_tokens = int(option(settings, "new_tokens"))
     prompt_tokens = int(option(settings, "prompt_tokens"))
-    if layout.max_positions:
-        new_tokens = max(2, min(new_tokens, layout.max_positions // 2))
-        prompt_tokens = max(1, min(prompt_tokens, layout.max_positions - new_tokens))
-    stream = token_stream(data, layout)
+    if decoder.max_positions:
+        new_tokens = max(2, min(new_tokens, decoder.max_positions // 2))
+        prompt_tokens = max(1, min(prompt_tokens, decoder.max_positions - new_tokens))
+    stream = token_stream(data, getattr(runtime, "kv_cache", None))
     prompts = choose_prompts(stream, prompt_tokens, int(option(settings, "generation_prompts")),
-                             _vocabulary(runtime, layout), seed=0)
-    generate(runtime, layout, prompts[0][: min(8, len(prompts[0]))], 3)  # warm-up: shapes not seen yet
-    runs = [generate(runtime, layout, prompt, new_tokens) for prompt in prompts]
+                             _vocabulary(runtime, decoder), seed=0)
+    generate(decoder, prompts[0][: min(8, len(prompts[0]))], 3)  # warm-up: shapes not seen yet
+    runs = [generate(decoder, prompt, new_tokens) for prompt in prompts]
     decode_tokens = sum(len(run.tokens) - 1 for run in runs)
     decode_seconds = sum(run.decode_s for run in runs)
     metrics: dict[str, Any] = {
@@ -97,13 +97,13 @@ def measure_generation(runtime: Runtime, data: Dataset | None, settings: Measure
         "generation_peak_rss_bytes": peak_rss_bytes(),
         "generation_tokens": [run.tokens for run in runs],
     }
-    metrics.update(_bandwidth_figures(metrics["decode_tokens_per_s"], layout, settings))
+    metrics.update(_bandwidth_figures(metrics["decode_tokens_per_s"], decoder.weight_bytes, settings))
     scored = int(option(settings, "perplexity_tokens"))
     if stream is not None and scored > 0 and len(stream) > 1:
         window = int(option(settings, "perplexity_window"))
-        if layout.max_positions:
-            window = min(window, layout.max_positions)
-        perplexity, top1, count = window_perplexity(runtime, layout, stream[: scored + 1], window)
+        if decoder.max_positions:
+            window = min(window, decoder.max_positions)
+        perplexity, top1, count = window_perplexity(decoder, stream[: scored + 1], window)
         metrics.update({"window_perplexity": perplexity, "perplexity_scored_tokens": count,
                         "perplexity_window": window, "window_top1": top1})
     return metrics
@@ -113,7 +113,7 @@ def _truthy(value: Any) -> bool:
     return str(value).strip().lower() not in ("false", "0", "no", "off")
 
 
-def _bandwidth_figures(tokens_per_s: float | None, layout: KVCacheLayout,
+def _bandwidth_figures(tokens_per_s: float | None, weight_bytes: int | None,
                        settings: MeasureSettings) -> dict[str, Any]:
     from compressor.bandwidth import memory_bandwidth_gbs
 
@@ -121,25 +121,28 @@ def _bandwidth_figures(tokens_per_s: float | None, layout: KVCacheLayout,
     bandwidth = float(declared) if declared else memory_bandwidth_gbs(settings.threads)
     figures: dict[str, Any] = {"memory_bandwidth_gbs": bandwidth,
                                "memory_bandwidth_source": "declared" if declared else "measured (copy)"}
-    if layout.weight_bytes and bandwidth > 0:
-        bound = bandwidth * 1e9 / layout.weight_bytes
+    if weight_bytes and bandwidth > 0:
+        bound = bandwidth * 1e9 / weight_bytes
         figures["decode_bound_tokens_per_s"] = bound
         if tokens_per_s:
             figures["bandwidth_share"] = tokens_per_s / bound
     return figures
 
 
-def token_stream(data: Dataset | None, layout: KVCacheLayout) -> Any | None:
-    """The data's token ids as one sequence: rows joined in order, padding (mask 0) left out."""
+def token_stream(data: Dataset | None, layout: KVCacheLayout | None) -> Any | None:
+    """The data's token ids as one sequence: rows joined in order, padding (mask 0) left out.
+    ``layout`` names the inputs (``input_ids``/``attention_mask`` without one)."""
     import numpy as np
 
-    if data is None or layout.input_ids not in data.features:
+    input_ids = layout.input_ids if layout is not None else "input_ids"
+    attention_mask = layout.attention_mask if layout is not None else "attention_mask"
+    if data is None or input_ids not in data.features:
         return None
-    ids = np.asarray(data.features[layout.input_ids])
+    ids = np.asarray(data.features[input_ids])
     if ids.ndim == 1:
         ids = ids[None]
     ids = ids.reshape(len(ids), -1)
-    mask = data.features.get(layout.attention_mask) if layout.attention_mask else None
+    mask = data.features.get(attention_mask) if attention_mask else None
     mask = np.asarray(mask).reshape(ids.shape) if mask is not None and np.size(mask) == ids.size else None
     rows = [row[mask[index] != 0] if mask is not None else row for index, row in enumerate(ids)]
     stream = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
@@ -160,14 +163,48 @@ def choose_prompts(stream: Any | None, length: int, count: int, vocabulary: int,
     return [stream[start: start + length] for start in starts]
 
 
-def _vocabulary(runtime: Runtime, layout: KVCacheLayout) -> int:
+def _vocabulary(runtime: Runtime, decoder: TokenDecoder) -> int:
+    layout = getattr(runtime, "kv_cache", None)
+    logits_name = layout.logits if layout is not None else "logits"
     for spec in runtime.outputs:
-        if spec.name == layout.logits and spec.shape and isinstance(spec.shape[-1], int):
+        if spec.name == logits_name and spec.shape and isinstance(spec.shape[-1], int):
             return int(spec.shape[-1])
     import numpy as np
 
-    logits, _ = _step(runtime, layout, np.zeros((1, 1), np.int64), None, 0)
-    return int(logits.shape[-1])
+    return int(np.asarray(decoder.prefill(np.zeros(1, np.int64))).shape[-1])
+
+
+def decoder_of(runtime: Runtime) -> TokenDecoder | None:
+    """How to generate with ``runtime``: its cache layout fed back through ``run``, or its own
+    :class:`TokenDecoder`; None for a runtime that cannot generate."""
+    layout = getattr(runtime, "kv_cache", None)
+    if layout is not None:
+        return LayoutDecoder(runtime, layout)
+    own = getattr(runtime, "token_decoder", None)
+    return own() if callable(own) else None
+
+
+class LayoutDecoder(TokenDecoder):
+    """A runtime with a :class:`KVCacheLayout` as a decoder: the present fed back as the past."""
+
+    def __init__(self, runtime: Runtime, layout: KVCacheLayout) -> None:
+        self.runtime, self.layout = runtime, layout
+        self.weight_bytes, self.max_positions = layout.weight_bytes, layout.max_positions
+        self.past: list[Any] | None = None
+        self.length = 0
+
+    def prefill(self, ids: Any) -> Any:
+        logits, self.past = _step(self.runtime, self.layout, ids[None].astype("int64"), None, 0)
+        self.length = len(ids)
+        return logits[0]
+
+    def decode(self, token: int) -> Any:
+        import numpy as np
+
+        logits, self.past = _step(self.runtime, self.layout, np.array([[token]], dtype=np.int64), self.past,
+                                  self.length)
+        self.length += 1
+        return logits[0, -1]
 
 
 def _empty_past(layout: KVCacheLayout) -> list[Any]:
@@ -197,27 +234,22 @@ def _step(runtime: Runtime, layout: KVCacheLayout, tokens: Any, past: list[Any] 
     return np.asarray(outputs[layout.logits]), present
 
 
-def generate(runtime: Runtime, layout: KVCacheLayout, prompt: Any, new_tokens: int) -> Generated:
+def generate(decoder: TokenDecoder, prompt: Any, new_tokens: int) -> Generated:
     """Greedy generation of ``new_tokens`` after ``prompt`` (1-D ids), at batch 1, timed."""
     import numpy as np
 
     started = time.perf_counter()
-    logits, past = _step(runtime, layout, prompt[None].astype("int64"), None, 0)
-    token = int(logits[0, -1].argmax())
+    token = int(np.asarray(decoder.prefill(np.asarray(prompt, dtype=np.int64)))[-1].argmax())
     first = time.perf_counter() - started
     tokens = [token]
     started = time.perf_counter()
-    length = len(prompt)
     while len(tokens) < new_tokens:
-        logits, past = _step(runtime, layout, np.array([[token]], dtype=np.int64), past, length)
-        length += 1
-        token = int(logits[0, -1].argmax())
+        token = int(np.asarray(decoder.decode(token)).argmax())
         tokens.append(token)
     return Generated(tokens, first, time.perf_counter() - started)
 
 
-def window_perplexity(runtime: Runtime, layout: KVCacheLayout, stream: Any,
-                      window: int) -> tuple[float, list[int], int]:
+def window_perplexity(decoder: TokenDecoder, stream: Any, window: int) -> tuple[float, list[int], int]:
     """Perplexity of ``stream[1:]`` given what precedes each token, in windows of ``window``
     tokens moving by half a window; also the top-1 prediction of every scored token."""
     import numpy as np
@@ -229,9 +261,9 @@ def window_perplexity(runtime: Runtime, layout: KVCacheLayout, stream: Any,
         end = min(begin + window, len(stream))
         if end <= previous_end:
             break
-        logits, _ = _step(runtime, layout, stream[None, begin:end], None, 0)
+        logits = np.asarray(decoder.prefill(stream[begin:end]))
         # logits at position j predict token j + 1: score the targets not scored yet.
-        predicting = logits[0, previous_end - 1 - begin: end - 1 - begin].astype(np.float64)
+        predicting = logits[previous_end - 1 - begin: end - 1 - begin].astype(np.float64)
         targets = stream[previous_end:end]
         top = predicting.max(axis=-1, keepdims=True)
         log_norm = np.log(np.exp(predicting - top).sum(axis=-1)) + top[:, 0]

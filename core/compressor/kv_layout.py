@@ -16,6 +16,7 @@ outputs besides the ones ``Runtime.outputs`` declares: core compares only those.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,29 @@ class KVCacheLayout:
     @property
     def layers(self) -> int:
         return len(self.past_keys)
+
+
+class TokenDecoder:
+    """A runtime that keeps its own key/value cache (llama.cpp does), fed a token at a time;
+    :meth:`compressor.runtime.Runtime.token_decoder` returns one, and core measures it as
+    generation just as it does a runtime with a :class:`KVCacheLayout`::
+
+        class LlamaDecoder(TokenDecoder):
+            def prefill(self, ids):            # a new sequence: logits [len(ids), vocabulary]
+                llm.reset(); llm.eval(ids.tolist()); return llm.scores[: len(ids)]
+            def decode(self, token):           # one more token: logits [vocabulary]
+                llm.eval([token]); return llm.scores[llm.n_tokens - 1]
+    """
+
+    #: The bytes of weights one decode step reads (the bound of decode tokens/s); None if unknown.
+    weight_bytes: int | None = None
+    #: Tokens of context the model has positions for; None if unbounded or unknown.
+    max_positions: int | None = None
+
+    def prefill(self, ids: Any) -> Any:
+        """Start a new sequence with ``ids`` (1-D int64): the logits of every position."""
+        raise NotImplementedError
+
+    def decode(self, token: int) -> Any:
+        """Append ``token`` to the sequence: the logits of the next position."""
+        raise NotImplementedError

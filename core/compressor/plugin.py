@@ -50,6 +50,8 @@ Data (what travels through the hooks)
                           (a message and a fraction done, or None when unknown)
     KVCacheLayout         how a causal LM's runtime takes and returns its key/value cache
                           (``Runtime.kv_cache``): core then measures it generating
+    TokenDecoder          a runtime that keeps its own cache (llama.cpp), fed a token at a time
+                          (``Runtime.token_decoder``): measured as generation too
 
 Errors (one line and an exit code for the user; anything else is a bug in the plugin)
     CompressorError       the base class; ``CompressorError(message, path)``
@@ -107,7 +109,7 @@ from compressor.factories import import_factory
 from compressor.feeding import STATE_PREFIX, Examples, examples_from_data
 from compressor.generation import GENERATION_OPTIONS
 from compressor.hookspecs import hookimpl
-from compressor.kv_layout import KVCacheLayout
+from compressor.kv_layout import KVCacheLayout, TokenDecoder
 from compressor.measuring import Stopwatch, time_calls
 from compressor.memory import peak_rss_bytes
 from compressor.models import (
@@ -206,6 +208,7 @@ __all__ = [
     "Runtime",
     "ProgressCallback",
     "KVCacheLayout",
+    "TokenDecoder",
     # errors
     "CompressorError",
     "UsageError",

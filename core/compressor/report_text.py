@@ -81,6 +81,9 @@ def render_table(report: ReportData) -> str:
             lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
+    from compressor.report_generation import generation_lines
+
+    lines += generation_lines(report)
     footer = _footer(report)
     return "\n".join(lines + ([""] + footer if footer else []))
 
@@ -154,6 +157,13 @@ def render_markdown(report: ReportData) -> str:
     ]
     for row in rows(report):
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    from compressor.report_generation import COLUMNS as GENERATION_COLUMNS
+    from compressor.report_generation import generation_rows
+
+    generated = generation_rows(report)
+    if generated:
+        lines += ["", "Generation (batch 1, greedy):", "", "| " + " | ".join(GENERATION_COLUMNS) + " |",
+                  "|" + "---|" * len(GENERATION_COLUMNS), *["| " + " | ".join(row) + " |" for row in generated]]
     footer = _footer(report)
     if footer:
         lines += ["", *[f"- {line}" for line in footer]]

@@ -31,7 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from compressor.kv_layout import KVCacheLayout
+from compressor.kv_layout import KVCacheLayout, TokenDecoder
 from compressor.models import Dataset, TensorSpec
 
 
@@ -47,6 +47,12 @@ class Runtime:
     #: A causal LM that generates with a key/value cache: how ``run`` takes and returns it
     #: (:class:`compressor.kv_layout.KVCacheLayout`); core then measures generation too.
     kv_cache: KVCacheLayout | None = None
+
+    def token_decoder(self) -> TokenDecoder | None:
+        """A runtime that keeps its own cache (no ``kv_cache`` layout) and can generate a token
+        at a time returns a :class:`~compressor.kv_layout.TokenDecoder` here; core then
+        measures generation through it. Default: None."""
+        return None
 
     def run(self, feeds: Mapping[str, Any]) -> Mapping[str, Any]:
         """Run one batch: ``{input name: array}`` to ``{output name: array}``.

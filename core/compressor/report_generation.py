@@ -1,0 +1,60 @@
+"""The generation table of a report: for causal LMs measured generating
+(:mod:`compressor.generation`), each variant's time to first token, decode speed and its
+share of the memory-bandwidth bound, greedy agreement and perplexity, under the main table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compressor.results import ReportData
+
+COLUMNS = ("variant", "TTFT ms", "decode tok/s", "of bound", "greedy", "exact", "window ppl")
+
+
+def _cell(metrics: dict[str, Any], key: str, kind: str) -> str:
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)):
+        return "-"
+    if kind == "share":
+        return f"{100 * value:.0f}%"
+    if kind == "ratio":
+        return f"{value:.2f}"
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def generation_rows(report: ReportData) -> list[list[str]]:
+    """One row per variant measured generating; [] when none was."""
+    rows = []
+    for variant in report.variants:
+        metrics = variant.metrics
+        if "decode_tokens_per_s" not in metrics:
+            continue
+        original = variant is report.variants[0]
+        rows.append([variant.name, _cell(metrics, "ttft_ms", "number"),
+                     _cell(metrics, "decode_tokens_per_s", "number"), _cell(metrics, "bandwidth_share", "share"),
+                     "1.00" if original else _cell(metrics, "greedy_agreement", "ratio"),
+                     "1.00" if original else _cell(metrics, "greedy_exact", "ratio"),
+                     _cell(metrics, "window_perplexity", "ratio")])
+    return rows
+
+
+def generation_lines(report: ReportData) -> list[str]:
+    """The generation table as text lines with its legend; [] when no variant generated."""
+    rows = generation_rows(report)
+    if not rows:
+        return []
+    first = next(v.metrics for v in report.variants if "decode_tokens_per_s" in v.metrics)
+    table = [list(COLUMNS), *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = ["", f"generation (batch 1, {first.get('prompt_tokens', '?')}-token prompts, "
+                 f"{first.get('new_tokens', '?')} new tokens, greedy):"]
+    for index, row in enumerate(table):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    bandwidth = first.get("memory_bandwidth_gbs")
+    lines.append("of bound: decode tok/s / (memory bandwidth"
+                 + (f" {bandwidth:.1f} GB/s" if isinstance(bandwidth, (int, float)) else "")
+                 + " / weight bytes); greedy: share of tokens before the first divergence from the "
+                   "original's; exact: prompts generated identically")
+    return lines
