@@ -25,6 +25,10 @@ BATCH_BUDGET_SECONDS = 30.0
 #: The calls a batch timing needs at the least: the cold call, one warm-up, three timed.
 BATCH_PLANNED_CALLS = 5
 MIN_TIMED_CALLS = 3
+#: Timed batch calls made at the least when ``--min-seconds`` allows no fewer: a batch call
+#: runs many examples, so a few give its p50 (30, batch 1's floor, took 25 s of MiniLM's
+#: 39 s of measuring at batch 32).
+MIN_BATCH_CALLS = 5
 #: Timed calls are grouped into consecutive windows of about this many seconds
 #: (and at least MIN_WINDOW_CALLS calls) to see how p50 moved while timing.
 WINDOW_SECONDS = 0.1
@@ -195,7 +199,7 @@ def _time_within(call: Callable[[], Any], settings: MeasureSettings, deadline: f
     would end past ``deadline`` (``time.perf_counter()``) once one call is timed.
     ``call_ms`` is the cold call's time: a warm-up is made only where it and
     :data:`MIN_TIMED_CALLS` more calls fit."""
-    for _ in range(settings.warmup - 1):
+    for _ in range(min(settings.warmup - 1, 1)):  # the cold call was one; one more warms the batch
         if time.perf_counter() + (1 + MIN_TIMED_CALLS) * call_ms / 1000.0 > deadline:
             break
         with Stopwatch() as watch:
@@ -209,7 +213,7 @@ def _time_within(call: Callable[[], Any], settings: MeasureSettings, deadline: f
         end = time.perf_counter()
         samples.append((end - begin) * 1000.0)
         elapsed = end - started
-        if len(samples) >= settings.min_iterations and elapsed >= settings.min_seconds:
+        if len(samples) >= min(settings.min_iterations, MIN_BATCH_CALLS) and elapsed >= settings.min_seconds:
             break
         if elapsed >= MAX_TIMING_SECONDS and len(samples) >= MIN_TIMED_CALLS:
             break
