@@ -208,11 +208,10 @@ def test_cli_run_with_text_data(folders: dict[str, Path], tmp_path: Path) -> Non
     for name, variant in variants.items():
         metrics = variant["metrics"]
         assert metrics["prompt_tokens"] == 12 and metrics["new_tokens"] == 6, name
-        assert metrics["ttft_ms"] > 0 and metrics["decode_tokens_per_s"] > 0 and metrics["bandwidth_share"] > 0
+        assert metrics["ttft_ms"] > 0 and metrics["decode_tokens_per_s"] > 0 and "CPU cache" in metrics["bandwidth_note"]
         assert metrics["window_perplexity"] > 1 and 0 <= metrics["greedy_agreement"] <= 1
     assert variants["original"]["metrics"]["greedy_exact"] == 1.0
-    assert variants["q4_k_m"]["metrics"]["decode_bound_tokens_per_s"] > variants["original"]["metrics"][
-        "decode_bound_tokens_per_s"]
+    assert "bandwidth_share" not in variants["q4_k_m"]["metrics"]  # 1 MB of weights: read from cache
 
 
 @pytest.mark.parametrize("model_type", ["bert", "invented"])

@@ -53,3 +53,19 @@ def _copy_bandwidth(threads: int, probe_bytes: int, rounds: int) -> float:
             best = min(best, elapsed)
     moved = 2 * count * 8 * threads
     return moved / best / 1e9
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of this machine (Linux sysfs), or 32 MiB where it cannot be read:
+    weights that fit in it are not read from memory each token, so no memory bound holds."""
+    from pathlib import Path
+
+    largest = 0
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = entry.read_text().strip().upper()
+            value = int(text.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        except (OSError, ValueError):
+            continue
+        largest = max(largest, value)
+    return largest or 32 << 20

@@ -11,7 +11,8 @@ For a runtime with a cache (:attr:`compressor.runtime.Runtime.kv_cache`, a
   and the decode steps (``decode_tokens_per_s``: tokens after the first over their time);
 * measures the memory bandwidth (:mod:`compressor.bandwidth`, or ``--set
   memory_bandwidth_gbs=``) and states the decode speed as a share of the bound
-  ``bandwidth / weight bytes`` (``bandwidth_share``);
+  ``bandwidth / weight bytes`` (``bandwidth_share``), where the weights are at least twice the
+  CPU's largest cache (smaller ones are read from cache, and no memory bound holds);
 * scores ``perplexity_tokens`` tokens of the data with a sliding window of
   ``perplexity_window`` tokens (half a window of context for every token after the first
   window, as Hugging Face's perplexity guide does): ``window_perplexity``.
@@ -121,6 +122,16 @@ def _bandwidth_figures(tokens_per_s: float | None, weight_bytes: int | None,
     bandwidth = float(declared) if declared else memory_bandwidth_gbs(settings.threads)
     figures: dict[str, Any] = {"memory_bandwidth_gbs": bandwidth,
                                "memory_bandwidth_source": "declared" if declared else "measured (copy)"}
+    from compressor.bandwidth import last_level_cache_bytes
+
+    if weight_bytes:
+        figures["decode_weight_bytes"] = weight_bytes
+    cache = last_level_cache_bytes()
+    if weight_bytes and weight_bytes < 2 * cache:
+        # Weights that (nearly) fit in the CPU's caches are not streamed from memory each token.
+        figures["bandwidth_note"] = (f"no memory-bandwidth bound: {weight_bytes / 1e6:.1f} MB of weights is under "
+                                     f"twice the {cache / 1e6:.0f} MB CPU cache")
+        return figures
     if weight_bytes and bandwidth > 0:
         bound = bandwidth * 1e9 / weight_bytes
         figures["decode_bound_tokens_per_s"] = bound
