@@ -28,7 +28,8 @@ def check_steps(model: Model, steps: Sequence[Step], context: Context) -> None:
             raise UsageError(f"'{step}' changes the torch model before its ONNX export: "
                              "put it before quantize, lowrank and prune structure=channel")
         if torch_step:
-            check_torch_step(step, network.torch.module if network.torch is not None else None, context)
+            check_torch_step(step, network.torch.module if network.torch is not None else None, context,
+                             model.source)
         elif step.technique != "qat":  # qat checks the graph steps before it itself
             if after_qat:
                 raise UsageError(f"'{step}' cannot follow qat: the model is an int8 graph already; put it before qat")

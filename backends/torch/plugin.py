@@ -30,7 +30,6 @@ from compressor.plugin import (
     Step,
     Technique,
     TensorSpec,
-    UsageError,
     hookimpl,
 )
 
@@ -127,28 +126,18 @@ def compressor_fork(model: Model, context: Context) -> Model:
 def compressor_check_steps(model: Model, steps: list[Step], context: Context) -> None:
     """Refused before any work: torchao's modes without torchao, fp16 of a ``.pt2`` program,
     a second quantize; what distill and head pruning refuse before training."""
-    from compressor_frontends.pytorch.feeding import is_transformers
     from compressor_frontends.pytorch.techniques import check_torch_step
     from compressor_torch.quantize import check_quantize_steps
-    from compressor_torch.structured import check_step, kind
+    from compressor_torch.structured import check_step
 
     check_quantize_steps(model.handle, steps)
     quantized = False
     for step in steps:
-        if step.technique == "quantize":
-            quantized = True
-            continue
         if step.technique == "distill" or step.params.get("structure") == "head":
-            check_torch_step(step, model.handle.module, context)
-        needs_transformers = kind(step) == "head" or (step.technique == "distill" and "layers" in step.params)
-        if needs_transformers and model.handle.module is not None and not is_transformers(model.handle.module):
-            what = "attention heads" if kind(step) == "head" else "layers= needs a transformers teacher"
-            raise UsageError(f"'{step}' needs a transformers model ({what}); {model.source.name} is a plain "
-                             "torch model")
-        if quantized and kind(step) != "unstructured":
-            raise UsageError(f"'{step}' changes the float model: put it before quantize")
+            check_torch_step(step, model.handle.module, context, model.source)
         if step.technique in ("prune", "lowrank", "distill"):
-            check_step(model, step, context)
+            check_step(model, step, context, after_quantize=quantized)
+        quantized = quantized or step.technique == "quantize"
 
 
 @hookimpl

@@ -38,13 +38,14 @@ def kind(step: Step) -> str:
     return step.technique
 
 
-def check_step(model: Model, step: Step, context: Context) -> None:
-    """Refuse, before any work, what this backend cannot do with ``step``."""
+def check_step(model: Model, step: Step, context: Context, after_quantize: bool = False) -> None:
+    """Refuse, before any work, what this backend cannot do with ``step`` (``after_quantize``:
+    a quantize step of the same variant comes before it)."""
     import torch
 
     net: TorchModel = model.handle
     what = kind(step)
-    if net.quantization and what != "unstructured":
+    if (net.quantization or after_quantize) and what != "unstructured":
         raise UsageError(f"'{step}' changes the float model: put it before quantize")
     program = isinstance(net.module, torch.fx.GraphModule)
     if program and what != "unstructured" and (what != "distill" or step.params.get("student") is None):

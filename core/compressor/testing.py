@@ -85,8 +85,8 @@ def check_backend(backend: str, folder: Path, *, min_seconds: float = 0.0,
     for sample in _samples(host, declared, folder / "samples"):
         _check_cheap_hooks(host, declared, sample.path)
         _check_hooks(host, declared, sample, folder / f"hooks-{sample.name}")
-        reports.append(_check_run(declared, sample, folder / f"run-{sample.name}", min_seconds, max_examples,
-                                  (precision, max_seconds)))
+        reports.append(_check_run(declared, sample, folder / f"run-{sample.name}", min_seconds=min_seconds,
+                                  max_examples=max_examples, precision=precision, max_seconds=max_seconds))
     return reports
 
 
@@ -232,14 +232,13 @@ def _same(before: Any, after: Any) -> bool:
     return bool(np.array_equal(before, after))
 
 
-def _check_run(declared: Backend, sample: SampleModel, out: Path, min_seconds: float,
-               max_examples: int | None, timing: tuple[float, float]) -> Report:
+def _check_run(declared: Backend, sample: SampleModel, out: Path, **measuring: Any) -> Report:
     from compressor.api import run
 
     report = run(sample.path, [list(steps) for steps in sample.variants], backend=declared.name,
                  data=sample.eval_data, calibration_data=sample.calibration_data,
                  train_data=sample.train_data, settings=dict(sample.options), out=out,
-                 min_seconds=min_seconds, max_examples=max_examples, precision=timing[0], max_seconds=timing[1])
+                 **measuring)
     _expect(len(report.variants) == len(sample.variants) + 1, declared,
             f"sample {sample.name!r}: {len(sample.variants)} variants asked, got "
             f"{[variant.name for variant in report.variants]}")

@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from compressor.plugin import Context, Dataset, Step, UsageError, import_factory
-from compressor_frontends.pytorch.feeding import batches, call_all, input_names, is_transformers
+from compressor_frontends.pytorch.feeding import batches, call_all, input_names
 from compressor_frontends.pytorch.matching import LOGITS, Matching, matched_loss, matching
 from compressor_frontends.pytorch.model import TorchModel, set_mode
+from compressor_frontends.pytorch.techniques import require_transformers
 
 FACTORY_RATE, LAYERS_RATE = 1e-3, 1e-4
 NOT_LOGITS = ("embedding", "regression", "detection")
@@ -98,9 +99,7 @@ def layer_student(teacher: Any, layers: int, source: Path, step: Step) -> tuple[
     """The teacher's class with ``layers`` of its layers (every k-th), other weights copied."""
     import torch
 
-    if not is_transformers(teacher):
-        raise UsageError(f"'{step}': layers= needs a transformers teacher; {source.name} is a plain "
-                         "torch model (give student=package.module:function)")
+    require_transformers(step, teacher, source)
     total = int(getattr(teacher.config, "num_hidden_layers", 0) or 0)
     stacks = [(name, module) for name, module in teacher.named_modules()
               if isinstance(module, torch.nn.ModuleList) and len(module) == total]

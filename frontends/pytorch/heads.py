@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from compressor.plugin import Context, Dataset, Step, UsageError
-from compressor_frontends.pytorch.feeding import batches, call, data_for, is_transformers
+from compressor_frontends.pytorch.feeding import batches, call, data_for
 from compressor_frontends.pytorch.model import TorchModel, set_mode
+from compressor_frontends.pytorch.techniques import require_transformers
 
 #: Examples scored for head importance, at most: by gradient (one pass), by ablation (a pass per head).
 SCORED_EXAMPLES, ABLATED_EXAMPLES = 64, 32
@@ -89,9 +90,7 @@ def prune_heads(model: TorchModel, module: Any, fresh: bool, step: Step, context
     dataset = data_for(context, "calibration", "eval", "train")
     if dataset is None:
         raise UsageError(f"'{step}' ranks heads on data: pass --data or --calibration-data")
-    if not is_transformers(module):
-        raise UsageError(f"'{step}' needs a transformers model (attention heads); "
-                         f"{source.name} is a plain torch model")
+    require_transformers(step, module, source)
     blocks = find_attention(module)
     if not blocks:
         raise UsageError(f"'{step}': {type(module).__name__} has no BERT-style attention "

@@ -5,6 +5,7 @@ training. Importing this module imports no framework."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from compressor.plugin import EVERY_STEP, Context, Param, Step, Technique, UsageError
@@ -82,13 +83,28 @@ def text_options() -> dict[str, Param]:
             "tokenizer": Param(str, None, TEXT_OPTIONS_HELP["tokenizer"])}
 
 
-def check_torch_step(step: Step, module: Any, context: Context) -> None:
+def require_transformers(step: Step, module: Any, source: Path) -> None:
+    """Refuse head pruning, or ``distill layers=``, of a plain torch ``module`` (``source`` names it)."""
+    from compressor_frontends.pytorch.feeding import is_transformers
+
+    if module is None or is_transformers(module):
+        return
+    if step.technique == "distill":
+        raise UsageError(f"'{step}': layers= needs a transformers teacher; {source.name} is a plain "
+                         "torch model (give student=package.module:function)")
+    raise UsageError(f"'{step}' needs a transformers model (attention heads); {source.name} is a plain torch model")
+
+
+def check_torch_step(step: Step, module: Any, context: Context, source: Path | None = None) -> None:
     """What ``distill`` and ``prune structure=head`` refuse before training (the onnx and torch
-    backends' steps): head ranking without data, distill's student/layers, layers= too many."""
+    backends' steps): head ranking without data, distill's student/layers, layers= too many,
+    and (``source`` given) either of them on a plain torch model."""
     from compressor_frontends.pytorch.feeding import data_for
 
     if step.params.get("structure") == "head" and data_for(context, "calibration", "eval", "train") is None:
         raise UsageError(f"'{step}' ranks heads on data: pass --data or --calibration-data")
+    if source is not None and (step.technique != "distill" or "layers" in step.params):
+        require_transformers(step, module, source)
     if step.technique != "distill":
         return
     layers = step.params.get("layers")
