@@ -212,6 +212,9 @@ def test_cli_run_with_text_data(folders: dict[str, Path], tmp_path: Path) -> Non
         assert metrics["window_perplexity"] > 1 and 0 <= metrics["greedy_agreement"] <= 1
     assert variants["original"]["metrics"]["greedy_exact"] == 1.0
     assert "bandwidth_share" not in variants["q4_k_m"]["metrics"]  # 1 MB of weights: read from cache
+    # KL from the original's next-token distributions, through llama.cpp's logits: q4 moves them more.
+    kl = {name: variants[name]["metrics"]["kl_divergence"] for name in ("q8_0", "q4_k_m")}
+    assert 0 <= kl["q8_0"] < kl["q4_k_m"] < 1, kl
 
 
 @pytest.mark.parametrize("model_type", ["bert", "invented"])

@@ -149,6 +149,33 @@ def test_perplexity_and_greedy_generation_follow_the_model_exactly() -> None:
     assert variant == {}
 
 
+def test_the_kl_divergence_on_the_data_is_the_exact_one_or_a_lower_bound_of_it() -> None:
+    from compressor.generation import score_windows
+    from compressor.token_divergence import top_tokens
+
+    generator = np.random.default_rng(3)
+    table = generator.normal(size=(20, 20))
+    original = table - np.log(np.exp(table).sum(axis=1, keepdims=True))
+    moved = table + generator.normal(scale=0.3, size=table.shape)
+    variant = moved - np.log(np.exp(moved).sum(axis=1, keepdims=True))
+    stream = generator.integers(0, 20, 101)
+    full = np.exp(original[stream[:-1]]) * (original[stream[:-1]] - variant[stream[:-1]])
+    exact = float(full.sum(axis=1).mean())
+    reference = score_windows(decoder_of(BigramRuntime(original)), stream, 16)
+    assert len(reference.topk_ids) == 100 and len(reference.topk_ids[0]) == 20  # every token of 20
+    assert reference.kl is None
+    scores = score_windows(decoder_of(BigramRuntime(variant)), stream, 16,
+                           {"ids": reference.topk_ids, "log_probs": reference.topk_log_probs})
+    assert scores.kl == pytest.approx(exact, rel=1e-5) and scores.top_mass == pytest.approx(1.0)
+    assert scores.topk_ids == []
+    # Five tokens and the rest merged: never above the full KL, and not nothing.
+    ids, values = top_tokens(original[stream[:-1]], 5)
+    merged = score_windows(decoder_of(BigramRuntime(variant)), stream, 16, {"ids": ids, "log_probs": values})
+    assert 0.2 * exact < merged.kl <= exact and merged.top_mass < 0.95
+    itself = score_windows(decoder_of(BigramRuntime(original)), stream, 16, {"ids": ids, "log_probs": values})
+    assert itself.kl == pytest.approx(0.0, abs=1e-6)
+
+
 class BigramDecoder(TokenDecoder):
     """The same bigram model as a runtime keeping its own cache (as llama.cpp does)."""
 
@@ -259,6 +286,14 @@ def test_a_run_reports_generation_figures_for_every_variant(tmp_path: Path) -> N
     for metrics in (dynamic, int4, int8):
         assert 0 <= metrics["greedy_exact"] <= metrics["greedy_agreement"] <= 1
         assert 0.5 < metrics["next_token_agreement"] <= 1
+        # KL from the original's distribution: a vocabulary of 300, its top 64 tokens and the rest.
+        assert 0 < metrics["kl_divergence"] < 0.5 and metrics["kl_top_tokens"] == 64
+        assert 0.2 < metrics["kl_top_mass"] <= 1 and "window_topk_ids" not in metrics
+        # One bandwidth bound for every variant: the one the original's process measured.
+        assert metrics["memory_bandwidth_gbs"] == original["memory_bandwidth_gbs"]
+    assert "kl_divergence" not in original and "window_topk_logprobs" not in original
+    # int4 moves the distribution further than int8 does.
+    assert int4["kl_divergence"] > dynamic["kl_divergence"]
     # Weight-only int4 reads fewer bytes per token than fp32.
     assert int4["decode_weight_bytes"] < original["decode_weight_bytes"] / 3
     # The printed table and report.md show each variant's generation.
@@ -268,3 +303,21 @@ def test_a_run_reports_generation_figures_for_every_variant(tmp_path: Path) -> N
     speed = int4["decode_tokens_per_s"]
     assert rows["int4"][2] == (f"{speed:.3g}" if speed < 100 else f"{speed:.0f}")
     assert rows["original"][4:6] == ["1.00", "1.00"] and "| decode tok/s |" in (out / "report.md").read_text()
+
+
+def test_task_generate_measures_generation_and_is_refused_where_nothing_can_generate(
+        tmp_path: Path, toy_host: object, toy_model: dict[str, Path]) -> None:
+    folder = tiny_causal_lm(tmp_path / "gpt2", "gpt2")
+    common = ["--data", str(tmp_path / "ids.npz"), "--min-seconds", "0", "--set", "prompt_tokens=8",
+              "--set", "new_tokens=4", "--set", "perplexity_tokens=0", "--set", "generate=false"]
+    result = CliRunner().invoke(cli, ["measure", str(folder), *common, "--set", "task=generate", "-o", str(tmp_path / "m1")])
+    assert result.exit_code == 0, result.output
+    assert "decode_tokens_per_s" in (tmp_path / "m1" / "report.json").read_text()
+    quiet = CliRunner().invoke(cli, ["measure", str(folder), *common, "-o", str(tmp_path / "m2")])
+    assert quiet.exit_code == 0, quiet.output
+    assert "decode_tokens_per_s" not in (tmp_path / "m2" / "report.json").read_text()
+    out = tmp_path / "out"
+    refused = CliRunner().invoke(cli, ["run", str(toy_model["model"]), "-q", "fp16", "--data", str(toy_model["eval"]),
+                                       "--set", "task=generate", "-o", str(out)])
+    assert refused.exit_code == 5, refused.output
+    assert "task=generate" in refused.output and "Traceback" not in refused.output and not out.exists()

@@ -112,14 +112,19 @@ def measure_original(host: PluginHost, result: VariantResult, artifact: Artifact
 
 def with_original_tasks(settings: MeasureSettings, reference: MeasuredArtifact) -> MeasureSettings:
     """``settings`` for measuring variants: each output compared as the original's was
-    decided (its task, axes, thresholds), whatever the variant's values look like."""
+    decided (its task, axes, thresholds), whatever the variant's values look like; a causal
+    LM's generation against the original's (:func:`compressor.token_divergence.reference_of`)."""
     from compressor.tasks import DECIDED_OPTION
+    from compressor.token_divergence import REFERENCE_OPTION, reference_of
 
     decided = {name: {key: info[key] for key in ("task", "reason", "params", "shape") if key in info}
                for name, info in reference.output_info.items() if info.get("task")}
-    if not decided:
-        return settings
-    return replace(settings, options={**settings.options, DECIDED_OPTION: decided})
+    options = {**settings.options, DECIDED_OPTION: decided} if decided else dict(settings.options)
+    # A causal LM's: the original's top tokens (the variants' KL) and its memory bandwidth.
+    generation = reference_of(reference.metrics)
+    if generation:
+        options[REFERENCE_OPTION] = generation
+    return settings if options == settings.options else replace(settings, options=options)
 
 
 def check_reference(reference: MeasuredArtifact, eval_data: Dataset | None, settings: MeasureSettings,

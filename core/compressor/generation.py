@@ -21,8 +21,12 @@ The generated tokens and the window's top-1 predictions go back to the parent, w
 compares them with the original's (:func:`compare_generation`): ``greedy_agreement`` (the
 share of tokens generated before the first divergence, mean over prompts),
 ``greedy_exact`` (the share of prompts generated identically) and
-``next_token_agreement`` (top-1 over the perplexity windows). Framework-free: NumPy and
-the runtime's ``run`` only.
+``next_token_agreement`` (top-1 over the perplexity windows). The original's process also
+sends its top tokens at every scored position, which the variants' processes get back
+(:func:`compressor.evaluation.with_original_tasks`) to compute ``kl_divergence``
+(:mod:`compressor.token_divergence`), with the memory bandwidth it measured: one bound for
+all. ``--set task=generate`` requires generation. Framework-free: NumPy and the runtime's
+``run`` only.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from compressor.kv_layout import KVCacheLayout, TokenDecoder
 from compressor.models import Dataset, MeasureSettings
 from compressor.runtime import Runtime
 from compressor.specs import Param
+from compressor.token_divergence import REFERENCE_OPTION
 
 #: ``--set`` options of generation; a backend whose runtimes have a cache declares them
 #: (``options={**GENERATION_OPTIONS, ...}``).
@@ -53,7 +58,7 @@ GENERATION_OPTIONS: dict[str, Param] = {
                                   "measured)", minimum=0),
 }
 #: What the measuring process sends the parent for the comparison; not figures of the report.
-RAW_KEYS = ("generation_tokens", "window_top1")
+RAW_KEYS = ("generation_tokens", "window_top1", "window_topk_ids", "window_topk_logprobs")
 
 
 @dataclass
@@ -75,7 +80,13 @@ def measure_generation(runtime: Runtime, data: Dataset | None, settings: Measure
     from compressor.memory import peak_rss_bytes
 
     decoder = decoder_of(runtime)
-    if decoder is None or not _truthy(option(settings, "generate")):
+    required = settings.options.get("task") == "generate"
+    if required and decoder is None:
+        from compressor.errors import UnsupportedError
+
+        raise UnsupportedError("--set task=generate: this runtime cannot generate (it has no key/value cache; "
+                               "a Hugging Face causal LM is exported with one unless --set kv_cache=false)")
+    if decoder is None or not (required or _truthy(option(settings, "generate"))):
         return {}
     new_tokens = int(option(settings, "new_tokens"))
     prompt_tokens = int(option(settings, "prompt_tokens"))
@@ -104,9 +115,15 @@ def measure_generation(runtime: Runtime, data: Dataset | None, settings: Measure
         window = int(option(settings, "perplexity_window"))
         if decoder.max_positions:
             window = min(window, decoder.max_positions)
-        perplexity, top1, count = window_perplexity(decoder, stream[: scored + 1], window)
-        metrics.update({"window_perplexity": perplexity, "perplexity_scored_tokens": count,
-                        "perplexity_window": window, "window_top1": top1})
+        reference = settings.options.get(REFERENCE_OPTION) or {}
+        scores = score_windows(decoder, stream[: scored + 1], window, reference)
+        metrics.update({"window_perplexity": scores.perplexity, "perplexity_scored_tokens": scores.count,
+                        "perplexity_window": window, "window_top1": scores.top1})
+        if scores.kl is not None:
+            metrics.update({"kl_divergence": scores.kl, "kl_top_mass": scores.top_mass,
+                            "kl_top_tokens": len(reference["ids"][0])})
+        elif not reference.get("ids"):  # the original: what the variants' KL needs
+            metrics.update({"window_topk_ids": scores.topk_ids, "window_topk_logprobs": scores.topk_log_probs})
     return metrics
 
 
@@ -119,9 +136,15 @@ def _bandwidth_figures(tokens_per_s: float | None, weight_bytes: int | None,
     from compressor.bandwidth import memory_bandwidth_gbs
 
     declared = settings.options.get("memory_bandwidth_gbs")
-    bandwidth = float(declared) if declared else memory_bandwidth_gbs(settings.threads)
-    figures: dict[str, Any] = {"memory_bandwidth_gbs": bandwidth,
-                               "memory_bandwidth_source": "declared" if declared else "measured (copy)"}
+    # A variant's share is of the bound the original's process measured: one bound for all.
+    inherited = (settings.options.get(REFERENCE_OPTION) or {}).get("memory_bandwidth_gbs")
+    if declared:
+        bandwidth, source = float(declared), "declared"
+    elif inherited:
+        bandwidth, source = float(inherited), "measured (copy)"
+    else:
+        bandwidth, source = memory_bandwidth_gbs(settings.threads), "measured (copy)"
+    figures: dict[str, Any] = {"memory_bandwidth_gbs": bandwidth, "memory_bandwidth_source": source}
     from compressor.bandwidth import last_level_cache_bytes
 
     if weight_bytes:
@@ -260,13 +283,42 @@ def generate(decoder: TokenDecoder, prompt: Any, new_tokens: int) -> Generated:
     return Generated(tokens, first, time.perf_counter() - started)
 
 
+@dataclass
+class WindowScores:
+    """The sliding-window scoring of the data: perplexity, the top-1 of every scored token and,
+    against the original's top tokens, the mean KL divergence (:mod:`compressor.token_divergence`)."""
+
+    perplexity: float
+    top1: list[int]
+    count: int
+    topk_ids: list[list[int]]
+    topk_log_probs: list[list[float]]
+    kl: float | None = None
+    top_mass: float | None = None
+
+
 def window_perplexity(decoder: TokenDecoder, stream: Any, window: int) -> tuple[float, list[int], int]:
     """Perplexity of ``stream[1:]`` given what precedes each token, in windows of ``window``
     tokens moving by half a window; also the top-1 prediction of every scored token."""
+    scores = score_windows(decoder, stream, window)
+    return scores.perplexity, scores.top1, scores.count
+
+
+def score_windows(decoder: TokenDecoder, stream: Any, window: int,
+                  reference: Mapping[str, Any] | None = None) -> WindowScores:
+    """:func:`window_perplexity` with every scored position's top tokens, or, given the
+    original's (``reference["ids"]``/``["log_probs"]``, one row per scored token), the KL
+    divergence from them."""
     import numpy as np
 
+    from compressor.token_divergence import divergences, log_probabilities, top_tokens
+
     stride = max(1, window // 2)
-    total_nll, scored, top1 = 0.0, 0, []
+    total_nll, top1 = 0.0, []
+    topk_ids: list[list[int]] = []
+    topk_log_probs: list[list[float]] = []
+    kls, masses = [], []
+    reference_ids = (reference or {}).get("ids")
     previous_end = 1  # the first token has nothing to be predicted from
     for begin in range(0, len(stream), stride):
         end = min(begin + window, len(stream))
@@ -274,15 +326,27 @@ def window_perplexity(decoder: TokenDecoder, stream: Any, window: int) -> tuple[
             break
         logits = np.asarray(decoder.prefill(stream[begin:end]))
         # logits at position j predict token j + 1: score the targets not scored yet.
-        predicting = logits[previous_end - 1 - begin: end - 1 - begin].astype(np.float64)
+        log_probs = log_probabilities(logits[previous_end - 1 - begin: end - 1 - begin])
         targets = stream[previous_end:end]
-        top = predicting.max(axis=-1, keepdims=True)
-        log_norm = np.log(np.exp(predicting - top).sum(axis=-1)) + top[:, 0]
-        total_nll += float((log_norm - predicting[np.arange(len(targets)), targets]).sum())
-        scored += len(targets)
-        top1.extend(int(value) for value in predicting.argmax(axis=-1))
+        total_nll -= float(log_probs[np.arange(len(targets)), targets].sum())
+        scored = len(top1)
+        top1.extend(int(value) for value in log_probs.argmax(axis=-1))
+        if reference_ids is None:
+            ids, values = top_tokens(log_probs)
+            topk_ids += ids
+            topk_log_probs += values
+        elif len(reference_ids) >= len(top1):
+            kl, mass = divergences(reference_ids[scored:len(top1)],
+                                   reference["log_probs"][scored:len(top1)], log_probs)  # type: ignore[index]
+            kls.append(kl)
+            masses.append(mass)
         previous_end = end
-    return float(np.exp(total_nll / scored)), top1, scored
+    count = len(top1)
+    scores = WindowScores(float(np.exp(total_nll / count)), top1, count, topk_ids, topk_log_probs)
+    if reference_ids is not None and len(reference_ids) == count and kls:
+        scores.kl = float(np.concatenate(kls).mean())
+        scores.top_mass = float(np.concatenate(masses).mean())
+    return scores
 
 
 def compare_generation(reference: Mapping[str, Any], variant: dict[str, Any]) -> dict[str, Any]:

@@ -134,7 +134,12 @@ def _measure_by_runtime(host: PluginHost, artifact: Artifact, data: Dataset | No
         measured = measure_runtime(runtime, data, settings)
         # Generation (issue 27): a causal LM with a key/value cache, measured generating.
         from compressor.generation import measure_generation
-        measured.metrics.update(measure_generation(runtime, data, settings))
+        try:
+            measured.metrics.update(measure_generation(runtime, data, settings))
+        except errors.UnsupportedError as error:
+            if error.path is not None:
+                raise
+            raise errors.UnsupportedError(error.message, artifact.path) from None
         if original is not None:
             _against_original(opener, artifact, runtime, original, data, settings, measured)
     finally:

@@ -8,7 +8,7 @@ from typing import Any
 
 from compressor.results import ReportData
 
-COLUMNS = ("variant", "TTFT ms", "decode tok/s", "of bound", "greedy", "exact", "window ppl")
+COLUMNS = ("variant", "TTFT ms", "decode tok/s", "of bound", "greedy", "exact", "window ppl", "KL")
 
 
 def _cell(metrics: dict[str, Any], key: str, kind: str) -> str:
@@ -19,6 +19,8 @@ def _cell(metrics: dict[str, Any], key: str, kind: str) -> str:
         return f"{100 * value:.0f}%"
     if kind == "ratio":
         return f"{value:.2f}"
+    if kind == "kl":
+        return f"{value:.2g}"
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
@@ -33,7 +35,7 @@ def generation_rows(report: ReportData) -> list[list[str]]:
         rows.append([variant.name, _cell(metrics, "ttft_ms", "number"),
                      _cell(metrics, "decode_tokens_per_s", "number"), _cell(metrics, "bandwidth_share", "share"),
                      _cell(metrics, "greedy_agreement", "ratio"), _cell(metrics, "greedy_exact", "ratio"),
-                     _cell(metrics, "window_perplexity", "ratio")])
+                     _cell(metrics, "window_perplexity", "ratio"), _cell(metrics, "kl_divergence", "kl")])
     return rows
 
 
@@ -55,5 +57,6 @@ def generation_lines(report: ReportData) -> list[str]:
     lines.append("of bound: decode tok/s / (memory bandwidth"
                  + (f" {bandwidth:.1f} GB/s" if isinstance(bandwidth, (int, float)) else "")
                  + " / weight bytes); greedy: share of tokens before the first divergence from the "
-                   "original's; exact: prompts generated identically")
+                   "original's; exact: prompts generated identically; KL: mean KL divergence "
+                   "from the original's next-token distribution on the data, in nats")
     return lines

@@ -30,6 +30,9 @@ __all__ = ["DEFAULT_ORDER", "PQ", "PRUNE", "QUANTIZE", "QUANTIZE_MODES", "CliFla
 #: What an output is, for comparing it (``compressor.tasks``).
 TASKS = ("classifier", "probability", "multi-label", "embedding", "language-model", "ctc", "sequence", "map",
          "detection", "regression", "state")
+#: ``--set task=``: an output's task for every output, or ``generate``: the model measured generating
+#: (:mod:`compressor.generation`), its outputs' tasks inferred.
+MODEL_TASKS = (*TASKS, "generate")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -260,7 +263,8 @@ class Backend:
 
 MEASURE_OPTIONS.update({
     "outputs": Param(str, None, "comma-separated outputs to compare (default: all)"),
-    "task": Param(str, None, "what every output is", choices=TASKS),
+    "task": Param(str, None, "what every output is, or generate: a causal LM measured generating",
+                  choices=MODEL_TASKS),
     "eval_batch": Param(int, 1, "batch size for computing fidelity", minimum=1, maximum=4096),
     "batch_seconds": Param(float, None, "time budget of the batch timing (default 30 s)", minimum=0, maximum=3600),
     "label_output": Param(str, None, "the output the labels belong to (default: the first classifier)"),

@@ -61,8 +61,11 @@ class Neighbours:
 
 def chosen_task(name: str, options: Mapping[str, Any]) -> str | None:
     """The task declared for output ``name`` (``task.NAME=``, else ``task=``), None when
-    none is; refuses one that is not in :data:`compressor.specs.TASKS`."""
+    none is (or ``task=generate``, the whole model's); refuses one that is not in
+    :data:`compressor.specs.TASKS`."""
     task = options.get(f"task.{name}") or options.get("task")
+    if task == "generate" and not options.get(f"task.{name}"):
+        return None  # the model's task: its outputs' are inferred
     if task is not None and task not in TASKS:
         raise UsageError(f"task {task!r} is not one of: {', '.join(TASKS)}")
     return task
