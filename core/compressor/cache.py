@@ -2,8 +2,8 @@
 made of everything they depend on (see :mod:`compressor.run_cache` for the keys).
 
 Where: ``$COMPRESSOR_CACHE_DIR``, else ``$XDG_CACHE_HOME/compressor``, else
-``~/.cache/compressor``. Off with ``COMPRESSOR_CACHE=off`` (or ``compressor run
---no-cache``). Size: at most ``$COMPRESSOR_CACHE_MAX_BYTES`` (default 4 GiB); the
+``~/.cache/compressor``. Off with ``COMPRESSOR_CACHE=off`` (or ``--no-cache`` on
+``compressor run`` and ``compressor search``). Size: at most ``$COMPRESSOR_CACHE_MAX_BYTES`` (default 4 GiB); the
 least recently used entries go first.
 
 An entry is a folder ``entries/<key>/`` holding its files and ``entry.json`` (what
@@ -38,7 +38,7 @@ DEFAULT_MAX_BYTES = 4 << 30
 FORMAT = 1
 ENTRY_FILE = "entry.json"
 _OFF = ("0", "off", "no", "false")
-#: ``compressor run --no-cache`` (set for the process by the option's callback).
+#: ``--no-cache`` on ``compressor run`` or ``search`` (set for the process by the option's callback).
 _disabled_by_flag = False
 
 

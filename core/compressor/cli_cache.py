@@ -1,4 +1,5 @@
-"""``compressor cache info|clear`` and ``compressor run --no-cache`` (see :mod:`compressor.cache`)."""
+"""``compressor cache info|clear``, and ``--no-cache`` on ``compressor run`` and ``compressor search``
+(see :mod:`compressor.cache`)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ def cache_command() -> None:
 
     Its folder: $COMPRESSOR_CACHE_DIR, else $XDG_CACHE_HOME/compressor, else
     ~/.cache/compressor. Its size: at most $COMPRESSOR_CACHE_MAX_BYTES (default
-    4 GiB), least recently used first out. COMPRESSOR_CACHE=off, or `compressor
-    run --no-cache`, turns it off.
+    4 GiB), least recently used first out. COMPRESSOR_CACHE=off, or `--no-cache`
+    on `compressor run` and `compressor search`, turns it off.
     """
 
 
@@ -42,9 +43,14 @@ def _no_cache(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     cache.disable(value)
 
 
+#: The commands that use the cache, and so take ``--no-cache``.
+USERS = ("run", "search")
+
+
 def register(cli: click.Group) -> None:
-    """The ``cache`` command, and ``--no-cache`` on ``run``."""
+    """The ``cache`` command, and ``--no-cache`` on each command that uses the cache."""
     cli.add_command(cache_command)
-    cli.commands["run"].params.append(click.Option(
-        ["--no-cache"], is_flag=True, expose_value=False, callback=_no_cache,
-        help="Neither reuse nor keep artifacts and measurements of earlier runs."))
+    for name in USERS:
+        cli.commands[name].params.append(click.Option(
+            ["--no-cache"], is_flag=True, expose_value=False, callback=_no_cache,
+            help="Neither reuse nor keep artifacts and measurements of earlier runs."))

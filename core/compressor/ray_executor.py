@@ -14,6 +14,11 @@ the run, or an existing cluster (``--ray-address auto`` or ``ray://host:10001``)
 * A task that fails or whose worker is lost fails that variant only.
 * Data and model paths must be readable at the same path on every node (a
   shared filesystem); artifacts come back through Ray's object store.
+* With the cache across runs (:mod:`compressor.run_cache`), the driver looks every
+  variant up first: one whose artifact the cache holds is not made on the cluster, one
+  whose measurement it holds too is not measured there (and when nothing is left to do,
+  Ray is not started). What the cluster makes is kept by the driver; what it measures
+  is kept only when the worker's machine is the driver's (the key is the driver's).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from compressor import scratch
+from compressor import run_cache, scratch
 from compressor.errors import CompressorError, UnsupportedError, first_line
 from compressor.models import Artifact, ProgressCallback, TensorSpec
 from compressor.plugins import PluginHost
@@ -188,6 +193,7 @@ def _measure_remote(request: RunRequest, made: Made, inputs: Sequence[TensorSpec
         artifact = stage(made, folder / "artifact")
         started = time.time()
         measured = measure_one(host, artifact, request.data, inputs, request.measure)
+        measured.machine = run_cache.machine()
         measured.metrics["node"] = _node()
         measured.metrics["cpu_model"] = environment.describe(()).get("cpu", {}).get("model")
         # Wall-clock times, to check that one node never measured two artifacts at once.
@@ -204,51 +210,77 @@ def made_from(result: VariantResult, artifact: Artifact) -> Made:
 def run_on_ray(session: Session, variants: Sequence[Variant],
                progress: ProgressCallback) -> tuple[list[VariantResult], list[Artifact | None]]:
     """``compressor run --executor ray``: the original made here, every variant made on the
-    cluster, all of them measured there; scored here against the original's measurement."""
+    cluster, all of them measured there; scored here against the original's measurement.
+    What the cache holds is taken from it instead (Ray is started only when something is
+    left to make or measure)."""
     from compressor.evaluation import check_reference, score, with_original_tasks
     from compressor.recipes import ORIGINAL
     from compressor.run_progress import begin
 
     request, original_model = session.request, session.original
     assert original_model is not None, "the session is open"
-    executor = RayExecutor(request.ray_address, request.measure.threads, session.host.extra_modules,
-                           request.ray_timeout)
+    cluster = _Cluster(request, session.host.extra_modules)
     try:
         original, original_artifact = session.make(Variant(ORIGINAL, ()))
         if original_artifact is None:
             raise CompressorError(f"could not convert the original model: {original.error}")
-        begin(progress, f"making {len(variants)} variant(s) on Ray")
-        made_list = executor.make(request, variants)
+        cached = run_cache.open_any(request, session.backend, session.options,
+                                    run_cache.plugin_identity(session.host, session.backend.plugin_name),
+                                    original_artifact)
         results: list[VariantResult] = [original]
         artifacts: list[Artifact | None] = [original_artifact]
-        to_measure = [made_from(original, original_artifact)]
-        for variant, made in zip(variants, made_list):
+        restored = _restored(cached, session, variants)
+        to_make = [variant for index, variant in enumerate(variants) if index not in restored]
+        if to_make:
+            begin(progress, f"making {len(to_make)} variant(s) on Ray")
+        made_by_name = dict(zip((variant.name for variant in to_make),
+                                cluster.get().make(request, to_make) if to_make else []))
+        for index, variant in enumerate(variants):
+            if index in restored:
+                results.append(restored[index][0])
+                artifacts.append(restored[index][1])
+                continue
+            made = made_by_name[variant.name]
             if isinstance(made, CompressorError):
                 results.append(VariantResult(variant.name, [str(s) for s in variant.steps], error=made.message))
                 artifacts.append(None)
                 continue
-            results.append(made.result)
-            artifacts.append(stage(made, session.output.staging_path(variant.name)))
+            staged = stage(made, session.output.staging_path(variant.name))
+            if cached is not None:
+                cached.keep(variant, made.result, staged)
             made.result.metadata["made_on_node"] = made.node
-            to_measure.append(made)
-        measured_items = [index for index, artifact in enumerate(artifacts) if artifact is not None]
-        runs: dict[int, list[MeasuredArtifact]] = {index: [] for index in measured_items}
+            results.append(made.result)
+            artifacts.append(staged)
+        runs: dict[int, list[MeasuredArtifact]] = {index: [] for index, a in enumerate(artifacts) if a is not None}
+        for index in runs:
+            found = cached.measured(results[index].name, side_by_side=False) if cached is not None else None
+            if found is not None and cached is not None:
+                runs[index].append(found)
+                results[index].notes.append(run_cache.cached_note(cached))
         # The original first, alone: every variant is then measured with its decisions (each
         # output's task, axes, thresholds), as a local run measures them.
-        begin(progress, f"measuring the original on Ray{_of(0, request.repeats)}")
-        reference = executor.measure(request, to_measure[:1], original_model.inputs)[0]
-        if isinstance(reference, CompressorError):
-            raise reference
-        runs[0].append(reference)
+        if not runs[0]:
+            begin(progress, f"measuring the original on Ray{_of(0, request.repeats)}")
+            measured = cluster.get().measure(request, [made_from(original, original_artifact)],
+                                             original_model.inputs)[0]
+            if isinstance(measured, CompressorError):
+                raise measured
+            runs[0].append(measured)
+            _keep_measured(cached, session, ORIGINAL, measured)
+        reference = runs[0][0]
         if request.data is not None:
             check_reference(reference, session.context.eval_data, request.measure, request.data)
         decided = replace(request, measure=with_original_tasks(request.measure, reference))
         for repeat in range(request.repeats):
-            items, batch = (measured_items[1:], to_measure[1:]) if repeat == 0 else (measured_items, to_measure)
+            items, batch = [], []
+            for index, artifact in enumerate(artifacts):
+                if artifact is not None and len(runs[index]) == repeat:
+                    items.append(index)
+                    batch.append(made_from(results[index], artifact))
             if not batch:
                 continue
             begin(progress, f"measuring {len(batch)} artifact(s) on Ray{_of(repeat, request.repeats)}")
-            for index, outcome in zip(items, executor.measure(decided, batch, original_model.inputs)):
+            for index, outcome in zip(items, cluster.get().measure(decided, batch, original_model.inputs)):
                 if isinstance(outcome, CompressorError):
                     if index == 0:
                         raise outcome
@@ -256,13 +288,59 @@ def run_on_ray(session: Session, variants: Sequence[Variant],
                     artifacts[index] = None
                     continue
                 runs[index].append(outcome)
-        for index, measured in runs.items():
-            if measured and results[index].error is None:
-                score(results[index], measured, reference, session.context.eval_data, request.measure)
+                if repeat == 0:
+                    _keep_measured(cached, session, results[index].name, outcome)
+        for index, measured_runs in runs.items():
+            if measured_runs and results[index].error is None:
+                score(results[index], measured_runs, reference, session.context.eval_data, request.measure)
+        if not cluster.started:
+            results[0].notes.append("every variant and measurement came from the cache: Ray was not started")
         _note_cpu_models(results)
         return results, artifacts
     finally:
-        executor.close()
+        cluster.close()
+
+
+class _Cluster:
+    """The run's :class:`RayExecutor`, started when first needed."""
+
+    def __init__(self, request: RunRequest, extra_modules: Sequence[str]) -> None:
+        self.request, self.extra_modules = request, extra_modules
+        self.executor: RayExecutor | None = None
+        self.started = False
+
+    def get(self) -> RayExecutor:
+        if self.executor is None:
+            request = self.request
+            self.executor = RayExecutor(request.ray_address, request.measure.threads, self.extra_modules,
+                                        request.ray_timeout)
+            self.started = True
+        return self.executor
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.close()
+
+
+def _restored(cached: run_cache.RunCache | None, session: Session,
+              variants: Sequence[Variant]) -> dict[int, tuple[VariantResult, Artifact]]:
+    """The variants the cache holds (by their index), restored into staging."""
+    if cached is None:
+        return {}
+    found = {}
+    for index, variant in enumerate(variants):
+        hit = cached.restore(variant, lambda name=variant.name: session.output.staging_path(name))
+        if hit is not None:
+            found[index] = hit
+    return found
+
+
+def _keep_measured(cached: run_cache.RunCache | None, session: Session, name: str,
+                   measured: MeasuredArtifact) -> None:
+    """A measurement the cluster took, kept when its worker's machine is this one."""
+    workdir = session.context.workdir
+    if cached is not None and workdir is not None:
+        cached.keep_measured(name, measured, workdir, side_by_side=False)
 
 
 def _of(repeat: int, repeats: int) -> str:

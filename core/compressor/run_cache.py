@@ -9,8 +9,14 @@ options, ``--trust``, the training and calibration data's bytes, the variant's n
 A measurement is keyed by the artifact's bytes (its files' SHA-256), the original it is
 compared with, the evaluation data's bytes, the measuring settings and repeats, and the
 machine (CPU model, CPU count, the CPUs this process may use): one taken elsewhere is
-never reused. Only single-repeat measurements are kept (a run with ``--repeats`` keeps
-just each variant's first measurement in memory).
+never reused, and one that a Ray worker took is kept only when that worker's machine is
+this one. Whether the variant was timed side by side with the original (``compressor run``
+with ``--precision``) or alone (``compressor search``, Ray) is part of the key: the two
+report different figures. Only single-repeat measurements are kept (a run with
+``--repeats`` keeps just each variant's first measurement in memory).
+
+``compressor run``, ``compressor search`` and Ray runs share one key for the same thing:
+a search trial that ``run`` made already (same name and steps) is restored, not made.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from compressor import cache, environment
-from compressor.models import Artifact
+from compressor.models import Artifact, MeasureSettings
+from compressor.plugins import PluginHost
 from compressor.recipes import ORIGINAL, Variant
 from compressor.report import VariantResult
 from compressor.run_request import RunRequest
@@ -70,6 +77,18 @@ def machine_words(facts: dict[str, Any]) -> str:
     return f"{facts['cpu']}, {facts['usable_cpus']} of {facts['cores']} CPUs"
 
 
+#: Metrics of where on a Ray cluster a measurement ran, true of that run only: not kept.
+PLACEMENT_METRICS = ("node", "cpu_model", "measured_between")
+
+
+def plugin_identity(host: PluginHost, plugin_name: str) -> str:
+    """The backend plugin's module, name and distribution's version (a cached artifact is its work)."""
+    for info in host.plugins():
+        if info.name == plugin_name:
+            return f"{info.module} {plugin_name} {info.distribution} {info.version}"
+    return f"{plugin_name} {plugin_name}"
+
+
 class RunCache:
     """One run's view of the cache: keys made once, variants restored and stored."""
 
@@ -93,6 +112,8 @@ class RunCache:
         self._eval = digest(request.data) if request.data else None
         #: Variant name -> the SHA-256 of its artifact's files (restored or stored in this run).
         self.digests: dict[str, dict[str, str]] = {ORIGINAL: self.base["original"]}
+        #: What this run took from the cache: artifacts restored, measurements reused.
+        self.reused = {"artifacts": 0, "measurements": 0}
 
     def variant_key(self, variant: Variant) -> str:
         return cache.key_of({"kind": "variant", **self.base, "name": variant.name,
@@ -119,6 +140,7 @@ class RunCache:
         except (OSError, KeyError, TypeError):
             return None
         self.digests[variant.name] = {name: record for name, record in payload["digests"].items()}
+        self.reused["artifacts"] += 1
         result.notes.append("cached: made in an earlier run with the same model, steps, data and versions")
         return result, artifact
 
@@ -140,20 +162,28 @@ class RunCache:
         if self.store.put(self.variant_key(variant), _json_safe(payload), files):
             self.digests[variant.name] = digests
 
-    def _measure_key(self, name: str) -> str | None:
+    def _measure_key(self, name: str, settings: MeasureSettings | None, side_by_side: bool | None) -> str | None:
+        """The key of variant ``name``'s measurement with ``settings`` (default: the request's),
+        timed ``side_by_side`` with the original or alone (default: as ``compressor run``
+        measures here, a variant beside the original when ``--precision`` asks for it)."""
         digests = self.digests.get(name)
         if digests is None:
             return None
         request = self.request
+        settings = request.measure if settings is None else settings
+        if side_by_side is None:
+            side_by_side = name != ORIGINAL and settings.precision > 0
         return cache.key_of({"kind": "measurement", "artifact": digests, "original": self.base, "eval": self._eval,
-                             "measure": request.measure.to_json(), "repeats": request.repeats,
-                             "machine": self.machine})
+                             "measure": settings.to_json(), "repeats": request.repeats,
+                             "side_by_side": side_by_side, "machine": self.machine})
 
-    def measured(self, name: str) -> MeasuredArtifact | None:
-        """The earlier measurement of variant ``name``'s artifact on this machine, or None."""
+    def measured(self, name: str, settings: MeasureSettings | None = None,
+                 side_by_side: bool | None = None) -> MeasuredArtifact | None:
+        """The earlier measurement of variant ``name``'s artifact on this machine, or None
+        (``settings`` and ``side_by_side`` as for its key, :meth:`_measure_key`)."""
         import numpy as np
 
-        key = self._measure_key(name)
+        key = self._measure_key(name, settings, side_by_side)
         hit = self.store.get(key) if key is not None and self.request.repeats == 1 else None
         if hit is None:
             return None
@@ -163,22 +193,27 @@ class RunCache:
                 with np.load(hit.files["kept.npz"], allow_pickle=False) as arrays:
                     for output, kind, array_name in hit.payload["kept"]:
                         kept.setdefault(output, {})[kind] = arrays[array_name]
-            return MeasuredArtifact(dict(hit.payload["metrics"]), dict(hit.payload["output_info"]), kept)
+            found = MeasuredArtifact(dict(hit.payload["metrics"]), dict(hit.payload["output_info"]), kept)
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        self.reused["measurements"] += 1
+        return found
 
-    def keep_measured(self, name: str, measured: MeasuredArtifact, scratch: Path) -> None:
-        """Variant ``name``'s measurement stored for the next run on this machine."""
+    def keep_measured(self, name: str, measured: MeasuredArtifact, scratch: Path,
+                      settings: MeasureSettings | None = None, side_by_side: bool | None = None) -> bool:
+        """Variant ``name``'s measurement stored for the next run on this machine: not when
+        it was taken on another (a Ray worker elsewhere: ``measured.machine`` differs).
+        Whether it was stored."""
         import numpy as np
 
-        key = self._measure_key(name)
-        if key is None or self.request.repeats != 1:
-            return
+        key = self._measure_key(name, settings, side_by_side)
+        if key is None or self.request.repeats != 1 or measured.machine not in (None, self.machine):
+            return False
         index, arrays = [], {}
         for output, kinds in measured.kept.items():
             for kind, array in kinds.items():
                 if not isinstance(array, np.ndarray) or array.dtype.hasobject:
-                    return
+                    return False
                 name_in_file = f"a{len(arrays)}"
                 index.append([output, kind, name_in_file])
                 arrays[name_in_file] = array
@@ -187,10 +222,11 @@ class RunCache:
             path = scratch / f"kept-{key}.npz"
             np.savez(path, **arrays)
             files["kept.npz"] = path
-        payload = {"metrics": measured.metrics, "output_info": measured.output_info, "kept": index,
+        metrics = {key: value for key, value in measured.metrics.items() if key not in PLACEMENT_METRICS}
+        payload = {"metrics": metrics, "output_info": measured.output_info, "kept": index,
                    "machine": self.machine}
         try:
-            self.store.put(key, _json_safe(payload), files)
+            return self.store.put(key, _json_safe(payload), files)
         finally:
             for path in files.values():
                 path.unlink(missing_ok=True)
@@ -203,8 +239,16 @@ def _json_safe(payload: dict[str, Any]) -> dict[str, Any]:
 
 def open_cache(request: RunRequest, backend: Backend, options: dict[str, Any], plugin: str,
                variants: Sequence[Variant], original: Artifact | None) -> RunCache | None:
-    """The run's cache, or None: switched off, a Ray run, nothing to look up, or unreadable inputs."""
-    if not cache.enabled() or request.executor != "local" or not variants or original is None:
+    """The run's cache, or None: switched off, nothing to look up, or unreadable inputs."""
+    if not variants:
+        return None
+    return open_any(request, backend, options, plugin, original)
+
+
+def open_any(request: RunRequest, backend: Backend, options: dict[str, Any], plugin: str,
+             original: Artifact | None) -> RunCache | None:
+    """The cache of a run, a search or a Ray run, or None: switched off, or unreadable inputs."""
+    if not cache.enabled() or original is None:
         return None
     try:
         return RunCache(request, backend, options, plugin, original)
@@ -214,4 +258,3 @@ def open_cache(request: RunRequest, backend: Backend, options: dict[str, Any], p
 
 def cached_note(run_cache: RunCache) -> str:
     return f"cached: measured in an earlier run on this machine ({machine_words(run_cache.machine)})"
-

@@ -86,6 +86,9 @@ def search(model: Path, out: Path, data: Path, objective: str, backend: str | No
         end_progress()
     click.echo(render_table(report))
     summary = report.settings.get("search", {})
+    reused = summary.get("reused")
+    cached = (f"; from the cache: {reused['artifacts']} artifacts, {reused['measurements']} measurements"
+              if reused and any(reused.values()) else "")
     click.echo(f"\n{summary.get('tried')} trials ({summary.get('measured')} measured) of "
-               f"{summary.get('space_size')} configurations; winner: {summary.get('winner')}")
+               f"{summary.get('space_size')} configurations; winner: {summary.get('winner')}{cached}")
     click.echo(f"wrote {out}/: best.*, recipe.toml, report.json, report.md, report.html")

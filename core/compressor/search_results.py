@@ -81,6 +81,9 @@ def _report(searcher: Searcher) -> Report:
                "tried": searcher.made(), "skipped": len(searcher.trials) - 1 - searcher.made(),
                "measured": sum(t.state == "measured" for t in searcher.trials[1:]),
                "winner": winner.result.name if winner and winner.result else None,
+               # What the cache across runs spared (None: it was off): artifacts not made again,
+               # measurements not taken again.
+               "reused": dict(searcher.run_cache.reused) if searcher.run_cache is not None else None,
                "stages": {stage.name: ["none" if s is None else str(s) for s in stage.options]
                           for stage in searcher.stages}}
     return searcher.session.report(results, search=summary)

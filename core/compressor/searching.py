@@ -27,6 +27,7 @@ ruled out.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from compressor import search_space
@@ -51,10 +52,12 @@ MAX_REPEATS = 25
 def search(request: SearchRequest, host: PluginHost, progress: ProgressCallback) -> Report:
     """Run the search; the report has the original and every trial, the winner named in
     ``settings["search"]``. Raises BudgetError (exit 6) when no trial meets the budget."""
+    from compressor.cache import check_settings
     from compressor.search_results import check_best_names, no_winner, publish
 
     started = time.monotonic()
     check_limits(request.max_trials, request.time_budget_seconds)
+    check_settings()
     try:
         import optuna
     except ModuleNotFoundError:
@@ -119,14 +122,20 @@ def _valid_stages(session: Session, stages: list[Stage]) -> list[Stage]:
 
 
 def _measure_original(searcher: Searcher) -> Artifact:
-    """Make and measure the original (trial 0, the reference every trial is compared with)."""
+    """Make and measure the original (trial 0, the reference every trial is compared with);
+    the cache across runs is opened with it (its measurement may come from there)."""
+    from compressor.run_cache import open_any, plugin_identity
+
     session = searcher.session
     session.progress.begin("original")
     result, artifact = session.make(Variant(ORIGINAL, ()))
     if artifact is None:
         raise CompressorError(f"could not convert the original model: {result.error}")
+    searcher.run_cache = open_any(replace(searcher.request.run, measure=session.request.measure),
+                                  session.backend, session.options,
+                                  plugin_identity(session.host, session.backend.plugin_name), artifact)
     settings = session.request.measure
-    reference = searcher.reference = searcher._measure(artifact, settings)
+    reference = searcher.reference = searcher._measure(artifact, settings, ORIGINAL, result.notes)
     if session.request.data is not None:
         check_reference(reference, session.context.eval_data, settings, session.request.data)
     score(result, [reference], reference, session.context.eval_data, settings)

@@ -38,6 +38,9 @@ class MeasuredArtifact:
     output_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: ``{output: {kind: array}}``: what core kept of each output to compare it.
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The machine it was measured on (:func:`compressor.run_cache.machine`) when that was
+    #: not this process's (a Ray worker's); None: here.
+    machine: dict[str, Any] | None = None
 
 
 #: The name this result had before the measurement contract was one.
