@@ -240,7 +240,7 @@ def test_unknown_architecture_refused_before_work(model_type: str, folders: dict
 
 @pytest.mark.parametrize(("edit", "refusal"), [
     ("activation", "GPT-2 with activation 'relu'"),
-    ("sentencepiece", "SentencePiece"),
+    ("wordpiece", "WordPiece tokenizer.json; llama.cpp's gpt2 converter writes byte-level BPE"),
     ("headless", "not a causal language model"),
 ])
 def test_what_llama_cpp_would_run_differently_is_refused_at_load(edit: str, refusal: str,
@@ -253,8 +253,8 @@ def test_what_llama_cpp_would_run_differently_is_refused_at_load(edit: str, refu
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     if edit == "activation":
         config["activation_function"] = "relu"
-    elif edit == "sentencepiece":
-        tokenizer["model"]["byte_fallback"] = True
+    elif edit == "wordpiece":  # SentencePiece converts for Llama (test_gguf_sentencepiece.py); WordPiece nowhere
+        tokenizer["model"] = {"type": "WordPiece", "vocab": tokenizer["model"]["vocab"], "unk_token": "<|endoftext|>"}
     else:
         config["architectures"] = ["GPT2Model"]
     (folder / "config.json").write_text(json.dumps(config))

@@ -5,13 +5,15 @@ A compact converter for the architectures llama.cpp's ``convert_hf_to_gguf.py`` 
 ``llama``: rotary embeddings, grouped-query attention, Q and K rows permuted from Hugging
 Face's half-split rotary layout to llama.cpp's interleaved one) and ``Qwen2ForCausalLM``
 (arch ``qwen2``: q/k/v biases, NeoX rotary layout, nothing permuted). The same metadata
-keys and tensor names as llama.cpp's converter, from ``gguf.TensorNameMap``.
+keys and tensor names as llama.cpp's converter, from ``gguf.TensorNameMap``; rotary scaling as
+:mod:`compressor_gguf.rope` writes it (linear keys, Llama 3's ``rope_freqs.weight``), the
+tokenizer as :mod:`compressor_gguf.vocab` does (byte-level BPE or SentencePiece).
 
 :func:`plan_conversion` reads config.json, the weights' headers (safetensors; or a memory-mapped,
 weights-only ``pytorch_model.bin``) and tokenizer.json only:
 an unknown architecture, activation, rotary scaling, tensor or tokenizer is refused there,
 before any work. :func:`write_gguf` then streams: tensor infos first, then each tensor
-read from its memory map, transformed, cast and written, so the process holds one tensor
+read from its memory map (or computed: ``rope_freqs``), transformed, cast and written, so the process holds one tensor
 at a time (plus the memory-mapped pages the kernel keeps).
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.plugin import InvalidInputError, UnsupportedError
+from compressor_gguf.rope import check_rope, llama3_factors, write_rope
 from compressor_gguf.safetensors_reader import StoredTensor, folder_tensors, load, weight_files
 from compressor_gguf.torch_bin import BinTensor, bin_tensors, has_bin, load_bin
 from compressor_gguf.vocab import VocabPlan, plan_vocab
@@ -41,10 +44,18 @@ GELU_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
 
 
 @dataclass(frozen=True)
+class ComputedTensor:
+    """A tensor the converter computes from the config (Llama 3's ``rope_freqs``): no file."""
+
+    values: tuple[float, ...]
+    file: None = None
+
+
+@dataclass(frozen=True)
 class TensorPlan:
     """One GGUF tensor: where it comes from, its name and shape (NumPy order), how it changes."""
 
-    source: StoredTensor | BinTensor
+    source: StoredTensor | BinTensor | ComputedTensor
     name: str
     shape: tuple[int, ...]
     transform: str  # "", "transpose", "permute:HEADS"
@@ -74,6 +85,11 @@ class ConversionPlan:
     @property
     def nbytes(self) -> int:
         return sum(tensor.nbytes for tensor in self.tensors)
+
+    @property
+    def source_files(self) -> set[Path]:
+        """The weight files the tensors are read from."""
+        return {tensor.source.file for tensor in self.tensors if tensor.source.file is not None}
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -110,15 +126,6 @@ def _number(config: dict[str, Any], folder: Path, *keys: str, default: Any = Non
     raise InvalidInputError(f"config.json has no {' or '.join(keys)}", folder)
 
 
-def _rope(config: dict[str, Any]) -> dict[str, Any]:
-    """Rotary settings, in transformers 5's ``rope_parameters`` or the older top-level keys."""
-    found = dict(config.get("rope_scaling") or {})
-    found.update(config.get("rope_parameters") or {})
-    if "rope_theta" not in found and "rope_theta" in config:
-        found["rope_theta"] = config["rope_theta"]
-    return found
-
-
 def check_config(model_type: str, config: dict[str, Any], folder: Path) -> None:
     """Refuse settings llama.cpp's architecture would silently run differently."""
     if model_type == "gpt2":
@@ -133,10 +140,7 @@ def check_config(model_type: str, config: dict[str, Any], folder: Path) -> None:
     if activation != "silu":
         raise UnsupportedError(f"{model_type} with hidden_act {activation!r}: llama.cpp's {ARCHITECTURES[model_type]} "
                                "runs SiLU", folder)
-    rope_type = _rope(config).get("rope_type") or _rope(config).get("type") or "default"
-    if rope_type not in ("default", "linear"):
-        raise UnsupportedError(f"rotary scaling {rope_type!r} is not one compressor's GGUF converter writes "
-                               "(default, linear)", folder)
+    check_rope(config, ARCHITECTURES[model_type], folder)
     if model_type == "qwen2" and config.get("use_sliding_window"):
         raise UnsupportedError("Qwen2 with use_sliding_window=true: llama.cpp's qwen2 attends to every token", folder)
 
@@ -176,6 +180,9 @@ def plan_conversion(folder: Path, outtype: str = "auto") -> ConversionPlan:
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             transform = f"permute:{kv_heads}"
         plans.append(TensorPlan(tensor, mapped, shape, transform, chosen if len(shape) > 1 else "f32"))
+    factors = llama3_factors(config, head_dimension(config, folder))
+    if factors is not None:  # llama.cpp's converter writes it first (generate_extra_tensors)
+        plans.insert(0, TensorPlan(ComputedTensor(factors), "rope_freqs.weight", (len(factors),), "", "f32"))
     embedding = next((plan for plan in plans if plan.name == "token_embd.weight"), None)
     if embedding is None or embedding.shape[0] != vocab_size:
         rows = "no token embedding" if embedding is None else f"{embedding.shape[0]} embedding rows"
@@ -183,7 +190,7 @@ def plan_conversion(folder: Path, outtype: str = "auto") -> ConversionPlan:
     tied = config.get("tie_word_embeddings", model_type == "gpt2")
     if not tied and not any(plan.name == "output.weight" for plan in plans):
         raise InvalidInputError("has no lm_head.weight and untied embeddings (tie_word_embeddings=false)", folder)
-    vocab = plan_vocab(folder, vocab_size)
+    vocab = plan_vocab(folder, vocab_size, arch)
     notes = []
     if not vocab.pre_known:
         notes.append("tokenizer pre-type unknown to llama.cpp: written as 'default' (compressor feeds token ids, "
@@ -192,6 +199,11 @@ def plan_conversion(folder: Path, outtype: str = "auto") -> ConversionPlan:
         notes.append(f"sliding_window {config['sliding_window']} dropped: llama.cpp's llama attends to every "
                      "token (identical for sequences up to the window)")
     return ConversionPlan(folder, model_type, arch, config, tuple(plans), vocab, chosen, tuple(notes))
+
+
+def head_dimension(config: dict[str, Any], folder: Path) -> int:
+    heads = int(_number(config, folder, "n_head", "num_attention_heads"))
+    return int(config.get("head_dim") or _number(config, folder, "n_embd", "hidden_size") // heads)
 
 
 def stored_tensors(folder: Path) -> dict[str, StoredTensor | BinTensor]:
@@ -232,20 +244,14 @@ def write_metadata(writer: Any, plan: ConversionPlan) -> None:
         return
     width = int(_number(config, folder, "hidden_size"))
     heads = int(_number(config, folder, "num_attention_heads"))
-    head_dim = int(config.get("head_dim") or width // heads)
-    rope = _rope(config)
+    head_dim = head_dimension(config, folder)
     writer.add_context_length(int(_number(config, folder, "max_position_embeddings")))
     writer.add_embedding_length(width)
     writer.add_feed_forward_length(int(_number(config, folder, "intermediate_size")))
     writer.add_head_count(heads)
     writer.add_head_count_kv(int(_number(config, folder, "num_key_value_heads", default=heads)))
     writer.add_layer_norm_rms_eps(float(_number(config, folder, "rms_norm_eps", default=1e-6)))
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    if (rope.get("rope_type") or rope.get("type")) == "linear":
-        import gguf
-
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
+    write_rope(writer, config)
     if plan.arch == "llama":
         writer.add_vocab_size(int(_number(config, folder, "vocab_size")))
         writer.add_rope_dimension_count(head_dim)
@@ -266,6 +272,8 @@ def tensor_data(plan: TensorPlan) -> tuple[Any, Any]:
     import numpy as np
 
     source = plan.source
+    if isinstance(source, ComputedTensor):
+        return np.asarray(source.values, dtype=np.float32), None
     array = (load_bin(source) if isinstance(source, BinTensor) else load(source)).astype(np.float32, copy=False)
     if plan.transform == "transpose":
         array = np.ascontiguousarray(array.T)

@@ -2,8 +2,9 @@
 
 Reads ``.gguf`` files (identified by suffix or magic) and Hugging Face causal-LM folders
 with ``--backend gguf`` (the onnx backend claims transformers folders by default):
-GPT-2, Llama/Mistral and Qwen2, converted by :mod:`compressor_gguf.convert` (refused in one
-line, exit 5, at load when the converter does not know the model). ``quantize`` runs
+GPT-2, Llama/Mistral and Qwen2 (byte-level BPE or SentencePiece tokenizers; linear and Llama 3
+rotary scaling), converted by :mod:`compressor_gguf.convert` (refused in one line, exit 5, at
+load when the converter does not know the model). ``quantize`` runs
 llama.cpp's quantizer (``q8_0``, ``q4_0``, ``q4_k_m``, ``q5_k_m``, ``fp16``; the shared
 ``dynamic`` is ``q8_0`` and ``int4`` is ``q4_0``, see docs/backends/gguf.md) in a forked
 child; saving writes the ``.gguf``; the runtime is llama.cpp's (:mod:`compressor_gguf.runtime`).
@@ -110,7 +111,7 @@ def backend() -> Backend:
         extra="gguf",
         requires=("gguf", "llama_cpp"),
         runtime_imports=("llama_cpp",),
-        distributions=("gguf", "llama-cpp-python"),
+        distributions=("gguf", "llama-cpp-python", "sentencepiece"),  # sentencepiece reads tokenizer.model
         default_variants=(("quantize q8_0",), ("quantize q4_k_m",)),
     )
 
@@ -139,10 +140,11 @@ def compressor_load(path: Path, backend: str, context: Context) -> Model:
         from compressor_gguf.convert import gguf_version, plan_conversion
 
         plan = plan_conversion(path, str(context.options.get("outtype") or "auto"))
-        weights = sum(file.stat().st_size for file in {tensor.source.file for tensor in plan.tensors})
+        weights = sum(file.stat().st_size for file in plan.source_files)
         return Model(NAME, path, "hf", GgufModel(Conversion(plan=plan)), TOKEN_INPUTS, notes=list(plan.notes),
                      metadata={"architecture": plan.arch, "converted_weights": plan.outtype,
-                               "converter": f"compressor_gguf with gguf {gguf_version()}"},
+                               "converter": f"compressor_gguf with gguf {gguf_version()}",
+                               "tokenizer": f"llama.cpp {plan.vocab.model} from {plan.vocab.source}"},
                      source_bytes=weights)
     with path.open("rb") as stream:
         if stream.read(4) != MAGIC:
