@@ -185,3 +185,11 @@ def test_an_onnx_model_whose_external_weights_changed_is_made_again(tmp_path: Pa
     assert (tmp_path / "second" / "fp16.onnx").read_bytes() != (tmp_path / "first" / "fp16.onnx").read_bytes()
     code, report, _ = run(files, tmp_path / "third", "-q", "fp16")  # unchanged since: reused
     assert code == 0 and any(note.startswith("cached: made") for note in variant(report, "fp16")["notes"])
+    # What the cache holds is a copy: onnx refuses external data with a second hard link.
+    import onnx
+
+    for out in ("first", "second", "third"):
+        for path in (tmp_path / out).rglob("*"):
+            assert path.is_dir() or path.stat().st_nlink == 1, path
+        for path in (tmp_path / out).glob("*.onnx"):
+            onnx.load(str(path))

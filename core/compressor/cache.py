@@ -158,7 +158,7 @@ class Cache:
             return None
 
     def put(self, key: str, payload: Mapping[str, Any], files: Mapping[str, Path]) -> bool:
-        """Store ``files`` (name -> a path to hard-link, or copy) with ``payload``: written in a
+        """Store ``files`` (name -> a path to copy) with ``payload``: written in a
         private folder, then renamed into place. False when it could not be (full disk,
         unwritable): a cache is never a reason for a run to fail."""
         try:
@@ -171,7 +171,7 @@ class Cache:
             record: dict[str, Any] = {"files": {}, "payload": payload, "created": time.time()}
             for name, source in files.items():
                 target = staging / name
-                _link_or_copy(source, target)
+                copy_file(source, target)
                 record["files"][name] = {"size": os.lstat(target).st_size,
                                          "sha256": file_digest(target, follow=False)}
             (staging / ENTRY_FILE).write_text(json.dumps(record, default=repr), encoding="utf-8")
@@ -243,11 +243,8 @@ def _read_plain(path: Path) -> str:
         return stream.read()
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    """``target`` with ``source``'s bytes: a hard link (no bytes copied) or, across
-    filesystems, a copy. A checked file is never written again, only replaced by rename,
-    so a link shared with ``--out`` is safe; a reader checks the hash anyway."""
-    try:
-        os.link(source, target, follow_symlinks=False)
-    except OSError:
-        shutil.copyfile(source, target, follow_symlinks=False)
+def copy_file(source: Path, target: Path) -> None:
+    """``target`` (a fresh name) with ``source``'s bytes, copied (in the kernel), never a hard
+    link: onnx refuses to load external data with more than one link (a hardlink attack, to
+    its checker), and a published file must not share its bytes with the cache."""
+    shutil.copyfile(source, target, follow_symlinks=False)

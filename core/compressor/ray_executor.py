@@ -136,14 +136,33 @@ class RayExecutor:
             return CompressorError(f"the Ray task failed ({type(error).__name__}: {first_line(error)})")
 
 
+def artifact_bytes(artifact: Artifact) -> dict[str, bytes]:
+    """Every file of ``artifact`` by its name; a folder's files by ``folder/relative/path``."""
+    files: dict[str, bytes] = {}
+    for path in artifact.files:
+        if path.is_dir():
+            for item in sorted(path.rglob("*")):
+                if item.is_file() and not item.is_symlink():
+                    files[item.relative_to(path.parent).as_posix()] = item.read_bytes()
+        else:
+            files[path.name] = path.read_bytes()
+    return files
+
+
 def stage(made: Made, staging: Path) -> Artifact:
     """Write a remotely made artifact's files into the driver's staging folder."""
     staging.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
+    paths: list[Path] = []
     for name, data in made.files.items():
+        parts = Path(name).parts
+        if not parts or ".." in parts or Path(name).is_absolute():
+            raise CompressorError(f"a worker sent a file named {name!r} outside the artifact")
         path = staging.parent / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        paths.append(path)
+        top = staging.parent / parts[0]  # a folder artifact's folder, once
+        if top not in paths:
+            paths.append(top)
     main = staging.parent / made.main
     return Artifact(made.backend, main, made.format, tuple(p for p in paths if p != main))
 
@@ -178,8 +197,8 @@ def _make_remote(request: RunRequest, variant: Variant, modules: Sequence[str]) 
             result, artifact = session.make(variant)
             if artifact is None:
                 raise CompressorError(result.error or "compression failed")
-            files = {path.name: path.read_bytes() for path in artifact.files}
-            return Made(result, files, artifact.backend, artifact.format, artifact.path.name, _node())
+            return Made(result, artifact_bytes(artifact), artifact.backend, artifact.format, artifact.path.name,
+                        _node())
 
 
 def _measure_remote(request: RunRequest, made: Made, inputs: Sequence[TensorSpec],
@@ -203,8 +222,7 @@ def _measure_remote(request: RunRequest, made: Made, inputs: Sequence[TensorSpec
 
 def made_from(result: VariantResult, artifact: Artifact) -> Made:
     """A locally made artifact, as a remote measurement takes it."""
-    return Made(result, {path.name: path.read_bytes() for path in artifact.files}, artifact.backend,
-                artifact.format, artifact.path.name)
+    return Made(result, artifact_bytes(artifact), artifact.backend, artifact.format, artifact.path.name)
 
 
 def run_on_ray(session: Session, variants: Sequence[Variant],

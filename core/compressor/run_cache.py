@@ -120,7 +120,7 @@ class RunCache:
                              "steps": [step_key(step) for step in variant.steps]})
 
     def restore(self, variant: Variant, destination: Callable[[], Path]) -> tuple[VariantResult, Artifact] | None:
-        """``variant`` from an earlier run: its files linked (or copied) into the folder of the
+        """``variant`` from an earlier run: its files copied into the folder of the
         path ``destination()`` gives and its result as it was then, with a ``cached`` note;
         None on a miss."""
         hit = self.store.get(self.variant_key(variant))
@@ -130,7 +130,7 @@ class RunCache:
         try:
             folder = destination().parent
             for name, path in hit.files.items():
-                cache._link_or_copy(path, folder / name)
+                cache.copy_file(path, folder / name)
             facts = payload["artifact"]
             artifact = Artifact(facts["backend"], folder / facts["path"], facts["format"],
                                 tuple(folder / name for name in facts["side_files"]), facts["metadata"],
