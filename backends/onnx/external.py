@@ -8,12 +8,15 @@ count in the process's RSS until unmapped), and written one by one into a single
 ``check_external_data`` accepted (or that compressor wrote itself) get here, and
 every read opens its file through ``safety.open_external`` and reads that
 descriptor: a file swapped for a symlink after the load's check is refused (exit
-3), one cut short is exit 4, never read past or followed.
+3), one cut short is exit 4, never read past or followed. Saving a model a step wrote moves
+its data file into staging (:func:`move_written_model`) rather than writing it again.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +29,12 @@ EMBED_BYTES = 1024
 ALIGN_FROM_BYTES = 1 << 20
 ALIGNMENT = 1 << 16
 _COPY_CHUNK = 1 << 24
+
+#: The data files :func:`write_model` wrote in this process -> their ``(device, inode)``:
+#: only these may be moved by :func:`move_written_model`, never a user's file.
+_written: dict[str, tuple[int, int]] = {}
+#: ``os.link`` failures that mean "no hard link here" (another filesystem, none supported).
+_NO_LINK_ERRNOS = (errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
 
 #: Produces one tensor's new contents when the writer reaches it.
 Producer = Callable[[], Any]
@@ -206,7 +215,61 @@ def write_model(
     if writer.written == 0:
         writer.path.unlink()
         return None
+    written = os.lstat(writer.path)
+    _written[str(writer.path)] = (written.st_dev, written.st_ino)
     return writer.path
+
+
+def move_written_model(model: Any, source: Path, target: Path) -> Path | None:
+    """Save ``model`` (the skeleton of ``source``, edited in place) as ``target``, its weights
+    not written again: ``source``'s data file is moved to ``target``'s (linked, then its old name
+    unlinked, so that it never has two names).
+
+    Only for a data file :func:`write_model` wrote in this process (the same inode, still a
+    plain file with one name), holding every external tensor, on the same filesystem as
+    ``target``. Returns the new data file, or None (nothing changed) where that does not hold:
+    the caller writes the model with :func:`write_model` instead. ``source`` is left without its
+    weights: whoever holds it reads ``target`` from now on. The moved file is not
+    :func:`write_model`'s any more, so a second save of the same model copies it."""
+    import onnx
+
+    from compressor_onnx.safety import all_tensors as every_tensor
+
+    data = source.with_name(f"{source.name}.data")
+    try:
+        found = os.lstat(data)
+    except OSError:
+        return None
+    if (_written.get(str(data)) != (found.st_dev, found.st_ino) or not stat.S_ISREG(found.st_mode)
+            or found.st_nlink != 1):
+        return None
+    external = [tensor for tensor in every_tensor(model) if is_external(tensor)]
+    if not external or any(external_reference(tensor)[0] != data.name for tensor in external):
+        return None
+    moved = target.with_name(f"{target.name}.data")
+    try:
+        os.link(data, moved, follow_symlinks=False)  # never replaces a file already there
+    except OSError as error:
+        if error.errno in _NO_LINK_ERRNOS:
+            return None
+        raise
+    linked = os.lstat(moved)
+    if (linked.st_dev, linked.st_ino) != (found.st_dev, found.st_ino):  # swapped since it was checked
+        moved.unlink()
+        return None
+    try:
+        for tensor in external:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = moved.name
+        onnx.save_model(model, str(target))
+        os.unlink(data)
+    except BaseException:
+        moved.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
+        raise
+    del _written[str(data)]
+    return moved
 
 
 def _nested_tensors(model: Any) -> Iterator[Any]:

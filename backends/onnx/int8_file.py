@@ -1,7 +1,9 @@
-"""Int8 from an ONNX file to an ONNX file: ``quantize dynamic``, and static int8/uint8
-dispatched by the graph (transformers: transformer_static.py; others: a configuration
-chosen by measured fidelity, int8_choice.py; past the large-model threshold: the weighted
-ops, QDQ). The in-memory (quantization.py) and large (large.py) paths both come here.
+"""Int8 through ONNX Runtime, into an ONNX file: ``quantize dynamic`` (from an in-memory
+graph, or a file), and static int8/uint8 from a file, dispatched by the graph (transformers:
+transformer_static.py; others: a configuration chosen by measured fidelity, int8_choice.py;
+past the large-model threshold: the weighted ops, QDQ). The in-memory (quantization.py) and
+large (large.py) paths both come here. ONNX Runtime's temporary copies go into the result's
+own scratch folder (the forked child's ``tempfile.tempdir``), never straight into ``$TMPDIR``.
 """
 
 from __future__ import annotations
@@ -35,12 +37,38 @@ def quantize_int8_file(
                        step=f"quantize {step.mode}")
 
 
+def quantize_dynamic_graph(graph: Any, target: Path, step: Step, excluded: list[str]) -> dict[str, Any]:
+    """Dynamic int8 of an in-memory ``graph`` into ``target`` (next to which nothing else is
+    written); its metadata. ONNX Runtime saves the graph to reload it with inferred shapes (twice),
+    each time a temporary copy that it removes once loaded: handed the graph rather than a
+    file, it never holds two copies of the weights on disk at once (a file of ours would be the
+    second). Its temporary folders go beside ``target`` (private, removed with it), never
+    straight into ``$TMPDIR`` where a crash would leave them."""
+    from compressor.plugin import run_in_fork
+
+    reduce_range = resolve_reduce_range(step)
+    run_in_fork(_quantize_dynamic_here, graph, target, step, excluded, reduce_range, step=f"quantize {step.mode}")
+    return {"reduce_range": reduce_range}
+
+
+def _quantize_dynamic_here(graph: Any, target: Path, step: Step, excluded: list[str], reduce_range: bool) -> None:
+    import tempfile
+
+    from compressor_frontends.pytorch.export import large_model_bytes
+
+    tempfile.tempdir = str(target.parent)  # this forked child's own setting
+    _quantize_dynamic(graph, target, step, excluded, reduce_range, external=graph.ByteSize() > large_model_bytes())
+
+
 def _quantize_int8_file(
     source: Path, target: Path, step: Step, excluded: list[str], context: Context, skeleton: Any
 ) -> tuple[list[str], dict[str, Any]]:
+    import tempfile
+
+    tempfile.tempdir = str(target.parent)  # ONNX Runtime's temporary copies: in our scratch folder
     reduce_range = resolve_reduce_range(step)
     if step.mode == "dynamic":
-        _quantize_dynamic(source, target, step, excluded, reduce_range)
+        _quantize_dynamic(source, target, step, excluded, reduce_range, external=is_large_file(source))
         return [], {"reduce_range": reduce_range}
     model_type = static_model_type(step, skeleton)
     if model_type == "transformer":
@@ -67,7 +95,8 @@ def static_model_type(step: Step, graph: Any) -> str:
     return "transformer" if is_transformer(graph) else "generic"
 
 
-def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: list[str], reduce_range: bool) -> None:
+def _quantize_dynamic(source: Path | Any, target: Path, step: Step, excluded_nodes: list[str], reduce_range: bool,
+                      external: bool) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
@@ -81,7 +110,7 @@ def _quantize_dynamic(source: Path, target: Path, step: Step, excluded_nodes: li
                 reduce_range=reduce_range,
                 nodes_to_exclude=excluded_nodes,
                 op_types_to_quantize=op_types(IntegerOpsRegistry, step),
-                use_external_data_format=is_large_file(source),
+                use_external_data_format=external,
             )
     except Exception as error:  # noqa: BLE001 - the quantizer raises anything on odd graphs
         raise CompressionError(f"dynamic quantization failed ({shown_reason(error)})") from None

@@ -3,7 +3,8 @@ graphs: transformer_static.py; other graphs: a configuration chosen by measured
 fidelity, int8_choice.py), weight-only int4 (int4.py) and fp16.
 
 This module dispatches ``quantize MODE`` on a Network: in memory here, past the
-large-model threshold through large.py; int8 goes from file to file (int8_file.py).
+large-model threshold through large.py; int8 goes through ONNX Runtime in a forked child
+(int8_file.py): static from file to file, dynamic from the in-memory graph.
 What the modes share is in quantize_common.py.
 
 Defaults were chosen by measured accuracy (benchmarks/bench_onnx_minilm.py):
@@ -70,6 +71,13 @@ def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> t
 
             result, notes = quantize_int4_graph(strip_value_info(graph), step, context)
             result = strip_value_info(result)
+        elif step.mode == "dynamic":
+            from compressor_onnx.int8_file import quantize_dynamic_graph
+
+            # The graph itself, not a file of it: ONNX Runtime writes its own copies (see there).
+            target = workdir / "quantize-out.onnx"
+            metadata = quantize_dynamic_graph(strip_value_info(graph), target, step, excluded_nodes)
+            result = strip_value_info(_inline(onnx.load(str(target))))
         else:
             from compressor_onnx.int8_file import quantize_int8_file
 
@@ -102,3 +110,16 @@ def _save_for_quantizer(graph: Any, path: Path) -> None:
         onnx.save_model(graph, str(path), save_as_external_data=True, location=f"{path.name}.data")
     else:
         onnx.save_model(graph, str(path))
+
+
+def _inline(graph: Any) -> Any:
+    """``graph`` as if it had been saved without external data: onnx's loader marks each tensor
+    it read from a data file ``data_location=DEFAULT``, a field an inline tensor leaves unset."""
+    from onnx import TensorProto
+
+    from compressor_onnx.safety import all_tensors
+
+    for tensor in all_tensors(graph):
+        if tensor.HasField("data_location") and tensor.data_location == TensorProto.DEFAULT:
+            tensor.ClearField("data_location")
+    return graph

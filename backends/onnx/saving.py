@@ -19,12 +19,19 @@ def save_network(network: Network, path: Path, progress: Progress) -> tuple[Arti
 
     side_files: tuple[Path, ...] = ()
     if network.path is not None:
-        from compressor_onnx.external import load_skeleton, write_model
+        from compressor_onnx.external import load_skeleton, move_written_model, write_model
 
-        # Tensor by tensor from wherever the weights are now (the user's files or
-        # the scratch folder) into one data file: never a whole proto in memory.
         graph = load_skeleton(network.path)
-        data_file = write_model(graph, path, network.path.parent, progress=progress)
+        # A model a step wrote into the scratch folder has its data file moved into staging (on
+        # --out's filesystem; published from there by rename): its weights are written once.
+        # The network reads its new place from then on (a later step, a fork for the next
+        # variant). Otherwise (the user's files, another filesystem, a model saved already)
+        # tensor by tensor into one new data file, never a whole proto in memory.
+        data_file = move_written_model(graph, network.path, path)
+        if data_file is not None:
+            network.path = path
+        else:
+            data_file = write_model(graph, path, network.path.parent, progress=progress)
         side_files = (data_file,) if data_file is not None else ()
     else:
         graph = network.graph

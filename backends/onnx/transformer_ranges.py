@@ -14,7 +14,8 @@ The statistics are the ones ONNX Runtime's calibrators compute over all examples
 from the same session settings (no graph optimization, as its calibrators run), so
 ``quantize_static`` reading them from a calibration cache writes the same model:
 
-* minmax: the minimum and maximum of each tensor;
+* minmax: the minimum and maximum of each tensor, reduced in the graph (ReduceMin and
+  ReduceMax, as ONNX Runtime's minmax calibrator reduces them), so no activation is an output;
 * percentile (symmetric): a histogram of |x| over [min |x|, max |x|] with 2048 bins, one
   pass for the bounds and one for the counts, since one histogram of every value equals
   the sum of per-batch histograms over the same edges;
@@ -25,7 +26,7 @@ ONNX Runtime's ``HistogramCollector`` then turns the histograms into thresholds.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,19 +50,24 @@ def calibration_session(path: Path, optimize: bool) -> Any:
 
 
 def probed_outputs(skeleton: Any, path: Path, names: Sequence[str], batches: Sequence[dict[str, Any]],
-                   optimize: bool) -> Iterator[dict[str, Any]]:
+                   optimize: bool, extremes_of: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """``{name: value}`` of the named tensors, one calibration batch at a time.
 
     ``skeleton`` is the model at ``path`` without its external data; the probe (it with
     ``names`` as its only outputs) is written next to ``path``, so that its external data
-    resolves, and removed when the iteration ends."""
+    resolves, and removed when the iteration ends. With ``extremes_of`` (``{name: scales or
+    None}``) each value is ``[min, max]`` of the tensor (times its last-axis scales), reduced in
+    the graph as ONNX Runtime's minmax calibrator reduces it: a batch's activations are never
+    outputs, so they cost no memory past the graph's own."""
+    import numpy as np
     import onnx
 
     probe = onnx.ModelProto()
     probe.CopyFrom(skeleton)
     del probe.graph.value_info[:]
     del probe.graph.output[:]
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
+    outputs = list(names) if extremes_of is None else _add_extremes(probe.graph, names, extremes_of)
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
     probe_path = path.with_name(f"{path.stem}-probe.onnx")
     onnx.save_model(probe, str(probe_path))
     del probe
@@ -69,10 +75,34 @@ def probed_outputs(skeleton: Any, path: Path, names: Sequence[str], batches: Seq
     try:
         session = calibration_session(probe_path, optimize)
         for feeds in batches:
-            yield dict(zip(names, session.run(list(names), feeds)))
+            values = session.run(outputs, feeds)
+            if extremes_of is None:
+                yield dict(zip(names, values))
+            else:
+                yield {name: np.array([values[2 * i], values[2 * i + 1]]) for i, name in enumerate(names)}
     finally:
         del session  # its weights and arena go now, not when the generator is collected
         probe_path.unlink(missing_ok=True)
+
+
+def _add_extremes(graph: Any, names: Sequence[str], scales: Mapping[str, Any]) -> list[str]:
+    """``ReduceMin``/``ReduceMax`` over every axis of each tensor (after a ``Mul`` by its scales):
+    the names of their outputs, min and max of each tensor in turn."""
+    from onnx import helper, numpy_helper
+
+    outputs = []
+    for index, name in enumerate(names):
+        value = name
+        if scales.get(name) is not None:
+            factor = numpy_helper.from_array(scales[name], f"compressor_probe_scale_{index}")
+            graph.initializer.append(factor)
+            value = f"compressor_probe_scaled_{index}"
+            graph.node.append(helper.make_node("Mul", [name, factor.name], [value], f"compressor_probe_mul_{index}"))
+        for reduce in ("ReduceMin", "ReduceMax"):
+            output = f"compressor_probe_{reduce.lower()}_{index}"
+            graph.node.append(helper.make_node(reduce, [value], [output], f"compressor_probe_{reduce}_{index}", keepdims=0))
+            outputs.append(output)
+    return outputs
 
 
 @dataclass
@@ -124,13 +154,25 @@ class Histogram:
 
 
 def calibrated_ranges(skeleton: Any, path: Path, names: Sequence[str], batches: Sequence[dict[str, Any]],
-                      method: str) -> Any:
-    """ONNX Runtime ``TensorsData`` for ``names`` of the model at ``path`` by ``method``."""
+                      method: str, scales: Mapping[str, Any] | None = None) -> Any:
+    """ONNX Runtime ``TensorsData`` for ``names`` of the model at ``path`` by ``method``;
+    a tensor named in ``scales`` is calibrated as its values times those (last-axis) scales,
+    as a ``Mul`` by them would give it (SmoothQuant's inputs, without writing that graph)."""
     import numpy as np
     from onnxruntime.quantization.calibrate import CalibrationMethod, TensorsData
 
+    scales = scales or {}
+
+    def probed(reduced: bool = False) -> Iterator[dict[str, Any]]:
+        if reduced:
+            yield from probed_outputs(skeleton, path, names, batches, optimize=False,
+                                      extremes_of={name: scales.get(name) for name in names})
+            return
+        for outputs in probed_outputs(skeleton, path, names, batches, optimize=False):
+            yield {name: value * scales[name] if name in scales else value for name, value in outputs.items()}
+
     extremes = {name: Extremes(magnitudes=method == "percentile") for name in names}
-    for outputs in probed_outputs(skeleton, path, names, batches, optimize=False):
+    for outputs in probed(reduced=method == "minmax"):
         for name, value in outputs.items():
             extremes[name].add(value)
     missing = [name for name, found in extremes.items() if found.low is None]
@@ -141,7 +183,7 @@ def calibrated_ranges(skeleton: Any, path: Path, names: Sequence[str], batches: 
                  for name, found in extremes.items()}
         return TensorsData(CalibrationMethod.MinMax, pairs)
     histograms = {name: _histogram(method, found) for name, found in extremes.items()}
-    for outputs in probed_outputs(skeleton, path, names, batches, optimize=False):
+    for outputs in probed():
         for name, value in outputs.items():
             histograms[name].add(value)
     collector = _collector(method)
