@@ -8,7 +8,8 @@ measured generating (issue 27).
     for speed and memory (``--llama small``: about 150 M parameters; ``--llama 1b``: about
     1.1 B, which needs some 15 GB of memory and a long while on a 2-core machine).
 
-For each: fp32, dynamic int8 and int4 RTN (ONNX Runtime, MatMulNBits accuracy_level 4) through
+For each: fp32, dynamic int8 and int4 RTN (ONNX Runtime, MatMulNBits accuracy_level 4), and for (a)
+int4 GPTQ and AWQ calibrated on train.txt, through
 ``compressor run``: file size, time to first token, decode tokens/s and its share of the
 memory-bandwidth bound, perplexity (sliding window), greedy-generation agreement.
 
@@ -31,6 +32,9 @@ from _common import SHARED, compressor_cli, machine, markdown_table, write_secti
 
 DATA = SHARED / "data" / "debian-descriptions"
 CONTEXT = 256
+#: Bytes per training sequence of (a): positions past it are untrained, so (a) is scored with
+#: a window of this length and generates within it.
+TRAIN_LENGTH = 128
 LLAMA = {
     "small": {"hidden_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
               "intermediate_size": 2816, "vocab_size": 32000},
@@ -73,8 +77,8 @@ def train_gpt2(folder: Path, seconds: float) -> dict[str, Any]:
     started, steps, loss = time.perf_counter(), 0, float("nan")
     model.train()
     while time.perf_counter() - started < seconds:
-        starts = torch.randint(0, len(stream) - 129, (16,), generator=generator)
-        batch = torch.stack([stream[start: start + 128] for start in starts])
+        starts = torch.randint(0, len(stream) - TRAIN_LENGTH - 1, (16,), generator=generator)
+        batch = torch.stack([stream[start: start + TRAIN_LENGTH] for start in starts])
         output = model(input_ids=batch, labels=batch)
         optimizer.zero_grad()
         output.loss.backward()
@@ -103,9 +107,21 @@ def token_rows(ids: Any, rows: int, length: int) -> Any:
     return np.ascontiguousarray(ids[: usable * length].reshape(usable, length))
 
 
-def measure(folder: Path, data: Path, out: Path, options: list[str], threads: int) -> list[dict[str, Any]]:
-    args = ["run", str(folder), "-q", "dynamic", "-q", "int4", "--data", str(data), "--threads", str(threads),
+#: The variants of each model; those with a calibration file also get the calibrated int4 algorithms.
+VARIANTS = ('[variants.dynamic]\nsteps = ["quantize dynamic"]\n'
+            '[variants.int4]\nsteps = ["quantize int4"]\n')
+CALIBRATED_VARIANTS = ('[variants.int4-gptq]\nsteps = ["quantize int4 algorithm=gptq"]\n'
+                       '[variants.int4-awq]\nsteps = ["quantize int4 algorithm=awq"]\n')
+
+
+def measure(folder: Path, data: Path, out: Path, options: list[str], threads: int,
+            calibration: Path | None = None) -> list[dict[str, Any]]:
+    recipe = out.with_suffix(".toml")
+    recipe.write_text(VARIANTS + (CALIBRATED_VARIANTS if calibration is not None else ""))
+    args = ["run", str(folder), "--recipe", str(recipe), "--data", str(data), "--threads", str(threads),
             "--min-seconds", "0.5", "-o", str(out), "--quiet"]
+    if calibration is not None:
+        args += ["--calibration-data", str(calibration)]
     for option in options:
         args += ["--set", option]
     compressor_cli(*args)
@@ -118,7 +134,7 @@ def rows_of(name: str, variants: list[dict[str, Any]]) -> list[list[str]]:
     for variant in variants:
         metrics = variant.get("metrics", {})
         if variant.get("error"):
-            rows.append([name, variant["name"], f"failed: {variant['error']}"] + [""] * 7)
+            rows.append([name, variant["name"], f"failed: {variant['error']}"] + [""] * 8)
             continue
         rows.append([
             name, variant["name"], f"{metrics['size_bytes'] / 1e6:.1f} MB", f"{metrics['ttft_ms']:.1f}",
@@ -129,6 +145,7 @@ def rows_of(name: str, variants: list[dict[str, Any]]) -> list[list[str]]:
             f"{metrics.get('window_perplexity', float('nan')):.3f}",
             f"{metrics.get('greedy_agreement', float('nan')):.2f} / {metrics.get('greedy_exact', float('nan')):.2f}",
             f"{metrics.get('next_token_agreement', float('nan')):.3f}",
+            f"{metrics['kl_divergence']:.4f}" if isinstance(metrics.get("kl_divergence"), float) else "-",
         ])
     return rows
 
@@ -151,12 +168,19 @@ def main() -> None:
         facts = train_gpt2(root / "gpt2", args.train_seconds)
         test_ids = token_rows(text_bytes(DATA / "test.txt", 64 * CONTEXT), 64, CONTEXT)
         np.savez(root / "test.npz", input_ids=test_ids)
+        # GPTQ and AWQ calibrate on the last 32 x 256 bytes of train.txt's first 20 MB (not test text).
+        train_ids = text_bytes(DATA / "train.txt", 20_000_000)[-32 * CONTEXT:]
+        np.savez(root / "train.npz", input_ids=token_rows(train_ids, 32, CONTEXT))
+        # Prompt and generation within the trained length.
+        short = [f"prompt_tokens={TRAIN_LENGTH - args.new_tokens // 2}", f"new_tokens={args.new_tokens // 2}"]
         notes.append(f"(a) byte-level GPT-2, {facts['parameters'] / 1e6:.1f} M parameters, trained "
-                     f"{facts['seconds']:.0f} s ({facts['steps']} steps of 16 x 128 bytes, last loss "
+                     f"{facts['seconds']:.0f} s ({facts['steps']} steps of 16 x {TRAIN_LENGTH} bytes, last loss "
                      f"{facts['train_loss']:.2f} nats/byte); scored on {test_ids.size} bytes of test.txt "
-                     f"(window 256, 1024 bytes scored)")
+                     f"(window {TRAIN_LENGTH}, the trained length; 1024 bytes scored); prompts of "
+                     f"{TRAIN_LENGTH - args.new_tokens // 2} bytes, {args.new_tokens // 2} generated")
         rows += rows_of("(a) GPT-2 bytes", measure(root / "gpt2", root / "test.npz", root / "out-gpt2",
-                                                     [*generation, "perplexity_window=256", "batch_seconds=2"], args.threads))
+                                                     [*short, f"perplexity_window={TRAIN_LENGTH}", "batch_seconds=2"],
+                                                     args.threads, root / "train.npz"))
         print(markdown_table(HEADER, rows), flush=True)
         if args.llama != "none":
             facts = random_llama(root / "llama", args.llama)
@@ -182,7 +206,7 @@ def main() -> None:
 
 
 HEADER = ("model", "variant", "size", "TTFT ms", "decode tok/s", "share of bound tok/s (bandwidth)", "peak RSS",
-          "perplexity", "greedy agree / exact", "top-1 agree")
+          "perplexity", "greedy agree / exact", "top-1 agree", "KL nats")
 
 
 if __name__ == "__main__":

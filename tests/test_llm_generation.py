@@ -305,17 +305,31 @@ def test_a_run_reports_generation_figures_for_every_variant(tmp_path: Path) -> N
     assert rows["original"][4:6] == ["1.00", "1.00"] and "| decode tok/s |" in (out / "report.md").read_text()
 
 
+class OneShotRuntime(Runtime):
+    """A runtime with neither a cache layout nor a decoder of its own: it cannot generate."""
+
+    outputs = ()
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        return {}
+
+
 def test_task_generate_measures_generation_and_is_refused_where_nothing_can_generate(
         tmp_path: Path, toy_host: object, toy_model: dict[str, Path]) -> None:
-    folder = tiny_causal_lm(tmp_path / "gpt2", "gpt2")
-    common = ["--data", str(tmp_path / "ids.npz"), "--min-seconds", "0", "--set", "prompt_tokens=8",
-              "--set", "new_tokens=4", "--set", "perplexity_tokens=0", "--set", "generate=false"]
-    result = CliRunner().invoke(cli, ["measure", str(folder), *common, "--set", "task=generate", "-o", str(tmp_path / "m1")])
-    assert result.exit_code == 0, result.output
-    assert "decode_tokens_per_s" in (tmp_path / "m1" / "report.json").read_text()
-    quiet = CliRunner().invoke(cli, ["measure", str(folder), *common, "-o", str(tmp_path / "m2")])
-    assert quiet.exit_code == 0, quiet.output
-    assert "decode_tokens_per_s" not in (tmp_path / "m2" / "report.json").read_text()
+    from compressor.errors import UnsupportedError
+    from compressor.generation import measure_generation
+
+    generator = np.random.default_rng(4)
+    table = generator.normal(size=(20, 20))
+    log_probs = table - np.log(np.exp(table).sum(axis=1, keepdims=True))
+    data = Dataset(Path("ids.npz"), {"input_ids": generator.integers(0, 20, (2, 40))}, None, 2)
+    off = {"generate": False, "memory_bandwidth_gbs": 10.0, "prompt_tokens": 8, "new_tokens": 4,
+           "perplexity_tokens": 0}
+    assert measure_generation(BigramRuntime(log_probs), data, MeasureSettings(options=off)) == {}
+    forced = measure_generation(BigramRuntime(log_probs), data, MeasureSettings(options={**off, "task": "generate"}))
+    assert forced["new_tokens"] == 4 and forced["decode_tokens_per_s"] > 0
+    with pytest.raises(UnsupportedError, match="task=generate"):
+        measure_generation(OneShotRuntime(), data, MeasureSettings(options={"task": "generate"}))
     out = tmp_path / "out"
     refused = CliRunner().invoke(cli, ["run", str(toy_model["model"]), "-q", "fp16", "--data", str(toy_model["eval"]),
                                        "--set", "task=generate", "-o", str(out)])

@@ -273,7 +273,8 @@ def test_reduce_range_is_recorded_and_matches_onnx_runtime(
 @pytest.mark.parametrize("arguments,message", [
     (["-q", "int4", "--set", "block_size=48"], "block_size='48' is not one of: 16, 32, 64, 128, 256"),
     (["-q", "int4", "--set", "algorithm=gptq"], "needs --calibration-data"),
-    (["-q", "int4", "--set", "algorithm=awq"], "algorithm='awq' is not one of"),
+    (["-q", "int4", "--set", "algorithm=awq"], "algorithm=awq needs --calibration-data"),
+    (["-q", "int4", "--set", "algorithm=squeezellm"], "algorithm='squeezellm' is not one of"),
     (["-q", "int8", "--set", "alpha=1.5"], "alpha"),
 ])
 def test_bad_parameters_fail_before_work(mlp: tuple[Path, Path], tmp_path: Path, arguments: list[str],

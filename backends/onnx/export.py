@@ -57,8 +57,11 @@ def export_graph(model: TorchModel, context: Context) -> tuple[Any | None, Path 
 
     if with_kv_cache(model, context):
         from compressor_frontends.pytorch.kv_export import export_with_cache
+        from compressor_onnx.kv_fusion_export import fuse_export
 
-        return export_with_cache(model, context)
+        graph, path = export_with_cache(model, context)
+        fuse_export(model, graph, path, context)  # ONNX Runtime's fused attention, where it checks out
+        return graph, path
     return export_onnx(model, context)
 
 

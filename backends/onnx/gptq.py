@@ -9,6 +9,9 @@ not fit in :data:`HESSIAN_BYTES`, the inputs are split into as many passes as ne
 gptq_solver.py then quantizes each weight (its Cholesky factor computed once per
 input), and the codes are packed as ONNX Runtime's own quantizer packs them.
 
+``algorithm=awq`` enters here too (the streaming path calls :func:`quantize_gptq`) and goes
+to awq.py, which collects its statistics with the same pass (:func:`_hessians`).
+
 This replaces ONNX Runtime 1.32's ``gptq_quantize``, which ran the whole model once
 per distinct input, spread no rounding error (its ``Hinv[i:, i]`` is a column of the
 upper factor, zero below the diagonal), re-rounded GPTQ's output on a second grid, and
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,18 +61,54 @@ def quantize_gptq(graph: Any, source: Any, read: Reader, settings: Any, context:
     ``source`` what ONNX Runtime runs: the same ModelProto, or the path of its ``.onnx``
     (external data beside it). ``read`` gives a weight's float array by name.
     """
-    assert context.calibration_data is not None, "check_int4 refuses gptq without calibration data"
+    assert context.calibration_data is not None, "check_int4 refuses gptq and awq without calibration data"
+    inputs = layer_inputs(graph, source, settings, context, samples)
+    if settings.algorithm == "awq":  # the same calibration, another use of it (awq.py)
+        from compressor_onnx.awq import quantize_awq
+
+        return quantize_awq(graph, read, settings, inputs)
+    with inputs.blas_threads():
+        quantized, notes = _quantize(graph, source, read, settings, context, samples, inputs.readers, inputs.widths)
+    return quantized, notes
+
+
+@dataclass
+class LayerInputs:
+    """The layer inputs of the MatMuls that become MatMulNBits, and the calibration pass
+    that collects statistics of them (GPTQ's Hessians, AWQ's too)."""
+
+    graph: Any
+    source: Any
+    context: Context
+    samples: int
+    #: weight -> the inputs it multiplies.
+    readers: dict[str, set[str]]
+    #: input -> its width (the weight's rows).
+    widths: dict[str, int]
+
+    def passes(self) -> list[set[str]]:
+        return _passes(self.readers, self.widths)
+
+    def collect(self, inputs: set[str], statistics: Callable[[int], Any], label: str) -> tuple[dict[str, Any], int]:
+        """One calibration pass: ``statistics(width)`` of each of ``inputs`` filled, and the number of examples."""
+        return _hessians(self.graph, self.source, {name: self.widths[name] for name in inputs}, self.context,
+                         self.samples, statistics, label)
+
+    def blas_threads(self) -> contextlib.AbstractContextManager[None]:
+        return _blas_threads(1 if max(self.widths.values(), default=0) <= ONE_THREAD_WIDTH else None)
+
+
+def layer_inputs(graph: Any, source: Any, settings: Any, context: Context, samples: int) -> LayerInputs:
+    """``graph``'s quantized MatMuls' inputs (arguments as :func:`quantize_gptq`'s)."""
     initializers = {tensor.name: tensor for tensor in graph.graph.initializer}
-    readers: dict[str, set[str]] = {}  # weight -> the inputs it multiplies
+    readers: dict[str, set[str]] = {}
     widths: dict[str, int] = {}
     for node in graph.graph.node:
         weight = nbits_weight(node, initializers, settings)
         if weight is not None:
             readers.setdefault(weight.name, set()).add(node.input[0])
             widths[node.input[0]] = weight.dims[0]
-    with _blas_threads(1 if max(widths.values(), default=0) <= ONE_THREAD_WIDTH else None):
-        quantized, notes = _quantize(graph, source, read, settings, context, samples, readers, widths)
-    return quantized, notes
+    return LayerInputs(graph, source, context, samples, readers, widths)
 
 
 def _quantize(graph: Any, source: Any, read: Reader, settings: Any, context: Context, samples: int,
@@ -138,10 +178,10 @@ def _passes(readers: dict[str, set[str]], widths: dict[str, int]) -> list[set[st
     return passes
 
 
-def _hessians(graph: Any, source: Any, widths: dict[str, int], context: Context,
-              samples: int) -> tuple[dict[str, Any], int]:
-    """One pass over the calibration examples: the Hessian of each input in ``widths``, and
-    the number of examples."""
+def _hessians(graph: Any, source: Any, widths: dict[str, int], context: Context, samples: int,
+              statistics: Callable[[int], Any] | None = None, label: str = "gptq") -> tuple[dict[str, Any], int]:
+    """One pass over the calibration examples: the Hessian of each input in ``widths`` (or
+    what ``statistics(width)`` accumulates: a Hessian's ``add``), and the number of examples."""
     from compressor_onnx.gptq_solver import Hessian
     from compressor_onnx.static_calibration import calibration_feeds
 
@@ -150,9 +190,9 @@ def _hessians(graph: Any, source: Any, widths: dict[str, int], context: Context,
     graph_inputs = {value.name for value in graph.graph.input}
     outputs = [value.name for value in graph.graph.output]
     wanted = [name for name in widths if name not in graph_inputs and name not in outputs]
-    session = _session(graph, source, wanted)
+    session = _session(graph, source, wanted, label)
     names = outputs + wanted
-    hessians = {name: Hessian(width) for name, width in widths.items()}
+    hessians = {name: (statistics or Hessian)(width) for name, width in widths.items()}
 
     def call(inputs: dict[str, Any]) -> dict[str, Any]:
         return dict(zip(names, session.run(names, inputs)))
@@ -166,11 +206,11 @@ def _hessians(graph: Any, source: Any, widths: dict[str, int], context: Context,
     except CompressorError:
         raise
     except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types on bad feeds
-        raise CompressionError(f"int4 gptq calibration failed ({first_line(error)})") from None
+        raise CompressionError(f"int4 {label} calibration failed ({first_line(error)})") from None
     return hessians, feeds.count
 
 
-def _session(graph: Any, source: Any, extra_outputs: list[str]) -> Any:
+def _session(graph: Any, source: Any, extra_outputs: list[str], label: str = "gptq") -> Any:
     """An ONNX Runtime session on ``source`` with ``extra_outputs`` added to its outputs."""
     import onnxruntime as ort
     from onnx import helper
@@ -201,4 +241,4 @@ def _session(graph: Any, source: Any, extra_outputs: list[str]) -> Any:
         finally:
             del graph.graph.output[len(graph.graph.output) - len(added):]
     except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types on odd graphs
-        raise CompressionError(f"int4 gptq could not run the model for calibration ({first_line(error)})") from None
+        raise CompressionError(f"int4 {label} could not run the model for calibration ({first_line(error)})") from None

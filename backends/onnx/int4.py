@@ -3,9 +3,9 @@
 * ``MatMul`` weights (and ``Gemm``, split into ``MatMul`` + ``Add`` first, as the
   dynamic quantizer does) become ONNX Runtime's ``MatMulNBits``: in-memory models
   go through ONNX Runtime's own ``MatMulNBitsQuantizer`` (``rtn``: its default
-  round-to-nearest C++ quantizer; ``hqq``); ``gptq``, calibrated on
-  ``--calibration-data``, is ours (gptq.py, gptq_solver.py) and writes the same
-  tensors. Models past the large-model threshold are rewritten one weight at a
+  round-to-nearest C++ quantizer; ``hqq``); ``gptq`` and ``awq``, calibrated on
+  ``--calibration-data``, are ours (gptq.py, gptq_solver.py; awq.py, awq_solver.py)
+  and write the same tensors. Models past the large-model threshold are rewritten one weight at a
   time (``int4_stream.py``) with the same per-tensor quantizers, so both give the
   same bytes. The rewrites both paths share are in int4_rewrites.py.
 * Embeddings (``Gather`` on a float matrix) become ``GatherBlockQuantized``
@@ -29,7 +29,13 @@ from compressor_onnx.int4_rewrites import (
     quantize_gathers,
     split_gemms,
 )
-from compressor_onnx.int4_settings import BITS, BLOCK_SIZES, DEFAULT_BLOCK_SIZE, Int4Settings
+from compressor_onnx.int4_settings import (
+    BITS,
+    BLOCK_SIZES,
+    CALIBRATED_ALGORITHMS,
+    DEFAULT_BLOCK_SIZE,
+    Int4Settings,
+)
 from compressor_onnx.quantize_common import quiet_ort
 
 
@@ -37,8 +43,9 @@ def check_int4(step: Step, context: Context) -> None:
     """What core's declaration cannot say, refused before any work."""
     if step.mode != "int4":
         return
-    if str(step.params.get("algorithm", "rtn")) == "gptq" and context.calibration_data is None:
-        raise UsageError("quantize int4 algorithm=gptq needs --calibration-data")
+    algorithm = str(step.params.get("algorithm", "rtn"))
+    if algorithm in CALIBRATED_ALGORITHMS and context.calibration_data is None:
+        raise UsageError(f"quantize int4 algorithm={algorithm} needs --calibration-data")
     if str(step.params.get("block_size", DEFAULT_BLOCK_SIZE)) not in BLOCK_SIZES:
         raise UsageError(f"block_size must be a power of two from 16 to 256, not {step.params['block_size']}")
 
@@ -58,7 +65,7 @@ def quantize_int4_graph(graph: Any, step: Step, context: Context) -> tuple[Any, 
     notes: list[str] = []
     _materialize(model, split_gemms(model, read, settings))
     if "MatMul" not in settings.excluded_ops:
-        if settings.algorithm == "gptq":
+        if settings.algorithm in CALIBRATED_ALGORITHMS:
             notes = gptq_matmuls(model, settings, context, int(step.params.get("calibration_samples", 128)))
         else:
             model = matmul_nbits(model, settings)
@@ -78,7 +85,8 @@ def _materialize(model: Any, producers: dict[str, Callable[[], Any]]) -> None:
 
 
 def gptq_matmuls(model: Any, settings: Int4Settings, context: Context, samples: int) -> list[str]:
-    """GPTQ (gptq.py) on ``model``'s MatMul weights, rewritten in place as MatMulNBits; notes."""
+    """GPTQ (gptq.py) or AWQ (awq.py) on ``model``'s MatMul weights, rewritten in place as
+    MatMulNBits (AWQ's input scales folded or inserted too); notes."""
     from onnx import numpy_helper
 
     from compressor_onnx.gptq import quantize_gptq

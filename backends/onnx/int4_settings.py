@@ -1,5 +1,5 @@
 """``quantize int4``'s parameters: their defaults and choices, and :class:`Int4Settings`,
-what the in-memory (int4.py), streaming (int4_stream.py) and GPTQ (gptq.py) paths read.
+what the in-memory (int4.py), streaming (int4_stream.py), GPTQ (gptq.py) and AWQ (awq.py) paths read.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from typing import Any
 from compressor.plugin import Step
 from compressor_onnx.quantize_common import parse_names
 
-ALGORITHMS = ("rtn", "hqq", "gptq")
+ALGORITHMS = ("rtn", "hqq", "gptq", "awq")
+#: The algorithms that run the model on ``--calibration-data`` (gptq.py, awq.py).
+CALIBRATED_ALGORITHMS = ("gptq", "awq")
 #: MatMulNBits and GatherBlockQuantized take power-of-two blocks from 16.
 BLOCK_SIZES = ("16", "32", "64", "128", "256")
 #: Measured on all-MiniLM-L6-v2 (docs/backends/onnx.md): 32 keeps the most

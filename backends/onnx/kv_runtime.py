@@ -5,7 +5,8 @@ A graph with ``past_key_values.{i}.key/value`` inputs and ``present.{i}.key/valu
 by a :class:`~compressor.plugin.KVCacheLayout`, so that core measures it generating. For
 core's one-pass measurement the runtime declares only the token inputs and the logits:
 a call without past tensors is a prefill (past of length 0), the attention mask defaults to
-ones and the position ids follow the mask.
+ones and the position ids follow the mask. :class:`CacheBinding` runs the graph with I/O
+binding, so that decoding copies no cache out of ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -60,10 +61,17 @@ def graph_cache_layout(model: Any) -> KVCacheLayout | None:
                         {entry.key: entry.value for entry in model.metadata_props})
 
 
+#: Inputs that read one row per token or position, by op type: an embedding table (plain,
+#: or int4 with its scales and zero points) and the fused attention's rotary cos/sin tables.
+_ROW_READ_INPUTS = {"Gather": (0,), "GatherBlockQuantized": (0, 1, 2), "RotaryEmbedding": (2, 3),
+                    "GroupQueryAttention": (7, 8)}
+
+
 def streamed_weight_bytes(path: Any) -> int | None:
-    """The bytes of weights one decode step reads: every initializer but embedding tables that
-    only Gather reads (one row per token). Read in a forked child, so that the graph's weights
-    loaded to count them never add to the measuring process's peak memory."""
+    """The bytes of weights one decode step reads: every initializer but the tables only read
+    a row at a time (``_ROW_READ_INPUTS``: embeddings, rotary tables). Read in a forked child,
+    so that the graph's weights loaded to count them never add to the measuring process's
+    peak memory."""
     from compressor.plugin import CompressorError, run_in_fork
 
     try:
@@ -80,8 +88,9 @@ def _streamed_weight_bytes(path: str) -> int:
     model = onnx.load(path, load_external_data=False)
     gathered, used = set(), set()
     for node in model.graph.node:
+        rows = _ROW_READ_INPUTS.get(node.op_type, ())
         for index, name in enumerate(node.input):
-            (gathered if node.op_type == "Gather" and index == 0 else used).add(name)
+            (gathered if index in rows else used).add(name)
     total = 0
     for tensor in model.graph.initializer:
         if tensor.name in gathered and tensor.name not in used:
@@ -154,3 +163,58 @@ def add_cache_inputs(examples: Examples, layout: KVCacheLayout) -> None:
         else:
             positions = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
         examples.arrays[layout.position_ids], examples.axes[layout.position_ids] = positions, 0
+
+
+class CacheBinding:
+    """Runs a cache graph with ONNX Runtime's I/O binding: the logits and the present are
+    written by the graph straight into NumPy arrays allocated here (``session.run`` would copy
+    each out of ONNX Runtime's buffers), and the past is bound where it lies, so that a decode
+    step moves no cache bytes besides the graph's own. The shapes come from the inputs'
+    (``[batch, sequence, vocabulary]`` logits, ``[batch, kv_heads, past + sequence,
+    head_dim]`` present); a graph whose logits' width is not fixed runs unbound."""
+
+    def __init__(self, session: Any, layout: KVCacheLayout, output_names: list[str]) -> None:
+        import numpy as np
+
+        self.session, self.layout, self.output_names = session, layout, output_names
+        shapes = {node.name: node.shape for node in session.get_outputs()}
+        width = (shapes.get(layout.logits) or [None])[-1]
+        present = {*layout.present_keys, *layout.present_values}
+        known = set(output_names) == present | {layout.logits}
+        self.vocabulary = int(width) if known and isinstance(width, int) else None
+        types = {node.name: node.type for node in session.get_outputs()}
+        self.dtypes = {name: np.dtype(_numpy_dtype(types[name])) for name in output_names}
+        self.binding = session.io_binding() if self.vocabulary else None
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """The outputs of one call on completed feeds (:func:`complete_feeds`)."""
+        if self.binding is not None:
+            try:
+                return self._run_bound(feeds)
+            except Exception:  # noqa: BLE001 - outputs not of the shapes foreseen: run unbound from now on
+                self.binding = None
+        return dict(zip(self.output_names, self.session.run(self.output_names, dict(feeds))))
+
+    def _run_bound(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        layout, binding = self.layout, self.binding
+        batch, count = np.shape(feeds[layout.input_ids])[0], np.shape(feeds[layout.input_ids])[-1]
+        total = np.shape(feeds[layout.past_keys[0]])[2] + count
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))  # the binding holds it
+        outputs = {}
+        for name in self.output_names:
+            shape = ((batch, count, self.vocabulary) if name == layout.logits
+                     else (batch, layout.kv_heads, total, layout.head_dim))
+            outputs[name] = np.empty(shape, dtype=self.dtypes[name])
+            binding.bind_output(name, "cpu", 0, self.dtypes[name], list(shape), outputs[name].ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+
+def _numpy_dtype(onnx_type: str) -> str:
+    name = onnx_type.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(name, name)

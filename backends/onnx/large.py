@@ -54,8 +54,7 @@ def quantize_large(source: Path, step: Step, context: Context) -> tuple[Path, li
 def _quantize_large(source: Path, skeleton: Any, step: Step, context: Context) -> tuple[Path, list[str], dict[str, Any]]:
     import onnx
 
-    from compressor_frontends.pytorch.export import strip_value_info
-    from compressor_onnx.int8_file import quantize_int8_file
+    from compressor_onnx.int8_static_stream import quantize_static_large
     from compressor_onnx.quantize_common import parse_names, resolve_reduce_range
 
     if step.mode == "fp16":
@@ -75,14 +74,8 @@ def _quantize_large(source: Path, skeleton: Any, step: Step, context: Context) -
     if step.mode == "dynamic":
         reduce_range = resolve_reduce_range(step)
         return _dynamic(skeleton, source, step, excluded, context, reduce_range), [], {"reduce_range": reduce_range}
-    # ONNX Runtime's static quantizer calibrates and quantizes from a file:
-    # give it one data file in our own folder, value_info dropped as on the small path.
-    target = scratch_model(context, "quantize-in")
-    write_model(strip_value_info(skeleton), target, source.parent, progress=context.progress)
-    output = target.with_name("quantize-out.onnx")
-    notes, metadata = quantize_int8_file(target, output, step, excluded, context, skeleton)
-    onnx.save_model(strip_value_info(load_skeleton(output)), str(output))
-    return output, notes, metadata
+    # Static int8/uint8: QDQ written one weight tensor at a time (transformers: their own path).
+    return quantize_static_large(source, skeleton, step, excluded, context)
 
 
 def _int4(skeleton: Any, source: Path, step: Step, context: Context) -> tuple[Path, list[str]]:
@@ -90,7 +83,7 @@ def _int4(skeleton: Any, source: Path, step: Step, context: Context) -> tuple[Pa
     from compressor_onnx.int4_stream import quantize_int4_stream
 
     settings = Int4Settings.from_step(step)
-    if settings.algorithm == "gptq":
+    if settings.algorithm in ("gptq", "awq"):  # calibrated: gptq.py runs awq.py for awq
         return _gptq(source, step, context)
     try:
         producers = quantize_int4_stream(skeleton, source.parent, settings)

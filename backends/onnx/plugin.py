@@ -43,6 +43,7 @@ from compressor_frontends.pytorch.techniques import (
     lowrank_technique,
     text_options,
 )
+from compressor_onnx.genai import GENAI_FORMAT, export_technique
 from compressor_onnx.network import ExportCache, Network
 
 NAME = "onnx"
@@ -68,8 +69,8 @@ def backend() -> Backend:
         "block_size": Param(str, "32", "int4: weights per scale (a power of two)",
                             choices=("16", "32", "64", "128", "256")),
         "symmetric": Param(bool, False, "int4: symmetric blocks (no zero points)"),
-        "algorithm": Param(str, "rtn", "int4: rtn, hqq, or gptq (needs --calibration-data)",
-                           choices=("rtn", "hqq", "gptq")),
+        "algorithm": Param(str, "rtn", "int4: rtn, hqq, gptq or awq (both need --calibration-data)",
+                           choices=("rtn", "hqq", "gptq", "awq")),
         "accuracy_level": Param(int, 4, "int4: MatMulNBits compute (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)",
                                 minimum=0, maximum=4),
     }
@@ -106,6 +107,7 @@ def backend() -> Backend:
                 params=QAT_PARAMS,
                 requires_data={EVERY_STEP: "train"},
             ),
+            "export": export_technique(),
         },
         options={
             "model_factory": Param(str, None, "package.module:function building the nn.Module for a state_dict"),
@@ -159,6 +161,9 @@ def compressor_load_data(path: Path, purpose: str, inputs: tuple[TensorSpec, ...
 @hookimpl
 def compressor_fork(model: Model, context: Context) -> Model:
     """Steps never modify a Network, so a fork shares the loaded graph, file and export."""
+    if model.format == GENAI_FORMAT:  # an export genai plan: immutable
+        return Model(NAME, model.source, model.format, model.handle, model.inputs, list(model.notes),
+                     dict(model.metadata))
     network: Network = model.handle
     if network.export is not None and network.torch is not None:
         network = dataclasses.replace(network, torch=network.torch.without_weights())
@@ -175,13 +180,18 @@ def _format(network: Network) -> str:
 @hookimpl
 def compressor_check_steps(model: Model, steps: list[Step], context: Context) -> None:
     """What the declaration cannot say, refused before anything is exported (:mod:`compressor_onnx.step_checks`)."""
+    from compressor_onnx.genai import check_export_steps
     from compressor_onnx.step_checks import check_steps
 
-    check_steps(model, steps, context)
+    check_steps(model, check_export_steps(model, steps), context)
 
 
 @hookimpl
 def compressor_compress(model: Model, step: Step, context: Context) -> Model | None:
+    if step.technique == "export" or model.format == GENAI_FORMAT:
+        from compressor_onnx.genai import genai_step
+
+        return genai_step(model, step, context)
     if step.technique not in ("prune", "quantize", "lowrank", "distill", "qat"):
         return None
     if step.technique in ("distill", "qat") or step.params.get("structure") == "head":
@@ -272,6 +282,10 @@ def _export_facts(network: Network) -> dict[str, object]:
 
 @hookimpl
 def compressor_save(model: Model, destination: Path, context: Context) -> Artifact:
+    if model.format == GENAI_FORMAT:
+        from compressor_onnx.genai_build import save_genai
+
+        return save_genai(model.handle, destination, context)
     from compressor_onnx.export import exported
     from compressor_onnx.saving import save_network
 
@@ -282,6 +296,10 @@ def compressor_save(model: Model, destination: Path, context: Context) -> Artifa
 
 @hookimpl
 def compressor_open_runtime(artifact: Artifact, settings: MeasureSettings) -> Runtime:
+    if artifact.format == GENAI_FORMAT:
+        from compressor_onnx.genai_runtime import GenaiRuntime
+
+        return GenaiRuntime(artifact, settings)
     from compressor_onnx.runtime import OnnxRuntime
 
     return OnnxRuntime(artifact, settings)

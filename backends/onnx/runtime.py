@@ -20,6 +20,7 @@ from compressor.plugin import (
     first_line,
 )
 from compressor_onnx.kv_runtime import (
+    CacheBinding,
     cache_hidden,
     cache_layout,
     complete_feeds,
@@ -62,6 +63,7 @@ class OnnxRuntime(Runtime):
             weights = streamed_weight_bytes(artifact.path)
             self.kv_cache = dataclasses.replace(self.kv_cache, weight_bytes=weights or _file_bytes(artifact))
             self.inputs, self.outputs = cache_hidden(self.kv_cache, self.inputs, self.outputs)
+            self._bound = CacheBinding(self.session, self.kv_cache, self._names)
         self.fixed_batch = _fixed_batch(self.inputs)
 
     @staticmethod
@@ -79,8 +81,9 @@ class OnnxRuntime(Runtime):
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            values = self.session.run(self._names, complete_feeds(self.kv_cache, feeds) if self.kv_cache
-                                      else dict(feeds))
+            if self.kv_cache:
+                return self._bound.run(complete_feeds(self.kv_cache, feeds))
+            values = self.session.run(self._names, dict(feeds))
         except Exception as error:  # noqa: BLE001 - ORT's InvalidArgument, Fail, RuntimeException...
             raise InvalidInputError(f"ONNX Runtime refused the inputs: {first_line(error)}") from error
         return dict(zip(self._names, values))

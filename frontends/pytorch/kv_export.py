@@ -15,6 +15,11 @@ exporter (``dynamo=False``, the reliable path for these graphs) sees tensors onl
 cache's shapes (layers, key/value heads, head size) are read from one short run of the
 model rather than from its config, so grouped-query attention and any ``head_dim`` come out
 right whatever the architecture calls them.
+
+The onnx backend then rewrites each layer's attention into ONNX Runtime's fused
+``GroupQueryAttention`` (and ``RotaryEmbedding``) where a check on a miniature of the model
+shows the outputs unchanged (:mod:`compressor_onnx.kv_fusion_export`): inputs and outputs
+stay as listed here.
 """
 
 from __future__ import annotations

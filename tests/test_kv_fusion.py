@@ -1,0 +1,254 @@
+"""ONNX Runtime's fused attention in the generation-ready export (issue 27).
+
+A tiny Llama (rotary positions, grouped-query attention) built in-test: the backend's export
+rewrites its attention into GroupQueryAttention + RotaryEmbedding, the fused graph computes
+what the unfused one does (prefill with left padding, decode, chunked prefill), every
+quantization mode works on it, and a model the pass does not know is left as exported.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compressor.models import Context, Dataset, Step
+
+VOCABULARY, LAYERS, KV_HEADS, HEAD_DIM = 300, 2, 2, 8
+
+
+def tiny_llama(folder: Path, **config: Any) -> Any:
+    import torch
+    import transformers
+
+    from compressor_frontends.pytorch.hf import load_transformers
+
+    torch.manual_seed(0)
+    settings = dict(num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=KV_HEADS, hidden_size=32,
+                    intermediate_size=64, vocab_size=VOCABULARY, max_position_embeddings=128, bos_token_id=0,
+                    eos_token_id=0)
+    module = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config}))
+    module.eval().save_pretrained(folder, safe_serialization=True)
+    model, _ = load_transformers(folder, ())
+    return model
+
+
+def session(graph: Any) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def run(graph_session: Any, ids: Any, mask: Any, past: list[Any] | None) -> list[Any]:
+    batch = ids.shape[0]
+    past = past or [np.zeros((batch, KV_HEADS, 0, HEAD_DIM), np.float32)] * (2 * LAYERS)
+    feeds = {"input_ids": ids, "attention_mask": mask,
+             "position_ids": np.clip(np.cumsum(mask, axis=1) - 1, 0, None)[:, -ids.shape[1]:]}
+    feeds.update({f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}": tensor for i, tensor in enumerate(past)})
+    return graph_session.run(None, feeds)
+
+
+def op_types(graph: Any) -> Counter:
+    return Counter(node.op_type for node in graph.graph.node)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny Llama exported by the backend (fused) and without the pass (unfused)."""
+    from compressor_frontends.pytorch.kv_export import export_with_cache
+    from compressor_onnx.export import export_graph
+
+    folder = tmp_path_factory.mktemp("llama")
+    model = tiny_llama(folder / "model")
+    context = Context(workdir=folder)
+    fused, _ = export_graph(model, context)
+    plain, _ = export_with_cache(model, context)
+    return {"fused": fused, "plain": plain, "model": model, "folder": folder}
+
+
+def test_the_export_uses_fused_attention_and_computes_what_the_unfused_graph_does(exports: dict[str, Any]) -> None:
+    from compressor_onnx.kv_fusion import FUSED_KEY, FUSED_OPS
+
+    fused, plain = exports["fused"], exports["plain"]
+    ops = op_types(fused)
+    assert set(FUSED_OPS) <= set(ops) and not set(FUSED_OPS) & set(op_types(plain))
+    # Every layer's attention is one GroupQueryAttention, the rotation two RotaryEmbedding.
+    assert ops["GroupQueryAttention"] == LAYERS and ops["RotaryEmbedding"] == 2 * LAYERS
+    assert "Softmax" not in ops
+    assert sum(ops.values()) < sum(op_types(plain).values()) / 2
+    assert {entry.key: entry.value for entry in fused.metadata_props}[FUSED_KEY] == str(LAYERS)
+    assert [value.name for value in fused.graph.input] == [value.name for value in plain.graph.input]
+    assert [value.name for value in fused.graph.output] == [value.name for value in plain.graph.output]
+    with_fusion, without = session(fused), session(plain)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, VOCABULARY, size=(2, 12))
+    mask = np.ones((2, 12), np.int64)
+    mask[1, :3] = 0  # left padding: positions and the mask say where row 1 starts
+    full_fused, full_plain = run(with_fusion, ids, mask, None), run(without, ids, mask, None)
+    assert np.abs(full_fused[0][0] - full_plain[0][0]).max() < 1e-4
+    assert np.abs(full_fused[0][1, 3:] - full_plain[0][1, 3:]).max() < 1e-4
+    # Prefill 8 tokens, then decode 4 one at a time: each step's logits are the full pass's.
+    outputs = run(with_fusion, ids[:, :8], mask[:, :8], None)
+    for step in range(8, 12):
+        outputs = run(with_fusion, ids[:, step:step + 1], mask[:, :step + 1], outputs[1:])
+        assert np.abs(outputs[0][:, -1] - full_plain[0][:, step]).max() < 1e-4
+    assert np.abs(outputs[1][:, :, 3:] - full_plain[1][:, :, 3:]).max() < 1e-4
+    # One row: a prefill of 5, then 4 tokens at once (chunked prefill), then 3 decode steps.
+    row = ids[:1]
+    outputs = run(with_fusion, row[:, :5], mask[:1, :5], None)
+    outputs = run(with_fusion, row[:, 5:9], mask[:1, :9], outputs[1:])
+    assert np.abs(outputs[0] - full_plain[0][:1, 5:9]).max() < 1e-4
+    for step in range(9, 12):
+        outputs = run(with_fusion, row[:, step:step + 1], mask[:1, :step + 1], outputs[1:])
+        assert np.abs(outputs[0][:, -1] - full_plain[0][0, step]).max() < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "int4", "int4-gptq", "int8", "fp16"])
+def test_every_quantization_mode_works_on_the_fused_graph(exports: dict[str, Any], mode: str) -> None:
+    from compressor_onnx.quantization import quantize_graph
+
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, VOCABULARY, size=(6, 16))
+    data = Dataset(Path("ids.npz"), {"input_ids": ids}, None, 6)
+    context = Context(workdir=exports["folder"], calibration_data=data, eval_data=data)
+    params = {"mode": mode.split("-")[0], **({"algorithm": "gptq"} if mode.endswith("gptq") else {})}
+    quantized, _, _ = quantize_graph(exports["fused"], Step("quantize", params), context, exports["folder"])
+    ops = op_types(quantized)
+    assert ops["GroupQueryAttention"] == LAYERS and ops["RotaryEmbedding"] == 2 * LAYERS
+    quantized_ops = {"dynamic": "MatMulInteger", "int4": "MatMulNBits", "int4-gptq": "MatMulNBits",
+                     "int8": "QuantizeLinear", "fp16": "Cast"}[mode]
+    assert ops[quantized_ops] > 0, ops
+    mask = np.ones((1, 10), np.int64)
+    reference = run(session(exports["fused"]), ids[:1, :10], mask, None)[0]
+    prefill = run(session(quantized), ids[:1, :9], mask[:, :9], None)
+    step = run(session(quantized), ids[:1, 9:10], mask, prefill[1:])
+    assert step[0].shape == (1, 1, VOCABULARY) and np.isfinite(step[0]).all()
+    # Close to float32 (random weights: small logits), and decoding with the cache as in one pass.
+    assert np.abs(step[0][0, -1] - reference[0, 9]).max() < 0.25
+    full = run(session(quantized), ids[:1, :10], mask, None)[0]
+    assert np.abs(step[0][0, -1] - full[0, 9]).max() < (1e-4 if mode in ("int4", "int4-gptq") else 0.05)
+
+
+def test_gpt2_without_rotary_positions_is_fused_and_decodes_as_before(tmp_path: Path) -> None:
+    import torch
+    import transformers
+
+    from compressor_frontends.pytorch.hf import load_transformers
+    from compressor_frontends.pytorch.kv_export import export_with_cache
+    from compressor_onnx.export import export_graph
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCABULARY, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(tmp_path / "gpt2", safe_serialization=True)
+    model, _ = load_transformers(tmp_path / "gpt2", ())
+    fused, _ = export_graph(model, Context(workdir=tmp_path))
+    plain, _ = export_with_cache(model, Context(workdir=tmp_path))
+    ops = op_types(fused)
+    assert ops["GroupQueryAttention"] == 2 and "RotaryEmbedding" not in ops and "Softmax" not in ops
+    ids = np.random.default_rng(5).integers(0, VOCABULARY, size=(1, 10))
+    mask = np.ones((1, 10), np.int64)
+    past = [np.zeros((1, 2, 0, 16), np.float32)] * 4
+
+    def feeds(count: int, begin: int, cache: list[Any]) -> dict[str, Any]:
+        names = [f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}" for i in range(4)]
+        return {"input_ids": ids[:, begin:begin + count], "attention_mask": mask[:, :begin + count],
+                "position_ids": np.arange(begin, begin + count)[None], **dict(zip(names, cache))}
+
+    full = session(plain).run(None, feeds(10, 0, past))[0]
+    with_fusion = session(fused)
+    outputs = with_fusion.run(None, feeds(6, 0, past))
+    for step in range(6, 10):
+        outputs = with_fusion.run(None, feeds(1, step, outputs[1:]))
+        assert np.abs(outputs[0][0, -1] - full[0, step]).max() < 1e-4
+
+
+def test_a_model_the_pass_does_not_know_is_exported_unfused(tmp_path: Path) -> None:
+    from compressor_onnx.export import export_graph
+
+    # A sliding-window cache keeps only the window: the pass would change what present holds.
+    graph, _ = export_graph(_mistral(tmp_path / "mistral"), Context(workdir=tmp_path))
+    assert "GroupQueryAttention" not in op_types(graph) and "Softmax" in op_types(graph)
+    assert not list(tmp_path.glob("fusion-check-*"))  # the miniature's files are gone
+
+
+def _mistral(folder: Path) -> Any:
+    import torch
+    import transformers
+
+    from compressor_frontends.pytorch.hf import load_transformers
+
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        hidden_size=32, intermediate_size=64, vocab_size=VOCABULARY,
+                                        max_position_embeddings=128, sliding_window=4)
+    transformers.MistralForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    model, _ = load_transformers(folder, ())
+    return model
+
+
+def test_a_token_streams_the_weights_but_not_the_tables_it_reads_a_row_of(exports: dict[str, Any]) -> None:
+    import onnx
+
+    from compressor_onnx.kv_runtime import _streamed_weight_bytes
+    from compressor_onnx.quantization import quantize_graph
+
+    folder = exports["folder"]
+    paths = {}
+    int4, _, _ = quantize_graph(exports["fused"], Step("quantize", {"mode": "int4"}), Context(workdir=folder), folder)
+    for name, graph in (("plain", exports["plain"]), ("fused", exports["fused"]), ("int4", int4)):
+        paths[name] = folder / f"{name}.onnx"
+        onnx.save_model(graph, str(paths[name]))
+    # The rotary tables (128 positions) are read a row per position, like the embedding table.
+    assert _streamed_weight_bytes(str(paths["fused"])) == _streamed_weight_bytes(str(paths["plain"]))
+    module = exports["model"].module
+    embedding = module.model.embed_tokens.weight.numel() * 4
+    parameters = sum(parameter.numel() for parameter in module.parameters()) * 4
+    assert _streamed_weight_bytes(str(paths["plain"])) <= parameters - embedding
+    # int4 gathers its embedding rows from a block-quantized table: not streamed either.
+    assert "GatherBlockQuantized" in op_types(int4)
+    int4_bytes = _streamed_weight_bytes(str(paths["int4"]))
+    lm_head = module.lm_head.weight.numel()
+    assert lm_head // 2 < int4_bytes < (parameters - embedding) / 4
+
+
+def test_a_large_export_is_fused_on_disk(
+        exports: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    from compressor_frontends.pytorch.export import LARGE_MODEL_VARIABLE
+    from compressor_onnx.export import export_graph
+
+    monkeypatch.setenv(LARGE_MODEL_VARIABLE, "2000")
+    graph, path = export_graph(exports["model"], Context(workdir=tmp_path))
+    assert graph is None and path is not None
+    on_disk = onnx.load(str(path), load_external_data=False)
+    assert op_types(on_disk)["GroupQueryAttention"] == LAYERS
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(6)
+    ids, mask = rng.integers(0, VOCABULARY, size=(1, 6)), np.ones((1, 6), np.int64)
+    from_disk = run(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), ids, mask, None)
+    in_memory = run(session(exports["fused"]), ids, mask, None)
+    assert all(np.array_equal(first, second) for first, second in zip(from_disk, in_memory))
+    # The large-model quantizers (file to file) keep the fused ops and run.
+    from compressor_onnx.large import quantize_large
+
+    for mode in ("int4", "dynamic"):
+        quantized, _, _ = quantize_large(path, Step("quantize", {"mode": mode}), Context(workdir=tmp_path))
+        graph_session = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+        assert op_types(onnx.load(str(quantized), load_external_data=False))["GroupQueryAttention"] == LAYERS
+        assert np.abs(run(graph_session, ids, mask, None)[0] - in_memory[0]).max() < 0.25
+
+
+def test_a_failed_check_on_the_miniature_leaves_the_export_unfused(
+        exports: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from compressor_onnx import kv_fusion_export
+    from compressor_onnx.export import export_graph
+
+    monkeypatch.setattr(kv_fusion_export, "TOLERANCE", -1.0)  # no difference is ever small enough
+    graph, _ = export_graph(exports["model"], Context(workdir=tmp_path))
+    assert "GroupQueryAttention" not in op_types(graph) and "Softmax" in op_types(graph)
