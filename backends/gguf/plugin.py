@@ -25,6 +25,7 @@ from compressor.plugin import (
     GENERATION_OPTIONS,
     ORDER,
     QUANTIZE_OPTION,
+    TOKEN_INPUTS,
     Artifact,
     Backend,
     Context,
@@ -43,7 +44,6 @@ from compressor.plugin import (
     run_in_fork,
 )
 from compressor_gguf.quantize import ALIASES, FLOAT_TENSOR_TYPES, FTYPES, SIZE_SHARES, ftype_name
-from compressor_gguf.runtime import TOKEN_INPUTS
 
 NAME = "gguf"
 MAGIC = b"GGUF"

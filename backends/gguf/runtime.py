@@ -10,14 +10,13 @@ zero logits, which core's comparison leaves out through the same mask.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from compressor.plugin import (
     Artifact,
     InvalidInputError,
     MeasureSettings,
-    Runtime,
+    SequenceRuntime,
     TensorSpec,
     TokenDecoder,
     first_line,
@@ -28,24 +27,20 @@ from compressor.plugin import (
 MIN_CONTEXT = 256
 #: Room a generation's prefill leaves in the context for the tokens decoded after it.
 DECODE_ROOM = 256
-TOKEN_INPUTS = (TensorSpec("input_ids", (None, None), "int64"),
-                TensorSpec("attention_mask", (None, None), "int64", optional=True))
 
 
-class LlamaCppRuntime(Runtime):
+class LlamaCppRuntime(SequenceRuntime):
     """A saved GGUF file opened by llama.cpp on the CPU."""
-
-    inputs = TOKEN_INPUTS
 
     def __init__(self, artifact: Artifact, settings: MeasureSettings) -> None:
         self.path, self.threads = artifact.path, settings.threads
         self.context = 0
         self.llm: Any = None
         self.open(int(settings.options.get("n_ctx") or MIN_CONTEXT))
-        self.vocab = int(self.llm.n_vocab())
+        self.vocabulary = int(self.llm.n_vocab())
         metadata = self.llm.metadata
         self.trained_context = int(metadata.get(f"{metadata.get('general.architecture')}.context_length") or 0)
-        self.outputs = (TensorSpec("logits", (None, None, self.vocab), "float32"),)
+        self.outputs = (TensorSpec("logits", (None, None, self.vocabulary), "float32"),)
 
     def open(self, context: int) -> None:
         import llama_cpp
@@ -62,29 +57,13 @@ class LlamaCppRuntime(Runtime):
             raise InvalidInputError(f"llama.cpp cannot open it ({first_line(error)})", self.path) from None
         self.context = context
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        import numpy as np
+    def prepare(self, longest: int) -> None:
+        self.fit(longest)
 
-        ids = np.asarray(feeds["input_ids"])
-        if ids.ndim != 2:
-            raise InvalidInputError(f"input_ids must be [batch, tokens], not {list(ids.shape)}")
-        mask = feeds.get("attention_mask")
-        keep = np.ones(ids.shape, dtype=bool) if mask is None else np.asarray(mask).astype(bool)
-        if keep.shape != ids.shape:
-            raise InvalidInputError(f"attention_mask {list(keep.shape)} does not match input_ids {list(ids.shape)}")
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab):
-            raise InvalidInputError(f"input_ids hold ids from {int(ids.min())} to {int(ids.max())}; the model's "
-                                    f"vocabulary has {self.vocab}")
-        self.fit(int(keep.sum(axis=1).max()) if ids.size else 0)
-        logits = np.zeros((*ids.shape, self.vocab), dtype=np.float32)
-        for row in range(ids.shape[0]):
-            positions = np.flatnonzero(keep[row])
-            if not len(positions):
-                continue
-            self.llm.reset()  # the next eval starts at position 0 and clears the cache past it
-            self.llm.eval(ids[row, positions].tolist())
-            logits[row, positions] = self.llm.scores[: len(positions)]
-        return {"logits": logits}
+    def sequence_logits(self, ids: Any) -> Any:
+        self.llm.reset()  # the next eval starts at position 0 and clears the cache past it
+        self.llm.eval(ids.tolist())
+        return self.llm.scores[: len(ids)]
 
     def fit(self, tokens: int) -> None:
         """Reopen the context, if it holds fewer than ``tokens`` (within the model's own)."""

@@ -15,7 +15,6 @@ logits of the next position, so the timed work is the generator's own decode ste
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from compressor.plugin import (
     Artifact,
     InvalidInputError,
     MeasureSettings,
-    Runtime,
+    SequenceRuntime,
     TensorSpec,
     TokenDecoder,
     UnsupportedError,
@@ -37,14 +36,10 @@ from compressor_onnx.genai_build import CONFIG_FILE
 MIN_LENGTH = 256
 #: Room a prefill leaves in the cache for the tokens decoded after it.
 DECODE_ROOM = 256
-TOKEN_INPUTS = (TensorSpec("input_ids", (None, None), "int64"),
-                TensorSpec("attention_mask", (None, None), "int64", optional=True))
 
 
-class GenaiRuntime(Runtime):
+class GenaiRuntime(SequenceRuntime):
     """A model builder's folder opened by onnxruntime-genai on the CPU."""
-
-    inputs = TOKEN_INPUTS
 
     def __init__(self, artifact: Artifact, settings: MeasureSettings) -> None:
         import onnxruntime_genai as og
@@ -109,22 +104,8 @@ class GenaiRuntime(Runtime):
         self.generator, self.length = og.Generator(self.model, params), length
         return self.generator
 
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        ids = np.asarray(feeds["input_ids"])
-        if ids.ndim != 2:
-            raise InvalidInputError(f"input_ids must be [batch, tokens], not {list(ids.shape)}")
-        mask = feeds.get("attention_mask")
-        keep = np.ones(ids.shape, dtype=bool) if mask is None else np.asarray(mask).astype(bool)
-        if keep.shape != ids.shape:
-            raise InvalidInputError(f"attention_mask {list(keep.shape)} does not match input_ids {list(ids.shape)}")
-        logits = np.zeros((*ids.shape, self.vocabulary), dtype=np.float32)
-        for row in range(ids.shape[0]):
-            positions = np.flatnonzero(keep[row])
-            if len(positions):
-                logits[row, positions] = self.sequence(ids[row, positions])
-        return {"logits": logits}
+    def sequence_logits(self, ids: Any) -> Any:
+        return self.sequence(ids)
 
     def token_decoder(self) -> TokenDecoder:
         return GenaiDecoder(self)

@@ -52,6 +52,9 @@ Data (what travels through the hooks)
                           (``Runtime.kv_cache``): core then measures it generating
     TokenDecoder          a runtime that keeps its own cache (llama.cpp), fed a token at a time
                           (``Runtime.token_decoder``): measured as generation too
+    SequenceRuntime       a Runtime for a model fed one token sequence at a time: ``run`` over
+                          rows and the mask, ids checked; the subclass gives ``sequence_logits``
+    TOKEN_INPUTS          the inputs such a model takes: ``input_ids`` and an optional mask
 
 Errors (one line and an exit code for the user; anything else is a bug in the plugin)
     CompressorError       the base class; ``CompressorError(message, path)``
@@ -139,6 +142,7 @@ from compressor.specs import (
 )
 from compressor.task_rules import chosen_task as declared_task
 from compressor.tasks import detect as detect_task
+from compressor.token_runtime import TOKEN_INPUTS, SequenceRuntime
 from compressor.training_labels import LabelOutput, label_output, probe_rows
 from compressor.vocabulary import (
     ORDER,
@@ -209,6 +213,8 @@ __all__ = [
     "ProgressCallback",
     "KVCacheLayout",
     "TokenDecoder",
+    "SequenceRuntime",
+    "TOKEN_INPUTS",
     # errors
     "CompressorError",
     "UsageError",
