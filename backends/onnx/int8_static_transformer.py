@@ -1,6 +1,6 @@
 """Static int8 of a large transformer, one weight tensor at a time.
 
-transformer_static.py's recipe (its ``_plan`` of the MatMul/Gemm to quantize and the ops kept
+transformer_static.py's recipe (its ``plan_targets`` of the MatMul/Gemm to quantize and the ops kept
 float, SmoothQuant, activations uint8 on x86, MatMul/Gemm outputs left float, embeddings
 weight-only uint8) without ONNX Runtime's ``quant_pre_process`` and ``quantize_static``, which
 both load the whole model:
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +42,7 @@ def quantize_transformer_stream(source: Path, target: Path, step: Step, excluded
     )
     from compressor_onnx.int8_stream import quantize_dynamic_int8
     from compressor_onnx.quantize_common import op_types
-    from compressor_onnx.transformer_static import DEFAULT_ALPHA, activation_type
-    from compressor_onnx.transformer_static import _plan as plan_targets
+    from compressor_onnx.transformer_static import DEFAULT_ALPHA, activation_type, plan_targets
 
     model, original = load_skeleton(source), load_skeleton(source)
     allowed = set(op_types(("MatMul", "Gemm", "Gather"), step))
@@ -128,18 +126,9 @@ def _activation_onnx_type(activations: str) -> int:
 def _report(model: Any, targets: list[Any], reasons: dict[str, list[str]], embeddings: dict[str, Any],
             alpha: float, activations: str, step: Step) -> tuple[list[str], dict[str, Any]]:
     """transformer_static.py's notes and metadata, and the step this path leaves out."""
-    from compressor_onnx.transformer_static import _KEPT_FLOAT
+    from compressor_onnx.transformer_static import static_metadata
 
-    kept = Counter(_KEPT_FLOAT[node.op_type] for node in model.graph.node if node.op_type in _KEPT_FLOAT)
-    reasons["stay float by design"] = [f"{count} {what}" for what, count in sorted(kept.items())]
-    metadata = {
-        "static_path": "transformer, streamed",
-        "activation_type": activations,
-        "smooth_quant_alpha": alpha,
-        "quantized_matmuls": len(targets),
-        "quantized_embeddings": len({name[: -len("_quantized")] for name in embeddings if name.endswith("_quantized")}),
-        "float_node_reasons": {reason: names for reason, names in reasons.items() if names},
-    }
+    metadata = static_metadata(model, targets, reasons, embeddings, alpha, activations, "transformer, streamed")
     notes = [
         "large model: ONNX Runtime's quant_pre_process is skipped (it loads the whole model)",
         f"transformer static {step.mode}: {len(targets)} MatMul/Gemm with constant weights quantized "

@@ -48,7 +48,7 @@ FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAtten
 _TO_OUTPUT = frozenset({"Add", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast",
                         "Tanh", "Softmax", "Sigmoid"})
 #: Ops that stay float by design, counted in the report.
-_KEPT_FLOAT = {"LayerNormalization": "normalization", "Softmax": "softmax", "Erf": "GELU", "Gelu": "GELU",
+KEPT_FLOAT = {"LayerNormalization": "normalization", "Softmax": "softmax", "Erf": "GELU", "Gelu": "GELU",
                "FastGelu": "GELU", "Tanh": "activation", "Add": "bias and residual Adds"}
 DEFAULT_ALPHA = 0.8
 
@@ -83,7 +83,7 @@ def quantize_transformer_file(
         notes.append("quant_pre_process failed on this graph; quantized without it")
     model = load_skeleton(pre)
     allowed = set(op_types(("MatMul", "Gemm", "Gather"), step))
-    targets, reasons = _plan(model, set(excluded), allowed)
+    targets, reasons = plan_targets(model, set(excluded), allowed)
     alpha = float(step.params.get("alpha", DEFAULT_ALPHA))
     smoothed = folder / "smoothed.onnx"
     if alpha > 0 and targets:
@@ -99,16 +99,7 @@ def quantize_transformer_file(
     embeddings = _embeddings(skeleton, quantized.parent, excluded, allowed, reduce_range)
     del skeleton.graph.value_info[:]
     write_model(skeleton, target, quantized.parent, embeddings)
-    kept = Counter(_KEPT_FLOAT[node.op_type] for node in model.graph.node if node.op_type in _KEPT_FLOAT)
-    reasons["stay float by design"] = [f"{count} {what}" for what, count in sorted(kept.items())]
-    metadata = {
-        "static_path": "transformer",
-        "activation_type": activations,
-        "smooth_quant_alpha": alpha,
-        "quantized_matmuls": len(targets),
-        "quantized_embeddings": len({name[: -len("_quantized")] for name in embeddings if name.endswith("_quantized")}),
-        "float_node_reasons": {reason: names for reason, names in reasons.items() if names},
-    }
+    metadata = static_metadata(model, targets, reasons, embeddings, alpha, activations, "transformer")
     notes.append(
         f"transformer static {step.mode}: {len(targets)} MatMul/Gemm with constant weights quantized "
         f"per-channel, {activations} activations, SmoothQuant alpha={alpha:g}, embeddings weight-only uint8; "
@@ -149,7 +140,7 @@ def _pre_process_here(source: Path, target: Path) -> bool:
     return False
 
 
-def _plan(model: Any, excluded: set[str], allowed: set[str]) -> tuple[list[Any], dict[str, list[str]]]:
+def plan_targets(model: Any, excluded: set[str], allowed: set[str]) -> tuple[list[Any], dict[str, list[str]]]:
     """The MatMul/Gemm nodes to quantize, and the weighted-op nodes kept float by reason."""
     from onnx import TensorProto
 
@@ -336,3 +327,19 @@ def _embeddings(skeleton: Any, folder: Path, excluded: list[str], allowed: set[s
 
     return quantize_dynamic_int8(skeleton, folder, False, excluded, ["Gather"], convert_gemm=False,
                                  reduce_range=reduce_range)
+
+
+def static_metadata(model: Any, targets: list[Any], reasons: dict[str, list[str]], embeddings: dict[str, Any],
+                    alpha: float, activations: str, path: str) -> dict[str, Any]:
+    """What the report says of a transformer's static quantization (``reasons`` gains the
+    ops kept float by design)."""
+    kept = Counter(KEPT_FLOAT[node.op_type] for node in model.graph.node if node.op_type in KEPT_FLOAT)
+    reasons["stay float by design"] = [f"{count} {what}" for what, count in sorted(kept.items())]
+    return {
+        "static_path": path,
+        "activation_type": activations,
+        "smooth_quant_alpha": alpha,
+        "quantized_matmuls": len(targets),
+        "quantized_embeddings": len({name[: -len("_quantized")] for name in embeddings if name.endswith("_quantized")}),
+        "float_node_reasons": {reason: names for reason, names in reasons.items() if names},
+    }
