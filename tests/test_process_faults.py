@@ -99,3 +99,14 @@ def test_a_step_out_of_memory_stops_the_run_with_exit_2_naming_it(toy_host, toy_
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: out of memory while applying 'quantize fp16'")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_measuring_process_killed_by_sigkill_is_out_of_memory_exit_2(toy_host, toy_model, tmp_path) -> None:
+    from conftest import registered
+
+    with registered("sigkilled_runtime", "sigkilled"):
+        result = invoke("run", toy_model["model"], "-q", "fp16", "--min-seconds", "0", "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "out of memory while measuring" in lines[0] and "SIGKILL" in lines[0], lines
+    assert str(toy_model["model"]) in lines[0] and not (tmp_path / "out").exists()

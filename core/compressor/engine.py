@@ -67,8 +67,10 @@ def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSet
         metrics.update(runtime.metrics())
         return measured
     eval_batch = fixed or (1 if examples.state else max(1, int(options.get("eval_batch") or 1)))
-    records = _run_all(runtime, examples, eval_batch, fixed, source)
+    records, compared_count = _run_all(runtime, examples, eval_batch, fixed, source)
     metrics["eval_batch"] = eval_batch
+    if compared_count < examples.count:
+        metrics["compared_examples"] = compared_count
     metrics["peak_rss_bytes"] = peak_rss_bytes()
     if fixed is not None:
         metrics["fixed_batch"] = fixed
@@ -80,7 +82,7 @@ def measure_runtime(runtime: Runtime, data: Dataset | None, settings: MeasureSet
         # where core's comparison has a figure of the same name.
         metrics.update(runtime.evaluate(data))
     wanted = _wanted_outputs(runtime, options)
-    feeds = {name: array for name, array in examples.arrays.items() if examples.axes[name] == 0}
+    feeds = {name: array[:compared_count] for name, array in examples.arrays.items() if examples.axes[name] == 0}
     positions = {spec.name: index for index, spec in enumerate(runtime.outputs)}
     by_name = {spec.name: spec for spec in runtime.outputs}
     # In the order asked for; every output's task is decided with the others in view.
@@ -165,16 +167,27 @@ def _raised_in(error: BaseException, packages: tuple[str, ...]) -> bool:
     return any(module == package or module.startswith(f"{package}.") for package in packages)
 
 
+#: Output values the comparison holds in memory at most (1 GiB of float32): a language model's
+#: logits are ``tokens x vocabulary`` per example (27 M values for 863 tokens of a 32,000-token
+#: vocabulary), so 300 examples would take 33 GB. Counted in values, not bytes, so that every
+#: variant (fp16 outputs too) is compared on the same examples.
+MAX_RETAINED_VALUES = 1 << 28
+
+
 def _run_all(runtime: Runtime, examples: Examples, batch: int, fixed: int | None,
-             source: Any) -> dict[str, Any | None]:
+             source: Any) -> tuple[dict[str, Any | None], int]:
     """Every example's outputs, stacked along a new first axis per output (None when
-    an output's shape varies between examples)."""
+    an output's shape varies between examples), and how many examples that is: the first
+    ones whose outputs fit in :data:`MAX_RETAINED_VALUES` (at least one batch)."""
     import numpy as np
 
     pieces: dict[str, list[Any]] = {spec.name: [] for spec in runtime.outputs}
     previous: Mapping[str, Any] = {}
+    retained, done = 0, 0
     for start in range(0, examples.count, batch):
         stop = min(start + batch, examples.count)
+        if start and not examples.state and retained + retained // start * (stop - start) > MAX_RETAINED_VALUES:
+            break
         feeds = examples.take(start, stop, pad_to=fixed)
         for output, target in examples.state.items():
             if output in previous:
@@ -187,13 +200,16 @@ def _run_all(runtime: Runtime, examples: Examples, batch: int, fixed: int | None
             array = np.asarray(value)
             if array.ndim and array.shape[0] == (fixed or rows):
                 pieces[name].extend(array[:rows])
+                retained += array[:rows].size
             else:
                 pieces[name].append(array)
+                retained += array.size
+        done = stop
     stacked: dict[str, Any | None] = {}
     for name, parts in pieces.items():
         shapes = {part.shape for part in parts}
         stacked[name] = np.stack(parts) if len(shapes) == 1 and parts else None
-    return stacked
+    return stacked, done
 
 
 def _time_batch(runtime: Runtime, examples: Examples, settings: MeasureSettings,

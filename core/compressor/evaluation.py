@@ -10,6 +10,7 @@ from typing import Any
 
 from compressor import fidelity
 from compressor.budgets import apply_budgets, budget_failures
+from compressor.engine import MAX_RETAINED_VALUES
 from compressor.errors import CompressorError, InvalidInputError
 from compressor.latency_interval import ratio_fields
 from compressor.models import Artifact, Dataset, MeasureSettings, ProgressCallback, TensorSpec
@@ -142,6 +143,14 @@ def score(result: VariantResult, measured: list[MeasuredArtifact], reference: Me
     the backend's runtime reported itself (:meth:`compressor.runtime.Runtime.evaluate`: fastText's
     precision@1 as ``accuracy``) stands where the comparison has one of the same name."""
     labels = _labels(eval_data, settings)
+    compared = (reference or measured[0]).metrics.get("compared_examples")
+    if compared:
+        # Outputs too big to hold for every example: compared on the first ones (engine.py).
+        labels = labels[:compared] if labels is not None else None
+        note = (f"outputs compared on the first {compared} examples: more would hold over "
+                f"{MAX_RETAINED_VALUES / 1e6:.0f} M output values in memory")
+        if note not in result.notes:
+            result.notes.append(note)
     metrics = summarize_repeats([m.metrics for m in measured])
     metrics.update(_repeat_spread([m.metrics for m in measured]))
     latest = measured[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -100,9 +101,16 @@ def _measure_in(exchange: Path, artifact: Artifact, data_path: Path | None, inpu
         problem = child_output.splitlines()[-1] if child_output else _scratch_problem(exchange)
         raise errors.UsageError(f"cannot write scratch files in TMPDIR ({exchange.parent}): {problem} "
                                 "(while measuring); point TMPDIR at a writable folder with free space")
+    if not result_file.exists() and process.returncode == -signal.SIGKILL:
+        error: errors.CompressorError = errors.UsageError(
+            f"out of memory while measuring (the measuring process was killed by SIGKILL, likely by the "
+            f"kernel's out-of-memory killer, at {usage.ru_maxrss / 2**20:.1f} GiB); measure fewer or shorter "
+            "examples (--max-examples, --set max_length=) or use a machine with more memory", artifact.path)
+        error.child_output = child_output
+        raise error
     if not result_file.exists():
         tail = child_output.splitlines()[-3:]
-        error: errors.CompressorError = errors.InvalidInputError(
+        error = errors.InvalidInputError(
             f"the runtime crashed while measuring (exit {process.returncode})"
             + (f": {' | '.join(tail)}" if tail else ""),
             artifact.path,
