@@ -335,3 +335,11 @@ def test_task_generate_measures_generation_and_is_refused_where_nothing_can_gene
                                        "--set", "task=generate", "-o", str(out)])
     assert refused.exit_code == 5, refused.output
     assert "task=generate" in refused.output and "Traceback" not in refused.output and not out.exists()
+
+
+def test_a_sequence_runtime_opens_a_power_of_two_context_within_the_models() -> None:
+    from compressor.plugin import MIN_CONTEXT, SequenceRuntime
+
+    assert SequenceRuntime.context_for(1) == SequenceRuntime.context_for(MIN_CONTEXT) == MIN_CONTEXT
+    assert SequenceRuntime.context_for(MIN_CONTEXT + 1) == 2 * MIN_CONTEXT
+    assert SequenceRuntime.context_for(300, 400) == 400 and SequenceRuntime.context_for(5000) == 8192

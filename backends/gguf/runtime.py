@@ -13,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from compressor.plugin import (
+    DECODE_ROOM,
+    MIN_CONTEXT,
     Artifact,
     InvalidInputError,
     MeasureSettings,
@@ -22,11 +24,6 @@ from compressor.plugin import (
     first_line,
     native_output_silenced,
 )
-
-#: The smallest context opened; longer rows reopen it at the next power of two.
-MIN_CONTEXT = 256
-#: Room a generation's prefill leaves in the context for the tokens decoded after it.
-DECODE_ROOM = 256
 
 
 class LlamaCppRuntime(SequenceRuntime):
@@ -72,8 +69,7 @@ class LlamaCppRuntime(SequenceRuntime):
         if self.trained_context and tokens > self.trained_context:
             raise InvalidInputError(f"a row has {tokens} tokens, more than the model's context of "
                                     f"{self.trained_context}")
-        wanted = max(MIN_CONTEXT, 1 << (tokens - 1).bit_length())
-        self.open(min(wanted, self.trained_context) if self.trained_context else wanted)
+        self.open(self.context_for(tokens, self.trained_context or None))
 
     def token_decoder(self) -> TokenDecoder:
         """Generation through llama.cpp's own cache: core measures time to first token, decode

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from compressor.plugin import (
+    DECODE_ROOM,
     Artifact,
     InvalidInputError,
     MeasureSettings,
@@ -30,12 +31,6 @@ from compressor.plugin import (
     native_output_silenced,
 )
 from compressor_onnx.genai_build import CONFIG_FILE
-
-#: The shortest cache a generator is opened with; a longer sequence reopens it at the next
-#: power of two (the cache is allocated for its whole length up front).
-MIN_LENGTH = 256
-#: Room a prefill leaves in the cache for the tokens decoded after it.
-DECODE_ROOM = 256
 
 
 class GenaiRuntime(SequenceRuntime):
@@ -95,9 +90,7 @@ class GenaiRuntime(SequenceRuntime):
         if self.generator is not None and wanted <= self.length:
             self.generator.rewind_to(0)
             return self.generator
-        length = max(MIN_LENGTH, 1 << (wanted - 1).bit_length())
-        if self.context_length:
-            length = min(length, self.context_length)
+        length = self.context_for(wanted, self.context_length)  # the cache is allocated whole, up front
         self.generator = None  # the old cache goes before the new one is allocated
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=length, do_sample=False)

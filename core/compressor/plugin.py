@@ -55,6 +55,8 @@ Data (what travels through the hooks)
     SequenceRuntime       a Runtime for a model fed one token sequence at a time: ``run`` over
                           rows and the mask, ids checked; the subclass gives ``sequence_logits``
     TOKEN_INPUTS          the inputs such a model takes: ``input_ids`` and an optional mask
+    MIN_CONTEXT           the shortest context such a runtime opens (``SequenceRuntime.context_for``)
+    DECODE_ROOM           the room a generation's prefill leaves for the tokens decoded after it
 
 Errors (one line and an exit code for the user; anything else is a bug in the plugin)
     CompressorError       the base class; ``CompressorError(message, path)``
@@ -142,7 +144,7 @@ from compressor.specs import (
 )
 from compressor.task_rules import chosen_task as declared_task
 from compressor.tasks import detect as detect_task
-from compressor.token_runtime import TOKEN_INPUTS, SequenceRuntime
+from compressor.token_runtime import DECODE_ROOM, MIN_CONTEXT, TOKEN_INPUTS, SequenceRuntime
 from compressor.training_labels import LabelOutput, label_output, probe_rows
 from compressor.vocabulary import (
     ORDER,
@@ -215,6 +217,8 @@ __all__ = [
     "TokenDecoder",
     "SequenceRuntime",
     "TOKEN_INPUTS",
+    "MIN_CONTEXT",
+    "DECODE_ROOM",
     # errors
     "CompressorError",
     "UsageError",

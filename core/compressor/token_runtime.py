@@ -16,6 +16,11 @@ from compressor.errors import InvalidInputError
 from compressor.models import TensorSpec
 from compressor.runtime import Runtime
 
+#: The shortest context (cache) a sequence runtime opens: longer sequences reopen it at the
+#: next power of two (:meth:`SequenceRuntime.context_for`).
+MIN_CONTEXT = 256
+#: Room a generation's prefill leaves in the context for the tokens decoded after it.
+DECODE_ROOM = 256
 #: What a sequence runtime takes: token ids, and optionally which of them are real.
 TOKEN_INPUTS = (TensorSpec("input_ids", (None, None), "int64"),
                 TensorSpec("attention_mask", (None, None), "int64", optional=True))
@@ -44,6 +49,13 @@ class SequenceRuntime(Runtime):
     def sequence_logits(self, ids: Any) -> Any:
         """The logits of every position of ``ids`` (1-D int64), ``[len(ids), vocabulary]``."""
         raise NotImplementedError
+
+    @staticmethod
+    def context_for(tokens: int, limit: int | None = None) -> int:
+        """The context to open for ``tokens``: a power of two, at least :data:`MIN_CONTEXT`, at
+        most ``limit`` (the model's own, where it has one)."""
+        wanted = max(MIN_CONTEXT, 1 << (max(tokens, 1) - 1).bit_length())
+        return min(wanted, limit) if limit else wanted
 
     def prepare(self, longest: int) -> None:
         """Called once per ``run`` with the longest row's token count, before any row."""
