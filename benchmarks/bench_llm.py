@@ -23,6 +23,7 @@ import json
 import sys
 import tempfile
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,24 @@ def random_llama(folder: Path, size: str) -> dict[str, Any]:
     config = transformers.LlamaConfig(**LLAMA[size], max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)
+    small_tokenizer(folder)
     return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def small_tokenizer(folder: Path) -> None:
+    """A 1,000-token byte-level BPE trained on train.txt, saved beside the model: onnxruntime-genai's
+    builder and the GGUF converter want one (the benchmark feeds token ids, so its size does not matter)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    lines = bytes(text_bytes(DATA / "train.txt", 2_000_000).astype("uint8")).decode("utf-8", "replace").splitlines()
+    bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>",
+                                         eos_token="</s>").save_pretrained(folder)
 
 
 def token_rows(ids: Any, rows: int, length: int) -> Any:
@@ -115,10 +133,13 @@ CALIBRATED_VARIANTS = ('[variants.int4-gptq]\nsteps = ["quantize int4 algorithm=
 
 
 def measure(folder: Path, data: Path, out: Path, options: list[str], threads: int,
-            calibration: Path | None = None) -> list[dict[str, Any]]:
-    recipe = out.with_suffix(".toml")
-    recipe.write_text(VARIANTS + (CALIBRATED_VARIANTS if calibration is not None else ""))
-    args = ["run", str(folder), "--recipe", str(recipe), "--data", str(data), "--threads", str(threads),
+            calibration: Path | None = None, techniques: list[str] | None = None) -> list[dict[str, Any]]:
+    """``compressor run`` with the recipe's variants, or with ``techniques`` (CLI options) instead."""
+    if techniques is None:
+        recipe = out.with_suffix(".toml")
+        recipe.write_text(VARIANTS + (CALIBRATED_VARIANTS if calibration is not None else ""))
+        techniques = ["--recipe", str(recipe)]
+    args = ["run", str(folder), *techniques, "--data", str(data), "--threads", str(threads),
             "--min-seconds", "0.5", "-o", str(out), "--quiet"]
     if calibration is not None:
         args += ["--calibration-data", str(calibration)]
@@ -159,28 +180,30 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-gpt2", action="store_true", help="leave out (a), the trained GPT-2")
     parser.add_argument("--write-doc", action="store_true", help="replace the llm section of docs/benchmarks.md")
     args = parser.parse_args()
     generation = [f"prompt_tokens={args.prompt_tokens}", f"new_tokens={args.new_tokens}"]
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as work:
         root = Path(work)
-        facts = train_gpt2(root / "gpt2", args.train_seconds)
-        test_ids = token_rows(text_bytes(DATA / "test.txt", 64 * CONTEXT), 64, CONTEXT)
-        np.savez(root / "test.npz", input_ids=test_ids)
-        # GPTQ and AWQ calibrate on the last 32 x 256 bytes of train.txt's first 20 MB (not test text).
-        train_ids = text_bytes(DATA / "train.txt", 20_000_000)[-32 * CONTEXT:]
-        np.savez(root / "train.npz", input_ids=token_rows(train_ids, 32, CONTEXT))
-        # Prompt and generation within the trained length.
-        short = [f"prompt_tokens={TRAIN_LENGTH - args.new_tokens // 2}", f"new_tokens={args.new_tokens // 2}"]
-        notes.append(f"(a) byte-level GPT-2, {facts['parameters'] / 1e6:.1f} M parameters, trained "
-                     f"{facts['seconds']:.0f} s ({facts['steps']} steps of 16 x {TRAIN_LENGTH} bytes, last loss "
-                     f"{facts['train_loss']:.2f} nats/byte); scored on {test_ids.size} bytes of test.txt "
-                     f"(window {TRAIN_LENGTH}, the trained length; 1024 bytes scored); prompts of "
-                     f"{TRAIN_LENGTH - args.new_tokens // 2} bytes, {args.new_tokens // 2} generated")
-        rows += rows_of("(a) GPT-2 bytes", measure(root / "gpt2", root / "test.npz", root / "out-gpt2",
-                                                     [*short, f"perplexity_window={TRAIN_LENGTH}", "batch_seconds=2"],
-                                                     args.threads, root / "train.npz"))
+        if not args.no_gpt2:
+            facts = train_gpt2(root / "gpt2", args.train_seconds)
+            test_ids = token_rows(text_bytes(DATA / "test.txt", 64 * CONTEXT), 64, CONTEXT)
+            np.savez(root / "test.npz", input_ids=test_ids)
+            # GPTQ and AWQ calibrate on the last 32 x 256 bytes of train.txt's first 20 MB (not test text).
+            train_ids = text_bytes(DATA / "train.txt", 20_000_000)[-32 * CONTEXT:]
+            np.savez(root / "train.npz", input_ids=token_rows(train_ids, 32, CONTEXT))
+            # Prompt and generation within the trained length.
+            short = [f"prompt_tokens={TRAIN_LENGTH - args.new_tokens // 2}", f"new_tokens={args.new_tokens // 2}"]
+            notes.append(f"(a) byte-level GPT-2, {facts['parameters'] / 1e6:.1f} M parameters, trained "
+                         f"{facts['seconds']:.0f} s ({facts['steps']} steps of 16 x {TRAIN_LENGTH} bytes, last loss "
+                         f"{facts['train_loss']:.2f} nats/byte); scored on {test_ids.size} bytes of test.txt "
+                         f"(window {TRAIN_LENGTH}, the trained length; 1024 bytes scored); prompts of "
+                         f"{TRAIN_LENGTH - args.new_tokens // 2} bytes, {args.new_tokens // 2} generated")
+            rows += rows_of("(a) GPT-2 bytes", measure(root / "gpt2", root / "test.npz", root / "out-gpt2",
+                                                         [*short, f"perplexity_window={TRAIN_LENGTH}", "batch_seconds=2"],
+                                                         args.threads, root / "train.npz"))
         print(markdown_table(HEADER, rows), flush=True)
         if args.llama != "none":
             facts = random_llama(root / "llama", args.llama)
@@ -188,9 +211,19 @@ def main() -> None:
             np.savez(root / "llama.npz", input_ids=ids)
             notes.append(f"(b) Llama-style ({args.llama}: {LLAMA[args.llama]}), {facts['parameters'] / 1e6:.0f} M "
                          "parameters, random weights and random prompts: speed and memory only")
+            options = [*generation, "perplexity_tokens=256", "generation_prompts=2", "batch_seconds=2"]
             rows += rows_of(f"(b) Llama {args.llama}", measure(
-                root / "llama", root / "llama.npz", root / "out-llama",
-                [*generation, "perplexity_tokens=256", "generation_prompts=2", "batch_seconds=2"], args.threads))
+                root / "llama", root / "llama.npz", root / "out-llama", options, args.threads))
+            # The same model by onnxruntime-genai's builder and by llama.cpp.
+            for runtime, techniques in (("genai", ["--backend", "onnx", "--export", "genai", "-q", "int4"]),
+                                        ("llama.cpp", ["--backend", "gguf", "-q", "q8_0", "-q", "q4_k_m"])):
+                if runtime == "genai" and not find_spec("onnxruntime_genai"):
+                    notes.append("(b) onnxruntime-genai is not installed: no builder row")
+                    continue
+                variants = measure(root / "llama", root / "llama.npz", root / f"out-{runtime}", options,
+                                   args.threads, techniques=techniques)
+                # The builder's run measures the ONNX fp32 original again; llama.cpp's is its f32 GGUF.
+                rows += rows_of(f"(b) Llama {args.llama}, {runtime}", variants[1:] if runtime == "genai" else variants)
     table = markdown_table(HEADER, rows)
     print(table)
     print("\n".join(notes))

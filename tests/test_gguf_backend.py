@@ -271,3 +271,17 @@ def test_conforms(tmp_path: Path) -> None:
     assert variant.metadata["gguf_file_type"] == "Q4_K_M"
     assert variant.metadata["gguf_tensor_types"] == {"f32": 19, "q4_k": 6, "q6_k": 3}
     assert variant.metrics["agreement"] > 0.9 and variant.metrics["cosine"]["mean"] > 0.99
+
+
+@pytest.mark.parametrize("name, tied", [("gpt2", True), ("llama", False)])
+def test_a_token_reads_every_weight_but_an_untied_embedding_table(name: str, tied: bool, folders: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """The bandwidth bound's bytes: llama.cpp gathers one row of token_embd per token; where the
+    output layer is that table (GPT-2's tied embeddings), it is read whole."""
+    from compressor_gguf.runtime import streamed_weight_bytes
+
+    path = saved(folders[name], tmp_path)
+    config = json.loads((folders[name] / "config.json").read_text())
+    table = config["vocab_size"] * config.get("hidden_size", config.get("n_embd")) * 4  # f32
+    header = path.stat().st_size - streamed_weight_bytes(path) - (0 if tied else table)
+    assert 0 < header < 64 * 1024  # metadata, vocabulary and alignment; no weights

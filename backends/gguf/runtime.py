@@ -10,6 +10,7 @@ zero logits, which core's comparison leaves out through the same mask.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from compressor.plugin import (
@@ -93,8 +94,7 @@ class LlamaDecoder(TokenDecoder):
 
     def __init__(self, runtime: LlamaCppRuntime) -> None:
         self.runtime = runtime
-        # Every weight is read once per decoded token; the file is the weights (and a small header).
-        self.weight_bytes = runtime.path.stat().st_size
+        self.weight_bytes = streamed_weight_bytes(runtime.path)
         self.max_positions = runtime.trained_context or None
 
     def prefill(self, ids: Any) -> Any:
@@ -116,3 +116,15 @@ class LlamaDecoder(TokenDecoder):
             raise InvalidInputError(f"generation ran past llama.cpp's context of {self.runtime.context} tokens")
         llm.eval([int(token)])
         return np.array(llm.scores[llm.n_tokens - 1])
+
+
+def streamed_weight_bytes(path: Path) -> int:
+    """The bytes one decoded token reads: every tensor but the token embedding table, of which a
+    token reads one row, unless the output layer is that same table (tied embeddings)."""
+    import gguf
+
+    tensors = {tensor.name: int(tensor.n_bytes) for tensor in gguf.GGUFReader(str(path)).tensors}
+    total = sum(tensors.values())
+    if "output.weight" in tensors:  # untied: the embedding table is only gathered from
+        total -= tensors.get("token_embd.weight", 0)
+    return total
