@@ -87,10 +87,7 @@ def size_metrics(artifact: Artifact) -> dict[str, Any]:
     """``size_bytes``, ``size_gzip_bytes`` and ``size_gzip_method`` of every file of ``artifact``
     (the measuring process adds them to every backend's measurement)."""
     # A folder artifact (a SavedModel, onnxruntime-genai's model folder) counts every file inside.
-    files = [file for path in artifact.files
-             for file in (sorted(item for item in path.rglob("*") if item.is_file() and not item.is_symlink())
-                          if path.is_dir() else [path])
-             if file.is_file()]
+    files = artifact.plain_files()
     gzipped = [gzip_size_of(path) for path in files]
     return {
         "size_bytes": sum(path.stat().st_size for path in files),

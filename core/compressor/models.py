@@ -161,6 +161,14 @@ class Artifact:
     def files(self) -> tuple[Path, ...]:
         return (self.path, *self.side_files)
 
+    def plain_files(self) -> list[Path]:
+        """Every file of the artifact that exists: a folder's files inside it, in order (not
+        the symlinks in it)."""
+        return [file for path in self.files
+                for file in (sorted(item for item in path.rglob("*") if item.is_file() and not item.is_symlink())
+                             if path.is_dir() else [path])
+                if file.is_file()]
+
     def to_json(self) -> dict[str, Any]:
         return {
             "backend": self.backend,

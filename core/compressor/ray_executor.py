@@ -138,15 +138,8 @@ class RayExecutor:
 
 def artifact_bytes(artifact: Artifact) -> dict[str, bytes]:
     """Every file of ``artifact`` by its name; a folder's files by ``folder/relative/path``."""
-    files: dict[str, bytes] = {}
-    for path in artifact.files:
-        if path.is_dir():
-            for item in sorted(path.rglob("*")):
-                if item.is_file() and not item.is_symlink():
-                    files[item.relative_to(path.parent).as_posix()] = item.read_bytes()
-        else:
-            files[path.name] = path.read_bytes()
-    return files
+    folder = artifact.path.parent  # side files lie beside the artifact
+    return {file.relative_to(folder).as_posix(): file.read_bytes() for file in artifact.plain_files()}
 
 
 def stage(made: Made, staging: Path) -> Artifact:
