@@ -14,6 +14,21 @@ import pytest
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ["COMPRESSOR_CACHE"] = "off"  # no reuse across tests: tests/test_cache.py turns it on in tmp_path
+# No half-second timing floor per measurement (the tests check figures, not speed): the tests of
+# timing pass --min-seconds or min_seconds themselves, which wins over the variable.
+os.environ["COMPRESSOR_MIN_SECONDS"] = "0"
+
+
+# In each pytest-xdist worker, before any framework is imported: torch, TensorFlow and the BLAS
+# libraries otherwise start a thread per CPU in every worker, and with as many workers as CPUs
+# their threads spin waiting for each other (a torch fine-tuning test took 10.2 s with two threads
+# beside another worker, 2.4 s with one). Only workers set them (the controlling process's
+# environment is every worker's); a value the user set wins.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    _threads = str(max(1, len(os.sched_getaffinity(0)) // _workers))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        os.environ.setdefault(_variable, _threads)
 
 
 @contextmanager

@@ -72,6 +72,7 @@ def _run_examples(tests: list[doctest.DocTest], globs: dict[str, object]) -> str
     return output.getvalue() if runner.failures else ""
 
 
+@pytest.mark.slow
 def test_the_api_modules_examples_run_as_one_session() -> None:
     """compressor.api's docstrings: the module's example first, then run, measure, compare, search."""
     order = ["compressor.api", "compressor.api.run", "compressor.api.measure", "compressor.api.compare",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
 from test_plugins import run_cli
 
 
@@ -44,6 +45,7 @@ def test_run_refuses_a_broken_backend_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_demo_skips_the_broken_backend_and_runs_the_others(tmp_path: Path) -> None:
     site = impostor_fasttext(tmp_path / "site")
     result = run_cli("demo", "--backend", "fasttext", "--backend", "onnx", extra_path=site)

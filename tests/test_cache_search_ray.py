@@ -35,6 +35,7 @@ def cached(variant: dict[str, Any], what: str) -> bool:
     return any(note.startswith(f"cached: {what} in an earlier run") for note in variant["notes"])
 
 
+@pytest.mark.slow
 def test_a_ray_run_sends_only_what_the_cache_lacks(dial_host, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cache.CACHE_SWITCH_VARIABLE, "on")
     monkeypatch.setenv(cache.CACHE_DIR_VARIABLE, str(tmp_path / "cache"))

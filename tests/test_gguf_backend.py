@@ -186,6 +186,7 @@ def test_gguf_files_load_and_quantized_ones_are_not_quantized_again(folders: dic
     assert agreement > 0.6  # random weights, 64 wide, near-flat logits: measured 0.78 on one like it
 
 
+@pytest.mark.slow
 def test_cli_run_with_text_data(folders: dict[str, Path], tmp_path: Path) -> None:
     data = tmp_path / "eval.txt"
     data.write_text("\n".join(TEXT[:12]) + "\n", encoding="utf-8")

@@ -234,3 +234,28 @@ def test_the_python_api_takes_the_precision_and_refuses_a_bad_one(tmp_path) -> N
         with pytest.raises(UsageError, match="precision|max-seconds"):
             compressor.run(tmp_path / "missing.onnx", "quantize fp16", out=tmp_path / "out", **bad)
     assert not (tmp_path / "out").exists()
+
+
+def test_compressor_min_seconds_sets_the_floor_that_an_option_overrides(
+        toy_host: object, toy_model: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import compressor
+
+    def floor(out: Path, *extra: str) -> float:
+        result = CliRunner().invoke(cli, ["run", str(toy_model["model"]), "-q", "fp16", "--data",
+                                          str(toy_model["eval"]), "--out", str(out), "--precision", "off", *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "report.json").read_text())["settings"]["min_seconds"]
+
+    monkeypatch.setenv("COMPRESSOR_MIN_SECONDS", "0.01")
+    assert floor(tmp_path / "variable") == 0.01
+    assert floor(tmp_path / "option", "--min-seconds", "0.02") == 0.02
+    api = compressor.measure(toy_model["model"], data=toy_model["eval"], out=tmp_path / "api")
+    assert api.settings["min_seconds"] == 0.01
+    monkeypatch.delenv("COMPRESSOR_MIN_SECONDS")
+    assert MeasureSettings().min_seconds == 0.5
+    monkeypatch.setenv("COMPRESSOR_MIN_SECONDS", "soon")
+    result = CliRunner().invoke(cli, ["run", str(toy_model["model"]), "-q", "fp16", "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "COMPRESSOR_MIN_SECONDS" in result.output, result.output
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(compressor.CompressorError, match="COMPRESSOR_MIN_SECONDS='soon' is not a number"):
+        compressor.measure(toy_model["model"], data=toy_model["eval"], out=tmp_path / "api-bad")

@@ -48,6 +48,7 @@ def test_run_on_a_local_ray_matches_a_local_run(dial_host, tmp_path: Path) -> No
     assert not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_search_on_ray_finds_the_local_winner(dial_host, tmp_path: Path) -> None:
     files = write_dial(tmp_path / "in")
     common = ("search", files["model"], "--data", files["data"], "--max-accuracy-drop", 2,
@@ -74,6 +75,7 @@ def two_nodes() -> Iterator[str]:
         cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_a_cluster_spreads_variants_and_measures_one_at_a_time_per_node(
     dial_host, tmp_path: Path, two_nodes: str
 ) -> None:
@@ -91,6 +93,7 @@ def test_a_cluster_spreads_variants_and_measures_one_at_a_time_per_node(
         assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
 
 
+@pytest.mark.slow
 def test_a_variant_that_fails_on_ray_fails_alone(dial_host, tmp_path: Path) -> None:
     files = write_dial(tmp_path / "in")
     recipe = tmp_path / "r.toml"
@@ -139,6 +142,7 @@ def test_search_gives_up_on_an_unreachable_address_within_its_timeout(dial_host,
     assert not (tmp_path / "out").exists() and not ray.is_initialized()
 
 
+@pytest.mark.slow
 def test_the_steps_of_a_ray_run_are_those_of_a_local_run(toy_host, toy_model, tmp_path: Path) -> None:
     """``quantize dynamic`` has a default (bits=8): neither side spells it out."""
     common = ("run", toy_model["model"], "-q", "dynamic", "--prune", "0.5", "--data", toy_model["eval"],
@@ -165,6 +169,7 @@ def _owned_by(pid: int) -> list[Path]:
     return [path for path in Path("/tmp").glob(f"{scratch.RAY}-{pid}-*")]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_ray_run_and_its_local_cluster(tmp_path: Path) -> None:
     files = write_dial(tmp_path / "in")
     driver = tmp_path / "driver.py"

@@ -206,6 +206,7 @@ def test_measure_a_tflite_file(fp32_tflite: Path, files: KerasFiles) -> None:
     assert "original" in stdout and "%" in stdout
 
 
+@pytest.mark.slow
 def test_pruning_study_recipe(files: KerasFiles, tmp_path: Path) -> None:
     full = [variant.name for variant in load_recipe(RECIPE)]
     assert full[:8] == [f"prune-{s}" for s in ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8")]
@@ -232,6 +233,7 @@ def test_pruning_study_recipe(files: KerasFiles, tmp_path: Path) -> None:
     assert variants["sparse-int8"]["metrics"]["accuracy"] > 0.7
 
 
+@pytest.mark.slow
 def test_real_subprocess_without_legacy_keras_variable(files: KerasFiles, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = subprocess.run(

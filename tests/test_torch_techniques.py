@@ -162,6 +162,7 @@ def test_head_pruning_slices_the_attention_modules(tmp_path: Path) -> None:
     np.testing.assert_allclose(hidden, torch_outputs(folder, arrays), atol=0.05)
 
 
+@pytest.mark.slow
 def test_chains_with_quantize_dynamic_through_the_cli(tmp_path: Path) -> None:
     """Measured by the torch runtime against the torch original, in one run."""
     folder, data, _ = tiny_bert(tmp_path / "bert")

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from compressor.errors import UsageError
-from compressor.models import MeasureSettings, ProgressCallback, Step
+from compressor.models import MeasureSettings, ProgressCallback, Step, default_min_seconds
 from compressor.recipes import Variant, check_name, load_recipe, parse_step, unique, variant_name
 from compressor.report import Report, VariantResult
 
@@ -66,7 +66,7 @@ def run(
     threads: int = 1,
     repeats: int = 1,
     max_examples: int | None = None,
-    min_seconds: float = 0.5,
+    min_seconds: float | None = None,
     precision: float = 0.03,
     max_seconds: float = 60.0,
     max_accuracy_drop: float | None = None,
@@ -85,7 +85,8 @@ def run(
     Every refusal (a step, a parameter, missing data, an unknown option) comes before
     any work. The paths are ``str`` or ``os.PathLike``. ``precision``: each variant is
     timed against the original until the 95% interval of their latency ratio is within
-    +-``precision`` (0: ``min_seconds`` only), for at most ``max_seconds``.
+    +-``precision`` (0: ``min_seconds`` only), for at most ``max_seconds``; ``min_seconds``
+    None: ``COMPRESSOR_MIN_SECONDS`` where it is set, else 0.5.
 
     >>> heard = []
     >>> pruned = compressor.run(weights, {"small": ["prune 0.5", "quantize dynamic"]}, data=eval_data,
@@ -119,7 +120,7 @@ def measure(
     trust: bool = False,
     threads: int = 1,
     max_examples: int | None = None,
-    min_seconds: float = 0.5,
+    min_seconds: float | None = None,
     progress: ProgressCallback | None = None,
 ) -> Report:
     """Measure ``model`` as it is (its one row is ``original``); ``progress`` as for :func:`run`.
@@ -199,8 +200,9 @@ def search(
     target = Path(scratch.name) / "out" if scratch is not None else Path(out)  # type: ignore[arg-type]
     settings = run_options.pop("settings", None)
     progress = run_options.pop("progress", None) or _silent
+    min_seconds = run_options.pop("min_seconds", None)
     measure = MeasureSettings(threads=run_options.pop("threads", 1),
-                              min_seconds=run_options.pop("min_seconds", 0.5))
+                              min_seconds=default_min_seconds() if min_seconds is None else min_seconds)
     request = RunRequest(
         model=Path(model), out=target, data=Path(data), measure=measure,
         settings={str(k): str(v) for k, v in (settings or {}).items()},
@@ -245,7 +247,7 @@ def _steps(item: str | Iterable[str]) -> tuple[Step, ...]:
 
 def _execute(model: PathLike, variants: list[Variant], *, out: PathLike | None = None,
              settings: Mapping[str, Any] | None = None, threads: int = 1, max_examples: int | None = None,
-             min_seconds: float = 0.5, precision: float = 0.03, max_seconds: float = 60.0,
+             min_seconds: float | None = None, precision: float = 0.03, max_seconds: float = 60.0,
              progress: ProgressCallback | None = None, **fields: Any) -> Report:
     from compressor.plugins import get_host
     from compressor.run_request import RunRequest
@@ -261,7 +263,8 @@ def _execute(model: PathLike, variants: list[Variant], *, out: PathLike | None =
     request = RunRequest(
         model=Path(model), out=Path(out), variants=variants,
         settings={str(key): str(value) for key, value in (settings or {}).items()},
-        measure=MeasureSettings(threads=threads, max_examples=max_examples, min_seconds=min_seconds,
+        measure=MeasureSettings(threads=threads, max_examples=max_examples,
+                                min_seconds=default_min_seconds() if min_seconds is None else min_seconds,
                                 precision=_checked_precision(precision), max_seconds=_checked_seconds(max_seconds)),
         **paths, **other,
     )

@@ -25,7 +25,7 @@ from compressor.clibase import (
     threads_within_cpus,
 )
 from compressor.errors import BudgetError, CompressionError
-from compressor.models import MeasureSettings
+from compressor.models import DEFAULT_MIN_SECONDS, MIN_SECONDS_VARIABLE, MeasureSettings
 from compressor.run_request import RunRequest
 from compressor.version import __version__
 
@@ -57,7 +57,8 @@ def measure_options(function: Callable[..., Any]) -> Callable[..., Any]:
                           "memory and fidelity are measured once)."),
         click.option("--max-examples", type=click.IntRange(1), default=None,
                      help="Evaluate on at most this many examples of --data."),
-        click.option("--min-seconds", type=FiniteFloatRange(0, 3600), default=0.5, show_default=True,
+        click.option("--min-seconds", type=FiniteFloatRange(0, 3600), default=DEFAULT_MIN_SECONDS, show_default=True,
+                     envvar=MIN_SECONDS_VARIABLE, show_envvar=True,
                      help="Time each latency measurement for at least this long."),
         click.option("--precision", default="0.03", show_default=True, metavar="FRACTION|off",
                      expose_value=False, callback=_remember_measure_option,

@@ -212,6 +212,32 @@ class Context:
     seed: int = 0
 
 
+#: The environment variable that sets the default of ``--min-seconds`` (and of the Python API's
+#: ``min_seconds``): a CI pipeline that checks figures rather than timing them sets 0.
+MIN_SECONDS_VARIABLE = "COMPRESSOR_MIN_SECONDS"
+DEFAULT_MIN_SECONDS = 0.5
+
+
+def default_min_seconds() -> float:
+    """``COMPRESSOR_MIN_SECONDS`` where it is set, else 0.5; a value that is not a number from 0
+    to 3600 is a usage error (one line)."""
+    import math
+    import os
+
+    text = os.environ.get(MIN_SECONDS_VARIABLE, "").strip()
+    if not text:
+        return DEFAULT_MIN_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 3600:
+        from compressor.errors import UsageError
+
+        raise UsageError(f"{MIN_SECONDS_VARIABLE}={text!r} is not a number of seconds from 0 to 3600")
+    return value
+
+
 @dataclass(frozen=True)
 class MeasureSettings:
     """How runtime measurements are taken; recorded in every report."""
@@ -219,7 +245,7 @@ class MeasureSettings:
     threads: int = 1
     warmup: int = 5
     min_iterations: int = 30
-    min_seconds: float = 0.5
+    min_seconds: float = field(default_factory=default_min_seconds)
     batch_size: int = 32
     max_examples: int | None = None
     options: Mapping[str, Any] = field(default_factory=dict)

@@ -14,7 +14,7 @@ from compressor.clibase import (
     progress,
     threads_within_cpus,
 )
-from compressor.models import MeasureSettings
+from compressor.models import DEFAULT_MIN_SECONDS, MIN_SECONDS_VARIABLE, MeasureSettings
 from compressor.selection import OBJECTIVES
 
 _path = click.Path(path_type=Path)
@@ -46,8 +46,8 @@ _path = click.Path(path_type=Path)
 @click.option("--force", is_flag=True, help="Overwrite files in an existing --out folder.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True, callback=threads_within_cpus,
               help="Threads for every runtime while measuring.")
-@click.option("--min-seconds", type=FiniteFloatRange(0, 3600), default=0.5, show_default=True,
-              help="Time each latency measurement for at least this long.")
+@click.option("--min-seconds", type=FiniteFloatRange(0, 3600), default=DEFAULT_MIN_SECONDS, show_default=True,
+              envvar=MIN_SECONDS_VARIABLE, show_envvar=True, help="Time each latency measurement for at least this long.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Make and measure trials here, or on Ray (a batch per round, one measurement per node).")
 @click.option("--ray-address", metavar="ADDRESS", help="An existing Ray cluster; default: start a local one.")
