@@ -150,12 +150,26 @@ def measure(folder: Path, data: Path, out: Path, options: list[str], threads: in
     return report["variants"]
 
 
-def rows_of(name: str, variants: list[dict[str, Any]]) -> list[list[str]]:
+def process_peaks(variant: dict[str, Any], weights_bytes: float) -> str:
+    """The peak resident memory of each process that worked on ``variant``, over the fp32 weights
+    W: reading (and exporting) the model, compressing it, measuring it."""
+    metrics, metadata = variant.get("metrics", {}), variant.get("metadata", {})
+    peaks = [("load", metrics.get("load_peak_rss_bytes")), ("export", metadata.get("export_peak_rss_bytes")),
+             ("compress", metrics.get("compress_peak_rss_bytes")), ("measure", metrics.get("measure_peak_rss_bytes"))]
+    return ", ".join(f"{label} {value / weights_bytes:.2f}" for label, value in peaks
+                     if isinstance(value, (int, float)) and weights_bytes > 0)
+
+
+def rows_of(name: str, variants: list[dict[str, Any]], weights_bytes: float | None = None) -> list[list[str]]:
+    """One table row per variant; ``weights_bytes``: W, the fp32 weights (default: the first
+    variant's file, the original)."""
     rows = []
+    if weights_bytes is None and variants:
+        weights_bytes = variants[0].get("metrics", {}).get("size_bytes", 0)
     for variant in variants:
         metrics = variant.get("metrics", {})
         if variant.get("error"):
-            rows.append([name, variant["name"], f"failed: {variant['error']}"] + [""] * 8)
+            rows.append([name, variant["name"], f"failed: {variant['error']}"] + [""] * 9)
             continue
         rows.append([
             name, variant["name"], f"{metrics['size_bytes'] / 1e6:.1f} MB", f"{metrics['ttft_ms']:.1f}",
@@ -167,6 +181,7 @@ def rows_of(name: str, variants: list[dict[str, Any]]) -> list[list[str]]:
             f"{metrics.get('greedy_agreement', float('nan')):.2f} / {metrics.get('greedy_exact', float('nan')):.2f}",
             f"{metrics.get('next_token_agreement', float('nan')):.3f}",
             f"{metrics['kl_divergence']:.4f}" if isinstance(metrics.get("kl_divergence"), float) else "-",
+            process_peaks(variant, weights_bytes or 0),
         ])
     return rows
 
@@ -223,7 +238,8 @@ def main() -> None:
                 variants = measure(root / "llama", root / "llama.npz", root / f"out-{runtime}", options,
                                    args.threads, techniques=techniques)
                 # The builder's run measures the ONNX fp32 original again; llama.cpp's is its f32 GGUF.
-                rows += rows_of(f"(b) Llama {args.llama}, {runtime}", variants[1:] if runtime == "genai" else variants)
+                rows += rows_of(f"(b) Llama {args.llama}, {runtime}", variants[1:] if runtime == "genai" else variants,
+                                variants[0]["metrics"].get("size_bytes"))
     table = markdown_table(HEADER, rows)
     print(table)
     print("\n".join(notes))
@@ -239,7 +255,7 @@ def main() -> None:
 
 
 HEADER = ("model", "variant", "size", "TTFT ms", "decode tok/s", "share of bound tok/s (bandwidth)", "peak RSS",
-          "perplexity", "greedy agree / exact", "top-1 agree", "KL nats")
+          "perplexity", "greedy agree / exact", "top-1 agree", "KL nats", "process peaks / W")
 
 
 if __name__ == "__main__":

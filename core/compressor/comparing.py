@@ -259,7 +259,7 @@ def _finite_rows(reference: Any | None, variant: Any | None) -> tuple[Any, Any]:
     ref, var = np.asarray(ref), np.asarray(var)
     finite = (np.isfinite(ref.reshape(len(ref), -1)).all(axis=1)
               & np.isfinite(var.reshape(len(var), -1)).all(axis=1))
-    return ref[finite], var[finite]
+    return (ref, var) if finite.all() else (ref[finite], var[finite])  # no copy of every row
 
 
 def _cosine(reference: Any | None, variant: Any | None) -> dict[str, float] | None:

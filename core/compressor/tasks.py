@@ -292,6 +292,10 @@ def _detections(floats: Any, params: Mapping[str, Any], outputs: Mapping[str, An
     return {"detected": (floats.reshape(len(floats), -1) > 0.5).astype(np.int8)}
 
 
+#: Numbers of logits converted to float64 at a time by :func:`_next_token_nll` (32 MiB).
+NLL_CHUNK = 1 << 22
+
+
 def _capped(values: Any) -> Any:
     """At most :data:`MAX_KEPT_VALUES` numbers: whole examples from the start."""
     per_row = max(1, values[0].size) if len(values) else 1
@@ -299,11 +303,20 @@ def _capped(values: Any) -> Any:
 
 
 def _next_token_nll(logits: Any, ids: Any) -> Any:
-    """Negative log-likelihood of each next input token, ``[N, T-1]`` (perplexity's terms)."""
+    """Negative log-likelihood of each next input token, ``[N, T-1]`` (perplexity's terms),
+    in float64 a block of positions at a time (whole, a language model's logits held for
+    comparison took four times their size in float64 temporaries)."""
     import numpy as np
 
-    shifted = logits[:, :-1].astype(np.float64)
-    top = shifted.max(axis=-1, keepdims=True)
-    log_norm = np.log(np.exp(shifted - top).sum(axis=-1)) + top[..., 0]
-    target = np.take_along_axis(shifted, ids[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
-    return (log_norm - target).astype(np.float32)
+    rows, length = ids.shape
+    nll = np.empty((rows, length - 1), dtype=np.float32)
+    positions = max(1, NLL_CHUNK // max(1, logits.shape[-1]))
+    for row in range(rows):
+        for start in range(0, length - 1, positions):
+            end = min(start + positions, length - 1)
+            block = logits[row, start:end].astype(np.float64)
+            top = block.max(axis=-1, keepdims=True)
+            log_norm = np.log(np.exp(block - top).sum(axis=-1)) + top[:, 0]
+            target = block[np.arange(end - start), ids[row, start + 1: end + 1].astype(np.int64)]
+            nll[row, start:end] = log_norm - target
+    return nll
