@@ -60,3 +60,23 @@ def test_the_float64_temporaries_are_a_block_not_the_array() -> None:
     block = 8 * (1 << 22)  # a block of float64
     assert nll_peak < 4 * block and cosine_peak < 4 * block, (nll_peak, cosine_peak)
     assert np.isfinite(nll).all() and found is not None and found["min"] == pytest.approx(1.0)
+
+
+def test_the_held_outputs_are_stacked_without_a_second_copy() -> None:
+    from compressor.engine import _stacked
+    from compressor.memory import peak_rss_bytes, reset_peak_rss
+
+    def resident() -> int:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS"))
+
+    # Parts of 48 MB: over glibc's largest mmap threshold, so each one freed goes back to the OS.
+    parts = [np.full((12, 1024, 1024), index, dtype=np.float32) for index in range(4)]
+    total = sum(part.nbytes for part in parts)
+    assert reset_peak_rss()
+    before = resident()
+    whole = _stacked(parts)
+    grown = peak_rss_bytes() - before
+    assert whole.shape == (4, 12, 1024, 1024) and whole[1, 0, 0, 0] == 1 and whole[3, -1, -1, -1] == 3
+    assert all(part is None for part in parts)
+    assert grown < total * 0.5, (grown, total)  # np.stack: the parts and the stack, twice at its end
