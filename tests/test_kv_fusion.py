@@ -1,9 +1,11 @@
 """ONNX Runtime's fused attention in the generation-ready export (issue 27).
 
 A tiny Llama (rotary positions, grouped-query attention) built in-test: the backend's export
-rewrites its attention into GroupQueryAttention + RotaryEmbedding, the fused graph computes
-what the unfused one does (prefill with left padding, decode, chunked prefill), every
-quantization mode works on it, and a model the pass does not know is left as exported.
+rewrites its attention into GroupQueryAttention + RotaryEmbedding, its residual adds + RMSNorms
+into SkipSimplifiedLayerNormalization, each layer's Q/K/V projections into one MatMul, and
+the attention bias into the padding alone; the fused graph computes what the unfused one does
+(prefill with left padding, decode, chunked prefill), every quantization mode works on it,
+and a model the pass does not know is left as exported.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_the_export_uses_fused_attention_and_computes_what_the_unfused_graph_does(exports: dict[str, Any]) -> None:
     from compressor_onnx.kv_fusion import FUSED_KEY, FUSED_OPS
+    from compressor_onnx.kv_fusion_export import NORMS_KEY, PACKED_KEY, PADDING_KEY
 
     fused, plain = exports["fused"], exports["plain"]
     ops = op_types(fused)
@@ -78,10 +81,23 @@ def test_the_export_uses_fused_attention_and_computes_what_the_unfused_graph_doe
     # Every layer's attention is one GroupQueryAttention, the rotation two RotaryEmbedding.
     assert ops["GroupQueryAttention"] == LAYERS and ops["RotaryEmbedding"] == 2 * LAYERS
     assert "Softmax" not in ops
-    assert sum(ops.values()) < sum(op_types(plain).values()) / 2
-    assert {entry.key: entry.value for entry in fused.metadata_props}[FUSED_KEY] == str(LAYERS)
+    # Every norm but the first layer's (left to ONNX Runtime) takes its residual add; one MatMul
+    # makes Q, K and V (split for the rotary embeddings); the exporter's mask nodes are gone.
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * LAYERS and ops["Pow"] == 1
+    assert ops["Split"] == LAYERS and ops["MatMul"] == 5 * LAYERS + 1
+    assert "Range" not in ops and ops["Where"] == 1
+    assert sum(ops.values()) < sum(op_types(plain).values()) / 4
+    metadata = {entry.key: entry.value for entry in fused.metadata_props}
+    assert metadata[FUSED_KEY] == str(LAYERS) and metadata[NORMS_KEY] == str(2 * LAYERS)
+    assert metadata[PACKED_KEY] == str(LAYERS) and metadata[PADDING_KEY] == "1"
     assert [value.name for value in fused.graph.input] == [value.name for value in plain.graph.input]
     assert [value.name for value in fused.graph.output] == [value.name for value in plain.graph.output]
+    assert_computes_the_same(fused, plain)
+
+
+def assert_computes_the_same(fused: Any, plain: Any) -> None:
+    """A left-padded batch of two, prefilled then decoded, and one row's chunked prefill: the
+    fused graph's logits and cache at every real position are the unfused graph's."""
     with_fusion, without = session(fused), session(plain)
     rng = np.random.default_rng(1)
     ids = rng.integers(0, VOCABULARY, size=(2, 12))
@@ -106,7 +122,7 @@ def test_the_export_uses_fused_attention_and_computes_what_the_unfused_graph_doe
         assert np.abs(outputs[0][:, -1] - full_plain[0][0, step]).max() < 1e-4
 
 
-@pytest.mark.parametrize("mode", ["dynamic", "int4", "int4-gptq", "int8", "fp16"])
+@pytest.mark.parametrize("mode", ["dynamic", "int4", "int4-gptq", "int4-awq", "int8", "fp16"])
 def test_every_quantization_mode_works_on_the_fused_graph(exports: dict[str, Any], mode: str) -> None:
     from compressor_onnx.quantization import quantize_graph
 
@@ -114,13 +130,23 @@ def test_every_quantization_mode_works_on_the_fused_graph(exports: dict[str, Any
     ids = rng.integers(0, VOCABULARY, size=(6, 16))
     data = Dataset(Path("ids.npz"), {"input_ids": ids}, None, 6)
     context = Context(workdir=exports["folder"], calibration_data=data, eval_data=data)
-    params = {"mode": mode.split("-")[0], **({"algorithm": "gptq"} if mode.endswith("gptq") else {})}
-    quantized, _, _ = quantize_graph(exports["fused"], Step("quantize", params), context, exports["folder"])
+    params = {"mode": mode.split("-")[0], **({"algorithm": mode.split("-")[1]} if "-" in mode else {})}
+    quantized, notes, _ = quantize_graph(exports["fused"], Step("quantize", params), context, exports["folder"])
     ops = op_types(quantized)
     assert ops["GroupQueryAttention"] == LAYERS and ops["RotaryEmbedding"] == 2 * LAYERS
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * LAYERS and ops["Split"] == LAYERS
     quantized_ops = {"dynamic": "MatMulInteger", "int4": "MatMulNBits", "int4-gptq": "MatMulNBits",
-                     "int8": "QuantizeLinear", "fp16": "Cast"}[mode]
+                     "int4-awq": "MatMulNBits", "int8": "QuantizeLinear", "fp16": "Cast"}[mode]
     assert ops[quantized_ops] > 0, ops
+    if mode.startswith("int4"):  # one MatMulNBits makes a layer's Q, K and V
+        assert ops["MatMulNBits"] == 5 * LAYERS + 1
+    if mode == "int4-awq":  # a fused norm takes the scale of what reads it (through its typing Cast)
+        producers = {output: node for node in quantized.graph.node for output in node.output}
+        scaled = [node for node in quantized.graph.node if node.op_type == "SkipSimplifiedLayerNormalization"
+                  and "_awq" in node.input[2]]
+        inserted = [node for node in quantized.graph.node if node.name.endswith("_awq_Mul")]
+        assert scaled and "folded into their producer" in notes[0], notes
+        assert not any(producers[node.input[0]].name.startswith("/compressor/fused/norm.") for node in inserted)
     mask = np.ones((1, 10), np.int64)
     reference = run(session(exports["fused"]), ids[:1, :10], mask, None)[0]
     prefill = run(session(quantized), ids[:1, :9], mask[:, :9], None)
@@ -252,3 +278,130 @@ def test_a_failed_check_on_the_miniature_leaves_the_export_unfused(
     monkeypatch.setattr(kv_fusion_export, "TOLERANCE", -1.0)  # no difference is ever small enough
     graph, _ = export_graph(exports["model"], Context(workdir=tmp_path))
     assert "GroupQueryAttention" not in op_types(graph) and "Softmax" in op_types(graph)
+
+
+def test_projections_with_biases_are_packed_with_their_biases(tmp_path: Path) -> None:
+    from compressor_frontends.pytorch.kv_export import export_with_cache
+    from compressor_onnx.export import export_graph
+
+    # Qwen2's attention: Q, K and V with a bias each (the miniature's biases are random, not zero).
+    model = tiny_llama(tmp_path / "model", attention_bias=True)
+    with torch_no_grad():
+        for layer in model.module.model.layers:
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                projection.bias.uniform_(-1, 1)
+    fused, _ = export_graph(model, Context(workdir=tmp_path))
+    plain, _ = export_with_cache(model, Context(workdir=tmp_path))
+    ops = op_types(fused)
+    assert ops["Split"] == LAYERS and ops["MatMul"] == 5 * LAYERS + 1
+    biased = [node for node in fused.graph.node if node.op_type == "Add" and node.output[0].endswith("qkv_proj_biased")]
+    assert len(biased) == LAYERS
+    assert_computes_the_same(fused, plain)
+
+
+def torch_no_grad() -> Any:
+    import torch
+
+    return torch.no_grad()
+
+
+def test_a_rewrite_the_miniature_disproves_leaves_the_attention_alone_fused(
+        exports: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from compressor_onnx import kv_fusion_export
+    from compressor_onnx.export import export_graph
+    from compressor_onnx.kv_fusion_norms import fuse_norms
+
+    def misread_norms(graph: Any) -> int:  # a wrong epsilon: what a misread pattern would compute
+        fused = fuse_norms(graph)
+        for node in graph.graph.node:
+            for attribute in node.attribute:
+                if node.op_type == "SkipSimplifiedLayerNormalization" and attribute.name == "epsilon":
+                    attribute.f = 10.0
+        return fused
+
+    monkeypatch.setattr(kv_fusion_export, "fuse_norms", misread_norms)
+    graph, _ = export_graph(exports["model"], Context(workdir=tmp_path))
+    ops = op_types(graph)
+    assert ops["GroupQueryAttention"] == LAYERS and "SkipSimplifiedLayerNormalization" not in ops
+    assert "Split" not in ops and ops["Pow"] == 2 * LAYERS + 1
+    assert_computes_the_same(graph, exports["plain"])
+
+
+def test_only_a_causal_and_padding_mask_is_rebuilt_from_the_attention_mask() -> None:
+    import transformers
+
+    from compressor_onnx.kv_fusion_export import padding_only_mask
+
+    def model(config: Any) -> Any:
+        return type("Model", (), {"config": config})()
+
+    assert padding_only_mask(model(transformers.LlamaConfig()))
+    assert padding_only_mask(model(transformers.Qwen2Config(use_sliding_window=False, sliding_window=4096)))
+    assert not padding_only_mask(model(transformers.Qwen2Config(use_sliding_window=True, sliding_window=4096)))
+    assert not padding_only_mask(model(transformers.MistralConfig(sliding_window=4096)))
+    assert padding_only_mask(model(transformers.GPT2Config()))
+    assert not padding_only_mask(model(transformers.Gemma2Config()))  # sliding and full layers
+
+
+def test_projections_stored_as_external_data_are_packed_into_a_file_of_their_own(
+        exports: dict[str, Any], tmp_path: Path) -> None:
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+
+    from compressor_onnx.kv_fusion_export import fuse_export
+    from compressor_onnx.kv_fusion_qkv import PACKED_DATA
+
+    # As a model past 2 GB is exported: every weight in a data file beside the graph.
+    path = tmp_path / "export" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save_model(copy.deepcopy(exports["plain"]), str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    assert fuse_export(exports["model"], None, path, Context(workdir=tmp_path)) == LAYERS
+    on_disk = onnx.load(str(path), load_external_data=False)
+    assert op_types(on_disk)["Split"] == LAYERS
+    packed = [tensor for tensor in on_disk.graph.initializer if tensor.name.endswith("qkv_proj.weight")]
+    assert len(packed) == LAYERS and all(
+        {entry.key: entry.value for entry in tensor.external_data}["location"] == f"{PACKED_DATA}.data"
+        for tensor in packed)
+    rng = np.random.default_rng(7)
+    ids, mask = rng.integers(0, VOCABULARY, size=(1, 6)), np.ones((1, 6), np.int64)
+    from_disk = run(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), ids, mask, None)
+    in_memory = run(session(exports["fused"]), ids, mask, None)
+    assert all(np.array_equal(first, second) for first, second in zip(from_disk, in_memory))
+
+
+def test_decoding_the_fused_graph_appends_to_the_cache_in_place(exports: dict[str, Any], tmp_path: Path) -> None:
+    import onnx
+
+    from compressor.generation import decoder_of, generate
+    from compressor.models import Artifact, MeasureSettings
+    from compressor_onnx.runtime import OnnxRuntime
+
+    onnx.save_model(exports["fused"], str(tmp_path / "fused.onnx"))
+    artifact = Artifact("onnx", tmp_path / "fused.onnx", "onnx")
+    shared, copying = OnnxRuntime(artifact, MeasureSettings()), OnnxRuntime(artifact, MeasureSettings())
+    assert shared._bound.shared
+    copying._bound.shared = False
+    prompt = np.random.default_rng(8).integers(0, VOCABULARY, 9)
+    # 75 tokens: past the first buffers' room (the first step's 10 positions and 64 more): they grow once.
+    assert generate(decoder_of(shared), prompt, 75).tokens == generate(decoder_of(copying), prompt, 75).tokens
+    decoder, reference = decoder_of(shared), decoder_of(copying)
+    assert np.array_equal(decoder.prefill(prompt), reference.prefill(prompt))
+    assert np.array_equal(decoder.decode(2), reference.decode(2))
+    buffers = dict(shared._bound.buffers)  # the prompt's cache, moved once into buffers with room
+    kept = [np.array(view) for view in decoder.past]  # a caller's copy of the cache after one step
+    branch = list(decoder.past)
+    for token in (3, 5, 7):
+        assert np.array_equal(decoder.decode(token), reference.decode(token))
+    # The steps wrote into the buffers the first step's present is a view of, and left that view as it was.
+    assert all(view.base is buffers[name] for name, view in shared._bound.views.items())
+    assert all(np.array_equal(view, copy) for view, copy in zip(branch, kept))
+    # Going on from the older view (a branch) copies: the newer views stay as they were.
+    newer = {name: np.array(view) for name, view in shared._bound.views.items()}
+    decoder.past, decoder.length = branch, len(prompt) + 1
+    reference.prefill(prompt)
+    reference.decode(2)
+    assert np.array_equal(decoder.decode(11), reference.decode(11))
+    assert all(np.array_equal(view, newer[name]) for name, view in shared._bound.views.items())

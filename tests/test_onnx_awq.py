@@ -224,8 +224,8 @@ def test_the_scales_fold_exactly_into_a_kv_cache_export(
     fp32, ids = causal_lms[kind]
     graph = onnx.load(str(fp32))
     scaled, result, divided = awq_in_float(graph, token_data(ids), tmp_path, block_size=16)
-    # Every layer's two norms take their scale (LayerNorm; RMSNorm's last Mul); the final one
-    # feeds the head, which is not scaled.
+    # Every layer's two norms take their scale (LayerNorm; RMSNorm's last Mul, or the fused
+    # residual add + RMSNorm's gamma); the final one feeds the head, which is not scaled.
     folded = [node for node in scaled.graph.node if node.op_type != "MatMul"
               and not node.name.endswith("_awq_Mul") and any("_awq" in value for value in node.input)]
     assert len(folded) == 4 and len(result.scales) >= 4, [node.name for node in folded]
@@ -236,7 +236,8 @@ def test_the_scales_fold_exactly_into_a_kv_cache_export(
     assert [matmul_of[weight].split("/")[-2] for weight in divided] == ([] if kind == "gpt2" else ["up_proj"] * 2)
     inserted = [node for node in scaled.graph.node if node.name.endswith("_awq_Mul")]
     assert len(inserted) == len(result.scales) - len(folded) - len(divided)
-    assert {node.op_type for node in folded} == ({"LayerNormalization"} if kind == "gpt2" else {"Mul"})
+    assert {node.op_type for node in folded} == (
+        {"LayerNormalization"} if kind == "gpt2" else {"Mul", "SkipSimplifiedLayerNormalization"})
     layout = graph_cache_layout(graph)
     assert layout is not None
     tokens = np.load(ids)["input_ids"][:2, :10]

@@ -41,8 +41,9 @@ NORMALIZATION_PARAMETERS = {
     "SkipLayerNormalization": (2, 3),
     "SkipSimplifiedLayerNormalization": (2,),
 }
-#: Ops between a producer and the MatMuls that change no element's last-axis index.
-CHANNEL_PRESERVING = ("Reshape", "Identity")
+#: Ops between a producer and the MatMuls that change no element's last-axis index (Cast: the
+#: float32-to-float32 casts after a fused norm or attention, which type their output).
+CHANNEL_PRESERVING = ("Reshape", "Identity", "Cast")
 
 
 #: ``divide_columns(weight, s)``: divide the weight's output columns by ``s``; False if it cannot.

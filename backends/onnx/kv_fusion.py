@@ -73,6 +73,7 @@ class _Graph:
             for name in node.input:
                 self.consumers[name].append(node)
         self.initializers = {tensor.name: tensor for tensor in graph.initializer}
+        self.outputs = {value.name for value in graph.output}
         self._numpy = numpy_helper
 
     def constant(self, name: str) -> Any | None:
@@ -291,7 +292,7 @@ def _ordered(nodes: list[Any], available: set[str]) -> list[Any]:
     """``nodes`` in an order where each comes after what it reads (Kahn's, stable)."""
     from collections import deque
 
-    producer = {output: index for index, node in enumerate(nodes) for output in node.output}
+    producer = {output: index for index, node in enumerate(nodes) for output in node.output if output}
     waiting = [0] * len(nodes)
     readers: dict[int, list[int]] = defaultdict(list)
     for index, node in enumerate(nodes):
@@ -319,7 +320,7 @@ def _live(nodes: list[Any], outputs: set[str]) -> list[Any]:
     """The nodes (in order) that the graph's outputs need."""
     needed, kept = set(outputs), []
     for node in reversed(nodes):
-        if any(name in needed for name in node.output):
+        if any(name and name in needed for name in node.output):
             kept.append(node)
             needed.update(node.input)
     return kept[::-1]

@@ -3,12 +3,21 @@
 :func:`fuse_export` runs :func:`compressor_onnx.kv_fusion.fuse_attention` on the export of
 a transformers causal LM (rotary positions, or none: GPT-2). It first proves the pass on a miniature of
 the same architecture (the model's config with two layers, a small vocabulary and MLP, random
-weights): exported unfused and fused, both run in ONNX Runtime on a left-padded batch of two
+weights, its vectors -- norm weights, biases -- random too, so that a misread one shows):
+exported unfused and fused, both run in ONNX Runtime on a left-padded batch of two
 (prefill, then decode steps) and on a one-row chunked prefill, and the logits and cache
 entries of every real (unpadded) position must agree within 1e-4. Only then is the real
 graph rewritten, so the check costs a few seconds and no copy of the real weights. A model
 the pass does not recognize, a rotary embedding that depends on the sequence length (dynamic
 NTK, LongRoPE), or a failed check leave the export as it was.
+
+With the attention, the same check covers the rewrites that follow it (:func:`fuse_graph`):
+residual add + RMSNorm as ``SkipSimplifiedLayerNormalization``
+(:mod:`compressor_onnx.kv_fusion_norms`), each layer's query, key and value projections as
+one MatMul (:mod:`compressor_onnx.kv_fusion_qkv`) and, for a model whose mask is causal and
+padding alone, the attention bias built from the attention mask in six nodes
+(:mod:`compressor_onnx.kv_fusion_mask`). Where the miniature disagrees with them but not with
+the attention alone, the attention alone is fused.
 
 Limit of the fused graph (ONNX Runtime's ``GroupQueryAttention``): a step that appends more
 than one token to a non-empty cache must be at batch 1 (prefill at any batch, decode at any
@@ -20,16 +29,33 @@ from __future__ import annotations
 import copy
 import dataclasses
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compressor.plugin import Context
 from compressor_frontends.pytorch import TorchModel
 from compressor_onnx.kv_fusion import AttentionShape, fuse_attention, recognizes
+from compressor_onnx.kv_fusion_mask import padding_bias
+from compressor_onnx.kv_fusion_norms import fuse_norms
+from compressor_onnx.kv_fusion_qkv import pack_projections
 
 #: Agreement required between the miniature's unfused and fused graphs (absolute, fp32).
 TOLERANCE = 1e-4
 _MINI_LAYERS, _MINI_VOCABULARY, _MINI_MLP = 2, 128, 32
+#: Graph metadata: residual add + RMSNorms fused, layers whose QKV projections were packed, and
+#: "1" where the attention bias is the padding alone.
+NORMS_KEY, PACKED_KEY, PADDING_KEY = "compressor.fused_norms", "compressor.packed_qkv", "compressor.padding_bias"
+
+
+@dataclass(frozen=True)
+class Fusions:
+    """What :func:`fuse_graph` rewrote."""
+
+    layers: int
+    norms: int = 0
+    packed: int = 0
+    padding_bias: bool = False
 
 
 def fuse_export(model: TorchModel, graph: Any | None, path: Path | None, context: Context) -> int:
@@ -43,12 +69,45 @@ def fuse_export(model: TorchModel, graph: Any | None, path: Path | None, context
     if (tables is None and has_rotary(module)) or shape is None:
         return 0
     proto = graph if graph is not None else onnx.load(str(path), load_external_data=False)
-    if not recognizes(proto) or not miniature_agrees(model, shape, context):
+    everything = miniature_agrees(model, shape, context) if recognizes(proto) else None
+    if everything is None:
         return 0
-    fused = fuse_attention(proto, shape, *_tables_as(tables, proto))
+    fused = fuse_graph(proto, shape, *_tables_as(tables, proto), everything=everything,
+                       padding_only=padding_only_mask(module), folder=path.parent if graph is None else None).layers
     if fused and graph is None:
         onnx.save_model(proto, str(path))  # the graph alone: its external data stays as written
     return fused
+
+
+def fuse_graph(graph: Any, shape: AttentionShape, cos_table: Any | None, sin_table: Any | None,
+               everything: bool = True, padding_only: bool = False, folder: Path | None = None) -> Fusions:
+    """Fuse ``graph``'s attention (changed in place) and, with ``everything``, its norms and
+    projections after it, and (``padding_only``: a mask that is causal and padding alone) its
+    attention bias (none where the attention is not fused). ``folder``: where the external
+    data of a graph on disk is."""
+    from onnx import helper
+
+    fusions = Fusions(fuse_attention(graph, shape, cos_table, sin_table))
+    if not fusions.layers or not everything:
+        return fusions
+    fusions = dataclasses.replace(fusions, norms=fuse_norms(graph), packed=pack_projections(graph, folder),
+                                  padding_bias=padding_only and padding_bias(graph))
+    counts = {NORMS_KEY: fusions.norms, PACKED_KEY: fusions.packed, PADDING_KEY: int(fusions.padding_bias)}
+    helper.set_model_props(graph, {**{p.key: p.value for p in graph.metadata_props},
+                                   **{key: str(count) for key, count in counts.items() if count}})
+    return fusions
+
+
+def padding_only_mask(module: Any) -> bool:
+    """Whether the model masks attention by causality and padding alone: no sliding window
+    (Mistral's; Qwen2's where ``use_sliding_window``), chunked attention or per-layer kinds."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    kinds = getattr(config, "layer_types", None) or ()
+    return not getattr(config, "attention_chunk_size", None) and all(kind == "full_attention" for kind in kinds)
 
 
 def attention_shape(module: Any) -> AttentionShape | None:
@@ -135,13 +194,19 @@ def miniature(module: Any) -> Any | None:
             setattr(config, name, 0)
     torch.manual_seed(0)
     try:
-        return type(module)(config).eval()
+        small = type(module)(config).eval()
     except Exception:  # noqa: BLE001 - a config this changes may be refused in any way
         return None
+    with torch.no_grad():  # initialized to ones and zeros: a norm weight or bias misread would not show
+        for parameter in small.parameters():
+            if parameter.ndim == 1:
+                parameter.uniform_(0.5, 1.5)
+    return small
 
 
-def miniature_agrees(model: TorchModel, shape: AttentionShape, context: Context) -> bool:
-    """Whether fusing the miniature's export leaves its outputs as they were (module docstring)."""
+def miniature_agrees(model: TorchModel, shape: AttentionShape, context: Context) -> bool | None:
+    """Whether fusing the miniature's export leaves its outputs as they were (module docstring):
+    True where every rewrite does, False where the attention alone does, None where not even it."""
     import onnx
 
     from compressor_frontends.pytorch.export import DEFAULT_OPSET
@@ -150,21 +215,25 @@ def miniature_agrees(model: TorchModel, shape: AttentionShape, context: Context)
     small = miniature(model.module)
     tables = rotary_tables(small) if small is not None else None
     if small is None or (tables is None and has_rotary(small)):
-        return False
+        return None
     with tempfile.TemporaryDirectory(prefix="fusion-check-", dir=context.workdir) as folder:
         target = Path(folder) / "miniature.onnx"
         try:
             _export(dataclasses.replace(model, module=small), target, int(context.options.get("opset") or DEFAULT_OPSET))
         except Exception:  # noqa: BLE001 - the miniature may not export where the model does
-            return False
+            return None
         plain = onnx.load(str(target))
-    fused = copy.deepcopy(plain)
-    if fuse_attention(fused, shape, *_tables_as(tables, fused)) != small.config.num_hidden_layers:
-        return False
-    try:
-        return max_difference(plain, fused, shape) <= TOLERANCE
-    except Exception:  # noqa: BLE001 - ONNX Runtime refusing the fused graph is a failed check
-        return False
+    for everything in (True, False):
+        fused = copy.deepcopy(plain)
+        if fuse_graph(fused, shape, *_tables_as(tables, fused), everything=everything,
+                      padding_only=padding_only_mask(small)).layers != small.config.num_hidden_layers:
+            return None
+        try:
+            if max_difference(plain, fused, shape) <= TOLERANCE:
+                return everything
+        except Exception:  # noqa: BLE001 - ONNX Runtime refusing the fused graph is a failed check
+            pass
+    return None
 
 
 def max_difference(plain: Any, fused: Any, shape: AttentionShape) -> float:

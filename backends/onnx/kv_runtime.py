@@ -171,10 +171,23 @@ class CacheBinding:
     each out of ONNX Runtime's buffers), and the past is bound where it lies, so that a decode
     step moves no cache bytes besides the graph's own. The shapes come from the inputs'
     (``[batch, sequence, vocabulary]`` logits, ``[batch, kv_heads, past + sequence,
-    head_dim]`` present); a graph whose logits' width is not fixed runs unbound."""
+    head_dim]`` present); a graph whose logits' width is not fixed runs unbound.
+
+    A graph whose attention is ONNX Runtime's ``GroupQueryAttention`` (compressor's fused
+    export: :data:`compressor_onnx.kv_fusion.FUSED_KEY`) does not even copy the past into the
+    present: at batch 1, when a call's past is the present the call before returned (the same
+    arrays), the cache is moved once into buffers with room to grow, bound as both past and
+    present, and the attention writes the new positions in place; the present is returned as
+    views of the buffers -- as ONNX Runtime GenAI runs the builder's graphs
+    (``past_present_share_buffer``). Otherwise a step copies the cache, 2 x layers x heads x
+    length x head size values, each token. Only positions past every view returned are
+    written, so a view a caller kept never changes; a prompt alone (a latency call) is run
+    as usual."""
 
     def __init__(self, session: Any, layout: KVCacheLayout, output_names: list[str]) -> None:
         import numpy as np
+
+        from compressor_onnx.kv_fusion import FUSED_KEY
 
         self.session, self.layout, self.output_names = session, layout, output_names
         shapes = {node.name: node.shape for node in session.get_outputs()}
@@ -185,15 +198,80 @@ class CacheBinding:
         types = {node.name: node.type for node in session.get_outputs()}
         self.dtypes = {name: np.dtype(_numpy_dtype(types[name])) for name in output_names}
         self.binding = session.io_binding() if self.vocabulary else None
+        self.shared = self.binding is not None and FUSED_KEY in session.get_modelmeta().custom_metadata_map
+        #: Past input -> present output, and the cache buffers and views of the last shared call.
+        self.pairs = dict(zip((*layout.past_keys, *layout.past_values), (*layout.present_keys, *layout.present_values)))
+        self.buffers: dict[str, Any] = {}
+        self.views: dict[str, Any] = {}
+        self.bound_buffers: dict[str, Any] | None = None  # the buffers the binding holds, kept between steps
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """The outputs of one call on completed feeds (:func:`complete_feeds`)."""
         if self.binding is not None:
             try:
-                return self._run_bound(feeds)
+                shared = self._run_shared(feeds) if self.shared else None
+                return shared if shared is not None else self._run_bound(feeds)
             except Exception:  # noqa: BLE001 - outputs not of the shapes foreseen: run unbound from now on
                 self.binding = None
-        return dict(zip(self.output_names, self.session.run(self.output_names, dict(feeds))))
+        import numpy as np
+
+        # (A past may be a view of the buffers: a strided array.)
+        contiguous = {name: np.ascontiguousarray(value) for name, value in feeds.items()}
+        return dict(zip(self.output_names, self.session.run(self.output_names, contiguous)))
+
+    def _run_shared(self, feeds: Mapping[str, Any]) -> dict[str, Any] | None:
+        """A batch-1 call in the cache buffers (class docstring), or None where it cannot be."""
+        import numpy as np
+
+        layout = self.layout
+        batch, count = np.shape(feeds[layout.input_ids])[0], np.shape(feeds[layout.input_ids])[-1]
+        length = np.shape(feeds[layout.past_keys[0]])[2]
+        if batch != 1:
+            return None
+        if length == 0:  # a prompt: run as usual; its present goes into buffers if a step follows
+            outputs = self._run_bound(feeds)
+            self.buffers, self.views = {}, {name: outputs[present] for name, present in self.pairs.items()}
+            return outputs
+        if not self.views or any(feeds[name] is not view for name, view in self.views.items()):
+            return None
+        total = length + count
+        if not self.buffers or total > next(iter(self.buffers.values())).shape[2]:
+            self.buffers = {name: self._buffer(self.views[name], total) for name in self.pairs}
+        binding = self.binding
+        if self.bound_buffers is not self.buffers:  # else bound by the step before: only the tokens change
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            for name, present in self.pairs.items():
+                buffer = self.buffers[name]
+                binding.bind_input(name, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+                binding.bind_output(present, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+            self.bound_buffers = self.buffers
+        for name, value in feeds.items():
+            if name not in self.pairs:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))  # replaces the step before's
+        logits = np.empty((batch, count, self.vocabulary), dtype=self.dtypes[layout.logits])
+        binding.bind_output(layout.logits, "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        return self._viewed({layout.logits: logits}, total)
+
+    def _buffer(self, cache: Any, needed: int) -> Any:
+        """A buffer holding ``cache`` with room for ``needed`` positions and as many again (the
+        graph's context length at most); the pages past what is written are never touched."""
+        import numpy as np
+
+        limit = self.layout.max_positions
+        capacity = max(2 * needed, needed + 64)
+        capacity = max(min(capacity, limit), needed) if limit else capacity
+        shape = list(np.shape(cache))
+        buffer = np.empty((*shape[:2], capacity, shape[3]), dtype=np.asarray(cache).dtype)
+        buffer[:, :, :shape[2]] = cache
+        return buffer
+
+    def _viewed(self, outputs: dict[str, Any], total: int) -> dict[str, Any]:
+        """``outputs`` with the present: the buffers' first ``total`` positions, as views."""
+        self.views = {name: buffer[:, :, :total] for name, buffer in self.buffers.items()}
+        outputs.update({self.pairs[name]: view for name, view in self.views.items()})
+        return outputs
 
     def _run_bound(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -203,6 +281,7 @@ class CacheBinding:
         total = np.shape(feeds[layout.past_keys[0]])[2] + count
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
+        self.bound_buffers = None
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))  # the binding holds it
         outputs = {}
