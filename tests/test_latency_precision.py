@@ -19,6 +19,7 @@ from compressor.latency_interval import (
     SEPARATE,
     interleave,
     median_rank_interval,
+    percent_text,
     ratio_fields,
     ratio_interval,
 )
@@ -118,6 +119,20 @@ def test_the_cap_stops_a_noisy_measurement_and_the_report_says_so() -> None:
     width = round(100 * found["latency_ratio_half_width"])
     assert notes == [f"speed: interval ±{width}% after 0 s, not the ±3% asked (--precision); --max-seconds "
                      "allows longer, a quieter machine narrows it"]
+
+
+def test_a_narrow_interval_stopped_before_the_floor_of_calls_says_so() -> None:
+    """A big model's call takes seconds: the cap comes before the floor of calls, with an
+    interval already narrower than asked (a 4.4 GB Llama: +-0.9% from 16 calls in 58 s)."""
+    found = _interleave(0.5, 0.01, min_iterations=1000, max_seconds=2.0)
+    assert found["latency_precision_met"] is False and found["latency_ratio_half_width"] <= 0.03
+    calls = min(found["latency_ratio_calls"])
+    assert calls < 1000
+    settings = MeasureSettings(min_iterations=1000, max_seconds=2.0)
+    _, notes = ratio_fields([found], {"latency_ms": {"p50": 4.0}}, settings)
+    shown = percent_text(found["latency_ratio_half_width"])
+    assert notes == [f"speed: interval ±{shown} after 2 s, within the ±3% asked, from {calls} calls of each, "
+                     "fewer than the 1000 of the timing's floor; --max-seconds allows longer"]
 
 
 def test_without_a_side_by_side_timing_the_ratio_is_that_of_the_p50s() -> None:

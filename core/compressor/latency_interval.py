@@ -255,6 +255,12 @@ def _precision_notes(fields: Mapping[str, Any], settings: MeasureSettings) -> li
     if width is None:
         return [f"speed: {fields.get('latency_ratio_blocks', 0)} block(s) in {seconds:.0f} s, too few for an "
                 f"interval, {asked}; --max-seconds allows longer"]
+    calls = min(fields.get("latency_ratio_calls") or [0])
+    if width <= settings.precision and calls < settings.min_iterations:
+        # Narrow enough, but the cap came before the floor of calls (a call of seconds: a big model).
+        return [f"speed: interval ±{percent_text(width)} after {seconds:.0f} s, within the "
+                f"±{percent_text(settings.precision)} asked, from {calls} calls of each, fewer than the "
+                f"{settings.min_iterations} of the timing's floor; --max-seconds allows longer"]
     return [f"speed: interval ±{percent_text(width)} after {seconds:.0f} s, {asked}; --max-seconds allows "
             "longer, a quieter machine narrows it"]
 
