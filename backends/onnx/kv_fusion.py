@@ -248,16 +248,10 @@ def fuse_attention(model: Any, shape: AttentionShape, cos_table: Any | None, sin
         replaced.update(id(node) for node in layer.replaced)
     tables = {COS_TABLE: cos_table, SIN_TABLE: sin_table} if cos_table is not None else {}
     available = inputs | set(view.initializers) | set(tables)
-    try:
-        ordered = _ordered([node for node in graph.node if id(node) not in replaced] + nodes, available)
-    except ValueError:
+    read = splice(graph, replaced, nodes, available)
+    if read is None:
         return 0
-    live = _live(ordered, {value.name for value in graph.output})
-    read = {name for node in live for name in node.input}
-    unused = [tensor for tensor in graph.initializer if tensor.name not in read]
-    del graph.node[:]
-    graph.node.extend(live)
-    for tensor in unused:
+    for tensor in [tensor for tensor in graph.initializer if tensor.name not in read]:
         graph.initializer.remove(tensor)
     graph.initializer.extend([numpy_helper.from_array(table, name) for name, table in tables.items()])
     if not any(entry.domain == _MS for entry in model.opset_import):
@@ -286,6 +280,20 @@ def _shared_inputs() -> list[Any]:
         node("Squeeze", ["/compressor/fused/total_1d"], "total_scalar"),
         node("Cast", ["/compressor/fused/total_scalar"], "total_length", to=TensorProto.INT32),
     ]
+
+
+def splice(graph: Any, replaced: set[int], nodes: list[Any], available: set[str]) -> set[str] | None:
+    """``graph``'s nodes less those in ``replaced`` (ids) plus ``nodes``, in an order that computes
+    each value before it is read and only those that reach an output; the names the kept nodes
+    read, or None (the graph unchanged) where no such order exists."""
+    try:
+        ordered = _ordered([node for node in graph.node if id(node) not in replaced] + nodes, available)
+    except ValueError:
+        return None
+    live = _live(ordered, {value.name for value in graph.output})
+    del graph.node[:]
+    graph.node.extend(live)
+    return {name for node in live for name in node.input}
 
 
 def _ordered(nodes: list[Any], available: set[str]) -> list[Any]:

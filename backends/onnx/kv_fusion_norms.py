@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from compressor_onnx.kv_fusion import _Graph, _live, _ordered
+from compressor_onnx.kv_fusion import _Graph, splice
 
 SKIP_SIMPLIFIED = "SkipSimplifiedLayerNormalization"
 _MS = "com.microsoft"
@@ -67,13 +67,8 @@ def fuse_norms(model: Any) -> int:
     if not nodes:
         return 0
     available = {value.name for value in graph.input} | set(view.initializers)
-    try:
-        ordered = _ordered([node for node in graph.node if id(node) not in replaced] + nodes, available)
-    except ValueError:
+    if splice(graph, replaced, nodes, available) is None:
         return 0
-    live = _live(ordered, {value.name for value in graph.output})
-    del graph.node[:]
-    graph.node.extend(live)
     if not any(entry.domain == _MS for entry in model.opset_import):
         model.opset_import.append(helper.make_opsetid(_MS, 1))
     return len(nodes) // 2

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor_onnx.kv_fusion import _Graph, _live, _ordered
+from compressor_onnx.kv_fusion import _Graph, splice
 
 _MS = "com.microsoft"
 _FLOAT = 1  # TensorProto.FLOAT
@@ -83,14 +83,9 @@ def pack_projections(model: Any, folder: Path | None = None) -> int:
     if not nodes:
         return 0
     available = {value.name for value in graph.input} | set(view.initializers) | {t.name for t in tensors}
-    try:
-        ordered = _ordered([node for node in graph.node if id(node) not in replaced] + nodes, available)
-    except ValueError:
+    read = splice(graph, replaced, nodes, available)
+    if read is None:
         return 0
-    live = _live(ordered, {value.name for value in graph.output})
-    read = {name for node in live for name in node.input}
-    del graph.node[:]
-    graph.node.extend(live)
     for tensor in [tensor for tensor in graph.initializer if tensor.name in dropped and tensor.name not in read]:
         graph.initializer.remove(tensor)
     graph.initializer.extend(tensors)
