@@ -29,8 +29,11 @@ TORCHAO_MODES = ("dynamic", "int8")
 
 def import_torchao(mode: str = "dynamic") -> Any:
     """``torchao.quantization`` (its start-up warnings are silenced in ``__init__``)."""
+    from compressor_frontends.pytorch.caches import torch_caches_in_scratch
+
     try:
-        import torchao.quantization as quantization
+        with torch_caches_in_scratch():  # torchao's import makes torch's cache folder
+            import torchao.quantization as quantization
     except ImportError:
         raise UnsupportedError(
             f"quantize {mode} on the torch backend needs torchao; install it with: "

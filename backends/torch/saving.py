@@ -174,6 +174,7 @@ def export_program(net: TorchModel, names: tuple[str, ...], outputs: tuple[str, 
                    examples: dict[str, Any], path: Path) -> Path:
     import torch
 
+    from compressor_frontends.pytorch.caches import torch_caches_in_scratch
     from compressor_frontends.pytorch.pt2 import pickled_entries
 
     if net.quantization and net.quantization[0] in ("dynamic", "int8"):
@@ -184,7 +185,7 @@ def export_program(net: TorchModel, names: tuple[str, ...], outputs: tuple[str, 
     auto = torch.export.Dim.AUTO
     dynamic = tuple({axis: auto for axis in _dynamic_axes(examples[name])} for name in names)
     try:
-        with warnings.catch_warnings(), torch.no_grad(), _export_logs_silenced():
+        with warnings.catch_warnings(), torch.no_grad(), _export_logs_silenced(), torch_caches_in_scratch():
             warnings.simplefilter("ignore")
             program = torch.export.export(wrap(net), tensors, dynamic_shapes=(dynamic,), strict=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises anything a model's code can

@@ -76,6 +76,11 @@ def _measure_in(exchange: Path, artifact: Artifact, data_path: Path | None, inpu
                 original: Artifact | None = None) -> MeasuredArtifact:
     write_request(exchange, artifact, data_path, inputs, settings, plugin_modules, plugin, original)
     environment = measuring_environment(settings)
+    # What the runtime's libraries leave in TMPDIR (torch makes its inductor cache folder as
+    # torch.export's deserializer is imported) goes with the exchange folder.
+    temporary = exchange / "tmp"
+    temporary.mkdir()
+    environment["TMPDIR"] = str(temporary)
     started = time.perf_counter()
     with open(exchange / "stderr.txt", "wb") as stderr:
         process = subprocess.Popen(

@@ -134,10 +134,12 @@ def _run_exporter(
     import torch
 
     from compressor.plugin import native_output_silenced
+    from compressor_frontends.pytorch.weight_streaming import streamed_weights
 
     try:
         # The exporter prints its whole IR graph to stdout, from C++, when it fails.
-        with warnings.catch_warnings(), torch.no_grad(), native_output_silenced(stderr=False):
+        with warnings.catch_warnings(), torch.no_grad(), native_output_silenced(stderr=False), \
+                streamed_weights(wrapper, target):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper,
@@ -158,8 +160,10 @@ def _export_program(model: TorchModel, opset: int, target: Path) -> Any | None:
     import onnx
     import torch
 
+    from compressor_frontends.pytorch.caches import torch_caches_in_scratch
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch_caches_in_scratch():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model.exported_program,

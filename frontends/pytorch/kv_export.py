@@ -34,6 +34,7 @@ from typing import Any
 
 from compressor.plugin import CompressionError, Context, first_line, native_output_silenced
 from compressor_frontends.pytorch.model import TorchModel
+from compressor_frontends.pytorch.weight_streaming import streamed_weights
 
 #: Names of the cache tensors in the graph (Optimum's and ONNX Runtime GenAI's).
 PAST_NAME = "past_key_values.{layer}.{kind}"
@@ -214,7 +215,8 @@ def _export(model: TorchModel, target: Path, opset: int) -> None:
     axes.update({name: {0: "batch", 2: "total_sequence"} for name in present_names})
     wrapper = cached_forward(module, token_inputs, shape.layers)
     try:
-        with warnings.catch_warnings(), torch.no_grad(), native_output_silenced(stderr=False):
+        with warnings.catch_warnings(), torch.no_grad(), native_output_silenced(stderr=False), \
+                streamed_weights(module, target):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 wrapper, (*(examples[name] for name in token_inputs), *cache), str(target),

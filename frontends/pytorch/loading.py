@@ -35,6 +35,13 @@ def is_transformers_folder(path: Path) -> bool:
 def load_torch_model(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
     """Read ``path`` (a file of :data:`READ_SUFFIXES` or a transformers folder) into a
     TorchModel and the TensorSpecs of its inputs."""
+    from compressor_frontends.pytorch.caches import torch_caches_in_scratch
+
+    with torch_caches_in_scratch():
+        return _load_torch_model(path, options, trust)
+
+
+def _load_torch_model(path: Path, options: dict[str, Any], trust: bool) -> tuple[TorchModel, tuple[TensorSpec, ...]]:
     declared = parse_input_shape(options["input_shape"]) if options.get("input_shape") else ()
     if path.is_dir():
         if not is_transformers_folder(path):
