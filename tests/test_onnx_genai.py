@@ -18,7 +18,9 @@ from click.testing import CliRunner
 
 import compressor_onnx.plugin as plugin
 from compressor.cli import cli
+from compressor.errors import CompressionError
 from compressor.generation import generate, window_perplexity
+from compressor.memory import PeakRss
 from compressor.plugin import (
     Context,
     MeasureSettings,
@@ -77,9 +79,17 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built_fp32(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def built_fp32_and_peak(llama: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, int | None]:
+    """The builder's fp32 folder, and the peak RSS of a block around its making."""
     destination = tmp_path_factory.mktemp("built") / "genai"
-    return save_genai(GenaiPlan(llama), destination, Context())
+    with PeakRss() as peak:
+        artifact = save_genai(GenaiPlan(llama), destination, Context())
+    return artifact, peak.bytes
+
+
+@pytest.fixture(scope="module")
+def built_fp32(built_fp32_and_peak: tuple[Any, int | None]) -> Any:
+    return built_fp32_and_peak[0]
 
 
 def transformers_logits(folder: Path, ids: Any) -> Any:
@@ -146,6 +156,45 @@ def test_the_builders_fp32_folder_generates_what_transformers_generates(llama: P
         assert decoder.max_positions == 128
     finally:
         runtime.close()
+
+
+def test_the_builder_runs_in_a_process_of_its_own_whose_peak_counts(built_fp32_and_peak: tuple[Any, int | None]
+                                                                     ) -> None:
+    artifact, block_peak = built_fp32_and_peak
+    # Not imported here: the builder (and the transformers model it loads) lived in its child.
+    assert "onnxruntime_genai.models.builder" not in sys.modules
+    builder_peak = artifact.metadata["genai_builder_peak_rss_bytes"]
+    # The child imported torch and transformers and loaded the model: well above an empty interpreter.
+    assert 100 * 2**20 < builder_peak < 8 * 2**30
+    assert block_peak is not None and block_peak >= builder_peak
+
+
+def test_a_builder_failure_is_one_line_with_its_traceback_for_debug(llama: Path, tmp_path: Path,
+                                                                   private_tmpdir: Path) -> None:
+    destination = tmp_path / "genai"
+    with pytest.raises(CompressionError) as failed:
+        save_genai(GenaiPlan(llama, options=(("state_window", "-1"),)), destination, Context())
+    message = str(failed.value)
+    assert message.startswith("onnxruntime-genai's builder failed: state_window must be a non-negative integer. "
+                              "(it printed last: Extra options: ")
+    assert "\n" not in message and failed.value.exit_code == 7
+    # --debug shows the builder's traceback, from its own process.
+    [traceback] = failed.value.plugin_tracebacks
+    assert traceback.startswith("onnxruntime-genai's builder (in its own process):\nTraceback")
+    assert "check_extra_options" in traceback and traceback.endswith(
+        "ValueError: state_window must be a non-negative integer.")
+    assert list(private_tmpdir.iterdir()) == []  # the scratch folder, its cache and the child's TMPDIR gone
+
+
+def test_what_the_builder_cannot_export_is_unsupported(llama: Path, tmp_path: Path, private_tmpdir: Path) -> None:
+    # The builder's NotImplementedError (here: int8 in the QDQ format) is exit 5, naming the folder.
+    plan = GenaiPlan(llama, precision="int8", options=(("use_qdq", "true"),))
+    with pytest.raises(UnsupportedError) as refused:
+        save_genai(plan, tmp_path / "genai", Context())
+    assert str(refused.value) == (f"{llama}: onnxruntime-genai's builder: int8 precision does not support the QDQ "
+                                  "format (use_qdq). Use QOperator (the default).")
+    assert refused.value.exit_code == 5 and "NotImplementedError" in refused.value.plugin_tracebacks[0]
+    assert list(private_tmpdir.iterdir()) == []
 
 
 def test_int4_takes_the_settings_the_user_gave_and_leaves_the_builders_defaults(llama: Path) -> None:

@@ -10,7 +10,11 @@ absolute path), so plugins registered in-process still reach them.
 
 Children die with their parent (:func:`parent_death_hook`). Work that may crash the
 process natively or run it out of memory (a quantizer under ``ulimit -v``) runs in a
-forked child with :func:`run_in_fork`, where either becomes a one-line error.
+forked child with :func:`run_in_fork`, where either becomes a one-line error. Work that
+must not share the parent's memory (a model builder beside a loaded model) runs in a fresh
+interpreter with :func:`run_python_child`. A child's own peak resident set counts in the
+peak of the phase that started it (:func:`compressor.memory.note_child_peak`): run_in_fork
+records it; a :func:`run_python_child` child sends it back with its result.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any, TypeVar
 
 from compressor.errors import CompressionError, CompressorError, UsageError, first_line
+from compressor.memory import PeakRss, note_child_peak, peak_rss_bytes
 
 #: Runs ``MODULE.main(argv)`` and exits with its result. ``sys.path[0]`` is the
 #: working directory ('') under ``-c`` without ``-P``; it goes before any import.
@@ -108,6 +115,37 @@ def die_with(parent: int, prctl: Callable[..., int] | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def run_python_child(module: str, arguments: Sequence[str], printed: Path, step: object,
+                     environment: Mapping[str, str] | None = None) -> int:
+    """Run ``module.main(arguments)`` in a fresh interpreter (:func:`python_command`: not a
+    fork, so nothing of this process's memory, a loaded model included, is in it) with
+    :func:`child_environment` plus ``environment``, and wait for it; return its exit status.
+
+    What it prints (stdout and stderr, native output included) goes into the file
+    ``printed``. It dies with this process (:func:`parent_death_hook`) and is killed when
+    the wait is interrupted (Ctrl-C, SIGTERM). Death by a signal is the one-line error
+    :func:`run_in_fork` gives, naming ``step``: SIGKILL is likely the kernel's
+    out-of-memory killer (UsageError, exit 2), another a crash (CompressionError, exit 7).
+    Its peak resident set is the module's to send back (its ``VmHWM``, new with ``exec``),
+    and the caller's to record (:func:`compressor.memory.note_child_peak`)."""
+    import subprocess
+
+    with open(printed, "wb") as output:
+        process = subprocess.Popen(python_command(module, arguments), stdin=subprocess.DEVNULL, stdout=output,
+                                   stderr=output, env=child_environment(environment),
+                                   preexec_fn=parent_death_hook())
+        try:
+            _, status, _ = os.wait4(process.pid, 0)
+        except BaseException:  # interrupted (Ctrl-C, SIGTERM): the child must not outlive this
+            process.kill()
+            process.wait()
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if os.WIFSIGNALED(status):
+        raise _crash(os.WTERMSIG(status), step)
+    return process.returncode
+
+
 T = TypeVar("T")
 
 
@@ -129,7 +167,9 @@ def run_in_fork(function: Callable[..., T], *args: Any, step: object, **kwargs: 
 
     The child dies with this process. It is a fork: ``function`` sees the parent's memory
     as it was (a loaded model too) but not other threads, so it should be one
-    self-contained piece of work, such as one call into a native library.
+    self-contained piece of work, such as one call into a native library. The child's own
+    peak resident set (its mark reset as it starts: a fork's would carry the parent's) comes
+    back with its outcome and is recorded (:func:`compressor.memory.note_child_peak`).
     """
     import pickle
 
@@ -151,10 +191,12 @@ def run_in_fork(function: Callable[..., T], *args: Any, step: object, **kwargs: 
         raise
     if os.WIFSIGNALED(status):
         raise _crash(os.WTERMSIG(status), step)
-    if not data:
+    if len(data) <= _PEAK.size or os.waitstatus_to_exitcode(status) != 0:
         raise CompressionError(f"the process applying '{step}' exited with status "
                                f"{os.waitstatus_to_exitcode(status)} and no result")
-    outcome = pickle.loads(data)
+    (child_peak,) = _PEAK.unpack_from(data)
+    note_child_peak(child_peak)
+    outcome = pickle.loads(memoryview(data)[_PEAK.size:])
     if outcome[0] == "ok":
         return outcome[1]  # type: ignore[no-any-return]
     if outcome[0] == "memory":
@@ -166,7 +208,6 @@ def run_in_fork(function: Callable[..., T], *args: Any, step: object, **kwargs: 
 
 def _child(writer: int, parent: int, prctl: Callable[..., int] | None, call: Callable[[], Any]) -> None:
     import faulthandler
-    import pickle
 
     status = 0
     try:
@@ -174,21 +215,20 @@ def _child(writer: int, parent: int, prctl: Callable[..., int] | None, call: Cal
         faulthandler.disable()  # a crash is reported by the parent, in one line
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
             signal.signal(getattr(signal, name), signal.SIG_DFL)
-        try:
-            outcome: tuple[Any, ...] = ("ok", call())
-        except BaseException as error:  # noqa: BLE001 - everything goes back to the parent
-            outcome = ("memory",) if _from_memory(error) else ("error", error)
-        try:
-            data = pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
-        except BaseException as error:  # noqa: BLE001 - an unpicklable result or exception
-            if isinstance(error, MemoryError):
-                data = pickle.dumps(("memory",))
-            else:
-                failed = outcome[1] if outcome[0] == "error" else error
-                data = pickle.dumps(("failed", type(failed).__name__, first_line(failed)))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(writer, view):]
+        # The block resets the mark (a fork's starts from the parent's: the child's own from
+        # here) and counts this child's own children (a quantizer that forks again).
+        with PeakRss() as peak:
+            try:
+                outcome: tuple[Any, ...] = ("ok", call())
+            except BaseException as error:  # noqa: BLE001 - everything goes back to the parent
+                outcome = ("memory",) if _from_memory(error) else ("error", error)
+            data = _pickled(outcome)
+        # The peak read last, the pickled outcome in memory included; sent first.
+        sent = peak.bytes if peak.bytes is not None else peak_rss_bytes()
+        for chunk in (_PEAK.pack(sent), data):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(writer, view):]
     except BaseException:  # noqa: BLE001 - the parent reports a child without a result
         status = 70
     finally:
@@ -196,6 +236,23 @@ def _child(writer: int, parent: int, prctl: Callable[..., int] | None, call: Cal
             with suppress(BaseException):  # nothing may stop the exit below
                 stream.flush()
         os._exit(status)
+
+
+#: What a forked child writes before its pickled outcome: its peak resident set in bytes.
+_PEAK = struct.Struct("<Q")
+
+
+def _pickled(outcome: tuple[Any, ...]) -> bytes:
+    """``outcome`` pickled; where it does not pickle, what the parent can still report."""
+    import pickle
+
+    try:
+        return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException as error:  # noqa: BLE001 - an unpicklable result or exception
+        if isinstance(error, MemoryError):
+            return pickle.dumps(("memory",))
+        failed = outcome[1] if outcome[0] == "error" else error
+        return pickle.dumps(("failed", type(failed).__name__, first_line(failed)))
 
 
 def _from_memory(error: BaseException) -> bool:

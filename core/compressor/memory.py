@@ -5,6 +5,12 @@ memory, native allocations (ONNX Runtime, TensorFlow) and touched memory-mapped
 file pages included. Writing ``5`` to ``/proc/self/clear_refs`` resets it to
 the current RSS, so each phase of a run (load, each variant's compress and
 save) gets its own peak; :func:`lifetime_peak_rss_bytes` is the whole process's.
+
+Work done in a child process (a forked quantizer, a fresh interpreter running a model
+builder) is no part of this process's mark: the parent records the child's own peak with
+:func:`note_child_peak`, and a :class:`PeakRss` block reports the largest of its process's
+peak and the peaks of the children recorded inside it. Each is one process's resident set
+(pages a forked child shares with its parent count in both), not their sum.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ import resource
 import sys
 
 #: The highest peak read so far (before any reset): :func:`lifetime_peak_rss_bytes` counts it.
+#: This process's own: children's peaks never go into it.
 _highest_read = 0
+#: The :class:`PeakRss` blocks open now, outermost first.
+_open_blocks: list[PeakRss] = []
 
 
 def peak_rss_bytes() -> int:
@@ -41,7 +50,11 @@ def _read_peak_rss() -> int:
 
 def reset_peak_rss() -> bool:
     """Start a new high-water mark at the current RSS; False where the OS cannot."""
-    peak_rss_bytes()  # the mark about to be cleared still counts for the lifetime peak
+    # The mark about to be cleared still counts: for the lifetime peak, and for every block
+    # open around this reset (an inner PeakRss, a forked child's own start).
+    peak = peak_rss_bytes()
+    for block in _open_blocks:
+        block.note(peak)
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
             clear_refs.write("5")
@@ -60,14 +73,34 @@ def lifetime_peak_rss_bytes() -> int:
     return max(_highest_read, peak_rss_bytes())
 
 
+def note_child_peak(peak: int) -> None:
+    """Record the peak resident set (bytes) of a child process this process started and waited
+    for: every :class:`PeakRss` block open now reports at least ``peak``."""
+    for block in _open_blocks:
+        block.note(peak)
+
+
 class PeakRss:
-    """``with PeakRss() as peak: ...`` then ``peak.bytes`` (None where it cannot be told apart)."""
+    """``with PeakRss() as peak: ...`` then ``peak.bytes``: the peak resident set of this
+    process in the block, or of a child process recorded in it (:func:`note_child_peak`) where
+    that was higher; None where this process's own cannot be told apart.
+
+    Blocks nest: an inner block's reset of the mark does not hide what came before it from
+    the outer one."""
 
     def __enter__(self) -> PeakRss:
         self.bytes: int | None = None
+        self._highest = 0
         self._resettable = reset_peak_rss()
+        _open_blocks.append(self)
         return self
 
+    def note(self, peak: int) -> None:
+        """A peak reached inside the block (a child's, or this process's before a reset)."""
+        self._highest = max(self._highest, peak)
+
     def __exit__(self, *exc: object) -> None:
+        if self in _open_blocks:
+            _open_blocks.remove(self)
         if self._resettable:
-            self.bytes = peak_rss_bytes()
+            self.bytes = max(self._highest, peak_rss_bytes())

@@ -80,7 +80,11 @@ Helpers
                           from the working directory
     child_environment     the environment for such a child (the parent's import path)
     run_in_fork           run one crash-prone native call in a forked child: a crash or
-                          running out of memory becomes a one-line error
+                          running out of memory becomes a one-line error (its peak RSS counted)
+    run_python_child      run ``module.main(argv)`` in a fresh interpreter (not a fork: none of
+                          this process's memory) and wait; it dies with this process
+    note_child_peak       record such a child's own peak RSS (bytes): it counts in the peak of
+                          the phase that started it (``compress_peak_rss_bytes``)
     scratch_folder        ``with scratch_folder() as folder:`` a private folder in $TMPDIR,
                           removed afterwards (or by the next run, if this one is killed)
     STATE_PREFIX          ``"state."``: the option family linking a state output to its input
@@ -100,7 +104,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from compressor.children import child_environment, python_command, run_in_fork
+from compressor.children import child_environment, python_command, run_in_fork, run_python_child
 from compressor.errors import (
     CompressionError,
     CompressorError,
@@ -116,7 +120,7 @@ from compressor.generation import GENERATION_OPTIONS
 from compressor.hookspecs import hookimpl
 from compressor.kv_layout import KVCacheLayout, TokenDecoder
 from compressor.measuring import Stopwatch, time_calls
-from compressor.memory import peak_rss_bytes
+from compressor.memory import note_child_peak, peak_rss_bytes
 from compressor.models import (
     Artifact,
     Context,
@@ -239,6 +243,8 @@ __all__ = [
     "python_command",
     "child_environment",
     "run_in_fork",
+    "run_python_child",
+    "note_child_peak",
     "scratch_folder",
     "STATE_PREFIX",
     "detect_task",
