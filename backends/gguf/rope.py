@@ -10,7 +10,21 @@
   ``original_max_position_embeddings / low_freq_factor``, smoothly between. llama.cpp's ``qwen2``
   reads no such tensor, so llama3 scaling is refused there.
 
-Anything else (``yarn``, ``dynamic``, ``longrope``, ...) is refused by name before any work.
+* ``yarn`` (Qwen2.5's long context, YaRN-extended Llamas), for ``llama`` and ``qwen2``:
+  ``rope.scaling.type = yarn``, ``rope.scaling.factor``, ``rope.scaling.original_context_length``
+  and, where the config sets them, ``yarn_beta_fast``/``yarn_beta_slow``/``yarn_ext_factor``
+  (``TextModel.set_gguf_parameters``). llama.cpp then blends interpolated and extrapolated
+  frequencies over the same floored/ceiled correction range as transformers and scales cos and
+  sin by ``0.1 ln(factor) + 1``, transformers' default attention factor. A config's
+  ``attention_factor`` (or ``mscale``/``mscale_all_dim`` pair) is written as
+  ``rope.scaling.attn_factor``, relative to that default, the key llama.cpp multiplies it by: the
+  converter's ``rope.scaling.yarn_attn_factor`` llama.cpp overwrites for yarn (measured). Refused
+  by name, where llama.cpp as compressor runs it would compute otherwise: ``truncate: false``
+  (llama.cpp always rounds the range), ``beta_fast``/``beta_slow`` other than 32/1
+  (llama-cpp-python passes 32 and 1; llama.cpp ran those whatever the file said, measured), an
+  ``extrapolation_factor`` other than 1 (transformers ignores it, llama.cpp would apply it).
+
+Anything else (``dynamic``, ``longrope``, ...) is refused by name before any work.
 """
 
 from __future__ import annotations
@@ -22,7 +36,13 @@ from typing import Any
 from compressor.plugin import UnsupportedError
 
 #: rope_type -> the llama.cpp architectures compressor writes it for.
-SUPPORTED = {"default": ("gpt2", "llama", "qwen2"), "linear": ("llama", "qwen2"), "llama3": ("llama",)}
+SUPPORTED = {"default": ("gpt2", "llama", "qwen2"), "linear": ("llama", "qwen2"), "llama3": ("llama",),
+             "yarn": ("llama", "qwen2")}
+#: transformers' YaRN defaults (``_compute_yarn_parameters``): llama-cpp-python passes the same to llama.cpp.
+YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
+#: The yarn keys that must be numbers where present.
+YARN_NUMBERS = ("factor", "attention_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
+                "extrapolation_factor", "original_max_position_embeddings")
 
 
 def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -52,19 +72,88 @@ def check_rope(config: dict[str, Any], arch: str, folder: Path) -> None:
         written = ", ".join(name for name, archs in SUPPORTED.items() if arch in archs)
         raise UnsupportedError(f"rotary scaling {kind!r} is not one compressor's GGUF converter writes for "
                                f"llama.cpp's {arch} ({written})", folder)
-    if kind in ("linear", "llama3") and not isinstance(rope_settings(config).get("factor"), int | float):
+    if kind in ("linear", "llama3", "yarn") and not isinstance(rope_settings(config).get("factor"), int | float):
         raise UnsupportedError(f"rotary scaling {kind!r} without a numeric factor", folder)
+    if kind == "yarn" and (problem := yarn_problem(config)) is not None:
+        raise UnsupportedError(f"rotary scaling 'yarn' with {problem}", folder)
+
+
+def yarn_problem(config: dict[str, Any]) -> str | None:
+    """What in a yarn setting llama.cpp (opened by llama-cpp-python, as compressor runs it) would
+    compute otherwise than transformers' ``_compute_yarn_parameters``; None when nothing."""
+    settings = rope_settings(config)
+    values = {key: settings.get(key) for key in YARN_NUMBERS}
+    if "original_max_position_embeddings" in config:  # read before the setting's (yarn_original_context)
+        values["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+    for key, value in values.items():
+        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
+            return f"a {key} that is no number ({str(value)[:40]!r})"
+    if settings.get("truncate", True) is False:
+        return ("truncate=false: llama.cpp rounds the correction range out to whole dimensions "
+                "(ggml_rope_yarn_corr_dims), as transformers does only with truncate=true")
+    for key, default in (("beta_fast", YARN_BETA_FAST), ("beta_slow", YARN_BETA_SLOW)):
+        value = settings.get(key) or default  # transformers: ``or 32``, ``or 1``
+        if float(value) != default:
+            return f"{key} {value:g}: llama.cpp as llama-cpp-python opens it runs {default:g} whatever the file says"
+    extrapolation = settings.get("extrapolation_factor")
+    if extrapolation is not None and float(extrapolation) != 1.0:
+        return (f"extrapolation_factor {extrapolation:g}: transformers ignores it, llama.cpp would mix "
+                "interpolated and extrapolated angles by it")
+    return None
+
+
+def yarn_original_context(config: dict[str, Any]) -> int:
+    """The context yarn stretches, as transformers 5's ``standardize_rope_params`` finds it: a
+    top-level ``original_max_position_embeddings`` first (Phi-3's place), then the setting's, then
+    ``max_position_embeddings``."""
+    nested = isinstance((config.get("rope_parameters") or {}).get("full_attention"), dict)
+    if "original_max_position_embeddings" in config and not nested:
+        return int(config["original_max_position_embeddings"])
+    return int(rope_settings(config).get("original_max_position_embeddings") or config["max_position_embeddings"])
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention scale, ``0.1 mscale ln(factor) + 1`` (transformers' ``yarn_get_mscale``,
+    llama.cpp's ``get_mscale``)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(settings: dict[str, Any]) -> float:
+    """The factor transformers multiplies cos and sin by: ``attention_factor``, else the ratio of
+    ``mscale`` to ``mscale_all_dim``'s scales where both are set, else ``yarn_mscale(factor)``."""
+    factor = float(settings["factor"])
+    if settings.get("attention_factor") is not None:
+        return float(settings["attention_factor"])
+    if settings.get("mscale") and settings.get("mscale_all_dim"):
+        return yarn_mscale(factor, float(settings["mscale"])) / yarn_mscale(factor, float(settings["mscale_all_dim"]))
+    return yarn_mscale(factor)
 
 
 def write_rope(writer: Any, config: dict[str, Any]) -> None:
-    """``rope.freq_base`` and, for linear scaling, its type and factor."""
+    """``rope.freq_base`` and, for linear and yarn scaling, their keys (``TextModel.set_gguf_parameters``)."""
     import gguf
 
     settings = rope_settings(config)
     writer.add_rope_freq_base(float(settings.get("rope_theta", 10000.0)))
-    if rope_type(config) == "linear":
+    kind = rope_type(config)
+    if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(settings["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(settings["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(yarn_original_context(config))
+        if settings.get("extrapolation_factor") is not None:
+            writer.add_rope_scaling_yarn_ext_factor(float(settings["extrapolation_factor"]))
+        if settings.get("beta_fast"):
+            writer.add_rope_scaling_yarn_beta_fast(float(settings["beta_fast"]))
+        if settings.get("beta_slow"):
+            writer.add_rope_scaling_yarn_beta_slow(float(settings["beta_slow"]))
+        # llama.cpp scales cos and sin by yarn_mscale(factor) times rope.scaling.attn_factor (llama_context's
+        # constructor); the converter's rope.scaling.yarn_attn_factor it overwrites for yarn (measured).
+        relative = yarn_attention_factor(settings) / yarn_mscale(float(settings["factor"]))
+        if abs(relative - 1.0) > 1e-7:
+            writer.add_rope_scaling_attn_factors(relative)
 
 
 def llama3_factors(config: dict[str, Any], head_dim: int) -> tuple[float, ...] | None:
