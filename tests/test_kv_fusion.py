@@ -405,3 +405,41 @@ def test_decoding_the_fused_graph_appends_to_the_cache_in_place(exports: dict[st
     reference.decode(2)
     assert np.array_equal(decoder.decode(11), reference.decode(11))
     assert all(np.array_equal(view, newer[name]) for name, view in shared._bound.views.items())
+
+
+def test_int4_of_a_language_model_takes_blocks_of_128_unless_the_step_sets_them(
+        exports: dict[str, Any], tmp_path: Path) -> None:
+    """A generation-ready graph gets GPTQ's and ONNX Runtime's group size where the step leaves it
+    unset (the step's text unchanged); a size the user gives, a graph without a cache, and a toy
+    model whose MatMuls have fewer than 128 input rows (the fixture's: hidden 32) keep theirs."""
+    import onnx
+
+    from compressor.recipes import parse_step
+    from compressor.validation import validate_step
+    from compressor_onnx.export import export_graph
+    from compressor_onnx.int4_settings import for_model
+    from compressor_onnx.plugin import backend as onnx_backend
+    from compressor_onnx.quantization import quantize_graph
+
+    backend = onnx_backend()
+    wider, _ = export_graph(tiny_llama(tmp_path / "wider", hidden_size=128, intermediate_size=256),
+                            Context(workdir=tmp_path))
+
+    def blocks(graph: Any, text: str) -> tuple[set[int], Any, str]:
+        step = validate_step(backend, parse_step(text))
+        result, _, metadata = quantize_graph(graph, step, Context(workdir=tmp_path), tmp_path)
+        sizes = {attribute.i for node in result.graph.node if node.op_type == "MatMulNBits"
+                 for attribute in node.attribute if attribute.name == "block_size"}
+        return sizes, metadata["int4"]["block_size"], str(step)
+
+    assert blocks(wider, "quantize int4") == ({128}, 128, "quantize int4")
+    assert blocks(wider, "quantize int4 block_size=32") == ({32}, 32, "quantize int4 block_size=32")
+    assert blocks(exports["fused"], "quantize int4") == ({32}, 32, "quantize int4")
+    # The same graph without its cache inputs is no generation-ready model.
+    one_pass = onnx.ModelProto()
+    one_pass.CopyFrom(wider)
+    for value in [value for value in one_pass.graph.input if value.name.startswith("past_key_values.")]:
+        one_pass.graph.input.remove(value)
+    step = validate_step(backend, parse_step("quantize int4"))
+    assert for_model(step, one_pass).params["block_size"] == "32"
+    assert for_model(step, wider).params["block_size"] == "128"

@@ -343,3 +343,16 @@ def test_a_sequence_runtime_opens_a_power_of_two_context_within_the_models() -> 
     assert SequenceRuntime.context_for(1) == SequenceRuntime.context_for(MIN_CONTEXT) == MIN_CONTEXT
     assert SequenceRuntime.context_for(MIN_CONTEXT + 1) == 2 * MIN_CONTEXT
     assert SequenceRuntime.context_for(300, 400) == 400 and SequenceRuntime.context_for(5000) == 8192
+
+
+def test_a_decode_past_the_bound_says_the_probe_understated_the_bandwidth() -> None:
+    """A share over 100% is not a physical figure: the report says the probe ran low."""
+    from compressor.generation import _bandwidth_figures
+    from compressor.models import MeasureSettings
+
+    settings = MeasureSettings(options={"memory_bandwidth_gbs": 20.0})
+    within = _bandwidth_figures(15.0, 1_000_000_000, settings)
+    assert within["bandwidth_share"] == pytest.approx(0.75) and "bandwidth_note" not in within
+    past = _bandwidth_figures(25.0, 1_000_000_000, settings)
+    assert past["bandwidth_share"] == pytest.approx(1.25)
+    assert "read 25.0 GB/s of weights, more than the 20.0 GB/s" in past["bandwidth_note"]

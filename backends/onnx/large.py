@@ -35,10 +35,11 @@ def scratch_model(context: Context, stem: str) -> Path:
 def quantize_large(source: Path, step: Step, context: Context) -> tuple[Path, list[str], dict[str, Any]]:
     """``quantize MODE`` on the model at ``source``: the result's path, notes and metadata."""
     from compressor_frontends.pytorch.onnx_graph import constants_to_initializers
-    from compressor_onnx.int4_settings import mode_facts
+    from compressor_onnx.int4_settings import for_model, mode_facts
     from compressor_onnx.preprocess import shrink_facts, weight_bytes
 
     skeleton = load_skeleton(source)
+    step = for_model(step, skeleton)
     moved = constants_to_initializers(skeleton)
     if moved:
         # Later steps read the model by path (shape inference, ONNX Runtime): give them one without Constants.

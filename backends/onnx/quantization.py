@@ -20,7 +20,7 @@ from typing import Any
 from compressor.plugin import Context, Step, UsageError
 from compressor_frontends.pytorch.export import large_model_bytes, strip_value_info
 from compressor_frontends.pytorch.onnx_graph import WEIGHTED_OPS
-from compressor_onnx.int4_settings import mode_facts
+from compressor_onnx.int4_settings import for_model, mode_facts
 from compressor_onnx.quantize_common import parse_names, to_fp16
 
 
@@ -53,6 +53,7 @@ def quantize_graph(graph: Any, step: Step, context: Context, workdir: Path) -> t
     from compressor_frontends.pytorch.onnx_graph import constants_to_initializers
     from compressor_onnx.preprocess import shrink_facts, weight_bytes
 
+    step = for_model(step, graph)
     original, graph = graph, onnx.ModelProto()
     graph.CopyFrom(original)
     moved = constants_to_initializers(graph)

@@ -160,6 +160,12 @@ def _bandwidth_figures(tokens_per_s: float | None, weight_bytes: int | None,
         figures["decode_bound_tokens_per_s"] = bound
         if tokens_per_s:
             figures["bandwidth_share"] = tokens_per_s / bound
+            if tokens_per_s > bound:
+                figures["bandwidth_note"] = (
+                    f"decoding read {tokens_per_s * weight_bytes / 1e9:.1f} GB/s of weights, more than the "
+                    f"{bandwidth:.1f} GB/s the copy probe measured: it understated this machine's bandwidth "
+                    "(another process ran while it did, or reading alone is faster than copying here); "
+                    "--set memory_bandwidth_gbs= states it")
     return figures
 
 

@@ -59,4 +59,8 @@ def generation_lines(report: ReportData) -> list[str]:
                  + " / weight bytes); greedy: share of tokens before the first divergence from the "
                    "original's; exact: prompts generated identically; KL: mean KL divergence "
                    "from the original's next-token distribution on the data, in nats")
+    over = [v.name for v in report.variants if (v.metrics.get("bandwidth_share") or 0) > 1]
+    if over:
+        lines.append(f"warning: {', '.join(over)} decoded past the bound: the copy probe understated the memory "
+                     "bandwidth (a busy machine while it ran?); --set memory_bandwidth_gbs= states it")
     return lines
