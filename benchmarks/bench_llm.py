@@ -128,19 +128,26 @@ def token_rows(ids: Any, rows: int, length: int) -> Any:
 #: The variants of each model; those with a calibration file also get the calibrated int4 algorithms.
 VARIANTS = ('[variants.dynamic]\nsteps = ["quantize dynamic"]\n'
             '[variants.int4]\nsteps = ["quantize int4"]\n')
+#: (b): compressor's int4 at its default for language models (blocks of 128) and at the builder's (32), and
+#: the builder's at its default (32) and at 128, all in one run beside each other.
+BUILDER_VARIANTS = ('[variants.int4-b32]\nsteps = ["quantize int4 block_size=32"]\n'
+                    '[variants.genai-int4]\nsteps = ["export genai", "quantize int4"]\n'
+                    '[variants.genai-int4-b128]\nsteps = ["export genai", "quantize int4 block_size=128"]\n')
 CALIBRATED_VARIANTS = ('[variants.int4-gptq]\nsteps = ["quantize int4 algorithm=gptq"]\n'
                        '[variants.int4-awq]\nsteps = ["quantize int4 algorithm=awq"]\n')
 
 
 def measure(folder: Path, data: Path, out: Path, options: list[str], threads: int,
-            calibration: Path | None = None, techniques: list[str] | None = None) -> list[dict[str, Any]]:
-    """``compressor run`` with the recipe's variants, or with ``techniques`` (CLI options) instead."""
+            calibration: Path | None = None, techniques: list[str] | None = None,
+            more_variants: str = "") -> list[dict[str, Any]]:
+    """``compressor run`` with the recipe's variants (and ``more_variants``), or with ``techniques``
+    (CLI options) instead."""
     if techniques is None:
         recipe = out.with_suffix(".toml")
-        recipe.write_text(VARIANTS + (CALIBRATED_VARIANTS if calibration is not None else ""))
+        recipe.write_text(VARIANTS + (CALIBRATED_VARIANTS if calibration is not None else "") + more_variants)
         techniques = ["--recipe", str(recipe)]
     args = ["run", str(folder), *techniques, "--data", str(data), "--threads", str(threads),
-            "--min-seconds", "0.5", "-o", str(out), "--quiet"]
+            "--min-seconds", "0.5", "-o", str(out), "--quiet", "--no-cache"]  # every figure measured now
     if calibration is not None:
         args += ["--calibration-data", str(calibration)]
     for option in options:
@@ -155,7 +162,8 @@ def process_peaks(variant: dict[str, Any], weights_bytes: float) -> str:
     W: reading (and exporting) the model, compressing it, measuring it."""
     metrics, metadata = variant.get("metrics", {}), variant.get("metadata", {})
     peaks = [("load", metrics.get("load_peak_rss_bytes")), ("export", metadata.get("export_peak_rss_bytes")),
-             ("compress", metrics.get("compress_peak_rss_bytes")), ("measure", metrics.get("measure_peak_rss_bytes"))]
+             ("compress", metrics.get("compress_peak_rss_bytes")), ("builder", metadata.get("genai_builder_peak_rss_bytes")),
+             ("measure", metrics.get("measure_peak_rss_bytes"))]
     return ", ".join(f"{label} {value / weights_bytes:.2f}" for label, value in peaks
                      if isinstance(value, (int, float)) and weights_bytes > 0)
 
@@ -227,19 +235,16 @@ def main() -> None:
             notes.append(f"(b) Llama-style ({args.llama}: {LLAMA[args.llama]}), {facts['parameters'] / 1e6:.0f} M "
                          "parameters, random weights and random prompts: speed and memory only")
             options = [*generation, "perplexity_tokens=256", "generation_prompts=2", "batch_seconds=2"]
+            # onnxruntime-genai's builder in the same run, where it is installed.
+            builder = BUILDER_VARIANTS if find_spec("onnxruntime_genai") else ""
+            if not builder:
+                notes.append("(b) onnxruntime-genai is not installed: no builder row")
             rows += rows_of(f"(b) Llama {args.llama}", measure(
-                root / "llama", root / "llama.npz", root / "out-llama", options, args.threads))
-            # The same model by onnxruntime-genai's builder and by llama.cpp.
-            for runtime, techniques in (("genai", ["--backend", "onnx", "--export", "genai", "-q", "int4"]),
-                                        ("llama.cpp", ["--backend", "gguf", "-q", "q8_0", "-q", "q4_k_m"])):
-                if runtime == "genai" and not find_spec("onnxruntime_genai"):
-                    notes.append("(b) onnxruntime-genai is not installed: no builder row")
-                    continue
-                variants = measure(root / "llama", root / "llama.npz", root / f"out-{runtime}", options,
-                                   args.threads, techniques=techniques)
-                # The builder's run measures the ONNX fp32 original again; llama.cpp's is its f32 GGUF.
-                rows += rows_of(f"(b) Llama {args.llama}, {runtime}", variants[1:] if runtime == "genai" else variants,
-                                variants[0]["metrics"].get("size_bytes"))
+                root / "llama", root / "llama.npz", root / "out-llama", options, args.threads, more_variants=builder))
+            # The same model by llama.cpp (its original: the f32 GGUF).
+            variants = measure(root / "llama", root / "llama.npz", root / "out-llama.cpp", options, args.threads,
+                               techniques=["--backend", "gguf", "-q", "q8_0", "-q", "q4_k_m"])
+            rows += rows_of(f"(b) Llama {args.llama}, llama.cpp", variants, variants[0]["metrics"].get("size_bytes"))
     table = markdown_table(HEADER, rows)
     print(table)
     print("\n".join(notes))
