@@ -128,7 +128,7 @@ def main(argv):
 
         ctypes.string_at(0)
     size = int(argv[0]) << 20
-    print("allocating", size, "in", os.getpid(), "with TMPDIR", os.environ.get("TMPDIR"))
+    print("allocating", size, "in", os.getpid(), "with TMPDIR", os.environ.get("TMPDIR"), flush=True)
     print("a warning", file=sys.stderr)
     Path(argv[1]).write_text(str(len(b"\\x01" * size) and peak_rss_bytes()))
     return 3
