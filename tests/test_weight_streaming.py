@@ -20,31 +20,18 @@ import pytest
 from compressor.models import Context
 
 
-def _llama(folder: Path, tied: bool = False) -> Any:
+def _causal_lm(folder: Path, family: str = "Llama", **config: Any) -> Any:
+    """A two-layer transformers ``{family}ForCausalLM`` saved in ``folder`` and loaded by the front end."""
     import torch
     import transformers
 
     from compressor_frontends.pytorch.hf import load_transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      hidden_size=32, intermediate_size=64, vocab_size=300,
-                                      max_position_embeddings=64, tie_word_embeddings=tied)
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
-    return load_transformers(folder, ())[0]
-
-
-def _qwen2(folder: Path) -> Any:
-    import torch
-    import transformers
-
-    from compressor_frontends.pytorch.hf import load_transformers
-
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      hidden_size=32, intermediate_size=64, vocab_size=300,
-                                      max_position_embeddings=64)
-    transformers.Qwen2ForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    settings = getattr(transformers, f"{family}Config")(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
+        vocab_size=300, max_position_embeddings=64, **config)
+    getattr(transformers, f"{family}ForCausalLM")(settings).eval().save_pretrained(folder, safe_serialization=True)
     return load_transformers(folder, ())[0]
 
 
@@ -95,7 +82,8 @@ def _cache_feeds(graph: Any) -> dict[str, Any]:
     return {value.name: feeds[value.name] for value in graph.graph.input}
 
 
-@pytest.mark.parametrize("build", [_llama, lambda folder: _llama(folder, tied=True), _qwen2],
+@pytest.mark.parametrize("build", [_causal_lm, lambda folder: _causal_lm(folder, tie_word_embeddings=True),
+                                   lambda folder: _causal_lm(folder, "Qwen2")],
                          ids=["llama", "llama-tied", "qwen2-biases"])
 def test_a_causal_lm_exported_with_its_cache_streams_the_same_graph(tmp_path: Path, build: Any,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -112,31 +100,28 @@ def test_a_causal_lm_exported_with_its_cache_streams_the_same_graph(tmp_path: Pa
     assert not any(hasattr(layer, "weight_by_view") or "forward" in vars(layer) for layer in model.module.modules())
 
 
-class _Mixed:
+def _mixed_module() -> Any:
     """A module with a 2-D Linear with bias (exported as Gemm), a 3-D one without, one whose
     weight a pruning hook sets on each call, and a weight the module transposes itself."""
+    import torch
+    import torch.nn.utils.prune
 
-    @staticmethod
-    def build() -> Any:
-        import torch
-        import torch.nn.utils.prune
+    class Mixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flat = torch.nn.Linear(12, 16)
+            self.sequence = torch.nn.Linear(16, 16, bias=False)
+            self.pruned = torch.nn.Linear(16, 8)
+            torch.nn.utils.prune.l1_unstructured(self.pruned, "weight", amount=0.5)
+            self.own = torch.nn.Parameter(torch.randn(8, 5))
 
-        class Mixed(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.flat = torch.nn.Linear(12, 16)
-                self.sequence = torch.nn.Linear(16, 16, bias=False)
-                self.pruned = torch.nn.Linear(16, 8)
-                torch.nn.utils.prune.l1_unstructured(self.pruned, "weight", amount=0.5)
-                self.own = torch.nn.Parameter(torch.randn(8, 5))
+        def forward(self, features: Any) -> Any:
+            hidden = self.flat(features).relu()
+            hidden = self.sequence(hidden.unsqueeze(1).expand(-1, 3, -1))
+            return self.pruned(hidden) @ self.own
 
-            def forward(self, features: Any) -> Any:
-                hidden = self.flat(features).relu()
-                hidden = self.sequence(hidden.unsqueeze(1).expand(-1, 3, -1))
-                return self.pruned(hidden) @ self.own
-
-        torch.manual_seed(0)
-        return Mixed().eval()
+    torch.manual_seed(0)
+    return Mixed().eval()
 
 
 def test_a_module_with_gemm_hooks_and_its_own_matmuls_streams_the_same_graph(tmp_path: Path,
@@ -147,7 +132,7 @@ def test_a_module_with_gemm_hooks_and_its_own_matmuls_streams_the_same_graph(tmp
     from compressor_frontends.pytorch.model import TorchModel
     from compressor_frontends.pytorch.shapes import SampleShape
 
-    module = _Mixed.build()
+    module = _mixed_module()
     model = TorchModel(module=module, input_names=("features",), output_names=(),
                        sample_shapes=(SampleShape("features", (1, 12), "float32"),))
     context = Context(workdir=tmp_path)
@@ -171,7 +156,7 @@ def test_a_large_export_keeps_its_weights_in_one_file_beside_the_graph(tmp_path:
     from compressor_frontends.pytorch.kv_export import export_with_cache
 
     monkeypatch.setenv("COMPRESSOR_LARGE_MODEL_BYTES", "1000")
-    model = _llama(tmp_path / "model")
+    model = _causal_lm(tmp_path / "model")
     graph, path = export_with_cache(model, Context(workdir=tmp_path))
     assert graph is None and path is not None
     assert sorted(entry.name for entry in path.parent.iterdir()) == ["exported.onnx", "exported.onnx.data"]

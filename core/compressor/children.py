@@ -122,8 +122,9 @@ def run_python_child(module: str, arguments: Sequence[str], printed: Path, step:
     :func:`child_environment` plus ``environment``, and wait for it; return its exit status.
 
     What it prints (stdout and stderr, native output included) goes into the file
-    ``printed``, in the order printed (its Python output unbuffered). It dies with this process (:func:`parent_death_hook`) and is killed when
-    the wait is interrupted (Ctrl-C, SIGTERM). Death by a signal is the one-line error
+    ``printed``, in the order printed (its Python output unbuffered). It dies with this
+    process (:func:`parent_death_hook`) and is killed when the wait is interrupted (Ctrl-C,
+    SIGTERM). Death by a signal is the one-line error
     :func:`run_in_fork` gives, naming ``step``: SIGKILL is likely the kernel's
     out-of-memory killer (UsageError, exit 2), another a crash (CompressionError, exit 7).
     Its peak resident set is the module's to send back (its ``VmHWM``, new with ``exec``),
@@ -132,7 +133,8 @@ def run_python_child(module: str, arguments: Sequence[str], printed: Path, step:
 
     with open(printed, "wb") as output:
         process = subprocess.Popen(python_command(module, arguments), stdin=subprocess.DEVNULL, stdout=output,
-                                   stderr=output, env=child_environment({"PYTHONUNBUFFERED": "1", **(environment or {})}),
+                                   stderr=output,
+                                   env=child_environment({"PYTHONUNBUFFERED": "1", **(environment or {})}),
                                    preexec_fn=parent_death_hook())
         try:
             _, status, _ = os.wait4(process.pid, 0)
