@@ -8,8 +8,8 @@ measured generating (issue 27).
     for speed and memory (``--llama small``: about 150 M parameters; ``--llama 1b``: about
     1.1 B, which needs some 15 GB of memory and a long while on a 2-core machine).
 
-For each: fp32, dynamic int8 and int4 RTN (ONNX Runtime, MatMulNBits accuracy_level 4), and for (a)
-int4 GPTQ and AWQ calibrated on train.txt, through
+For each: fp32, dynamic int8, int4 RTN (ONNX Runtime, MatMulNBits accuracy_level 4), int4 GPTQ and
+AWQ and static int8 (for (a) calibrated on train.txt, for (b) on other random prompts), through
 ``compressor run``: file size, time to first token, decode tokens/s and its share of the
 memory-bandwidth bound, perplexity (sliding window), greedy-generation agreement.
 
@@ -125,7 +125,7 @@ def token_rows(ids: Any, rows: int, length: int) -> Any:
     return np.ascontiguousarray(ids[: usable * length].reshape(usable, length))
 
 
-#: The variants of each model; those with a calibration file also get the calibrated int4 algorithms.
+#: The variants of each model; with a calibration file also the calibrated ones (int4 GPTQ and AWQ, static int8).
 VARIANTS = ('[variants.dynamic]\nsteps = ["quantize dynamic"]\n'
             '[variants.int4]\nsteps = ["quantize int4"]\n')
 #: (b): compressor's int4 at its default for language models (blocks of 128) and at the builder's (32), and
@@ -134,7 +134,8 @@ BUILDER_VARIANTS = ('[variants.int4-b32]\nsteps = ["quantize int4 block_size=32"
                     '[variants.genai-int4]\nsteps = ["export genai", "quantize int4"]\n'
                     '[variants.genai-int4-b128]\nsteps = ["export genai", "quantize int4 block_size=128"]\n')
 CALIBRATED_VARIANTS = ('[variants.int4-gptq]\nsteps = ["quantize int4 algorithm=gptq"]\n'
-                       '[variants.int4-awq]\nsteps = ["quantize int4 algorithm=awq"]\n')
+                       '[variants.int4-awq]\nsteps = ["quantize int4 algorithm=awq"]\n'
+                       '[variants.int8-static]\nsteps = ["quantize int8"]\n')
 
 
 def measure(folder: Path, data: Path, out: Path, options: list[str], threads: int,
@@ -230,8 +231,9 @@ def main() -> None:
         print(markdown_table(HEADER, rows), flush=True)
         if args.llama != "none":
             facts = random_llama(root / "llama", args.llama)
-            ids = np.random.default_rng(0).integers(3, 32000, size=(8, args.prompt_tokens)).astype(np.int64)
-            np.savez(root / "llama.npz", input_ids=ids)
+            random_ids = np.random.default_rng(0).integers(3, 32000, size=(24, args.prompt_tokens)).astype(np.int64)
+            np.savez(root / "llama.npz", input_ids=random_ids[:8])
+            np.savez(root / "llama-calibration.npz", input_ids=random_ids[8:])
             notes.append(f"(b) Llama-style ({args.llama}: {LLAMA[args.llama]}), {facts['parameters'] / 1e6:.0f} M "
                          "parameters, random weights and random prompts: speed and memory only")
             options = [*generation, "perplexity_tokens=256", "generation_prompts=2", "batch_seconds=2"]
@@ -240,7 +242,8 @@ def main() -> None:
             if not builder:
                 notes.append("(b) onnxruntime-genai is not installed: no builder row")
             rows += rows_of(f"(b) Llama {args.llama}", measure(
-                root / "llama", root / "llama.npz", root / "out-llama", options, args.threads, more_variants=builder))
+                root / "llama", root / "llama.npz", root / "out-llama", options, args.threads,
+                root / "llama-calibration.npz", more_variants=builder))
             # The same model by llama.cpp (its original: the f32 GGUF).
             variants = measure(root / "llama", root / "llama.npz", root / "out-llama.cpp", options, args.threads,
                                techniques=["--backend", "gguf", "-q", "q8_0", "-q", "q4_k_m"])

@@ -125,15 +125,29 @@ def run(path: Path, data: Path) -> list[np.ndarray]:
     return session.run(None, {spec.name: arrays[spec.name] for spec in session.get_inputs()})
 
 
-@pytest.mark.parametrize("graph, mode, params, excluded", [
-    (write_model, "int8", {}, []),
-    (write_model, "uint8", {"per_channel": False, "reduce_range": "true"}, ["matmul4"]),
-    (write_model, "int8", {"calibration_method": "percentile", "exclude_op_types": "Gather,Conv"}, []),
-    (write_model, "uint8", {"calibration_method": "entropy"}, []),
-    (write_attention, "int8", {}, []),
+def in_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on calibration runs the model one weight at a time (segments.py)."""
+    from compressor_onnx import segments
+
+    monkeypatch.setenv(LARGE_MODEL_VARIABLE, "1000")
+    monkeypatch.setattr(segments, "MIN_PIECE_BYTES", 0)
+    monkeypatch.setattr(segments, "PIECES", 1000)
+
+
+@pytest.mark.parametrize("graph, mode, params, excluded, pieces", [
+    (write_model, "int8", {}, [], False),
+    (write_model, "int8", {}, [], True),
+    (write_model, "uint8", {"per_channel": False, "reduce_range": "true"}, ["matmul4"], False),
+    (write_model, "int8", {"calibration_method": "percentile", "exclude_op_types": "Gather,Conv"}, [], False),
+    (write_model, "int8", {"calibration_method": "percentile"}, [], True),
+    (write_model, "uint8", {"calibration_method": "entropy"}, [], False),
+    (write_attention, "int8", {}, [], False),
+    (write_attention, "int8", {}, [], True),
 ])
 def test_streamed_static_int8_is_what_quantize_static_writes(tmp_path: Path, graph: Any, mode: str, params: dict,
-                                                               excluded: list[str]) -> None:
+                                                               excluded: list[str], pieces: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same bytes, the model calibrated whole or piece by piece."""
     path, data = graph(tmp_path / "model")
     before = snapshot(path.parent)
     step = Step("quantize", {"mode": mode, "calibration_samples": 128, **params})
@@ -142,6 +156,8 @@ def test_streamed_static_int8_is_what_quantize_static_writes(tmp_path: Path, gra
     for target in (reference, streamed):
         target.parent.mkdir()
     quantize_static_file(path, reference, step, excluded, context_for(path, data, tmp_path / "work-a"), reduce_range)
+    if pieces:
+        in_pieces(monkeypatch)
     notes, metadata = quantize_static_stream(path, streamed, step, excluded, context_for(path, data, tmp_path / "work-b"),
                                              reduce_range)
     assert snapshot(path.parent) == before
@@ -175,14 +191,19 @@ def test_old_opsets_get_per_tensor_weights_with_a_note(tmp_path: Path) -> None:
         np.testing.assert_array_equal(mine, theirs)
 
 
-def test_streamed_transformer_static_is_the_transformer_paths_model(tmp_path: Path) -> None:
-    """SmoothQuant's weights produced, not written; its Mul's output calibrated from the graph as it is."""
+@pytest.mark.parametrize("pieces", [False, True])
+def test_streamed_transformer_static_is_the_transformer_paths_model(tmp_path: Path, pieces: bool,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmoothQuant's weights produced, not written; its Mul's output calibrated from the graph as it
+    is (whole, or one weight at a time)."""
     path, data = write_attention(tmp_path / "model")
     step = Step("quantize", {"mode": "int8", "alpha": 0.8})
     reference, streamed = tmp_path / "reference" / "q.onnx", tmp_path / "streamed" / "q.onnx"
     for target in (reference, streamed):
         target.parent.mkdir()
     quantize_transformer_file(path, reference, step, [], context_for(path, data, tmp_path / "a"), False)
+    if pieces:
+        in_pieces(monkeypatch)
     notes, metadata = quantize_transformer_stream(path, streamed, step, [], context_for(path, data, tmp_path / "b"),
                                                   False)
     assert nodes(streamed) == nodes(reference)

@@ -22,7 +22,7 @@ with fp32 on held-out text from 0.961 to 0.937 (362 training steps; 0.963 to 0.9
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,10 +56,10 @@ class Calibration(Protocol):
     graph: Any
     readers: dict[str, set[str]]
 
-    def passes(self) -> list[set[str]]: ...
+    def rounds(self, statistics: Callable[[int], Any], label: str
+               ) -> Iterator[tuple[set[str], dict[str, Any], int]]: ...
 
-    def collect(self, inputs: set[str], statistics: Callable[[int], Any],
-                label: str) -> tuple[dict[str, Any], int]: ...
+    def describe(self, rounds: int) -> str: ...
 
     def blas_threads(self) -> contextlib.AbstractContextManager[None]: ...
 
@@ -76,7 +76,7 @@ class AwqResult:
     alphas: dict[str, float] = field(default_factory=dict)
     rows: int = 0
     examples: int = 0
-    passes: int = 0
+    rounds: int = 0
 
 
 def quantize_awq(graph: Any, read: Reader, settings: Any, inputs: Calibration) -> tuple[Quantized, list[str]]:
@@ -99,11 +99,10 @@ def quantize_awq(graph: Any, read: Reader, settings: Any, inputs: Calibration) -
     folded, inserted = apply_input_scales(graph, result.scales, result.scaled_weights, read, divide_columns)
     if not result.quantized:
         return {}, []
-    plural = "es" if result.passes != 1 else ""
     alphas = sorted(result.alphas.values())
     spread = f", alpha {alphas[0]:.2f}-{alphas[-1]:.2f}" if alphas else ""
     note = (f"awq: {len(result.quantized)} MatMul weight(s) calibrated on {result.rows} activation rows "
-            f"({result.examples} examples, {result.passes} pass{plural} over them); "
+            f"({result.examples} examples, {inputs.describe(result.rounds)}); "
             f"{len(result.scales)} input(s) scaled{spread} ({folded} folded into their producer, "
             f"{inserted} by an inserted Mul)")
     return result.quantized, [note]
@@ -130,10 +129,8 @@ def _search(read: Reader, settings: Any, inputs: Calibration) -> AwqResult:
     scalable = {name for name, weights in weights_of.items()
                 if name not in heads and all(readers[w] == {name} for w in weights)}
     result = AwqResult()
-    passes = inputs.passes()
-    result.passes = len(passes)
-    for names_in_pass in passes:
-        statistics, result.examples = inputs.collect(names_in_pass, ActivationStatistics, "awq")
+    for names_in_pass, statistics, result.examples in inputs.rounds(ActivationStatistics, "awq"):
+        result.rounds += 1
         result.rows = max([result.rows, *(stat.rows for stat in statistics.values())])
         try:
             for name in sorted(names_in_pass & scalable):

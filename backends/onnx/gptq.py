@@ -6,11 +6,14 @@ as an output, runs over the calibration examples once (fed as measuring feeds th
 state carried); each batch's activations go straight into one float64 accumulator per
 input, shared by the weights reading it (Q, K and V read one). Should the accumulators
 not fit in :data:`HESSIAN_BYTES`, the inputs are split into as many passes as needed.
-gptq_solver.py then quantizes each weight (its Cholesky factor computed once per
+A model on disk (past the large-model threshold) runs once, piece by piece (segments.py):
+each piece's weights are quantized as soon as it has run, so the process holds one piece's
+weights and Hessians, never the model's or all of its Hessians (7.7 GB in float64 on a 1.1 B
+Llama, 1.7x its weights). gptq_solver.py then quantizes each weight (its Cholesky factor computed once per
 input), and the codes are packed as ONNX Runtime's own quantizer packs them.
 
 ``algorithm=awq`` enters here too (the streaming path calls :func:`quantize_gptq`) and goes
-to awq.py, which collects its statistics with the same pass (:func:`_hessians`).
+to awq.py, which collects its statistics in the same rounds (:meth:`LayerInputs.rounds`).
 
 This replaces ONNX Runtime 1.32's ``gptq_quantize``, which ran the whole model once
 per distinct input, spread no rounding error (its ``Hinv[i:, i]`` is a column of the
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compressor.plugin import CompressionError, CompressorError, Context, first_line
+from compressor.plugin import STATE_PREFIX, CompressionError, CompressorError, Context, first_line
 
 #: The float64 Hessians held at once; past this the calibration data is run again.
 HESSIAN_BYTES = 1 << 30
@@ -68,7 +71,7 @@ def quantize_gptq(graph: Any, source: Any, read: Reader, settings: Any, context:
 
         return quantize_awq(graph, read, settings, inputs)
     with inputs.blas_threads():
-        quantized, notes = _quantize(graph, source, read, settings, context, samples, inputs.readers, inputs.widths)
+        quantized, notes = _quantize(inputs, read, settings)
     return quantized, notes
 
 
@@ -85,14 +88,30 @@ class LayerInputs:
     readers: dict[str, set[str]]
     #: input -> its width (the weight's rows).
     widths: dict[str, int]
+    #: The pieces the last :meth:`rounds` ran the model in (0: whole, in passes).
+    pieces: int = 0
 
-    def passes(self) -> list[set[str]]:
-        return _passes(self.readers, self.widths)
+    def rounds(self, statistics: Callable[[int], Any], label: str) -> Iterator[tuple[set[str], dict[str, Any], int]]:
+        """The inputs' ``statistics(width)`` (a Hessian's ``add``) over the calibration examples,
+        in rounds: each yields inputs whose weights' inputs are all done, their statistics, and
+        the number of examples. A model in memory: as many passes over the examples as
+        :data:`HESSIAN_BYTES` needs; a model on disk: one pass, piece by piece (segments.py),
+        the statistics of each input held from the piece producing it until its weights are done."""
+        stateful = any(key.startswith(STATE_PREFIX) for key in self.context.options)
+        if not isinstance(self.source, (str, Path)) or stateful:
+            self.pieces = 0
+            for inputs in _passes(self.readers, self.widths):
+                found, examples = _hessians(self.graph, self.source, {name: self.widths[name] for name in inputs},
+                                            self.context, self.samples, statistics, label)
+                yield inputs, found, examples
+            return
+        yield from _piece_rounds(self, statistics, label)
 
-    def collect(self, inputs: set[str], statistics: Callable[[int], Any], label: str) -> tuple[dict[str, Any], int]:
-        """One calibration pass: ``statistics(width)`` of each of ``inputs`` filled, and the number of examples."""
-        return _hessians(self.graph, self.source, {name: self.widths[name] for name in inputs}, self.context,
-                         self.samples, statistics, label)
+    def describe(self, rounds: int) -> str:
+        """How :meth:`rounds` went over the examples, for a note."""
+        if self.pieces:
+            return f"one pass over them, the model in {self.pieces} piece{'s' if self.pieces != 1 else ''}"
+        return f"{rounds} pass{'es' if rounds != 1 else ''} over them"
 
     def blas_threads(self) -> contextlib.AbstractContextManager[None]:
         return _blas_threads(1 if max(self.widths.values(), default=0) <= ONE_THREAD_WIDTH else None)
@@ -111,19 +130,54 @@ def layer_inputs(graph: Any, source: Any, settings: Any, context: Context, sampl
     return LayerInputs(graph, source, context, samples, readers, widths)
 
 
-def _quantize(graph: Any, source: Any, read: Reader, settings: Any, context: Context, samples: int,
-              readers: dict[str, set[str]], widths: dict[str, int]) -> tuple[Quantized, list[str]]:
-    from compressor_onnx.gptq_solver import SolverError, factor, gptq, matmul_nbits_tensors
+def _piece_rounds(layers: LayerInputs, statistics: Callable[[int], Any], label: str
+                  ) -> Iterator[tuple[set[str], dict[str, Any], int]]:
+    """:meth:`LayerInputs.rounds` of a model on disk: one pass, piece by piece."""
+    from compressor_onnx.segments import PieceRunner, pieces_for
+    from compressor_onnx.static_calibration import calibration_feeds
+
+    assert layers.context.calibration_data is not None
+    feeds = calibration_feeds(layers.graph, layers.context.calibration_data, layers.samples, layers.context.options)
+    widths = layers.widths
+    # A piece also holds the statistics of the inputs it produces (about a float64 Hessian each).
+    pieces = pieces_for(layers.graph, list(widths), {name: 8 * width**2 for name, width in widths.items()})
+    layers.pieces = len(pieces)
+    clusters = _clusters(layers.readers)
+    held: dict[str, Any] = {}
+    finished: set[str] = set()
+    batches = feeds.batches()
+    with PieceRunner(layers.graph, Path(layers.source), pieces, lambda path: _piece_session(path, label)) as runner:
+        for index, piece in enumerate(pieces):
+            held.update((name, statistics(widths[name])) for name in piece.probes)
+            try:
+                for values in runner.run(index, batches):
+                    for name, activations in values.items():
+                        if activations.shape and activations.shape[-1] == widths[name]:
+                            held[name].add(activations)
+            except CompressorError:
+                raise
+            except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types on bad feeds
+                raise CompressionError(f"int4 {label} calibration failed ({first_line(error)})") from None
+            finished.update(piece.probes)
+            done = [cluster for cluster in clusters if cluster <= finished]
+            clusters = [cluster for cluster in clusters if not cluster <= finished]
+            if done:
+                names = set().union(*done)
+                yield names, {name: held.pop(name) for name in names}, feeds.count
+
+
+def _quantize(layers: LayerInputs, read: Reader, settings: Any) -> tuple[Quantized, list[str]]:
+    from compressor_onnx.gptq_solver import Hessian, SolverError, factor, gptq, matmul_nbits_tensors
 
     quantized: Quantized = {}
-    passes = _passes(readers, widths)
-    examples = rows = 0
-    for inputs in passes:
-        hessians, examples = _hessians(graph, source, {name: widths[name] for name in inputs}, context, samples)
+    examples = rows = rounds = 0
+    for inputs, hessians, count in layers.rounds(Hessian, "gptq"):
+        examples = count
+        rounds += 1
         rows = max([rows, *(hessian.rows for hessian in hessians.values())])
         factors: dict[tuple[str, ...], Any] = {}
-        for weight, names in readers.items():
-            if not names <= inputs:
+        for weight, names in layers.readers.items():
+            if not names <= inputs or weight in quantized:
                 continue
             key = tuple(sorted(names))
             try:
@@ -136,10 +190,9 @@ def _quantize(graph: Any, source: Any, read: Reader, settings: Any, context: Con
             except SolverError as error:
                 raise CompressionError(f"int4 gptq failed on {weight} ({error})") from None
             quantized[weight] = matmul_nbits_tensors(result)
-        del hessians, factors  # before the next pass's
-    plural = "es" if len(passes) != 1 else ""
+        del hessians, factors  # before the next round's
     note = (f"gptq: {len(quantized)} MatMul weight(s) calibrated on {rows} activation rows "
-            f"({examples} examples, {len(passes)} pass{plural} over them)")
+            f"({examples} examples, {layers.describe(rounds)})")
     return quantized, [note] if quantized else []
 
 
@@ -161,14 +214,9 @@ def _blas_threads(count: int | None) -> Iterator[None]:
 def _passes(readers: dict[str, set[str]], widths: dict[str, int]) -> list[set[str]]:
     """Inputs grouped into calibration passes whose Hessians fit :data:`HESSIAN_BYTES`;
     the inputs of a weight read by several are always in one pass."""
-    clusters: list[set[str]] = []
-    for names in readers.values():
-        touching = [cluster for cluster in clusters if cluster & names]
-        merged = set(names).union(*touching)
-        clusters = [cluster for cluster in clusters if not cluster & names] + [merged]
     passes: list[set[str]] = []
     held = 0
-    for cluster in clusters:
+    for cluster in _clusters(readers):
         size = sum(8 * widths[name] ** 2 for name in cluster)
         if not passes or held + size > HESSIAN_BYTES:
             passes.append(set())
@@ -176,6 +224,16 @@ def _passes(readers: dict[str, set[str]], widths: dict[str, int]) -> list[set[st
         passes[-1] |= cluster
         held += size
     return passes
+
+
+def _clusters(readers: dict[str, set[str]]) -> list[set[str]]:
+    """The inputs in groups that weights read together (most inputs alone)."""
+    clusters: list[set[str]] = []
+    for names in readers.values():
+        touching = [cluster for cluster in clusters if cluster & names]
+        merged = set(names).union(*touching)
+        clusters = [cluster for cluster in clusters if not cluster & names] + [merged]
+    return clusters
 
 
 def _hessians(graph: Any, source: Any, widths: dict[str, int], context: Context, samples: int,
@@ -210,16 +268,33 @@ def _hessians(graph: Any, source: Any, widths: dict[str, int], context: Context,
     return hessians, feeds.count
 
 
+def _options() -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # numpy's BLAS takes each batch's activations while the session waits: idle threads that
+    # spin for work would take the cores it needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _piece_session(path: Path, label: str) -> Any:
+    """A session on one piece of the model (segments.py)."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), _options(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own types on odd graphs
+        raise CompressionError(f"int4 {label} could not run the model for calibration ({first_line(error)})") from None
+
+
 def _session(graph: Any, source: Any, extra_outputs: list[str], label: str = "gptq") -> Any:
     """An ONNX Runtime session on ``source`` with ``extra_outputs`` added to its outputs."""
     import onnxruntime as ort
     from onnx import helper
 
     added = [helper.make_empty_tensor_value_info(name) for name in extra_outputs]
-    options = ort.SessionOptions()
-    # numpy's BLAS takes each batch's activations while the session waits: idle threads that
-    # spin for work would take the cores it needs.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = _options()
     try:
         if isinstance(source, (str, Path)):
             from compressor_onnx.external import load_skeleton

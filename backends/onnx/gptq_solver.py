@@ -98,23 +98,34 @@ class Factor:
 
 def factor(hessian: Any, damping: float = DAMPING) -> Factor:
     """``hessian`` ``[K, K]`` (float64, not modified) damped by ``damping`` x its mean diagonal,
-    ten times more (up to three times) where that is still not positive definite."""
-    import numpy as np
+    ten times more (up to three times) where that is still not positive definite.
 
-    matrix = np.array(hessian, dtype=np.float64)
-    if not np.isfinite(matrix).all():
+    LAPACK's Cholesky factorization, inverse from it and factorization of that inverse run in
+    place on one copy: about two ``K x K`` float64 matrices at once besides ``hessian``, where
+    ``numpy.linalg``'s inverse and factor took four (1 GB more for a 5632-wide MLP input)."""
+    import numpy as np
+    from scipy.linalg import lapack
+
+    if not np.isfinite(hessian).all():
         raise SolverError("the layer input is NaN or infinite on the calibration data")
-    diagonal = np.arange(len(matrix))
-    dead = matrix[diagonal, diagonal] == 0
-    matrix[dead, dead] = 1
-    mean = float(np.mean(matrix[diagonal, diagonal]))
+    diagonal = np.arange(len(hessian))
+    dead = hessian[diagonal, diagonal] == 0
+    base = hessian[diagonal, diagonal].astype(np.float64)
+    base[dead] = 1
+    mean = float(np.mean(base))
     for attempt in range(4):
-        damped = matrix.copy()
-        damped[diagonal, diagonal] += damping * 10**attempt * mean
-        try:
-            return Factor(np.linalg.cholesky(np.linalg.inv(damped)).T.astype(np.float32), dead)
-        except np.linalg.LinAlgError:
-            continue
+        work = np.array(hessian, dtype=np.float64, order="F")
+        work[diagonal, diagonal] = base + damping * 10**attempt * mean
+        work, info = lapack.dpotrf(work, lower=0, overwrite_a=1, clean=0)
+        if info == 0:
+            work, info = lapack.dpotri(work, lower=0, overwrite_c=1)
+        if info == 0:
+            work, info = lapack.dpotrf(work, lower=0, overwrite_a=1, clean=0)
+        if info == 0:
+            for row in range(1, len(work)):  # LAPACK leaves the lower triangle as it found it
+                work[row, :row] = 0
+            return Factor(work.astype(np.float32, order="C"), dead)
+        del work
     raise SolverError("the layer input's Hessian is not positive definite even damped")
 
 

@@ -51,57 +51,64 @@ def calibration_session(path: Path, optimize: bool) -> Any:
 
 def probed_outputs(skeleton: Any, path: Path, names: Sequence[str], batches: Sequence[dict[str, Any]],
                    optimize: bool, extremes_of: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
-    """``{name: value}`` of the named tensors, one calibration batch at a time.
+    """``{name: value}`` of the named tensors, one calibration batch at a time (a model past the
+    large-model threshold: one piece of it at a time, segments.py, each dict then holds the
+    tensors of one piece).
 
     ``skeleton`` is the model at ``path`` without its external data; the probe (it with
     ``names`` as its only outputs) is written next to ``path``, so that its external data
-    resolves, and removed when the iteration ends. With ``extremes_of`` (``{name: scales or
-    None}``) each value is ``[min, max]`` of the tensor (times its last-axis scales), reduced in
-    the graph as ONNX Runtime's minmax calibrator reduces it: a batch's activations are never
-    outputs, so they cost no memory past the graph's own."""
+    resolves, and removed once loaded. With ``extremes_of`` (``{name: scales or None}``) each
+    value is ``[min, max]`` of the tensor (times its last-axis scales), reduced in the graph as
+    ONNX Runtime's minmax calibrator reduces it: a batch's activations are never outputs, so
+    they cost no memory past the graph's own."""
     import numpy as np
     import onnx
 
+    from compressor_onnx.segments import PieceRunner, pieces_for
+
     probe = onnx.ModelProto()
     probe.CopyFrom(skeleton)
-    del probe.graph.value_info[:]
-    del probe.graph.output[:]
     outputs = list(names) if extremes_of is None else _add_extremes(probe.graph, names, extremes_of)
-    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in outputs)
-    probe_path = path.with_name(f"{path.stem}-probe.onnx")
-    onnx.save_model(probe, str(probe_path))
-    del probe
-    session = None
-    try:
-        session = calibration_session(probe_path, optimize)
-        for feeds in batches:
-            values = session.run(outputs, feeds)
-            if extremes_of is None:
-                yield dict(zip(names, values))
-            else:
-                yield {name: np.array([values[2 * i], values[2 * i + 1]]) for i, name in enumerate(names)}
-    finally:
-        del session  # its weights and arena go now, not when the generator is collected
-        probe_path.unlink(missing_ok=True)
+    pieces = pieces_for(probe, outputs)
+    with PieceRunner(probe, path, pieces, lambda written: calibration_session(written, optimize)) as runner:
+        for index in range(len(pieces)):
+            for values in runner.run(index, batches):
+                if extremes_of is None:
+                    yield values
+                    continue
+                yield {name: np.array([values[low], values[high]]) for name, (low, high)
+                       in zip(names, zip(outputs[0::2], outputs[1::2])) if low in values}
 
 
 def _add_extremes(graph: Any, names: Sequence[str], scales: Mapping[str, Any]) -> list[str]:
-    """``ReduceMin``/``ReduceMax`` over every axis of each tensor (after a ``Mul`` by its scales):
-    the names of their outputs, min and max of each tensor in turn."""
+    """``ReduceMin``/``ReduceMax`` over every axis of each tensor (after a ``Mul`` by its scales),
+    each right after the node producing it: the names of their outputs, min and max of each
+    tensor in turn."""
     from onnx import helper, numpy_helper
 
     outputs = []
+    after: dict[str, list[Any]] = {}
     for index, name in enumerate(names):
+        added = []
         value = name
         if scales.get(name) is not None:
             factor = numpy_helper.from_array(scales[name], f"compressor_probe_scale_{index}")
             graph.initializer.append(factor)
             value = f"compressor_probe_scaled_{index}"
-            graph.node.append(helper.make_node("Mul", [name, factor.name], [value], f"compressor_probe_mul_{index}"))
+            added.append(helper.make_node("Mul", [name, factor.name], [value], f"compressor_probe_mul_{index}"))
         for reduce in ("ReduceMin", "ReduceMax"):
             output = f"compressor_probe_{reduce.lower()}_{index}"
-            graph.node.append(helper.make_node(reduce, [value], [output], f"compressor_probe_{reduce}_{index}", keepdims=0))
+            added.append(helper.make_node(reduce, [value], [output], f"compressor_probe_{reduce}_{index}", keepdims=0))
             outputs.append(output)
+        after.setdefault(name, []).extend(added)
+    nodes = [node for value in graph.input for node in after.pop(value.name, [])]
+    for node in graph.node:
+        nodes.append(node)
+        nodes += [probe for output in node.output for probe in after.pop(output, [])] if after else []
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if after:
+        raise ValueError(f"the graph computes no tensor named {', '.join(after)}")
     return outputs
 
 

@@ -104,3 +104,19 @@ class PeakRss:
             _open_blocks.remove(self)
         if self._resettable:
             self.bytes = max(self._highest, peak_rss_bytes())
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed inside this process back to the OS where the C library keeps it
+    (glibc's ``malloc_trim``): a native library's freed buffers (an ONNX Runtime session just
+    dropped) otherwise stay resident, and count in every later peak and in a forked child's."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        trim = None
+    if trim is not None:
+        trim(0)

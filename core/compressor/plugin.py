@@ -75,6 +75,7 @@ Helpers
     Stopwatch             ``with Stopwatch() as load: ...`` then ``load.ms``
     time_calls            latency statistics of a call, as core times every runtime
     peak_rss_bytes        this process's peak resident memory so far (bytes)
+    release_freed_memory  give memory a native library freed back to the OS (glibc's malloc_trim)
     cpu_info              the CPU's model, cores and the flags that matter to kernels
     python_command        the command line of a fresh Python child that imports nothing
                           from the working directory
@@ -120,7 +121,7 @@ from compressor.generation import GENERATION_OPTIONS
 from compressor.hookspecs import hookimpl
 from compressor.kv_layout import KVCacheLayout, TokenDecoder
 from compressor.measuring import Stopwatch, time_calls
-from compressor.memory import note_child_peak, peak_rss_bytes
+from compressor.memory import note_child_peak, peak_rss_bytes, release_freed_memory
 from compressor.models import (
     Artifact,
     Context,
@@ -239,6 +240,7 @@ __all__ = [
     "Stopwatch",
     "time_calls",
     "peak_rss_bytes",
+    "release_freed_memory",
     "cpu_info",
     "python_command",
     "child_environment",
