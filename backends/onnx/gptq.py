@@ -8,9 +8,9 @@ input, shared by the weights reading it (Q, K and V read one). Should the accumu
 not fit in :data:`HESSIAN_BYTES`, the inputs are split into as many passes as needed.
 A model on disk (past the large-model threshold) runs once, piece by piece (segments.py):
 each piece's weights are quantized as soon as it has run, so the process holds one piece's
-weights and Hessians, never the model's or all of its Hessians (7.7 GB in float64 on a 1.1 B
-Llama, 1.7x its weights). gptq_solver.py then quantizes each weight (its Cholesky factor computed once per
-input), and the codes are packed as ONNX Runtime's own quantizer packs them.
+weights and Hessians, never the model's or all of its Hessians (7.7 GB in float64 on a
+1.1 B Llama, 1.7x its weights). gptq_solver.py quantizes each weight (its Cholesky factor
+computed once per input), and the codes are packed as ONNX Runtime's own quantizer packs them.
 
 ``algorithm=awq`` enters here too (the streaming path calls :func:`quantize_gptq`) and goes
 to awq.py, which collects its statistics in the same rounds (:meth:`LayerInputs.rounds`).
@@ -177,7 +177,7 @@ def _quantize(layers: LayerInputs, read: Reader, settings: Any) -> tuple[Quantiz
         rows = max([rows, *(hessian.rows for hessian in hessians.values())])
         factors: dict[tuple[str, ...], Any] = {}
         for weight, names in layers.readers.items():
-            if not names <= inputs or weight in quantized:
+            if not names <= inputs:
                 continue
             key = tuple(sorted(names))
             try:
