@@ -9,8 +9,9 @@ budget. Each piece runs over every calibration batch in its own session, which i
 before the next piece's; the tensors a later piece reads (a transformer's hidden state,
 its mask and rotary tables) are written to the scratch folder batch by batch and read back
 there. The process then holds one piece's weights and one batch's tensors: on a 1.1 B
-Llama, a layer's weights, not the model's. The activations come from the same kernels,
-so the statistics equal the whole graph's up to the fusions ONNX Runtime may not make across a cut.
+Llama, a layer's weights, not the model's. The activations come from the same kernels, so
+the statistics equal the whole graph's, up to the fusions ONNX Runtime cannot make across a
+cut (none where calibration turns graph optimizations off, as static int8's ranges do).
 
 A stateful model (one batch's output fed to the next batch) runs whole: a piece cannot
 wait for the last piece of the batch before.
@@ -231,7 +232,7 @@ class PieceRunner:
     def _drop(self, index: int) -> None:
         """Remove what no piece after ``index`` reads."""
         later = {name for piece in self.pieces[index + 1:] for name in piece.reads}
-        for name, number in list(self.ids.items()):
+        for name, ident in self.ids.items():
             if name not in later:
-                for stored in self.scratch.glob(f"{number}-*.npy"):
+                for stored in self.scratch.glob(f"{ident}-*.npy"):
                     os.unlink(stored)

@@ -56,8 +56,8 @@ def probed_outputs(skeleton: Any, path: Path, names: Sequence[str], batches: Seq
     tensors of one piece).
 
     ``skeleton`` is the model at ``path`` without its external data; the probe (it with
-    ``names`` as its only outputs) is written next to ``path``, so that its external data
-    resolves, and removed once loaded. With ``extremes_of`` (``{name: scales or None}``) each
+    ``names`` as its only outputs), or each piece of it, is written next to ``path``, so that
+    its external data resolves, and removed once loaded. With ``extremes_of`` (``{name: scales or None}``) each
     value is ``[min, max]`` of the tensor (times its last-axis scales), reduced in the graph as
     ONNX Runtime's minmax calibrator reduces it: a batch's activations are never outputs, so
     they cost no memory past the graph's own."""
