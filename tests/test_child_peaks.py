@@ -182,8 +182,15 @@ def test_a_fresh_interpreter_child_dies_with_its_parent_or_on_ctrl_c(child_modul
     script = (f"from pathlib import Path\nfrom compressor.children import run_python_child\n"
               f"run_python_child({child_module!r}, ['sleep', {str(pid_file)!r}], Path({str(tmp_path / 'p.txt')!r}), "
               "step='sleeping')\n")
+    def as_a_shell_starts_it() -> None:
+        """Signals as a terminal's process gets them: an ignored or blocked SIGINT survives exec,
+        and a test that ran earlier in this worker may have left one (Python then installs no
+        KeyboardInterrupt handler, and the parent would sleep through the signal)."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
     parent = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-                              stderr=subprocess.DEVNULL)
+                              stderr=subprocess.DEVNULL, preexec_fn=as_a_shell_starts_it)
     try:
         deadline = time.monotonic() + 60
         while not pid_file.is_file() or not pid_file.read_text():
