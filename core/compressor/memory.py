@@ -111,12 +111,10 @@ def release_freed_memory() -> None:
     (glibc's ``malloc_trim``): a native library's freed buffers (an ONNX Runtime session just
     dropped) otherwise stay resident, and count in every later peak and in a forked child's."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        trim = None
-    if trim is not None:
-        trim(0)
+        # The symbols already loaded (no library search, which runs ldconfig on Linux).
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS: no malloc_trim)
+        return
+    trim(0)
