@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import compressor_onnx.genai_child as genai_child
 import compressor_onnx.plugin as plugin
 from compressor.cli import cli
 from compressor.errors import CompressionError
@@ -167,6 +168,33 @@ def test_the_builder_runs_in_a_process_of_its_own_whose_peak_counts(built_fp32_a
     # The child imported torch and transformers and loaded the model: well above an empty interpreter.
     assert 100 * 2**20 < builder_peak < 8 * 2**30
     assert block_peak is not None and block_peak >= builder_peak
+
+
+def test_int4_reads_the_float_weights_from_disk_and_writes_what_the_builder_alone_writes(
+        llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The builder quantizes a graph whose weights it reads from a file in the cache folder, not
+    the transformers tensors it loaded: the same bytes, the working folder and the builder as they
+    were."""
+    import onnxruntime_genai.models.builder as builder
+
+    original = genai_child.builders_model_class().to_nbits
+    monkeypatch.chdir(tmp_path)
+    request = {"source": str(llama), "precision": "int4", "options": ["hf_token=false", "block_size=32"]}
+    written = {}
+    for way in ("alone", "from-disk"):
+        output, cache = tmp_path / way, tmp_path / f"{way}-cache"
+        if way == "alone":
+            options = builder.parse_extra_options(None, str(llama), str(output), "int4", "cpu", str(cache),
+                                                  request["options"])
+            builder.create_model(None, str(llama), str(output), "int4", "cpu", str(cache), **options)
+        else:
+            genai_child.build({**request, "output": str(output), "cache": str(cache)})
+            assert (cache / "float-weights" / "float.onnx.data").stat().st_size > 4 * 64 * 128 * 2
+            assert genai_child.builders_model_class().to_nbits is original
+        written[way] = {path.name: path.read_bytes() for path in sorted(output.iterdir())}
+    assert Path.cwd() == tmp_path
+    assert written["alone"].keys() == written["from-disk"].keys() and "model.onnx.data" in written["alone"]
+    assert written["alone"] == written["from-disk"]
 
 
 def test_a_builder_failure_is_one_line_with_its_traceback_for_debug(llama: Path, tmp_path: Path,

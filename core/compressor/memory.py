@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from pathlib import Path
 
 #: The highest peak read so far (before any reset): :func:`lifetime_peak_rss_bytes` counts it.
 #: This process's own: children's peaks never go into it.
@@ -118,3 +119,48 @@ def release_freed_memory() -> None:
     except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS: no malloc_trim)
         return
     trim(0)
+
+
+#: ``madvise``'s advice to drop a range's pages from the process (``<sys/mman.h>`` on Linux).
+_MADV_DONTNEED = 4
+
+
+def release_mapped_file_pages(suffixes: tuple[str, ...]) -> int:
+    """Drop from this process's resident set the pages it has read of mapped files whose path
+    ends in one of ``suffixes`` (``(".safetensors",)``), and return the bytes of the mappings
+    advised. A weight file mapped and read once, tensor by tensor, otherwise stays resident
+    whole and counts in the peak as a second copy of the weights; a dropped page is read again
+    from the file if touched. Only mappings none of whose pages was written (``Anonymous: 0 kB``
+    in ``/proc/self/smaps``: torch maps safetensors files private and writable) are advised, so
+    no data changes. Linux only; elsewhere 0."""
+    import ctypes
+
+    try:
+        mappings = Path("/proc/self/smaps").read_text(encoding="utf-8", errors="replace")
+        advise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError, TypeError):
+        return 0
+    advise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released = 0
+    for start, end in _unwritten_mappings(mappings, suffixes):
+        if advise(start, end - start, _MADV_DONTNEED) == 0:
+            released += end - start
+    return released
+
+
+def _unwritten_mappings(smaps: str, suffixes: tuple[str, ...]) -> list[tuple[int, int]]:
+    """The address ranges in ``smaps`` (``/proc/self/smaps``) of files ending in ``suffixes``
+    with no anonymous (copied on write) page."""
+    found: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    for line in smaps.splitlines():
+        fields = line.split(maxsplit=5)  # a header: range, permissions, offset, device, inode, path
+        if len(fields) >= 5 and "-" in fields[0] and ":" not in fields[0]:
+            bounds = fields[0].split("-")
+            named = len(fields) == 6 and fields[5].endswith(suffixes)
+            current = (int(bounds[0], 16), int(bounds[1], 16)) if named else None
+        elif current is not None and fields[:1] == ["Anonymous:"]:
+            if fields[1] == "0":
+                found.append(current)
+            current = None
+    return found

@@ -76,6 +76,7 @@ Helpers
     time_calls            latency statistics of a call, as core times every runtime
     peak_rss_bytes        this process's peak resident memory so far (bytes)
     release_freed_memory  give memory a native library freed back to the OS (glibc's malloc_trim)
+    release_mapped_file_pages  drop the pages read of weight files mapped read-only (madvise)
     cpu_info              the CPU's model, cores and the flags that matter to kernels
     python_command        the command line of a fresh Python child that imports nothing
                           from the working directory
@@ -121,7 +122,12 @@ from compressor.generation import GENERATION_OPTIONS
 from compressor.hookspecs import hookimpl
 from compressor.kv_layout import KVCacheLayout, TokenDecoder
 from compressor.measuring import Stopwatch, time_calls
-from compressor.memory import note_child_peak, peak_rss_bytes, release_freed_memory
+from compressor.memory import (
+    note_child_peak,
+    peak_rss_bytes,
+    release_freed_memory,
+    release_mapped_file_pages,
+)
 from compressor.models import (
     Artifact,
     Context,
@@ -241,6 +247,7 @@ __all__ = [
     "time_calls",
     "peak_rss_bytes",
     "release_freed_memory",
+    "release_mapped_file_pages",
     "cpu_info",
     "python_command",
     "child_environment",
