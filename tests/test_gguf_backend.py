@@ -44,6 +44,10 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "qwen2": transformers.Qwen2Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                                           max_position_embeddings=128),
+        # Per-head q/k RMSNorms and a head_dim of 32 (not 64 / 4): llama.cpp's key_length.
+        "qwen3": transformers.Qwen3Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                          vocab_size=512, max_position_embeddings=128),
         "bert": transformers.BertConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                                         num_attention_heads=2, vocab_size=512),
     }
@@ -53,6 +57,11 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         model = (transformers.BertModel if name == "bert" else transformers.AutoModelForCausalLM.from_config)(config)
         if name == "llama":
             train(model, torch.tensor(tokenizer(TEXT[:16])["input_ids"]))
+        if name == "qwen3":  # norms of ones would hide a norm weight misplaced
+            with torch.no_grad():
+                for key, parameter in model.named_parameters():
+                    if key.endswith("norm.weight"):
+                        parameter.uniform_(0.5, 1.5)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
         found[name] = root / name
@@ -119,7 +128,7 @@ def transformers_logits(folder: Path, ids: np.ndarray, mask: np.ndarray | None =
 IDS = np.random.default_rng(0).integers(0, 400, size=(3, 24), dtype=np.int64)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3"])
 def test_converted_logits_match_transformers(name: str, folders: dict[str, Path], tmp_path: Path) -> None:
     mask = np.ones_like(IDS)
     mask[1, 15:] = 0  # a right-padded row: its valid positions must not change

@@ -41,14 +41,15 @@ def tokenizer() -> Any:
 
 
 def yarn_model(folder: Path, arch: str, rope: dict[str, Any], tokenizer: Any) -> Path:
-    """A tiny Llama or Qwen2 (128 positions) with ``rope``: the Llama's config.json as transformers 5
-    writes it (``rope_parameters``), the Qwen2's as Qwen2.5 ships (transformers 4's ``rope_scaling``
+    """A tiny Llama, Qwen2 or Qwen3 (128 positions) with ``rope``: the Llama's config.json as transformers 5
+    writes it (``rope_parameters``), the Qwens' as Qwen2.5 and Qwen3 ship (transformers 4's ``rope_scaling``
     and a top-level ``rope_theta``, which transformers 5 reads back as ``rope_parameters``)."""
     import torch
     import transformers
 
     classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}
     config_class, model_class = classes[arch]
     config = config_class(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=320, max_position_embeddings=128,
@@ -65,7 +66,7 @@ def yarn_model(folder: Path, arch: str, rope: dict[str, Any], tokenizer: Any) ->
     return folder
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_yarn_logits_match_transformers_past_the_original_context(arch: str, tokenizer: Any, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     folder = yarn_model(tmp_path / "model", arch, YARN, tokenizer)
@@ -74,9 +75,13 @@ def test_yarn_logits_match_transformers_past_the_original_context(arch: str, tok
     got = llama_cpp_logits(path, IDS)
     difference = np.abs(got - expected).max()
     # f32 weights, llama.cpp's f16 attention cache, as the default rotation's tests. Measured: 2.4e-3 llama,
-    # 1.4e-3 qwen2 (the same models with the default rotation: 2.1e-3 and 1.7e-3).
+    # 1.4e-3 qwen2 (the same models with the default rotation: 2.1e-3 and 1.7e-3), 2.9e-3 qwen3.
     assert difference < 1e-2
-    assert (got.argmax(-1) == expected.argmax(-1)).all()
+    # The same top token wherever transformers' top two are further apart than the difference (the
+    # qwen3 has one near-tie in 96 positions: 1.8e-4 apart).
+    top_two = np.sort(expected, axis=-1)[..., -2:]
+    clear = top_two[..., 1] - top_two[..., 0] > difference
+    assert clear.mean() > 0.95 and (got.argmax(-1) == expected.argmax(-1))[clear].all()
     keys = metadata(path)
     assert keys[f"{arch}.rope.scaling.type"] == "yarn" and keys[f"{arch}.rope.scaling.factor"] == 4.0
     assert keys[f"{arch}.rope.scaling.original_context_length"] == 32

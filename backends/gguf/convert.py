@@ -4,7 +4,9 @@ A compact converter for the architectures llama.cpp's ``convert_hf_to_gguf.py`` 
 ``GPT2LMHeadModel`` (arch ``gpt2``), ``LlamaForCausalLM``/``MistralForCausalLM`` (arch
 ``llama``: rotary embeddings, grouped-query attention, Q and K rows permuted from Hugging
 Face's half-split rotary layout to llama.cpp's interleaved one) and ``Qwen2ForCausalLM``
-(arch ``qwen2``: q/k/v biases, NeoX rotary layout, nothing permuted). The same metadata
+(arch ``qwen2``: q/k/v biases, NeoX rotary layout, nothing permuted) and ``Qwen3ForCausalLM``
+(arch ``qwen3``: Qwen2's layout without biases, with an RMSNorm over each head's queries and
+keys, ``attn_q_norm``/``attn_k_norm``, and a ``head_dim`` of its own). The same metadata
 keys and tensor names as llama.cpp's converter, from ``gguf.TensorNameMap``; rotary scaling as
 :mod:`compressor_gguf.rope` writes it (linear keys, Llama 3's ``rope_freqs.weight``), the
 tokenizer as :mod:`compressor_gguf.vocab` does (byte-level BPE or SentencePiece).
@@ -31,7 +33,7 @@ from compressor_gguf.torch_bin import BinTensor, bin_tensors, has_bin, load_bin
 from compressor_gguf.vocab import VocabPlan, plan_vocab
 
 #: config.json model_type -> llama.cpp architecture name.
-ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 #: Buffers transformers may save that are no weights.
 SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 #: GPT-2's Conv1D weights are stored [in, out]; GGUF wants [out, in] like a Linear's.
@@ -141,8 +143,11 @@ def check_config(model_type: str, config: dict[str, Any], folder: Path) -> None:
         raise UnsupportedError(f"{model_type} with hidden_act {activation!r}: llama.cpp's {ARCHITECTURES[model_type]} "
                                "runs SiLU", folder)
     check_rope(config, ARCHITECTURES[model_type], folder)
-    if model_type == "qwen2" and config.get("use_sliding_window"):
-        raise UnsupportedError("Qwen2 with use_sliding_window=true: llama.cpp's qwen2 attends to every token", folder)
+    if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+        raise UnsupportedError(f"{model_type} with use_sliding_window=true: llama.cpp's {model_type} attends to "
+                               "every token", folder)
+    if model_type == "qwen3" and config.get("attention_bias"):
+        raise UnsupportedError("qwen3 with attention_bias=true: llama.cpp's qwen3 has no q/k/v biases", folder)
 
 
 def plan_conversion(folder: Path, outtype: str = "auto") -> ConversionPlan:

@@ -8,9 +8,10 @@
   (``LlamaModel.generate_extra_tensors``): 1 for wavelengths under
   ``original_max_position_embeddings / high_freq_factor``, ``factor`` above
   ``original_max_position_embeddings / low_freq_factor``, smoothly between. llama.cpp's ``qwen2``
-  reads no such tensor, so llama3 scaling is refused there.
+  and ``qwen3`` read no such tensor, so llama3 scaling is refused there.
 
-* ``yarn`` (Qwen2.5's long context, YaRN-extended Llamas), for ``llama`` and ``qwen2``:
+* ``yarn`` (Qwen2.5's and Qwen3's long context, YaRN-extended Llamas), for ``llama``, ``qwen2``
+  and ``qwen3``:
   ``rope.scaling.type = yarn``, ``rope.scaling.factor``, ``rope.scaling.original_context_length``
   and, where the config sets them, ``yarn_beta_fast``/``yarn_beta_slow``/``yarn_ext_factor``
   (``TextModel.set_gguf_parameters``). llama.cpp then blends interpolated and extrapolated
@@ -36,8 +37,8 @@ from typing import Any
 from compressor.plugin import UnsupportedError
 
 #: rope_type -> the llama.cpp architectures compressor writes it for.
-SUPPORTED = {"default": ("gpt2", "llama", "qwen2"), "linear": ("llama", "qwen2"), "llama3": ("llama",),
-             "yarn": ("llama", "qwen2")}
+SUPPORTED = {"default": ("gpt2", "llama", "qwen2", "qwen3"), "linear": ("llama", "qwen2", "qwen3"),
+             "llama3": ("llama",), "yarn": ("llama", "qwen2", "qwen3")}
 #: transformers' YaRN defaults (``_compute_yarn_parameters``): llama-cpp-python passes the same to llama.cpp.
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0
 #: The yarn keys that must be numbers where present.

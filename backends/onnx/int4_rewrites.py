@@ -203,16 +203,19 @@ def block_quantize_rows(data: Any, block: int, symmetric: bool) -> tuple[Any, ..
     values = np.empty((rows, width), dtype=np.uint8)
     scales = np.empty((rows, blocks), dtype=data.dtype)
     zeros = np.zeros((rows, blocks + blocks % 2), dtype=np.uint8)
-    for index in range(blocks):
-        part = slice(index * block, min((index + 1) * block, width))
-        if symmetric:
-            quantized, scale = Quantizer.quant_slice_symmetric(data[:, part])
-            values[:, part] = (quantized + 8).astype(np.uint8)
-        else:
-            quantized, scale, zero = Quantizer.quant_slice_asymmetric(data[:, part])
-            values[:, part] = quantized
-            zeros[:, index] = zero[:, 0]
-        scales[:, index] = scale[:, 0]
+    # An all-zero block (an embedding's padding row) has scale 0: ONNX Runtime's functions
+    # divide by it, then choose the zero point with np.where, and numpy warns on the terminal.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for index in range(blocks):
+            part = slice(index * block, min((index + 1) * block, width))
+            if symmetric:
+                quantized, scale = Quantizer.quant_slice_symmetric(data[:, part])
+                values[:, part] = (quantized + 8).astype(np.uint8)
+            else:
+                quantized, scale, zero = Quantizer.quant_slice_asymmetric(data[:, part])
+                values[:, part] = quantized
+                zeros[:, index] = zero[:, 0]
+            scales[:, index] = scale[:, 0]
     packed = values[:, 0::2] | (values[:, 1::2] << 4)
     if symmetric:
         return packed, scales
