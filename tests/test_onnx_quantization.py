@@ -151,6 +151,29 @@ def test_int4_quantizes_embeddings_with_gather_block_quantized(encoder: EncoderF
     assert run(artifact, feeds)[0].shape == run(kept, feeds)[0].shape
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_an_all_zero_embedding_row_quantizes_to_zeros_without_a_warning(symmetric: bool) -> None:
+    """A padding row of zeros has scale 0 in every block: ONNX Runtime's block functions divide
+    by it, and numpy's warning must not reach the terminal; the row reads back as zeros."""
+    import warnings
+
+    from compressor_onnx.int4_rewrites import block_quantize_rows
+
+    table = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    table[2] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        packed, scales, *zeros = block_quantize_rows(table, 32, symmetric)
+    values = np.stack([packed & 15, packed >> 4], axis=-1).reshape(4, 64).astype(np.float32)
+    if symmetric:
+        offsets = np.full((4, 2), 8.0, dtype=np.float32)
+    else:
+        offsets = np.stack([zeros[0] & 15, zeros[0] >> 4], axis=-1).reshape(4, -1)[:, :2].astype(np.float32)
+    restored = (values - np.repeat(offsets, 32, axis=1)) * np.repeat(scales, 32, axis=1)
+    assert not restored[2].any() and not scales[2].any()
+    assert np.abs(restored - table).max() < 0.5 * np.abs(table).max() / 7
+
+
 def test_transformer_static_keeps_attention_norms_and_output_float(encoder: EncoderFiles, tmp_path: Path) -> None:
     artifact, model = quantize(encoder.folder, step("int8"), tmp_path / "static" / "m", encoder.eval)
     graph = onnx.load(str(artifact)).graph
