@@ -48,6 +48,12 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "qwen3": transformers.Qwen3Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                                           num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                           vocab_size=512, max_position_embeddings=128),
+        # Fused qkv_proj and gate_up_proj; rotation over 3/4 of each head (Phi-4-mini's partial rotary,
+        # and its byte-level BPE; test_gguf_sentencepiece.py converts one with Phi-3's tokenizer.model).
+        "phi-4-mini": transformers.Phi3Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                              max_position_embeddings=128, original_max_position_embeddings=128,
+                                              pad_token_id=0, partial_rotary_factor=0.75),
         "bert": transformers.BertConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
                                         num_attention_heads=2, vocab_size=512),
     }
@@ -57,7 +63,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         model = (transformers.BertModel if name == "bert" else transformers.AutoModelForCausalLM.from_config)(config)
         if name == "llama":
             train(model, torch.tensor(tokenizer(TEXT[:16])["input_ids"]))
-        if name == "qwen3":  # norms of ones would hide a norm weight misplaced
+        if name in ("qwen3", "phi-4-mini"):  # norms of ones would hide a norm weight misplaced
             with torch.no_grad():
                 for key, parameter in model.named_parameters():
                     if key.endswith("norm.weight"):
@@ -128,7 +134,7 @@ def transformers_logits(folder: Path, ids: np.ndarray, mask: np.ndarray | None =
 IDS = np.random.default_rng(0).integers(0, 400, size=(3, 24), dtype=np.int64)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "qwen2", "qwen3", "phi-4-mini"])
 def test_converted_logits_match_transformers(name: str, folders: dict[str, Path], tmp_path: Path) -> None:
     mask = np.ones_like(IDS)
     mask[1, 15:] = 0  # a right-padded row: its valid positions must not change

@@ -153,6 +153,41 @@ def test_sentencepiece_llama_logits_match_transformers(llama2: dict[str, Path], 
     assert (got.argmax(-1) == expected.argmax(-1)).all()
 
 
+def test_phi3_logits_match_transformers(tmp_path: Path) -> None:
+    """Phi-3 with its SentencePiece tokenizer.model (as Phi-3 and Phi-3.5 ship), rotation over 3/4
+    of each head, norm weights away from one."""
+    import torch
+    import transformers
+
+    # Not "phi3": llama.cpp opens no phi3 file of that general.name (the folder's) without Phi-3's
+    # special tokens, which this 512-piece tokenizer lacks (measured).
+    folder = tmp_path / "tiny-phi"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "legacy": False}))
+    config = transformers.Phi3Config(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                                     max_position_embeddings=128, original_max_position_embeddings=128,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.75)
+    torch.manual_seed(0)
+    model = transformers.Phi3ForCausalLM(config)
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if key.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    ids = np.random.default_rng(0).integers(0, 512, size=(3, 24), dtype=np.int64)
+    path = saved(folder, tmp_path / "gguf")
+    keys = metadata(path)
+    assert keys["general.architecture"] == "phi3" and keys["phi3.rope.dimension_count"] == 12  # 0.75 * 16
+    expected, got = transformers_logits(folder, ids), llama_cpp_logits(path, ids)
+    # Measured 1.6e-4 (f32 weights, llama.cpp's f16 attention cache).
+    assert np.abs(got - expected).max() < 1e-2
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
 def rope_llama(folder: Path, rope: dict[str, Any]) -> Path:
     """A tiny Llama with 256 positions whose rotary settings are ``rope`` (original context 64)."""
     import torch

@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from compressor.plugin import InvalidInputError, UnsupportedError
-from compressor_gguf.rope import check_rope, llama3_factors, write_rope
+from compressor_gguf.rope import check_rope, llama3_factors, rope_settings, write_rope
 from compressor_gguf.safetensors_reader import StoredTensor, folder_tensors, load, weight_files
 from compressor_gguf.torch_bin import BinTensor, bin_tensors, has_bin, load_bin
 from compressor_gguf.vocab import VocabPlan, plan_vocab
 
 #: config.json model_type -> llama.cpp architecture name.
-ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"gpt2": "gpt2", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                 "phi3": "phi3"}
 #: Buffers transformers may save that are no weights.
 SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 #: GPT-2's Conv1D weights are stored [in, out]; GGUF wants [out, in] like a Linear's.
@@ -260,6 +261,12 @@ def write_metadata(writer: Any, plan: ConversionPlan) -> None:
     if plan.arch == "llama":
         writer.add_vocab_size(int(_number(config, folder, "vocab_size")))
         writer.add_rope_dimension_count(head_dim)
+    if plan.arch == "phi3":  # Phi3MiniModel.set_gguf_parameters
+        rotated = float(rope_settings(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+        writer.add_rope_dimension_count(int(rotated * width) // heads)
+        writer.add_rope_scaling_orig_ctx_len(int(_number(config, folder, "original_max_position_embeddings",
+                                                         "max_position_embeddings")))
+        writer.add_sliding_window(int(config.get("sliding_window") or 0))
     if config.get("head_dim") and head_dim != width // heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)

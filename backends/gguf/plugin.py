@@ -92,7 +92,7 @@ def backend() -> Backend:
     return Backend(
         name=NAME,
         description="Hugging Face causal LMs and GGUF files, quantized and run by llama.cpp",
-        formats=(".gguf", "transformers causal-LM folder (gpt2, llama, mistral, qwen2, qwen3) with --backend gguf"),
+        formats=(".gguf", "transformers causal-LM folder (gpt2, llama, mistral, qwen2, qwen3, phi3) with --backend gguf"),
         techniques={"quantize": Technique(
             "quantize",
             help="llama.cpp quantization: q8_0, q4_0, q4_k_m, q5_k_m, fp16 (dynamic = q8_0, int4 = q4_0)",

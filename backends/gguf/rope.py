@@ -25,7 +25,9 @@
   (llama-cpp-python passes 32 and 1; llama.cpp ran those whatever the file said, measured), an
   ``extrapolation_factor`` other than 1 (transformers ignores it, llama.cpp would apply it).
 
-Anything else (``dynamic``, ``longrope``, ...) is refused by name before any work.
+``phi3`` is written for the default rotation only (Phi-3's ``longrope`` takes the converter's
+``rope_factors_long``/``rope_factors_short`` tensors, which compressor does not write). Anything
+else (``dynamic``, ``longrope``, ...) is refused by name before any work.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from typing import Any
 from compressor.plugin import UnsupportedError
 
 #: rope_type -> the llama.cpp architectures compressor writes it for.
-SUPPORTED = {"default": ("gpt2", "llama", "qwen2", "qwen3"), "linear": ("llama", "qwen2", "qwen3"),
+SUPPORTED = {"default": ("gpt2", "llama", "qwen2", "qwen3", "phi3"), "linear": ("llama", "qwen2", "qwen3"),
              "llama3": ("llama",), "yarn": ("llama", "qwen2", "qwen3")}
 #: transformers' YaRN defaults (``_compute_yarn_parameters``): llama-cpp-python passes the same to llama.cpp.
 YARN_BETA_FAST, YARN_BETA_SLOW = 32.0, 1.0

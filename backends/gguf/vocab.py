@@ -5,7 +5,8 @@ For ``llama``/``mistral`` (``LlamaModel.set_vocab``): a SentencePiece ``tokenize
 then a tokenizer.json byte-fallback BPE converted from SentencePiece, both written as llama.cpp's
 ``llama`` tokenizer with scores and token types (:mod:`compressor_gguf.spm_vocab`); then a
 byte-level BPE. ``qwen2`` and ``qwen3`` (``Qwen2Model.set_vocab``, which Qwen3Model inherits):
-``tokenizer.model``, then byte-level BPE.
+``tokenizer.model``, then byte-level BPE. ``phi3``: ``tokenizer.model`` (Phi-3, Phi-3.5), then
+byte-level BPE (Phi-4-mini's).
 ``gpt2``: byte-level BPE only.
 
 Byte-level BPE (``tokenizer.json`` with a BPE model and a ByteLevel decoder: GPT-2, Llama 3,
@@ -79,13 +80,13 @@ def plan_vocab(folder: Path, vocab_size: int, arch: str = "gpt2") -> VocabPlan:
     reads; refuses tokenizers it cannot take."""
     from compressor_gguf import spm_vocab
 
-    if arch in ("llama", "qwen2", "qwen3"):
+    if arch in ("llama", "qwen2", "qwen3", "phi3"):
         processor = spm_vocab.load_sentencepiece(folder)
         if processor is not None:
             tokens, scores, types = spm_vocab.sentencepiece_vocab(folder, processor, vocab_size)
             return VocabPlan(folder, tuple(tokens), tuple(types), "default", True, "llama", tuple(scores),
                              _space_prefix(folder, arch), "tokenizer.model", arch)
-    if arch in ("llama", "qwen2", "qwen3") and (folder / "tokenizer.model").is_file() and not (
+    if arch in ("llama", "qwen2", "qwen3", "phi3") and (folder / "tokenizer.model").is_file() and not (
             folder / "tokenizer.json").is_file():
         raise InvalidInputError("has a tokenizer.model that sentencepiece cannot read, and no tokenizer.json", folder)
     tokenizer = read_tokenizer_json(folder)
@@ -101,6 +102,7 @@ def plan_vocab(folder: Path, vocab_size: int, arch: str = "gpt2") -> VocabPlan:
         known = {"gpt2": "byte-level BPE (GPT-2 style)",
                  "qwen2": "byte-level BPE or a SentencePiece tokenizer.model",
                  "qwen3": "byte-level BPE or a SentencePiece tokenizer.model",
+                 "phi3": "byte-level BPE or a SentencePiece tokenizer.model",
                  "llama": "byte-level BPE, SentencePiece (tokenizer.model) or its byte-fallback BPE tokenizer.json"}
         raise UnsupportedError(f"has a {kind} tokenizer.json; llama.cpp's {arch} converter writes "
                                f"{known.get(arch, known['gpt2'])} tokenizers only", folder)
