@@ -256,6 +256,33 @@ def test_the_onnx_runtime_feeds_tokens_alone_and_describes_its_cache(tmp_path: P
     assert np.abs(shifted - alone).max() < 1e-4
 
 
+def test_a_cached_onnx_file_of_its_own_takes_token_data_and_is_measured_generating(tmp_path: Path) -> None:
+    """An exported graph with a cache, given as a file (compressor's output, Optimum's): the
+    data holds token ids, not the cache, and every variant is measured generating."""
+    import onnx
+
+    from compressor_frontends.pytorch.hf import load_transformers
+    from compressor_frontends.pytorch.kv_export import export_with_cache
+
+    folder = tiny_causal_lm(tmp_path / "llama", "llama")
+    model, _ = load_transformers(folder, ())
+    graph, _ = export_with_cache(model, Context(workdir=tmp_path))
+    onnx.save_model(graph, str(tmp_path / "model.onnx"))
+    np.savez(tmp_path / "tokens.npz", input_ids=np.load(tmp_path / "ids.npz")["input_ids"][:6])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [str(arg) for arg in (
+        "run", tmp_path / "model.onnx", "-q", "int4", "--data", tmp_path / "tokens.npz", "--min-seconds", "0",
+        "--set", "prompt_tokens=16", "--set", "new_tokens=8", "-o", out)])
+    assert result.exit_code == 0, result.output
+    variants = {variant["name"]: variant["metrics"] for variant in
+                json.loads((out / "report.json").read_text())["variants"]}
+    assert set(variants) == {"original", "int4"}
+    for metrics in variants.values():
+        assert metrics["new_tokens"] == 8 and 0 < metrics["decode_tokens_per_s"] < 1e6
+        assert math.isfinite(metrics["window_perplexity"])
+    assert 0 <= variants["int4"]["greedy_agreement"] <= 1 and variants["int4"]["kl_divergence"] > 0
+
+
 def test_a_run_reports_generation_figures_for_every_variant(tmp_path: Path) -> None:
     import onnx
 

@@ -6,7 +6,10 @@ A compact converter for the architectures llama.cpp's ``convert_hf_to_gguf.py`` 
 Face's half-split rotary layout to llama.cpp's interleaved one) and ``Qwen2ForCausalLM``
 (arch ``qwen2``: q/k/v biases, NeoX rotary layout, nothing permuted) and ``Qwen3ForCausalLM``
 (arch ``qwen3``: Qwen2's layout without biases, with an RMSNorm over each head's queries and
-keys, ``attn_q_norm``/``attn_k_norm``, and a ``head_dim`` of its own). The same metadata
+keys, ``attn_q_norm``/``attn_k_norm``, and a ``head_dim`` of its own) and ``Phi3ForCausalLM``
+(arch ``phi3``: fused ``qkv_proj`` and ``gate_up_proj`` written as they are, NeoX rotary layout
+over ``partial_rotary_factor`` of each head, the sliding window written for llama.cpp to apply
+as transformers does). The same metadata
 keys and tensor names as llama.cpp's converter, from ``gguf.TensorNameMap``; rotary scaling as
 :mod:`compressor_gguf.rope` writes it (linear keys, Llama 3's ``rope_freqs.weight``), the
 tokenizer as :mod:`compressor_gguf.vocab` does (byte-level BPE or SentencePiece).

@@ -71,8 +71,9 @@ def builders_model_class() -> Any:
 def float_weights_on_disk(folder: Path) -> Iterator[None]:
     """While inside, the builder's ``Model.to_nbits`` first writes the graph's float weights
     to ``folder`` (dropping the pages of the mapped weight files as it goes) and points each
-    initializer at its bytes there, which lets the transformers tensors go; it then quantizes with ``folder`` as the working folder, because the quantizer
-    reads external data relative to it, and the graph it returns reads from ``folder`` too."""
+    initializer at its bytes there, which lets the transformers tensors go. It then quantizes
+    with ``folder`` as the working folder, because the quantizer reads external data relative
+    to it; the graph it returns reads from ``folder`` too."""
     import onnx_ir as ir
 
     from compressor.plugin import release_freed_memory, release_mapped_file_pages

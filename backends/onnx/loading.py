@@ -45,7 +45,7 @@ def load_onnx_network(path: Path) -> tuple[Network, tuple[TensorSpec, ...]]:
     from compressor_onnx.external import model_bytes
 
     skeleton = _parse_onnx(path)
-    specs = graph_input_specs(skeleton.graph, path)
+    specs = _token_inputs(skeleton, graph_input_specs(skeleton.graph, path))
     size = model_bytes(path, skeleton)
     if size > large_model_bytes():
         # Checked by path: the checker then reads no weights, and a proto past
@@ -53,6 +53,16 @@ def load_onnx_network(path: Path) -> tuple[Network, tuple[TensorSpec, ...]]:
         _check_onnx(path, path)
         return Network(path=path, source_bytes=size), specs
     return Network(graph=_with_external_data(skeleton, path), source_bytes=size), specs
+
+
+def _token_inputs(skeleton: Any, specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+    """A causal LM graph with a key/value cache (compressor's export, Optimum's, GenAI's layout)
+    takes token ids as data, as its runtime does: the cache and positions are not inputs the
+    data must hold, the attention mask is optional."""
+    from compressor_onnx.kv_runtime import cache_hidden, cache_layout
+
+    layout = cache_layout(specs, tuple(value.name for value in skeleton.graph.output), {})
+    return specs if layout is None else cache_hidden(layout, specs, ())[0]
 
 
 def load_onnx(path: Path) -> Any:
