@@ -159,8 +159,8 @@ def test_phi3_logits_match_transformers(tmp_path: Path) -> None:
     import torch
     import transformers
 
-    # Not "phi3": llama.cpp opens no phi3 file of that general.name (the folder's) without Phi-3's
-    # special tokens, which this 512-piece tokenizer lacks (measured).
+    # Not "phi3": with this 512-piece tokenizer llama.cpp refused a phi3 file of that general.name
+    # (the folder's) and opened the same file under another name (measured).
     folder = tmp_path / "tiny-phi"
     folder.mkdir()
     (folder / "tokenizer.model").write_bytes(sentencepiece_model())
