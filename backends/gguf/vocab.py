@@ -35,6 +35,8 @@ from compressor.plugin import InvalidInputError, UnsupportedError, first_line
 
 #: GGUF token types (gguf.TokenType), without importing gguf.
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+#: The llama.cpp architectures whose converter reads a SentencePiece tokenizer.model first.
+SENTENCEPIECE_ARCHS = ("llama", "qwen2", "qwen3", "phi3")
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,13 @@ def plan_vocab(folder: Path, vocab_size: int, arch: str = "gpt2") -> VocabPlan:
     reads; refuses tokenizers it cannot take."""
     from compressor_gguf import spm_vocab
 
-    if arch in ("llama", "qwen2", "qwen3", "phi3"):
+    if arch in SENTENCEPIECE_ARCHS:
         processor = spm_vocab.load_sentencepiece(folder)
         if processor is not None:
             tokens, scores, types = spm_vocab.sentencepiece_vocab(folder, processor, vocab_size)
             return VocabPlan(folder, tuple(tokens), tuple(types), "default", True, "llama", tuple(scores),
                              _space_prefix(folder, arch), "tokenizer.model", arch)
-    if arch in ("llama", "qwen2", "qwen3", "phi3") and (folder / "tokenizer.model").is_file() and not (
+    if arch in SENTENCEPIECE_ARCHS and (folder / "tokenizer.model").is_file() and not (
             folder / "tokenizer.json").is_file():
         raise InvalidInputError("has a tokenizer.model that sentencepiece cannot read, and no tokenizer.json", folder)
     tokenizer = read_tokenizer_json(folder)
@@ -99,13 +101,11 @@ def plan_vocab(folder: Path, vocab_size: int, arch: str = "gpt2") -> VocabPlan:
         tokenizer.get("pre_tokenizer"))
     if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
         kind = f"{model.get('type')}{' with byte fallback (SentencePiece)' if model.get('byte_fallback') else ''}"
-        known = {"gpt2": "byte-level BPE (GPT-2 style)",
-                 "qwen2": "byte-level BPE or a SentencePiece tokenizer.model",
-                 "qwen3": "byte-level BPE or a SentencePiece tokenizer.model",
-                 "phi3": "byte-level BPE or a SentencePiece tokenizer.model",
-                 "llama": "byte-level BPE, SentencePiece (tokenizer.model) or its byte-fallback BPE tokenizer.json"}
+        written = ("byte-level BPE, SentencePiece (tokenizer.model) or its byte-fallback BPE tokenizer.json"
+                   if arch == "llama" else "byte-level BPE or a SentencePiece tokenizer.model"
+                   if arch in SENTENCEPIECE_ARCHS else "byte-level BPE (GPT-2 style)")
         raise UnsupportedError(f"has a {kind} tokenizer.json; llama.cpp's {arch} converter writes "
-                               f"{known.get(arch, known['gpt2'])} tokenizers only", folder)
+                               f"{written} tokenizers only", folder)
     vocab = model.get("vocab")
     if not isinstance(vocab, dict):
         raise InvalidInputError("has a tokenizer.json BPE model without a vocab", folder)

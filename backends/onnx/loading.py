@@ -59,9 +59,9 @@ def _token_inputs(skeleton: Any, specs: tuple[TensorSpec, ...]) -> tuple[TensorS
     """A causal LM graph with a key/value cache (compressor's export, Optimum's, GenAI's layout)
     takes token ids as data, as its runtime does: the cache and positions are not inputs the
     data must hold, the attention mask is optional."""
-    from compressor_onnx.kv_runtime import cache_hidden, cache_layout
+    from compressor_onnx.kv_runtime import cache_hidden, graph_cache_layout
 
-    layout = cache_layout(specs, tuple(value.name for value in skeleton.graph.output), {})
+    layout = graph_cache_layout(skeleton)
     return specs if layout is None else cache_hidden(layout, specs, ())[0]
 
 
